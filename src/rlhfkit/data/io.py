@@ -1,0 +1,268 @@
+"""Read and write record files (JSON Lines and JSON lists) with precise errors.
+
+Every problem in an input file is reported as a :class:`DataError` that names the file,
+the line (or list item) and the field, e.g.::
+
+    data/pairs.jsonl:7: field 'chosen': text is empty
+
+:func:`read_records` validates the whole file before returning anything, so a bad line
+near the end can never leave a caller training on the first half of a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from rlhfkit.data.records import KINDS, TEXT_TAGS
+
+__all__ = ["DataError", "iter_jsonl", "read_jsonl", "read_records", "write_jsonl"]
+
+JSONL_SUFFIXES = (".jsonl",)
+JSON_SUFFIXES = (".json",)
+
+# Collecting every problem in a file helps fixing it in one go, but a file that is wrong
+# throughout (say, the wrong kind) should not build a million error objects.
+_MAX_ERRORS = 100
+
+
+class DataError(ValueError):
+    """A problem in a data file, located by file, line (or list item) and field.
+
+    ``str(err)`` is ``"{path}:{line}: field '{field}': {problem}"`` with the absent parts
+    left out; records of a ``.json`` list are located as ``"{path}: item {n}: ..."``
+    (``line`` then holds the 1-based item number and ``unit`` is ``"item"``).
+    ``errors`` lists every problem found in the file (up to a cap), this one first.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        problem: str,
+        line: int | None = None,
+        field: str | None = None,
+        *,
+        unit: Literal["line", "item"] = "line",
+    ) -> None:
+        self.path = os.fspath(path)
+        self.line = line
+        self.field = field
+        self.problem = problem
+        self.unit = unit
+        self.errors: list[DataError] = [self]
+        super().__init__(self._format())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep DataError picklable (e.g. raised inside a DataLoader worker process).
+        args = (self.path, self.problem, self.line, self.field)
+        return (_rebuild_data_error, (args, self.unit), {"errors": self.errors})
+
+    def _format(self) -> str:
+        where = self.path
+        if self.line is not None:
+            where += f": item {self.line}" if self.unit == "item" else f":{self.line}"
+        if self.field is not None:
+            return f"{where}: field '{self.field}': {self.problem}"
+        return f"{where}: {self.problem}"
+
+
+def _rebuild_data_error(args: tuple[Any, ...], unit: Literal["line", "item"]) -> DataError:
+    return DataError(*args, unit=unit)
+
+
+def _json_type(value: Any) -> str:
+    """Name a Python value by its JSON type, for messages about wrong types."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
+_TYPE_EXPECTATIONS = {
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "text_type": "a string or a list of chat messages",
+}
+
+
+def _describe(error: Mapping[str, Any]) -> tuple[str | None, str]:
+    """Turn one pydantic error into (dotted field, problem)."""
+    loc = [str(part) for part in error["loc"] if part not in TEXT_TAGS]
+    ctx = error.get("ctx") or {}
+    field = ".".join(loc) if loc else ctx.get("field")
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "missing":
+        problem = error["msg"] if error["msg"] != "Field required" else "missing required field"
+    elif kind in _TYPE_EXPECTATIONS:
+        problem = f"expected {_TYPE_EXPECTATIONS[kind]}, got {_json_type(value)}"
+        if kind == "int_from_float" or (kind == "float_type" and isinstance(value, str)):
+            problem += f" {value!r}"
+    elif kind == "literal_error":
+        problem = f"expected {ctx.get('expected', 'one of the allowed values')}, got {value!r}"
+    elif kind == "too_short":
+        n = ctx.get("min_length")
+        plural = "" if n == 1 else "s"
+        problem = f"expected at least {n} item{plural}, got {ctx.get('actual_length')}"
+    elif kind == "finite_number":
+        problem = "expected a finite number"
+    else:
+        problem = error["msg"].removeprefix("Value error, ")
+    return field, problem
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except IsADirectoryError:
+        raise DataError(path, "is a directory, not a file") from None
+    except OSError as exc:
+        raise DataError(path, f"cannot read file: {exc.strerror or exc}") from None
+    try:
+        # utf-8-sig: tolerate the byte-order mark some editors put at the start.
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(path, f"not valid UTF-8 ({exc.reason})", line) from None
+
+
+def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """Yield (1-based line number, parsed value) for each non-blank line of ``text``."""
+    # Split on "\n" only: str.splitlines() would also split on U+2028 and friends,
+    # which are legal unescaped inside JSON strings.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield number, json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", number) from None
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) per non-blank line; DataError on bad JSON or non-objects."""
+    path = Path(path)
+    for number, value in _iter_jsonl(path, _read_text(path)):
+        if not isinstance(value, dict):
+            raise DataError(path, f"expected a JSON object, got {_json_type(value)}", number)
+        yield number, value
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSON Lines file of objects as raw dicts (blank lines skipped; [] if empty)."""
+    return [value for _, value in iter_jsonl(path)]
+
+
+def _load_items(path: Path) -> tuple[list[tuple[int, Any]], Literal["line", "item"]]:
+    """Parse a .jsonl or .json file into (location, value) pairs, checking its shape."""
+    suffix = path.suffix.lower()
+    if suffix not in JSONL_SUFFIXES + JSON_SUFFIXES:
+        expected = ", ".join(JSONL_SUFFIXES + JSON_SUFFIXES)
+        raise DataError(path, f"unsupported file extension '{path.suffix}' (expected one of {expected})")
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(path, "file is empty")
+    if suffix in JSONL_SUFFIXES:
+        return list(_iter_jsonl(path, text)), "line"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", exc.lineno) from None
+    if not isinstance(value, list):
+        raise DataError(path, f"expected a JSON list of objects, got {_json_type(value)}")
+    return list(enumerate(value, start=1)), "item"
+
+
+def read_records(path: str | os.PathLike[str], kind: str) -> list[BaseModel]:
+    """Read and validate every record of ``kind`` (a key of ``KINDS``) from a .jsonl or .json file.
+
+    Raises DataError naming file, line (or item) and field for the first problem found;
+    its ``errors`` attribute lists all problems (up to a cap). Nothing is returned
+    unless the whole file is valid.
+    """
+    model = KINDS.get(kind)
+    if model is None:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of: {', '.join(KINDS)}")
+    path = Path(path)
+    items, unit = _load_items(path)
+    if not items:
+        raise DataError(path, "file contains no records")
+    records: list[BaseModel] = []
+    errors: list[DataError] = []
+    for number, value in items:
+        if not isinstance(value, dict):
+            problem = f"expected a JSON object, got {_json_type(value)}"
+            errors.append(DataError(path, problem, number, unit=unit))
+        else:
+            try:
+                records.append(model.model_validate(value))
+            except ValidationError as exc:
+                # One problem per record: later ones are often consequences of the first.
+                field, problem = _describe(exc.errors()[0])
+                errors.append(DataError(path, problem, number, field, unit=unit))
+        if len(errors) >= _MAX_ERRORS:
+            break
+    if errors:
+        first = errors[0]
+        first.errors = errors
+        raise first
+    return records
+
+
+def _to_row(row: Mapping[str, Any] | BaseModel) -> Any:
+    if isinstance(row, BaseModel):
+        return row.model_dump(mode="json", exclude_none=True)
+    return dict(row)
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any] | BaseModel]) -> int:
+    """Write rows as JSON Lines atomically (temp file + os.replace); return the row count.
+
+    Parent directories are created. Pydantic models are dumped without None fields.
+    If anything fails midway, an existing file at ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory, so os.replace is an atomic rename on one filesystem; plain open()
+    # (unlike mkstemp's 0600) gives the file the usual umask-based permissions.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    count = 0
+    try:
+        with open(tmp, "x", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(_to_row(row), ensure_ascii=False))
+                handle.write("\n")
+                count += 1
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count

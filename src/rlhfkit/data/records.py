@@ -1,0 +1,267 @@
+"""Record schemas for every kind of training and feedback data rlhfkit reads.
+
+The shapes follow TRL's dataset formats (see ARCHITECTURE.md, "Contract: data formats"):
+a text is either a plain string or a list of chat messages ``{"role", "content"}``.
+
+Validation problems are raised as pydantic errors whose location names the offending
+field. Checks that span several fields (and therefore carry no location of their own)
+put the dotted field name in the error context under ``"field"``; ``rlhfkit.data.io``
+uses both to build messages of the form ``file:line: field 'x': problem``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    Tag,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "KINDS",
+    "TEXT_TAGS",
+    "Demonstration",
+    "Message",
+    "PreferencePair",
+    "PromptRecord",
+    "Ranking",
+    "Text",
+    "UnpairedExample",
+]
+
+Role = Literal["system", "user", "assistant"]
+
+# Tags of the two Text variants. Pydantic puts the tag into error locations
+# (e.g. ``prompt.list[Message].0.role``); readers drop these parts when naming a field.
+TEXT_TAGS: frozenset[str] = frozenset({"str", "list[Message]"})
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("empty_text", "text is empty")
+    return value
+
+
+NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
+
+
+def record_error(field: str, error_type: str, message: str, **ctx: Any) -> PydanticCustomError:
+    """Build a validation error for a cross-field check, naming ``field`` in its context."""
+    return PydanticCustomError(error_type, message, {"field": field, **ctx})
+
+
+class _Record(BaseModel):
+    # Real datasets carry extra columns (ids, metadata); they are not errors.
+    model_config = ConfigDict(extra="ignore")
+
+
+class Message(_Record):
+    """One chat message."""
+
+    role: Role
+    content: NonEmptyStr
+
+
+def _non_empty_list(value: list[Message]) -> list[Message]:
+    if not value:
+        raise PydanticCustomError("empty_text", "message list is empty")
+    return value
+
+
+Messages = Annotated[list[Message], AfterValidator(_non_empty_list)]
+
+
+def _text_tag(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list):
+        return "list[Message]"
+    return None
+
+
+# A discriminated union (rather than a plain ``str | list``) so that a wrong type gives
+# one clear error instead of one error per union member.
+Text = Annotated[
+    Annotated[NonEmptyStr, Tag("str")] | Annotated[Messages, Tag("list[Message]")],
+    Discriminator(
+        _text_tag,
+        custom_error_type="text_type",
+        custom_error_message="expected a string or a list of chat messages",
+    ),
+]
+
+
+def _check_completion_messages(value: Any) -> Any:
+    """A completion given as chat messages must be exactly one assistant message."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise PydanticCustomError(
+                "completion_messages",
+                "a completion given as chat messages must be exactly one assistant message, got {count}",
+                {"count": len(value)},
+            )
+        if value[0].role != "assistant":
+            raise PydanticCustomError(
+                "completion_messages",
+                "a completion message must have role 'assistant', got '{role}'",
+                {"role": value[0].role},
+            )
+    return value
+
+
+# Completion fields (chosen, rejected, completion) accept the same forms as prompts.
+Completion = Annotated[Text, AfterValidator(_check_completion_messages)]
+
+
+def _completion_text(value: str | list[Message]) -> str:
+    return value if isinstance(value, str) else value[0].content
+
+
+def _check_forms(prompt: Any, completions: dict[str, Any]) -> None:
+    """Reject a chat-message completion after a plain-string prompt (no template fits)."""
+    if isinstance(prompt, str):
+        for name, value in completions.items():
+            if isinstance(value, list):
+                raise record_error(
+                    name,
+                    "mixed_forms",
+                    "completion is a list of chat messages but the prompt is a plain string",
+                )
+
+
+class PreferencePair(_Record):
+    """A pairwise comparison in TRL's preference format: ``chosen`` beat ``rejected``."""
+
+    prompt: Text
+    chosen: Completion
+    rejected: Completion
+    margin: Annotated[float, Field(strict=True, allow_inf_nan=False)] | None = None
+    annotator: str | None = None
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> PreferencePair:
+        _check_forms(self.prompt, {"chosen": self.chosen, "rejected": self.rejected})
+        if isinstance(self.chosen, str) != isinstance(self.rejected, str):
+            raise record_error(
+                "rejected",
+                "mixed_forms",
+                "'chosen' and 'rejected' must both be strings or both be chat messages",
+            )
+        if self.chosen == self.rejected:
+            raise record_error("rejected", "identical", "identical to 'chosen'")
+        return self
+
+
+class UnpairedExample(_Record):
+    """A single completion with a thumbs-up (``True``) or thumbs-down (``False``) label."""
+
+    prompt: Text
+    completion: Completion
+    # Strict: 1, "true" or "yes" are data errors, not labels.
+    label: StrictBool
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> UnpairedExample:
+        _check_forms(self.prompt, {"completion": self.completion})
+        return self
+
+
+class Demonstration(_Record):
+    """A supervised example: ``{"prompt", "completion"}`` or ``{"messages": [...]}``."""
+
+    prompt: Text | None = None
+    completion: Completion | None = None
+    messages: Messages | None = None
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> Demonstration:
+        if self.messages is not None:
+            if self.prompt is not None or self.completion is not None:
+                raise record_error(
+                    "messages",
+                    "ambiguous",
+                    "give either 'messages' or 'prompt' and 'completion', not both",
+                )
+            if len(self.messages) < 2:
+                raise record_error(
+                    "messages",
+                    "too_short",
+                    "a conversation needs at least one message before the assistant's reply",
+                )
+            last = len(self.messages) - 1
+            if self.messages[last].role != "assistant":
+                raise record_error(
+                    f"messages.{last}.role",
+                    "last_role",
+                    "the last message must be from the assistant",
+                )
+            return self
+        for name in ("prompt", "completion"):
+            if getattr(self, name) is None:
+                if name in self.model_fields_set:
+                    raise record_error(name, "text_type", "expected a string or a list of chat messages")
+                raise record_error(
+                    name,
+                    "missing",
+                    "missing required field (a demonstration needs 'prompt' and 'completion', or 'messages')",
+                )
+        _check_forms(self.prompt, {"completion": self.completion})
+        return self
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether the prompt is a list of chat messages rather than a plain string."""
+        return self.messages is not None or isinstance(self.prompt, list)
+
+    def as_prompt_completion(self) -> tuple[str | list[Message], str]:
+        """Split into (prompt, completion text); for ``messages``, the last one is the reply."""
+        if self.messages is not None:
+            return self.messages[:-1], self.messages[-1].content
+        assert self.prompt is not None and self.completion is not None  # checked above
+        return self.prompt, _completion_text(self.completion)
+
+
+class PromptRecord(_Record):
+    """A prompt with no response (for rollouts and evaluation)."""
+
+    prompt: Text
+
+
+class Ranking(_Record):
+    """K responses to one prompt, ranked: ``ranking`` lists response indices, best first."""
+
+    prompt: Text
+    responses: Annotated[list[NonEmptyStr], Field(min_length=2)]
+    ranking: list[StrictInt]
+
+    @model_validator(mode="after")
+    def _check_permutation(self) -> Ranking:
+        k = len(self.responses)
+        if sorted(self.ranking) != list(range(k)):
+            raise record_error(
+                "ranking",
+                "not_permutation",
+                "must list each response index 0..{last} exactly once, got {ranking}",
+                last=k - 1,
+                ranking=str(self.ranking),
+            )
+        return self
+
+
+KINDS: dict[str, type[BaseModel]] = {
+    "preference": PreferencePair,
+    "unpaired": UnpairedExample,
+    "demonstration": Demonstration,
+    "prompt": PromptRecord,
+    "ranking": Ranking,
+}

@@ -1,0 +1,36 @@
+"""Per-token and per-sequence scalar outputs of sequence-classification models.
+
+A reward model and a PPO critic are both `*ForSequenceClassification` models with
+one label; the reward is read at the last valid token, the value at every token.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from rlhfkit.rollout.logprobs import position_ids_from_mask
+
+
+def token_values(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The scalar head applied at every position: [batch, seq]."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+    ).last_hidden_state
+    return model.score(hidden).squeeze(-1).float()
+
+
+def sequence_scores(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The scalar at the last valid token of each row: the reward of the whole sequence."""
+    values = token_values(model, input_ids, attention_mask)
+    # Position of the last 1 in the mask, whether padding is on the left or the right.
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    last = (attention_mask.long() * positions).argmax(dim=1)
+    return values.gather(1, last.unsqueeze(1)).squeeze(1)

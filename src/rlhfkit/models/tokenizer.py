@@ -1,0 +1,74 @@
+"""Train a byte-level BPE tokenizer and wrap it as a Hugging Face fast tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+
+# One turn per role marker; the assistant turn ends with EOS, which is where generation stops.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on `texts`, with chat special tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        # The full byte alphabet, so any text (a user's, a model's) can be encoded.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=list(ROLE_TOKENS),
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give tokenizers without a pad token (GPT-2, Llama) one: EOS, masked out everywhere."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[dict]) -> list[int]:
+    """Token ids of a user prompt (or chat messages) followed by the assistant turn marker."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # A base model with no chat template: plain text, the way it was pretrained.
+    text = "\n".join(m["content"] for m in messages) + "\n"
+    return tokenizer(text)["input_ids"]
+
+
+def completion_token_ids(tokenizer: PreTrainedTokenizerBase, completion: str) -> list[int]:
+    """Token ids of an assistant completion, ending with EOS."""
+    return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
+    """Save with save_pretrained, so AutoTokenizer.from_pretrained loads it."""
+    tokenizer.save_pretrained(str(out_dir))

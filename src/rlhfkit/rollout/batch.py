@@ -1,0 +1,66 @@
+"""Padding token sequences into tensors: prompts on the left, responses on the right."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask: generation continues from the right edge."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def right_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask (at least one column, so empty responses still batch)."""
+    width = max(width or 0, max((len(s) for s in seqs), default=0), 1)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+    return ids, mask
+
+
+@dataclass
+class PromptResponseBatch:
+    """[left-padded prompt | right-padded response] with masks for the whole and the response."""
+
+    input_ids: torch.Tensor  # [B, P + R]
+    attention_mask: torch.Tensor  # [B, P + R]
+    response_mask: torch.Tensor  # [B, R]
+
+    @property
+    def n_response(self) -> int:
+        return self.response_mask.size(1)
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, -self.n_response :]
+
+    def select(self, index: torch.Tensor | slice) -> PromptResponseBatch:
+        """The rows at `index`."""
+        return PromptResponseBatch(
+            self.input_ids[index], self.attention_mask[index], self.response_mask[index]
+        )
+
+
+def join_prompt_response(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> PromptResponseBatch:
+    """Batch prompts and their responses so response tokens sit in the same columns."""
+    p_ids, p_mask = left_pad(prompts, pad_id)
+    r_ids, r_mask = right_pad(responses, pad_id)
+    return PromptResponseBatch(torch.cat([p_ids, r_ids], dim=1), torch.cat([p_mask, r_mask], dim=1), r_mask)

@@ -1,0 +1,48 @@
+"""Log-probabilities of given tokens under a causal LM, padding-safe."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token, so left padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_response: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Logits (divided by the sampling temperature) that predicted the last `n_response` tokens."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    # Position t predicts token t + 1: the response's logits start one before it.
+    logits = out.logits[:, -n_response - 1 : -1].float()
+    return logits / temperature
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] at each position."""
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_response: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log-probs of the last `n_response` tokens of each row: [batch, n_response]."""
+    logits = response_logits(model, input_ids, attention_mask, n_response, temperature)
+    return gather_logprobs(logits, input_ids[:, -n_response:])

@@ -1,0 +1,85 @@
+"""What every training loop shares: accelerator, optimiser + schedule, metrics, progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import get_scheduler
+
+
+def make_accelerator(seed: int) -> Accelerator:
+    """An Accelerator (CPU here; GPUs and several processes under `accelerate launch`), seeded."""
+    set_seed(seed)
+    # The run directory is our logger; no trackers unless a user asks for one.
+    return Accelerator(log_with=None)
+
+
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    eps: float = 1e-8,
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with linear warm-up then `schedule` decay over `total_steps`."""
+    optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, eps=eps)
+    scheduler = get_scheduler(
+        schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1)
+    )
+    return optimizer, scheduler
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to `metrics.jsonl` (the run's own record)."""
+
+    def __init__(self, path: Path, resume: bool = False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a" if resume else "w", encoding="utf-8")
+
+    def log(self, step: int, **metrics: float) -> None:
+        row = {"step": step}
+        for k, v in metrics.items():
+            v = float(v)
+            row[k] = v if math.isfinite(v) else None
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def progress_bar(description: str, total: int, enabled: bool = True) -> Progress:
+    """A rich progress bar with step count and elapsed time; metrics go in the `info` field."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+        transient=False,
+    )
+    progress.add_task(description, total=total, info="")
+    return progress
+
+
+class Stopwatch:
+    """Wall-clock seconds since creation."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start, 2)

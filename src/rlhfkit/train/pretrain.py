@@ -1,0 +1,79 @@
+"""Stage 0: train a tokenizer and pretrain a tiny causal LM from scratch on a corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhfkit.algos.sft import completion_nll
+from rlhfkit.config import RunConfig
+from rlhfkit.models.loading import save_model, tiny_causal_lm
+from rlhfkit.models.tokenizer import train_tokenizer
+from rlhfkit.train.loop import MetricsLog, Stopwatch, make_accelerator, make_optimizer, progress_bar
+
+
+def pack_blocks(token_lists: list[list[int]], block_size: int) -> torch.Tensor:
+    """Concatenate documents (each already ending in EOS) and cut into equal blocks."""
+    flat = [t for tokens in token_lists for t in tokens]
+    n_blocks = len(flat) // block_size
+    if n_blocks == 0:
+        raise ValueError(f"corpus has {len(flat)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(flat[: n_blocks * block_size]).view(n_blocks, block_size)
+
+
+def run_pretrain(config: RunConfig, corpus: list[str], out_dir: Path, show_progress: bool = True) -> dict:
+    """Tokenizer + random-init model + next-token training; saves `out_dir/model`."""
+    cfg, mcfg = config.pretrain, config.model
+    watch = Stopwatch()
+    accelerator = make_accelerator(config.seed)
+    tokenizer = train_tokenizer(corpus, vocab_size=mcfg.vocab_size)
+    model = tiny_causal_lm(
+        tokenizer,
+        arch=mcfg.arch,
+        hidden_size=mcfg.hidden_size,
+        num_layers=mcfg.num_layers,
+        num_heads=mcfg.num_heads,
+        intermediate_size=mcfg.intermediate_size,
+        max_positions=mcfg.max_positions,
+        seed=config.seed,
+    )
+    docs = tokenizer(
+        [tokenizer.bos_token + d + tokenizer.eos_token for d in corpus], add_special_tokens=False
+    )["input_ids"]
+    blocks = pack_blocks(docs, cfg.block_size)
+    optimizer, scheduler = make_optimizer(
+        model.parameters(), cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    gen = torch.Generator().manual_seed(config.seed)
+    log = MetricsLog(out_dir / "metrics.jsonl")
+    loss_value = float("nan")
+    ones = torch.ones(cfg.batch_size, cfg.block_size, dtype=torch.long, device=accelerator.device)
+    with progress_bar("pretrain", cfg.steps, show_progress) as bar:
+        for step in range(1, cfg.steps + 1):
+            idx = torch.randint(len(blocks), (cfg.batch_size,), generator=gen)
+            batch = blocks[idx].to(accelerator.device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            loss = completion_nll(logits, batch, ones)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.item()
+            if step % 10 == 0 or step == cfg.steps:
+                log.log(step, loss=loss_value, lr=scheduler.get_last_lr()[0])
+            bar.update(bar.task_ids[0], advance=1, info=f"loss {loss_value:.3f}")
+    log.close()
+    save_model(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "wall_seconds": watch.seconds(),
+        "final_loss": round(loss_value, 4),
+        "n_params": n_params,
+        "vocab_size": len(tokenizer),
+        "n_docs": len(corpus),
+        "n_tokens": int(blocks.numel()),
+    }

@@ -1,0 +1,112 @@
+"""Reward model: the SFT transformer with a scalar head, Bradley-Terry loss on preference pairs.
+
+It learns only from the pairs it is given (exported from the feedback store); it has no
+access to any gold judge.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from rlhfkit.algos.reward import bradley_terry_loss
+from rlhfkit.config import RunConfig
+from rlhfkit.models.heads import sequence_scores
+from rlhfkit.models.loading import load_reward_model, load_tokenizer, save_model
+from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
+from rlhfkit.rollout.batch import right_pad
+from rlhfkit.train.loop import MetricsLog, Stopwatch, make_accelerator, make_optimizer, progress_bar
+
+
+def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) for each {prompt, chosen, rejected} pair."""
+    out = []
+    for pair in pairs:
+        p = prompt_token_ids(tokenizer, pair["prompt"])
+        out.append(
+            (
+                (p + completion_token_ids(tokenizer, pair["chosen"]))[:max_length],
+                (p + completion_token_ids(tokenizer, pair["rejected"]))[:max_length],
+            )
+        )
+    return out
+
+
+def score_pairs(
+    model, rows: list[tuple[list[int], list[int]]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of chosen and rejected, in one forward over both."""
+    ids, mask = right_pad([r[0] for r in rows] + [r[1] for r in rows], pad_id)
+    scores = sequence_scores(model, ids.to(device), mask.to(device))
+    return scores[: len(rows)], scores[len(rows) :]
+
+
+@torch.no_grad()
+def pair_accuracy(model, rows, pad_id: int, device, batch_size: int = 64) -> float:
+    """Share of pairs whose chosen response gets the higher reward."""
+    if not rows:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        chosen, rejected = score_pairs(model, rows[start : start + batch_size], pad_id, device)
+        correct += (chosen > rejected).sum().item()
+    model.train(was_training)
+    return correct / len(rows)
+
+
+def run_rm(
+    config: RunConfig, init_path: Path | str, pairs: list[dict], out_dir: Path, show_progress: bool = True
+) -> dict:
+    """Train a reward model from `init_path` on `pairs`; saves `out_dir/model`."""
+    cfg = config.rm
+    watch = Stopwatch()
+    accelerator = make_accelerator(config.seed)
+    tokenizer = load_tokenizer(init_path)
+    model = load_reward_model(init_path, tokenizer.pad_token_id)
+    rows = tokenize_pairs(tokenizer, pairs, cfg.max_length)
+    gen = torch.Generator().manual_seed(config.seed)
+    perm = torch.randperm(len(rows), generator=gen).tolist()
+    n_val = int(cfg.val_share * len(rows))
+    val = [rows[i] for i in perm[:n_val]]
+    train = [rows[i] for i in perm[n_val:]]
+    if not train:
+        raise ValueError("reward model: no training pairs (is the preference file empty?)")
+    total = max(1, round(cfg.epochs * math.ceil(len(train) / cfg.batch_size)))
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    log = MetricsLog(out_dir / "metrics.jsonl")
+    order: list[int] = []
+    eval_every = max(1, total // 8)
+    with progress_bar("reward model", total, show_progress) as bar:
+        for step in range(1, total + 1):
+            if len(order) < cfg.batch_size:
+                order += torch.randperm(len(train), generator=gen).tolist()
+            batch = [train[i] for i in order[: cfg.batch_size]]
+            del order[: cfg.batch_size]
+            chosen, rejected = score_pairs(model, batch, tokenizer.pad_token_id, accelerator.device)
+            loss = bradley_terry_loss(chosen, rejected)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item()}
+            if step % eval_every == 0 or step == total:
+                row["val_accuracy"] = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device)
+            log.log(step, **row)
+            bar.update(bar.task_ids[0], advance=1, info=f"loss {row['loss']:.3f}")
+    log.close()
+    val_acc = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device)
+    save_model(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+    return {
+        "wall_seconds": watch.seconds(),
+        "n_train_pairs": len(train),
+        "n_val_pairs": len(val),
+        "val_accuracy": round(val_acc, 4),
+        "steps": total,
+    }

@@ -1,0 +1,80 @@
+"""Supervised fine-tuning on demonstrations; the loss covers completion tokens only."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from rlhfkit.algos.sft import completion_nll
+from rlhfkit.config import RunConfig
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model
+from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
+from rlhfkit.rollout.batch import right_pad
+from rlhfkit.rollout.logprobs import position_ids_from_mask
+from rlhfkit.train.loop import MetricsLog, Stopwatch, make_accelerator, make_optimizer, progress_bar
+
+
+def tokenize_demonstrations(
+    tokenizer, demos: list[dict], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """(input ids, loss mask) per demonstration: prompt tokens 0, completion tokens 1."""
+    out = []
+    for demo in demos:
+        p = prompt_token_ids(tokenizer, demo["prompt"])
+        c = completion_token_ids(tokenizer, demo["completion"])
+        ids = (p + c)[:max_length]
+        out.append((ids, ([0] * len(p) + [1] * len(c))[:max_length]))
+    return out
+
+
+def run_sft(
+    config: RunConfig, init_path: Path | str, demos: list[dict], out_dir: Path, show_progress: bool = True
+) -> dict:
+    """Fine-tune the model at `init_path` on demonstrations; saves `out_dir/model`."""
+    cfg = config.sft
+    watch = Stopwatch()
+    accelerator = make_accelerator(config.seed)
+    tokenizer = load_tokenizer(init_path)
+    model = load_causal_lm(init_path)
+    examples = tokenize_demonstrations(tokenizer, demos, cfg.max_length)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = max(1, round(cfg.epochs * steps_per_epoch))
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    gen = torch.Generator().manual_seed(config.seed)
+    log = MetricsLog(out_dir / "metrics.jsonl")
+    order: list[int] = []
+    loss_value = float("nan")
+    with progress_bar("sft", total, show_progress) as bar:
+        for step in range(1, total + 1):
+            if len(order) < cfg.batch_size:
+                order += torch.randperm(len(examples), generator=gen).tolist()
+            rows = [examples[i] for i in order[: cfg.batch_size]]
+            del order[: cfg.batch_size]
+            ids, attn = right_pad([r[0] for r in rows], tokenizer.pad_token_id)
+            loss_mask, _ = right_pad([r[1] for r in rows], 0, width=ids.size(1))
+            ids, attn, loss_mask = (t.to(accelerator.device) for t in (ids, attn, loss_mask))
+            logits = model(
+                input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False
+            ).logits
+            loss = completion_nll(logits, ids, loss_mask)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.item()
+            if step % 5 == 0 or step == total:
+                log.log(step, loss=loss_value, lr=scheduler.get_last_lr()[0])
+            bar.update(bar.task_ids[0], advance=1, info=f"loss {loss_value:.3f}")
+    log.close()
+    save_model(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+    return {
+        "wall_seconds": watch.seconds(),
+        "final_loss": round(loss_value, 4),
+        "n_demonstrations": len(demos),
+        "steps": total,
+    }

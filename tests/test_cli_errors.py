@@ -1,0 +1,77 @@
+"""Bad input at the command line fails with a message that names what is wrong, exit code != 0."""
+
+from typer.testing import CliRunner
+
+from rlhfkit.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_missing_config_file(tmp_path):
+    result = _run("sft", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run"))
+    assert result.exit_code != 0
+    assert "config file not found" in _flat(result.output) and "nope.yaml" in result.output
+
+
+def test_unknown_set_key(tmp_path):
+    result = _run("ppo", "--set", "ppo.kl_coeff=0.1", "--out", str(tmp_path / "run"))
+    assert result.exit_code != 0
+    out = _flat(result.output)
+    assert "unknown config key 'ppo.kl_coeff'" in out and "kl_coef" in out
+
+
+def test_bad_value_names_the_field(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ppo:\n  kl_coef: lots\n")
+    result = _run("ppo", "--config", str(cfg), "--out", str(tmp_path / "run"))
+    assert result.exit_code != 0
+    assert "ppo.kl_coef" in _flat(result.output)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rm:\n  epochz: 3\n")
+    result = _run("rm", "--config", str(cfg), "--out", str(tmp_path / "run"))
+    assert result.exit_code != 0
+    assert "rm.epochz: unknown key" in _flat(result.output)
+
+
+def test_broken_data_line_names_file_line_and_field(tmp_path):
+    data = tmp_path / "demos.jsonl"
+    data.write_text('{"prompt": "Top 5 moons?", "completion": "1. Io"}\n{"prompt": "x", "completion": ""}\n')
+    run_dir = tmp_path / "run"
+    # The model folder need not exist: the data file is checked before any model is loaded.
+    result = _run(
+        "sft",
+        "--set",
+        f"data.demonstrations={data}",
+        "--set",
+        f"model.name_or_path={tmp_path}",
+        "--out",
+        str(run_dir),
+    )
+    assert result.exit_code != 0
+    out = _flat(result.output)
+    assert f"{data}:2" in out and "completion" in out
+
+
+def test_broken_json_line(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+    result = _run("rm", "--set", f"data.preferences={data}", "--out", str(tmp_path / "run"))
+    assert result.exit_code != 0
+    assert f"{data}:2" in _flat(result.output)
+
+
+def test_stage_without_upstream_says_what_to_run(tmp_path):
+    result = _run("ppo", "--out", str(tmp_path / "run"))
+    assert result.exit_code != 0
+    assert "rlhfkit sft" in _flat(result.output)

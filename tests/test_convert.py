@@ -1,0 +1,144 @@
+"""Tests for rlhfkit.data.convert."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import pytest
+
+from rlhfkit.data.convert import (
+    hh_to_pair,
+    pairs_to_trl_rows,
+    ranking_to_pairs,
+    summarize_comparison_to_pair,
+)
+from rlhfkit.data.records import PreferencePair, Ranking
+
+
+def test_ranking_of_four_gives_six_ordered_pairs() -> None:
+    # Best first: "c" > "a" > "d" > "b".
+    ranking = Ranking(prompt="Q", responses=["a", "b", "c", "d"], ranking=[2, 0, 3, 1])
+    pairs = ranking_to_pairs(ranking)
+    order = ["c", "a", "d", "b"]
+    assert [(p.chosen, p.rejected) for p in pairs] == list(combinations(order, 2))
+    assert len(pairs) == 6
+    assert all(p.prompt == "Q" for p in pairs)
+
+
+def test_ranking_skips_identical_responses() -> None:
+    ranking = Ranking(prompt="Q", responses=["a", "a", "b"], ranking=[0, 1, 2])
+    assert [(p.chosen, p.rejected) for p in ranking_to_pairs(ranking)] == [("a", "b"), ("a", "b")]
+
+
+HH_PREFIX = (
+    "\n\nHuman: What is a good houseplant?"
+    "\n\nAssistant: A pothos is hard to kill."
+    "\n\nHuman: And one that flowers?"
+    "\n\nAssistant:"
+)
+
+
+def test_hh_two_turn_conversion() -> None:
+    row = {
+        "chosen": HH_PREFIX + " An African violet flowers most of the year. ",
+        "rejected": HH_PREFIX + " Plants are boring.",
+    }
+    pair = hh_to_pair(row)
+    assert pair.prompt == HH_PREFIX
+    assert pair.chosen == "An African violet flowers most of the year."
+    assert pair.rejected == "Plants are boring."
+    assert pair.source == "hh-rlhf"
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        (
+            {"chosen": HH_PREFIX + " a", "rejected": "\n\nHuman: Other?\n\nAssistant: b"},
+            "do not share the conversation",
+        ),
+        ({"chosen": HH_PREFIX + " a", "rejected": HH_PREFIX + " a"}, "identical"),
+        (
+            {"chosen": HH_PREFIX + " a", "rejected": HH_PREFIX + "  "},
+            "reply in 'rejected' is empty",
+        ),
+        ({"chosen": "no markers", "rejected": HH_PREFIX + " b"}, "'chosen' has no"),
+        ({"chosen": HH_PREFIX + " a"}, "missing 'rejected'"),
+        (
+            {"chosen": HH_PREFIX + " a\n\nHuman: more?", "rejected": HH_PREFIX + " b"},
+            "ends with a human turn",
+        ),
+    ],
+)
+def test_hh_bad_rows(row: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        hh_to_pair(row)
+
+
+SUMMARIZE_ROW = {
+    "info": {
+        "id": "t3_abc",
+        "post": "My cat knocks everything off the table.",
+        "title": "Cat problem",
+        "subreddit": "cats",
+    },
+    "summaries": [
+        {"text": " cat pushes things off tables", "policy": "sup1", "note": None},
+        {"text": " I have a cat", "policy": "ref", "note": None},
+    ],
+    "choice": 0,
+    "worker": "w42",
+    "batch": "batch3",
+    "split": "train",
+}
+
+
+def test_summarize_conversion() -> None:
+    pair = summarize_comparison_to_pair(SUMMARIZE_ROW)
+    assert pair.prompt == (
+        "SUBREDDIT: r/cats\nTITLE: Cat problem\nPOST: My cat knocks everything off the table.\nTL;DR:"
+    )
+    assert pair.chosen == "cat pushes things off tables"
+    assert pair.rejected == "I have a cat"
+    assert pair.annotator == "w42"
+    assert pair.source == "summarize_from_feedback"
+    flipped = summarize_comparison_to_pair({**SUMMARIZE_ROW, "choice": 1})
+    assert (flipped.chosen, flipped.rejected) == (pair.rejected, pair.chosen)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"choice": 2}, "'choice' must be 0 or 1"),
+        ({"choice": True}, "'choice' must be 0 or 1"),
+        ({"summaries": [{"text": "x"}]}, "list of two summaries"),
+        ({"info": {"post": "p", "subreddit": "s"}}, "missing 'title'"),
+        ({"info": {"article": "news", "site": "cnn"}}, "CNN/DM"),
+    ],
+)
+def test_summarize_bad_rows(change: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        summarize_comparison_to_pair({**SUMMARIZE_ROW, **change})
+
+
+def test_pairs_to_trl_rows_drops_none() -> None:
+    pairs = [
+        PreferencePair(prompt="Q", chosen="a", rejected="b"),
+        PreferencePair.model_validate(
+            {
+                "prompt": [{"role": "user", "content": "Q"}],
+                "chosen": "a",
+                "rejected": "b",
+                "margin": 2.0,
+            }
+        ),
+    ]
+    assert pairs_to_trl_rows(pairs) == [
+        {"prompt": "Q", "chosen": "a", "rejected": "b"},
+        {
+            "prompt": [{"role": "user", "content": "Q"}],
+            "chosen": "a",
+            "rejected": "b",
+            "margin": 2.0,
+        },
+    ]

@@ -1,0 +1,182 @@
+"""Tests for rlhfkit.eval.report: the HTML report and the CLI summary table."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from rlhfkit.eval.report import read_metrics, summary_table, write_html_report
+
+IMG = '<img src="data:image/png;base64,'
+XSS = "<script>alert(1)</script>"
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _full_report() -> dict:
+    return {
+        "task": "top5",
+        "seed": 7,
+        "wall_seconds": 312.5,
+        "stages": {
+            "pretrain": {"wall_seconds": 120.0, "tokens": 50000},
+            "sft": {"wall_seconds": 40.0},
+            "rm": {"wall_seconds": 30.0},
+            "ppo": {"wall_seconds": 122.5},
+        },
+        "rm": {"heldout_accuracy": 0.8125, "gold_agreement": 0.7731, "n_train_pairs": 1200},
+        "eval": {
+            "policies": {
+                "sft": {"gold_reward": 0.4123, "proxy_reward": 0.1, "kl_from_sft": 0.0},
+                "ppo": {"gold_reward": 0.6877, "proxy_reward": 1.9, "kl_from_sft": 3.25},
+                "dpo": {"gold_reward": 0.5511, "proxy_reward": 0.9, "kl_from_sft": 1.5},
+            },
+            "win_rate_vs_sft": {
+                "ppo": {"rate": 0.7134, "ci95": [0.6612, 0.7656], "n": 300},
+                "dpo": {"rate": 0.5833, "ci95": [0.5249, 0.6417], "n": 300},
+            },
+        },
+        "feedback": {
+            "n_labels": 900,
+            "n_annotators": 12,
+            "agreement_alpha": 0.41,
+            "n_spammers_flagged": 2,
+        },
+        "samples": [
+            {
+                "prompt": "Top 5 houseplants for beginners?",
+                "outputs": {
+                    "sft": {"text": "1. Pothos\n2. Snake plant", "gold": 0.4, "proxy": 0.2},
+                    "ppo": {"text": f"1. Pothos {XSS}\n2. ZZ plant", "gold": 0.9, "proxy": None},
+                },
+            }
+        ],
+    }
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    for stage in ("pretrain", "sft", "rm"):
+        _write_metrics(
+            run / stage / "metrics.jsonl",
+            [{"step": s, "loss": 3.0 / (s + 1), "lr": 1e-3} for s in range(30)],
+        )
+    _write_metrics(
+        run / "ppo" / "metrics.jsonl",
+        [
+            {
+                "step": s,
+                "loss/policy": math.sin(s),
+                "kl": 0.05 * s,
+                "reward/gold": 0.4 + 0.01 * s,
+                "reward/score": 0.1 * s,
+                "note": "text is skipped",
+            }
+            for s in range(50)
+        ],
+    )
+    return run
+
+
+def test_read_metrics(tmp_path: Path):
+    assert read_metrics(tmp_path / "missing.jsonl") == []
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 0, "loss": 1.5}\n\n{"step": 1, "loss": 1.2}\n', encoding="utf-8")
+    assert read_metrics(path) == [{"step": 0, "loss": 1.5}, {"step": 1, "loss": 1.2}]
+
+
+def test_read_metrics_broken_line_names_file_and_line(tmp_path: Path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 0}\n{"step": \n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"m\.jsonl:2"):
+        read_metrics(path)
+
+
+def test_full_report(run_dir: Path):
+    out = write_html_report(run_dir, _full_report())
+    assert out == run_dir / "report.html"
+    html = out.read_text(encoding="utf-8")
+    # 4 stage curve panels + the policy bar chart.
+    assert html.count(IMG) >= 5
+    for text in ("sft", "ppo", "dpo", "0.71 [0.66, 0.77]", "0.58 [0.52, 0.64]", "0.6877"):
+        assert text in html
+    assert "0.8125" in html and "1200" in html and "n_spammers_flagged" in html
+    assert "top5" in html and "312.5 s" in html
+    # Newlines in outputs survive as text and render through white-space: pre-wrap.
+    assert "1. Pothos\n2. Snake plant" in html and "pre-wrap" in html
+    # Self-contained: no external fetches of any kind.
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
+    assert "<link" not in html
+
+
+def test_untrusted_output_is_escaped(run_dir: Path):
+    html = write_html_report(run_dir, _full_report()).read_text(encoding="utf-8")
+    assert XSS not in html
+    assert "<script" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_untrusted_names_and_prompts_are_escaped(tmp_path: Path):
+    report = {
+        "eval": {"policies": {XSS: {"gold_reward": 1.0}}},
+        "samples": [{"prompt": XSS, "outputs": {XSS: {"text": XSS}}}],
+    }
+    html = write_html_report(tmp_path, report).read_text(encoding="utf-8")
+    assert "<script" not in html
+
+
+def test_missing_sections_do_not_crash(tmp_path: Path):
+    html = write_html_report(tmp_path / "empty", {}).read_text(encoding="utf-8")
+    assert "<html" in html and IMG not in html
+    partial = {
+        "task": "top5",
+        "stages": {"sft": {}},
+        "eval": {"policies": {"sft": {"gold_reward": None}}},
+        "samples": [{"prompt": "p", "outputs": {"sft": {"text": "x"}, "ppo": None}}],
+    }
+    html = write_html_report(tmp_path / "partial", partial).read_text(encoding="utf-8")
+    assert "top5" in html
+
+
+def test_other_stage_folders_are_plotted(tmp_path: Path):
+    _write_metrics(tmp_path / "dpo" / "metrics.jsonl", [{"step": 0, "loss": 1.0}])
+    (tmp_path / "nometrics").mkdir()
+    html = write_html_report(tmp_path, {}).read_text(encoding="utf-8")
+    assert html.count(IMG) == 1 and "dpo training curves" in html
+
+
+def test_summary_table():
+    console = Console(record=True, width=140)
+    console.print(summary_table(_full_report()))
+    text = console.export_text()
+    for expected in ("sft", "ppo", "dpo", "0.688", "1.900", "3.250", "0.71 [0.66, 0.77]"):
+        assert expected in text
+    sft_row = next(line for line in text.splitlines() if " sft " in line)
+    assert sft_row.rstrip(" │|").endswith("-")
+
+
+def test_summary_table_without_eval():
+    console = Console(record=True)
+    console.print(summary_table({}))
+    assert "policy" in console.export_text()
+
+
+def test_malformed_sections_are_skipped(tmp_path: Path):
+    report = {
+        "stages": {"sft": 12.0},
+        "rm": None,
+        "eval": {"policies": {"sft": None}, "win_rate_vs_sft": {"ppo": None}},
+        "samples": [{"prompt": "p", "outputs": {"sft": "plain text output", "ppo": None}}],
+    }
+    html = write_html_report(tmp_path, report).read_text(encoding="utf-8")
+    assert "plain text output" in html
+    console = Console(record=True)
+    console.print(summary_table(report))
+    assert "sft" in console.export_text()
