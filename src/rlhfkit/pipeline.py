@@ -161,7 +161,12 @@ def stage_feedback(run: Run) -> dict:
     cfg, watch = run.config.feedback, Stopwatch()
     out = run.stage_dir("feedback")
     out.mkdir(parents=True, exist_ok=True)
-    store = FeedbackStore(cfg.db or f"sqlite:///{(run.dir / 'feedback.db').resolve()}")
+    # Seeded: the left/right order shown to annotators is part of what makes a run reproducible.
+    # Not fsynced per label: simulated labels survive a crash of the process, which is enough for
+    # labels that can be simulated again; a human-facing server keeps the durable default.
+    store = FeedbackStore(
+        cfg.db or f"sqlite:///{(run.dir / 'feedback.db').resolve()}", seed=run.config.seed, durable=False
+    )
     try:
         project = store.create_project(
             f"{cfg.project}-{run.fingerprint('feedback')[:8]}", task_type="comparison", overlap=1

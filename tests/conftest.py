@@ -1,0 +1,130 @@
+"""Shared fixtures: feedback-store databases on SQLite and PostgreSQL, and a test clock."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
+
+PG_URL = os.environ.get("RLHFKIT_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+class FakeClock:
+    """A clock that only moves when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward."""
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A controllable clock for lease expiry."""
+    return FakeClock()
+
+
+def _require_postgres() -> None:
+    """Skip when the test server is unreachable; under CI (CI=true) fail instead."""
+    engine = create_engine(PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as exc:
+        shown = make_url(PG_URL).render_as_string(hide_password=True)
+        reason = f"PostgreSQL not reachable at {shown}: {str(exc.orig or exc).strip()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The PostgreSQL test server's URL (public schema); the test cleans up after itself."""
+    _require_postgres()
+    yield PG_URL
+
+
+@pytest.fixture(scope="session")
+def pg_schema() -> Iterator[tuple[Engine, str]]:
+    """This test session's own schema on the PostgreSQL server, with the feedback tables.
+
+    Yields an engine whose search_path is that schema, and its URL; dropped at the end.
+    """
+    from rlhfkit.feedback.store import Base
+
+    _require_postgres()
+    schema = f"rlhfkit_test_{uuid.uuid4().hex[:12]}"
+    url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    admin = create_engine(PG_URL, poolclass=NullPool)
+    engine = create_engine(url, poolclass=NullPool)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        Base.metadata.create_all(engine)
+        yield engine, url.render_as_string(hide_password=False)
+    finally:
+        engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """A database URL for the feedback store, empty for each test.
+
+    PostgreSQL: the session's schema, selected through the URL's search_path, emptied
+    after each test (much cheaper than creating a schema and its tables per test).
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.db'}"
+        return
+    from rlhfkit.feedback.store import Base
+
+    engine, url = request.getfixturevalue("pg_schema")
+    try:
+        yield url
+    finally:
+        with engine.begin() as conn:
+            for table in reversed(Base.metadata.sorted_tables):
+                conn.execute(table.delete())
+
+
+@pytest.fixture
+def open_store(db_url: str, clock: FakeClock) -> Iterator[Callable[..., Any]]:
+    """Open FeedbackStores on the test database; all closed after.
+
+    Defaults: seeded, on the test clock, and not durable (skipping fsync keeps the tests
+    fast; durability has its own test).
+    """
+    from rlhfkit.feedback.store import FeedbackStore
+
+    stores: list[FeedbackStore] = []
+
+    def _open(**kwargs: Any) -> FeedbackStore:
+        kwargs.setdefault("seed", 0)
+        kwargs.setdefault("clock", clock)
+        kwargs.setdefault("durable", False)
+        store = FeedbackStore(db_url, **kwargs)
+        stores.append(store)
+        return store
+
+    yield _open
+    for store in stores:
+        store.close()

@@ -1,0 +1,347 @@
+"""The feedback store on SQLite and PostgreSQL: leases, overlap, idempotent submission, export."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections import Counter
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from rlhfkit.feedback.store import FeedbackStore
+
+
+def _items(n: int, overlap: int | None = None) -> list[dict]:
+    items = []
+    for i in range(n):
+        item: dict = {"prompt": f"prompt {i}", "responses": [f"first {i}", f"second {i}"]}
+        if overlap is not None:
+            item["overlap"] = overlap
+        items.append(item)
+    return items
+
+
+def _label_everything(store: FeedbackStore, project: int, annotator: int) -> list[int]:
+    labelled = []
+    while (task := store.next_task(project, annotator)) is not None:
+        store.submit_comparison(task.token, annotator, "left")
+        labelled.append(task.item_id)
+    return labelled
+
+
+def test_create_project_is_idempotent(open_store):
+    store = open_store()
+    first = store.create_project("prefs", guidelines="pick the better list", overlap=2)
+    assert store.create_project("prefs") == first
+    assert store.project_id("prefs") == first
+    assert store.create_project("other") != first
+    with pytest.raises(ValueError, match="task_type"):
+        store.create_project("prefs", task_type="likert")
+    with pytest.raises(KeyError, match="no feedback project named 'missing'"):
+        store.project_id("missing")
+
+
+def test_add_items_validation_names_index_and_field(open_store):
+    store = open_store()
+    project = store.create_project("p")
+    good = {"prompt": "q", "responses": ["a", "b"]}
+    cases = [
+        ({"prompt": "  ", "responses": ["a", "b"]}, "'prompt'"),
+        ({"responses": ["a", "b"]}, "'prompt' is missing"),
+        ({"prompt": "q", "responses": ["a"]}, "'responses'"),
+        ({"prompt": "q", "responses": "ab"}, "'responses'"),
+        ({"prompt": "q", "responses": ["a", 3]}, "'responses'"),
+        ({"prompt": "q", "responses": ["a", "b", "c"]}, "'responses' needs exactly 2"),
+        ({"prompt": "q", "responses": ["a", "b"], "overlap": 0}, "'overlap'"),
+        ({"prompt": "q", "responses": ["a", "b"], "meta": {"x": object()}}, "'meta'"),
+        ({"prompt": "q", "responses": ["a", "b"], "gold": 1.0}, "'gold'"),
+    ]
+    for bad, field in cases:
+        with pytest.raises(ValueError, match=f"item 1: field {field}"):
+            store.add_items(project, [good, bad])
+    assert store.items(project) == []  # nothing of a rejected batch is stored
+    ids = store.add_items(project, [good, {**good, "overlap": 3, "meta": {"policy": "sft"}}])
+    records = store.items(project)
+    assert [r.item_id for r in records] == ids
+    assert [r.overlap for r in records] == [1, 3]
+    assert records[1].meta == {"policy": "sft"}
+
+
+def test_add_items_bulk(open_store):
+    store = open_store()
+    project = store.create_project("bulk")
+    ids = store.add_items(project, _items(3000))
+    assert len(ids) == len(set(ids)) == 3000
+    assert ids == sorted(ids)
+    assert store.progress(project)["n_items"] == 3000
+
+
+def test_next_task_never_returns_a_labelled_item(open_store):
+    store = open_store()
+    project = store.create_project("p", overlap=3)
+    store.add_items(project, _items(5))
+    alice = store.add_annotator("alice")
+    labelled = _label_everything(store, project, alice)
+    assert sorted(labelled) == sorted(set(labelled))
+    assert len(labelled) == 5
+    assert store.next_task(project, alice) is None
+
+
+def test_overlap_gives_distinct_annotators(open_store):
+    store = open_store()
+    project = store.create_project("p")
+    (three,) = store.add_items(project, [{"prompt": "q", "responses": ["a", "b"], "overlap": 3}])
+    store.add_items(project, _items(2))
+    annotators = [store.add_annotator(f"a{i}") for i in range(5)]
+    # Round-robin, as a crowd would arrive.
+    while True:
+        tasks = 0
+        for a in annotators:
+            task = store.next_task(project, a)
+            if task is not None:
+                store.submit_comparison(task.token, a, "right")
+                tasks += 1
+        if not tasks:
+            break
+    labels = store.labels(project)
+    on_three = [label.annotator for label in labels if label.item_id == three]
+    assert len(on_three) == 3 and len(set(on_three)) == 3
+    assert len(labels) == 5
+    assert store.progress(project) == {
+        "n_items": 3,
+        "n_labels": 5,
+        "n_items_complete": 3,
+        "n_annotators": 5,
+    }
+
+
+def test_items_with_labels_are_finished_first(open_store):
+    store = open_store()
+    project = store.create_project("p", overlap=2)
+    first, second = store.add_items(project, _items(2))
+    alice, bob = store.add_annotator("alice"), store.add_annotator("bob")
+    task = store.next_task(project, alice)
+    assert task.item_id == first
+    store.submit_comparison(task.token, alice, "left")
+    assert store.next_task(project, bob).item_id == first
+
+
+def test_held_lease_is_returned_again(open_store, clock):
+    store = open_store()
+    project = store.create_project("p")
+    store.add_items(project, _items(3))
+    alice = store.add_annotator("alice")
+    task = store.next_task(project, alice)
+    clock.advance(30)
+    assert store.next_task(project, alice) == task
+
+
+def test_lease_blocks_others_until_it_expires(open_store, clock):
+    store = open_store()
+    project = store.create_project("p")
+    (item,) = store.add_items(project, _items(1))
+    alice, bob = store.add_annotator("alice"), store.add_annotator("bob")
+    held = store.next_task(project, alice, lease_seconds=60)
+    assert held.item_id == item
+    assert store.next_task(project, bob) is None
+    clock.advance(61)
+    again = store.next_task(project, bob)
+    assert again is not None and again.item_id == item and again.token != held.token
+    store.submit_comparison(again.token, bob, "tie")
+    assert store.next_task(project, alice) is None
+    # Alice's answer on her expired lease is still real work: it is kept.
+    store.submit_comparison(held.token, alice, "left")
+    assert sorted(label.annotator for label in store.labels(project)) == ["alice", "bob"]
+
+
+def test_submit_is_idempotent(open_store):
+    store = open_store()
+    project = store.create_project("p")
+    store.add_items(project, _items(2))
+    alice = store.add_annotator("alice")
+    task = store.next_task(project, alice)
+    label = store.submit_comparison(task.token, alice, "right", strength=2)
+    assert store.submit_comparison(task.token, alice, "right", strength=2) == label
+    assert len(store.labels(project)) == 1
+    with pytest.raises(ValueError, match="different answer"):
+        store.submit_comparison(task.token, alice, "left", strength=2)
+    assert store.progress(project)["n_labels"] == 1
+
+
+def test_submit_refuses_bad_requests(open_store):
+    store = open_store()
+    project = store.create_project("p")
+    store.add_items(project, _items(2))
+    alice, mallory = store.add_annotator("alice"), store.add_annotator("mallory")
+    task = store.next_task(project, alice)
+    with pytest.raises(PermissionError, match="another annotator"):
+        store.submit_comparison(task.token, mallory, "left")
+    with pytest.raises(ValueError, match="unknown task token"):
+        store.submit_comparison("no-such-token", alice, "left")
+    with pytest.raises(ValueError, match="choice"):
+        store.submit_comparison(task.token, alice, "up")
+    with pytest.raises(ValueError, match="strength"):
+        store.submit_comparison(task.token, alice, "left", strength=4)
+    with pytest.raises(ValueError, match="kind"):
+        store.add_annotator("alice", kind="simulated")
+    with pytest.raises(KeyError, match="no annotator"):
+        store.next_task(project, -1)
+    assert store.labels(project) == []
+
+
+def test_presented_order_maps_back_to_original_index(open_store):
+    store = open_store()
+    project = store.create_project("p")
+    store.add_items(project, _items(40))
+    alice = store.add_annotator("alice")
+    originals = {item.item_id: item.responses for item in store.items(project)}
+    seen_orders = set()
+    expected = {}
+    choices = ["left", "right", "tie"]
+    while (task := store.next_task(project, alice)) is not None:
+        seen_orders.add(tuple(task.order))
+        assert task.responses == [originals[task.item_id][i] for i in task.order]
+        choice = choices[len(expected) % 3]
+        store.submit_comparison(task.token, alice, choice)
+        position = {"left": 0, "right": 1, "tie": None}[choice]
+        expected[task.item_id] = (None if position is None else task.order[position], task.order)
+    assert seen_orders == {(0, 1), (1, 0)}  # the order is randomised
+    for label in store.labels(project):
+        assert (label.chosen, label.order) == expected[label.item_id]
+
+
+def test_labels_survive_reopening(open_store, clock):
+    store = open_store(durable=True)
+    project = store.create_project("p")
+    store.add_items(project, _items(3))
+    alice = store.add_annotator("alice")
+    task = store.next_task(project, alice)
+    clock.advance(12.5)
+    label_id = store.submit_comparison(task.token, alice, "left", strength=3)
+    store.close()
+    reopened = open_store(durable=True)
+    assert reopened.project_id("p") == project
+    (label,) = reopened.labels(project)
+    assert label.label_id == label_id
+    assert label.annotator == "alice"
+    assert label.strength == 3
+    assert label.seconds == pytest.approx(12.5)
+    assert label.created_at == clock.now
+    assert reopened.next_task(project, alice).item_id != task.item_id
+
+
+def test_export_preferences_writes_trl_rows_and_skips_ties(open_store, tmp_path):
+    store = open_store()
+    project = store.create_project("export", overlap=2)
+    win, tie, unlabelled = store.add_items(
+        project,
+        [
+            {"prompt": "p-win", "responses": ["good", "bad"], "meta": {"gold": 1}},
+            {"prompt": "p-tie", "responses": ["x", "y"]},
+            {"prompt": "p-none", "responses": ["u", "v"]},
+        ],
+    )
+    a, b = store.add_annotator("a"), store.add_annotator("b")
+    wanted = {(win, a): 0, (win, b): 0, (tie, a): 0, (tie, b): 1}
+    for annotator in (a, b):
+        for _ in range(2):
+            task = store.next_task(project, annotator)
+            target = wanted[(task.item_id, annotator)]
+            store.submit_comparison(task.token, annotator, "left" if task.order[0] == target else "right")
+    n = store.export_preferences(project, tmp_path / "out" / "pairs.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
+    assert n == len(rows) == 1
+    assert rows[0] == {
+        "prompt": "p-win",
+        "chosen": "good",
+        "rejected": "bad",
+        "source": "feedback:export",
+        "n_votes": 2,
+        "agreement": 1.0,
+    }
+    with pytest.raises(ValueError, match="method"):
+        store.export_preferences(project, tmp_path / "x.jsonl", method="dawid-skene")
+    assert unlabelled not in {label.item_id for label in store.labels(project)}
+
+
+def test_export_raw_keeps_every_annotator(open_store, tmp_path):
+    store = open_store()
+    project = store.create_project("raw", overlap=3)
+    store.add_items(project, _items(2))
+    for name in ("a", "b", "c"):
+        _label_everything(store, project, store.add_annotator(name))
+    n = store.export_raw(project, tmp_path / "raw.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "raw.jsonl").read_text().splitlines()]
+    assert n == len(rows) == 6
+    assert Counter(r["annotator"] for r in rows) == {"a": 2, "b": 2, "c": 2}
+    assert set(rows[0]) >= {
+        "item_id",
+        "prompt",
+        "responses",
+        "annotator",
+        "chosen",
+        "order",
+        "strength",
+        "created_at",
+        "seconds",
+    }
+    assert rows[0]["responses"] == ["first 0", "second 0"]
+    assert rows[0]["chosen"] == rows[0]["order"][0]
+
+
+def test_concurrent_annotators_never_exceed_overlap(open_store):
+    store = open_store(clock=None)
+    project = store.create_project("busy")
+    store.add_items(project, _items(30, overlap=2))
+    annotators = [store.add_annotator(f"w{i}") for i in range(4)]
+    errors: list[BaseException] = []
+
+    def work(annotator: int) -> None:
+        try:
+            _label_everything(store, project, annotator)
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(a,)) for a in annotators]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    labels = store.labels(project)
+    per_item = Counter(label.item_id for label in labels)
+    assert len(labels) == 60 and set(per_item.values()) == {2}
+    assert len({(label.item_id, label.annotator) for label in labels}) == 60
+
+
+@pytest.mark.postgres
+def test_schema_argument_keeps_tables_apart(pg_url):
+    schemas = [f"rlhfkit_test_{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    try:
+        with FeedbackStore(pg_url, schema=schemas[0]) as store:
+            store.create_project("in-schema")
+        with FeedbackStore(pg_url, schema=schemas[1]) as other:
+            with pytest.raises(KeyError):
+                other.project_id("in-schema")
+        with FeedbackStore(pg_url, schema=schemas[0]) as again:
+            assert again.project_id("in-schema") > 0
+        with pytest.raises(ValueError, match="identifier"):
+            FeedbackStore(pg_url, schema='x"; drop table items; --')
+    finally:
+        admin = create_engine(pg_url, poolclass=NullPool)
+        with admin.begin() as conn:
+            for schema in schemas:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_plain_path_means_sqlite(tmp_path):
+    with FeedbackStore(tmp_path / "sub" / "fb.db") as store:
+        store.create_project("p")
+    with FeedbackStore(str(tmp_path / "sub" / "fb.db")) as store:
+        assert store.project_id("p") == 1
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        FeedbackStore(tmp_path / "x.db", schema="s")

@@ -1,0 +1,124 @@
+"""Simulated annotators: honest, flipping, biased and spamming judgments, and a full run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rlhfkit.crowd.aggregate import majority_vote
+from rlhfkit.crowd.simulate import AnnotatorProfile, default_pool, judge, simulate_annotation
+from rlhfkit.feedback.store import FeedbackStore
+
+GOOD, BAD = "a good answer", "a bad answer that is longer"
+
+
+def utility(prompt: str, response: str) -> float:
+    """Prefers the response containing "good"."""
+    return 1.0 if "good" in response else 0.0
+
+
+def _picks(profile: AnnotatorProfile, responses: list[str], n: int = 200) -> set[str]:
+    rng = random.Random(0)
+    return {judge(profile, "q", responses, utility, rng)[0] for _ in range(n)}
+
+
+def test_careful_annotator_without_noise_follows_utility_in_any_order():
+    careful = AnnotatorProfile("c", flip_prob=0.0)
+    assert _picks(careful, [GOOD, BAD]) == {"left"}
+    assert _picks(careful, [BAD, GOOD]) == {"right"}
+    assert judge(careful, "q", [BAD, GOOD], utility, random.Random(0)) == ("right", 3)
+
+
+def test_flip_one_always_picks_the_other():
+    flipper = AnnotatorProfile("f", kind="noisy", flip_prob=1.0)
+    assert _picks(flipper, [GOOD, BAD]) == {"right"}
+    assert _picks(flipper, [BAD, GOOD]) == {"left"}
+
+
+def test_adversarial_inverts_and_ties_within_margin():
+    adversary = AnnotatorProfile("a", kind="adversarial", flip_prob=0.0)
+    assert _picks(adversary, [GOOD, BAD]) == {"right"}
+    lenient = AnnotatorProfile("t", flip_prob=0.0, tie_margin=2.0)
+    assert _picks(lenient, [GOOD, BAD]) == {"tie"}
+
+
+def test_spammers_ignore_content():
+    always_left = AnnotatorProfile("s", kind="spammer", position_bias=1.0)
+    assert _picks(always_left, [GOOD, BAD]) == {"left"}
+    assert _picks(always_left, [BAD, GOOD]) == {"left"}
+    random_spammer = AnnotatorProfile("r", kind="spammer")
+    assert _picks(random_spammer, [GOOD, BAD]) == {"left", "right"}
+    strengths = {judge(random_spammer, "q", [GOOD, BAD], utility, random.Random(i))[1] for i in range(50)}
+    assert strengths == {1, 2, 3}
+
+
+def test_length_bias_prefers_the_longer_response():
+    lengthy = AnnotatorProfile("l", flip_prob=0.0, length_bias=1.0)
+    assert _picks(lengthy, [GOOD, BAD]) == {"right"}
+
+
+def test_profiles_are_validated():
+    with pytest.raises(ValueError, match="kind"):
+        AnnotatorProfile("x", kind="lazy")
+    with pytest.raises(ValueError, match="flip_prob"):
+        AnnotatorProfile("x", flip_prob=1.5)
+    with pytest.raises(ValueError, match="2 responses"):
+        judge(AnnotatorProfile("x"), "q", ["a"], utility, random.Random(0))
+
+
+def test_default_pool_shape():
+    pool = default_pool()
+    honest = [p for p in pool if p.kind != "spammer"]
+    assert 7 <= len(pool) <= 10
+    assert len({p.name for p in pool}) == len(pool)
+    assert 1 <= len(pool) - len(honest) <= 2
+    assert sum(p.flip_prob for p in honest) / len(honest) == pytest.approx(0.25, abs=0.02)
+    assert sum(p.length_bias > 0 for p in pool) >= 2
+    assert sum(0 < p.position_bias < 1 for p in pool) >= 2
+
+
+def _project_with_items(store: FeedbackStore) -> int:
+    project = store.create_project("sim")
+    rng = random.Random(1)
+    items = []
+    for i in range(200):
+        responses = [f"a good list {i}", f"a poor list {i}"]
+        rng.shuffle(responses)
+        items.append({"prompt": f"prompt {i}", "responses": responses, "overlap": 3 if i % 10 < 3 else 1})
+    store.add_items(project, items)
+    return project
+
+
+def test_simulate_annotation_through_the_store(open_store):
+    store = open_store(clock=None)
+    project = _project_with_items(store)
+    seen = []
+    stats = simulate_annotation(store, project, default_pool(), utility, seed=3, progress=seen.append)
+    assert stats["n_labels"] == 60 * 3 + 140 == len(store.labels(project))
+    assert seen == list(range(1, stats["n_labels"] + 1))
+    assert stats["n_annotators"] == len(default_pool())
+    assert sum(stats["per_annotator"].values()) == stats["n_labels"]
+    assert store.progress(project)["n_items_complete"] == 200
+    items = {item.item_id: item for item in store.items(project)}
+    aggregates = majority_vote(store.labels(project))
+    right = sum(
+        agg.winner is not None and "good" in items[agg.item_id].responses[agg.winner]
+        for agg in aggregates.values()
+    )
+    assert right / len(aggregates) > 0.65
+    # Nobody has anything left to do.
+    annotator = store.add_annotator("sim-careful-1", kind="simulated")
+    assert store.next_task(project, annotator) is None
+
+
+def test_simulate_annotation_is_deterministic(tmp_path):
+    runs = []
+    for name in ("one", "two"):
+        with FeedbackStore(tmp_path / f"{name}.db", seed=0, durable=False) as store:
+            project = _project_with_items(store)
+            simulate_annotation(store, project, default_pool(), utility, seed=5)
+            runs.append(
+                [(lb.item_id, lb.annotator, lb.chosen, lb.order, lb.strength) for lb in store.labels(project)]
+            )
+    assert runs[0] == runs[1]
