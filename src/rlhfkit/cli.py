@@ -172,6 +172,15 @@ def config_show(
     sys.stdout.write(yaml.safe_dump({section: data[section]}, sort_keys=False))
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """Our progress bars and summaries replace the libraries' per-file loading chatter."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main() -> None:
     """Entry point for `python -m rlhfkit`."""
     app()

@@ -43,8 +43,8 @@ class DataConfig(Section):
 
 
 class PretrainConfig(Section):
-    steps: int = Field(1200, ge=0)
-    batch_size: int = Field(16, gt=0)
+    steps: int = Field(1400, ge=0)
+    batch_size: int = Field(8, gt=0)
     block_size: int = Field(128, gt=8)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
@@ -62,7 +62,7 @@ class SFTConfig(Section):
 class FeedbackConfig(Section):
     db: str | None = Field(None, description="database URL; unset = RUN/feedback.db (SQLite)")
     project: str = "top5-comparisons"
-    n_prompts: int = Field(1200, gt=0, description="prompts sent for comparison")
+    n_prompts: int = Field(1500, gt=0, description="prompts sent for comparison")
     completions_per_prompt: int = Field(2, ge=2)
     overlap: int = Field(3, ge=1, description="annotators per item on the overlapped share")
     overlap_share: float = Field(0.3, ge=0, le=1)
@@ -73,7 +73,7 @@ class FeedbackConfig(Section):
 class RMConfig(Section):
     epochs: float = Field(2.0, gt=0)
     batch_size: int = Field(16, gt=0)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(3e-4, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     val_share: float = Field(0.1, ge=0, lt=1, description="share of pairs kept for validation")
     max_length: int = Field(128, gt=8)
@@ -84,7 +84,7 @@ class PPOConfig(Section):
     rollout_batch: int = Field(64, gt=0, description="prompts per rollout")
     minibatch: int = Field(16, gt=0)
     ppo_epochs: int = Field(2, gt=0)
-    lr: float = Field(5e-5, gt=0)
+    lr: float = Field(1e-4, gt=0)
     critic_lr: float = Field(2e-4, gt=0)
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -123,11 +123,11 @@ class RunConfig(Section):
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "fast": {
-        "pretrain": {"steps": 400},
-        "sft": {"epochs": 1.0},
-        "feedback": {"n_prompts": 500},
-        "rm": {"epochs": 1.0},
-        "ppo": {"steps": 20, "rollout_batch": 48},
+        # Smaller batches, more steps: the model learns which items belong to a topic after a
+        # number of updates more than a number of tokens.
+        "pretrain": {"steps": 1500, "batch_size": 4},
+        "feedback": {"n_prompts": 600},
+        "ppo": {"steps": 16, "rollout_batch": 48},
         "eval": {"n_prompts": 120, "heldout_pairs": 150},
     },
 }

@@ -1,0 +1,104 @@
+"""The whole loop, end to end, through the real command: `rlhfkit demo --preset fast`."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit.config import load_config
+from rlhfkit.pipeline import Run
+
+REPORT_KEYS = {
+    "task", "seed", "wall_seconds", "stages", "rm", "eval", "feedback",
+}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cmd = [sys.executable, "-m", "rlhfkit", "demo", "--preset", "fast", "--out", str(out), "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+@pytest.mark.slow
+def test_demo_writes_the_run_directory_contract(demo_run):
+    out, stdout = demo_run
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["task"] == "top5" and report["seed"] == 0
+    for stage in ("pretrain", "sft", "feedback", "rm", "ppo", "eval"):
+        assert report["stages"][stage]["wall_seconds"] > 0
+    for stage in ("pretrain", "sft", "rm", "ppo"):
+        assert (out / stage / "model" / "config.json").is_file()
+        assert (out / stage / "metrics.jsonl").stat().st_size > 0
+    assert {"heldout_accuracy", "gold_agreement", "n_train_pairs"} <= set(report["rm"])
+    for policy in ("sft", "ppo"):
+        entry = report["eval"]["policies"][policy]
+        assert {"gold_reward", "proxy_reward", "kl_from_sft"} <= set(entry)
+        assert math.isfinite(entry["kl_from_sft"])
+    win = report["eval"]["win_rate_vs_sft"]["ppo"]
+    assert win["n"] > 0 and win["ci95"][0] <= win["rate"] <= win["ci95"][1]
+    assert {"n_labels", "n_annotators", "agreement_alpha"} <= set(report["feedback"])
+    assert report["feedback"]["n_labels"] > report["feedback"]["n_items"]  # overlap on a share
+    assert (out / "feedback.db").is_file() and (out / "config.yaml").is_file()
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    # The printed table: both policies and the win rate.
+    assert "ppo" in stdout and "win rate" in stdout
+    # The resolved config reproduces the run.
+    assert load_config(out / "config.yaml").seed == 0
+
+
+@pytest.mark.slow
+def test_demo_learns_something(demo_run):
+    """Even the fast preset's reward model beats chance on gold-labelled pairs, and PPO moves."""
+    out, _ = demo_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["rm"]["heldout_accuracy"] > 0.6
+    assert report["eval"]["policies"]["ppo"]["kl_from_sft"] > 0
+    assert report["eval"]["policies"]["ppo"]["proxy_reward"] > report["eval"]["policies"]["sft"]["proxy_reward"]
+
+
+@pytest.mark.slow
+def test_checkpoints_load_with_plain_transformers(demo_run):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    out, _ = demo_run
+    tokenizer = AutoTokenizer.from_pretrained(out / "ppo" / "model")
+    assert tokenizer.chat_template and tokenizer.pad_token and tokenizer.eos_token and tokenizer.bos_token
+    policy = AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Give me the top 5 horror films."}],
+                                         add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    generated = policy.generate(**ids, max_new_tokens=20, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "rm" / "model")
+    with torch.no_grad():
+        assert rm(**ids).logits.shape == (1, 1)
+
+
+@pytest.mark.slow
+def test_demo_again_reuses_every_finished_stage(demo_run):
+    out, _ = demo_run
+    before = (out / "pretrain" / "summary.json").stat().st_mtime
+    cmd = [sys.executable, "-m", "rlhfkit", "demo", "--preset", "fast", "--out", str(out), "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for stage in ("pretrain", "sft", "feedback", "rm", "ppo", "eval"):
+        assert f"{stage}: reusing" in " ".join(result.stdout.split())
+    assert (out / "pretrain" / "summary.json").stat().st_mtime == before
+
+
+def test_changing_a_section_invalidates_that_stage_and_downstream(tmp_path):
+    base = Run(tmp_path / "a", load_config())
+    changed = Run(tmp_path / "b", load_config(overrides=["rm.lr=0.1"]))
+    for stage in ("pretrain", "sft", "feedback"):
+        assert base.fingerprint(stage) == changed.fingerprint(stage)
+    for stage in ("rm", "ppo", "eval"):
+        assert base.fingerprint(stage) != changed.fingerprint(stage)
