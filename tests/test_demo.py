@@ -62,7 +62,8 @@ def test_demo_learns_something(demo_run):
     report = json.loads((out / "report.json").read_text())
     assert report["rm"]["heldout_accuracy"] > 0.6
     assert report["eval"]["policies"]["ppo"]["kl_from_sft"] > 0
-    assert report["eval"]["policies"]["ppo"]["proxy_reward"] > report["eval"]["policies"]["sft"]["proxy_reward"]
+    policies = report["eval"]["policies"]
+    assert policies["ppo"]["proxy_reward"] > policies["sft"]["proxy_reward"]
 
 
 @pytest.mark.slow

@@ -62,14 +62,8 @@ def _run_stages(
         if len(stage_names) > 1:
             report = run_demo(run, stage_names)
         else:
-            summary = run_stage(run, stage_names[0], reuse=reuse)
+            run_stage(run, stage_names[0], reuse=reuse)
             report = run.read_report()
-            shown = {
-                k: v for k, v in summary.items() if not isinstance(v, (dict, list)) and k != "fingerprint"
-            }
-            console.print(
-                f"[bold]{stage_names[0]}[/bold] done: " + ", ".join(f"{k}={v}" for k, v in shown.items())
-            )
     except (DataError, StageError, ValueError) as exc:
         _fail(str(exc))
         return
