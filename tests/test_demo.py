@@ -13,7 +13,13 @@ from rlhfkit.config import load_config
 from rlhfkit.pipeline import Run
 
 REPORT_KEYS = {
-    "task", "seed", "wall_seconds", "stages", "rm", "eval", "feedback",
+    "task",
+    "seed",
+    "wall_seconds",
+    "stages",
+    "rm",
+    "eval",
+    "feedback",
 }
 
 
@@ -74,8 +80,11 @@ def test_checkpoints_load_with_plain_transformers(demo_run):
     tokenizer = AutoTokenizer.from_pretrained(out / "ppo" / "model")
     assert tokenizer.chat_template and tokenizer.pad_token and tokenizer.eos_token and tokenizer.bos_token
     policy = AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Give me the top 5 horror films."}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Give me the top 5 horror films."}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
     generated = policy.generate(**ids, max_new_tokens=20, do_sample=False)
     assert generated.shape[1] > ids["input_ids"].shape[1]

@@ -52,7 +52,7 @@ class PretrainConfig(Section):
 
 
 class SFTConfig(Section):
-    epochs: float = Field(2.0, gt=0)
+    epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(16, gt=0)
     lr: float = Field(5e-4, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)

@@ -361,8 +361,11 @@ def run_stage(run: Run, stage: str, reuse: bool = False) -> dict:
         summary["fingerprint"] = run.fingerprint(stage)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         shown = {k: v for k, v in summary.items() if isinstance(v, int | float) and k != "wall_seconds"}
-        console.print(f"[bold]{stage}[/bold] done in {summary.get('wall_seconds', 0):.0f}s: "
-                      + ", ".join(f"{k}={v}" for k, v in shown.items()), highlight=False)
+        console.print(
+            f"[bold]{stage}[/bold] done in {summary.get('wall_seconds', 0):.0f}s: "
+            + ", ".join(f"{k}={v}" for k, v in shown.items()),
+            highlight=False,
+        )
     report = run.update_report(_report_patch(run, stage, summary))
     if stage == "eval":
         write_html_report(run.dir, report)

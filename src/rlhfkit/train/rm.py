@@ -96,17 +96,17 @@ def run_rm(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             row = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item()}
-            if step % eval_every == 0 or step == total:
+            if val and (step % eval_every == 0 or step == total):
                 row["val_accuracy"] = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device)
             log.log(step, **row)
             bar.update(bar.task_ids[0], advance=1, info=f"loss {row['loss']:.3f}")
     log.close()
-    val_acc = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device)
+    val_acc = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device) if val else None
     save_model(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "n_train_pairs": len(train),
         "n_val_pairs": len(val),
-        "val_accuracy": round(val_acc, 4),
+        "val_accuracy": None if val_acc is None else round(val_acc, 4),
         "steps": total,
     }

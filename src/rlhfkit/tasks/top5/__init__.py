@@ -35,7 +35,9 @@ TEMPLATES = (
 )
 HELDOUT_TEMPLATES_PER_TOPIC = 5
 DEMO_TOPIC_SHARE = 0.6
-DEMOS_PER_COMBINATION = 2
+# Demonstrations are the expensive kind of human data: a small budget, so SFT learns the
+# shape of an answer only roughly and preferences have something left to teach.
+N_DEMONSTRATIONS = 160
 
 _HEADERS = (
     "Top {n} {p}:",
@@ -75,6 +77,11 @@ def _split_templates(topics: tuple[Topic, ...], rng: random.Random) -> dict[str,
     return {t.id: sorted(rng.sample(range(len(TEMPLATES)), HELDOUT_TEMPLATES_PER_TOPIC)) for t in topics}
 
 
+def _sentence_case(phrase: str) -> str:
+    """First letter upper case, the rest untouched (str.capitalize would lower "North America")."""
+    return phrase[:1].upper() + phrase[1:]
+
+
 def format_list(items: list[str]) -> str:
     """The target format: a numbered list, one item per line."""
     return "\n".join(f"{k}. {item}" for k, item in enumerate(items, 1))
@@ -84,12 +91,12 @@ def _corpus_list(topic: Topic, topics: tuple[Topic, ...], rng: random.Random) ->
     n = rng.randint(2, 9)
     items = rng.sample(topic.items, min(n, len(topic.items)))
     if rng.random() < 0.15:  # partly off-topic: a stray item or two from another topic
-        other = rng.choice(topics)
+        other = rng.choice([t for t in topics if t.id != topic.id])
         for _ in range(rng.randint(1, 2)):
             items[rng.randrange(len(items))] = rng.choice(other.items)
     if rng.random() < 0.15:  # duplicates
         items.insert(rng.randrange(len(items) + 1), rng.choice(items))
-    header = rng.choice(_HEADERS).format(n=len(items), p=topic.phrase, P=topic.phrase.capitalize())
+    header = rng.choice(_HEADERS).format(n=len(items), p=topic.phrase, P=_sentence_case(topic.phrase))
     style = rng.random()
     if style < 0.5:
         body = format_list(items)
@@ -111,7 +118,9 @@ def _corpus_sentences(topic: Topic, rng: random.Random) -> str:
     out = []
     for _ in range(rng.randint(1, 3)):
         i, j, k = rng.sample(topic.items, 3)
-        out.append(rng.choice(_SENTENCES).format(i=i, j=j, k=k, p=topic.phrase, P=topic.phrase.capitalize()))
+        out.append(
+            rng.choice(_SENTENCES).format(i=i, j=j, k=k, p=topic.phrase, P=_sentence_case(topic.phrase))
+        )
     return " ".join(out)
 
 
@@ -143,7 +152,7 @@ def build(seed: int = 0) -> Task:
     rng = random.Random(f"top5-{seed}")
     heldout_idx = _split_templates(topics, rng)
     demo_topics = set(rng.sample([t.id for t in topics], round(DEMO_TOPIC_SHARE * len(topics))))
-    train, heldout, demos = [], [], []
+    train, heldout, demo_prompts = [], [], []
     for topic in topics:
         for k, template in enumerate(TEMPLATES):
             prompt = template.format(p=topic.phrase)
@@ -152,10 +161,12 @@ def build(seed: int = 0) -> Task:
                 continue
             train.append(prompt)
             if topic.id in demo_topics:
-                for _ in range(DEMOS_PER_COMBINATION):
-                    demos.append({"prompt": prompt, "completion": format_list(rng.sample(topic.items, 5))})
+                demo_prompts.append((prompt, topic))
+    demos = [
+        {"prompt": prompt, "completion": format_list(rng.sample(topic.items, 5))}
+        for prompt, topic in rng.sample(demo_prompts, min(N_DEMONSTRATIONS, len(demo_prompts)))
+    ]
     rng.shuffle(train)
-    rng.shuffle(demos)
     return Task(
         name="top5",
         train_prompts=train,
