@@ -83,10 +83,6 @@ def _stage_command(stage: str, doc: str) -> None:
         _run_stages((stage,), out, config, set_, preset, no_progress, reuse=False)
 
     command.__doc__ = doc
-    # Typer reads the option name from the parameter; `--set` needs an explicit name.
-    command.__annotations__["set_"] = Annotated[
-        list[str] | None, typer.Option("--set", help="override: KEY=VALUE, e.g. ppo.kl_coef=0.1")
-    ]
     app.command(stage)(command)
 
 
@@ -100,7 +96,7 @@ _stage_command("eval", "Judge the policies of a run; write report.json and repor
 @app.command()
 def demo(
     config: ConfigOpt = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: KEY=VALUE")] = None,
+    set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/demo"),
     preset: PresetOpt = "default",
     no_progress: NoProgressOpt = False,
@@ -114,7 +110,7 @@ def demo(
 @feedback_app.command("simulate")
 def feedback_simulate(
     config: ConfigOpt = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: KEY=VALUE")] = None,
+    set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/demo"),
     preset: PresetOpt = "default",
 ) -> None:
@@ -150,7 +146,7 @@ def feedback_export(
 def config_show(
     section: Annotated[str | None, typer.Argument(help="one section, e.g. ppo")] = None,
     config: ConfigOpt = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: KEY=VALUE")] = None,
+    set_: SetOpt = None,
     preset: PresetOpt = "default",
 ) -> None:
     """Print the resolved config as YAML (all of it, or one section)."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from rlhfkit.config import RunConfig, dump_config
@@ -181,8 +182,6 @@ def stage_feedback(run: Run) -> dict:
             policy_path = run.model_path("sft")
             tokenizer, policy = load_tokenizer(policy_path), load_causal_lm(policy_path)
             ids = [prompt_token_ids(tokenizer, p) for p in prompts]
-            import torch
-
             torch.manual_seed(run.config.seed)
             samples = [
                 tokenizer.batch_decode(

@@ -40,6 +40,35 @@ def make_optimizer(
     return optimizer, scheduler
 
 
+def apply_gradients(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    max_grad_norm: float = 1.0,
+) -> None:
+    """Clip the gradient norm, step the optimiser (and schedule), clear the gradients."""
+    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class ShuffledBatches:
+    """Index batches over a data set of size n, reshuffled each time it runs out (seeded)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self._order: list[int] = []
+
+    def next(self) -> list[int]:
+        while len(self._order) < self.batch_size:
+            self._order += torch.randperm(self.n, generator=self.generator).tolist()
+        batch, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return batch
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to `metrics.jsonl` (the run's own record)."""
 

@@ -28,7 +28,15 @@ from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.logprobs import gather_logprobs, response_logits, response_logprobs
-from rlhfkit.train.loop import MetricsLog, Stopwatch, make_accelerator, make_optimizer, progress_bar
+from rlhfkit.train.loop import (
+    MetricsLog,
+    ShuffledBatches,
+    Stopwatch,
+    apply_gradients,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+)
 
 
 def critic_values(critic, batch: PromptResponseBatch) -> torch.Tensor:
@@ -67,15 +75,12 @@ def run_ppo(
     policy, critic, opt_policy, opt_critic = accelerator.prepare(policy, critic, opt_policy, opt_critic)
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     gen = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
+    batches = ShuffledBatches(len(prompt_ids), cfg.rollout_batch, gen)
     log = MetricsLog(out_dir / "metrics.jsonl")
     last: dict[str, float] = {}
     with progress_bar("ppo", cfg.steps, show_progress) as bar:
         for step in range(1, cfg.steps + 1):
-            if len(order) < cfg.rollout_batch:
-                order += torch.randperm(len(prompt_ids), generator=gen).tolist()
-            queries = [prompt_ids[i] for i in order[: cfg.rollout_batch]]
-            del order[: cfg.rollout_batch]
+            queries = [prompt_ids[i] for i in batches.next()]
 
             # 1. Rollout: sample at the training temperature.
             responses = sample_responses(
@@ -127,18 +132,14 @@ def run_ppo(
                         logp, old_logp[idx], advantages[idx], mask[idx], cfg.clip_eps
                     )
                     accelerator.backward(pg_loss)
-                    accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                    opt_policy.step()
-                    opt_policy.zero_grad(set_to_none=True)
+                    apply_gradients(accelerator, policy, opt_policy, None, cfg.max_grad_norm)
 
                     values = critic_values(critic, mb)
                     vf_loss, vf_stats = value_loss(
                         values, old_values[idx], returns[idx], mask[idx], cfg.clip_value
                     )
                     accelerator.backward(cfg.vf_coef * vf_loss)
-                    accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-                    opt_critic.step()
-                    opt_critic.zero_grad(set_to_none=True)
+                    apply_gradients(accelerator, critic, opt_critic, None, cfg.max_grad_norm)
 
                     with torch.no_grad():
                         stats["entropy"].append(masked_mean(entropy_from_logits(logits), mask[idx]).item())

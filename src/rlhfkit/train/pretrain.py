@@ -10,7 +10,14 @@ from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import RunConfig
 from rlhfkit.models.loading import save_model, tiny_causal_lm
 from rlhfkit.models.tokenizer import train_tokenizer
-from rlhfkit.train.loop import MetricsLog, Stopwatch, make_accelerator, make_optimizer, progress_bar
+from rlhfkit.train.loop import (
+    MetricsLog,
+    Stopwatch,
+    apply_gradients,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+)
 
 
 def pack_blocks(token_lists: list[list[int]], block_size: int) -> torch.Tensor:
@@ -58,10 +65,7 @@ def run_pretrain(config: RunConfig, corpus: list[str], out_dir: Path, show_progr
             logits = model(input_ids=batch, use_cache=False).logits
             loss = completion_nll(logits, batch, ones)
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(accelerator, model, optimizer, scheduler)
             loss_value = loss.item()
             if step % 10 == 0 or step == cfg.steps:
                 log.log(step, loss=loss_value, lr=scheduler.get_last_lr()[0])

@@ -17,7 +17,15 @@ from rlhfkit.models.heads import sequence_scores
 from rlhfkit.models.loading import load_reward_model, load_tokenizer, save_model
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
-from rlhfkit.train.loop import MetricsLog, Stopwatch, make_accelerator, make_optimizer, progress_bar
+from rlhfkit.train.loop import (
+    MetricsLog,
+    ShuffledBatches,
+    Stopwatch,
+    apply_gradients,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+)
 
 
 def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -80,21 +88,15 @@ def run_rm(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     log = MetricsLog(out_dir / "metrics.jsonl")
-    order: list[int] = []
+    batches = ShuffledBatches(len(train), cfg.batch_size, gen)
     eval_every = max(1, total // 8)
     with progress_bar("reward model", total, show_progress) as bar:
         for step in range(1, total + 1):
-            if len(order) < cfg.batch_size:
-                order += torch.randperm(len(train), generator=gen).tolist()
-            batch = [train[i] for i in order[: cfg.batch_size]]
-            del order[: cfg.batch_size]
+            batch = [train[i] for i in batches.next()]
             chosen, rejected = score_pairs(model, batch, tokenizer.pad_token_id, accelerator.device)
             loss = bradley_terry_loss(chosen, rejected)
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(accelerator, model, optimizer, scheduler)
             row = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item()}
             if val and (step % eval_every == 0 or step == total):
                 row["val_accuracy"] = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device)

@@ -13,7 +13,15 @@ from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
 from rlhfkit.rollout.logprobs import position_ids_from_mask
-from rlhfkit.train.loop import MetricsLog, Stopwatch, make_accelerator, make_optimizer, progress_bar
+from rlhfkit.train.loop import (
+    MetricsLog,
+    ShuffledBatches,
+    Stopwatch,
+    apply_gradients,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+)
 
 
 def tokenize_demonstrations(
@@ -46,14 +54,11 @@ def run_sft(
     model.train()
     gen = torch.Generator().manual_seed(config.seed)
     log = MetricsLog(out_dir / "metrics.jsonl")
-    order: list[int] = []
+    batches = ShuffledBatches(len(examples), cfg.batch_size, gen)
     loss_value = float("nan")
     with progress_bar("sft", total, show_progress) as bar:
         for step in range(1, total + 1):
-            if len(order) < cfg.batch_size:
-                order += torch.randperm(len(examples), generator=gen).tolist()
-            rows = [examples[i] for i in order[: cfg.batch_size]]
-            del order[: cfg.batch_size]
+            rows = [examples[i] for i in batches.next()]
             ids, attn = right_pad([r[0] for r in rows], tokenizer.pad_token_id)
             loss_mask, _ = right_pad([r[1] for r in rows], 0, width=ids.size(1))
             ids, attn, loss_mask = (t.to(accelerator.device) for t in (ids, attn, loss_mask))
@@ -62,10 +67,7 @@ def run_sft(
             ).logits
             loss = completion_nll(logits, ids, loss_mask)
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(accelerator, model, optimizer, scheduler)
             loss_value = loss.item()
             if step % 5 == 0 or step == total:
                 log.log(step, loss=loss_value, lr=scheduler.get_last_lr()[0])
