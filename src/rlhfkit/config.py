@@ -86,7 +86,7 @@ class PPOConfig(Section):
     ppo_epochs: int = Field(2, gt=0)
     lr: float = Field(1e-4, gt=0)
     critic_lr: float = Field(2e-4, gt=0)
-    kl_coef: float = Field(0.05, ge=0)
+    kl_coef: float = Field(0.1, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
