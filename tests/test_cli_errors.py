@@ -75,3 +75,31 @@ def test_stage_without_upstream_says_what_to_run(tmp_path):
     result = _run("ppo", "--out", str(tmp_path / "run"))
     assert result.exit_code != 0
     assert "rlhfkit sft" in _flat(result.output)
+
+
+def test_config_show_prints_resolved_yaml():
+    import yaml
+
+    result = _run("config", "show", "ppo", "--set", "ppo.kl_coef=0.2")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["ppo"]["kl_coef"] == 0.2
+    assert _run("config", "show", "ppx").exit_code != 0
+
+
+def test_feedback_export_unknown_project_and_format(tmp_path):
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    result = _run("feedback", "export", "--db", db, "--project", "nope", "--out", str(tmp_path / "x.jsonl"))
+    assert result.exit_code != 0 and "nope" in _flat(result.output)
+    result = _run(
+        "feedback",
+        "export",
+        "--db",
+        db,
+        "--project",
+        "p",
+        "--out",
+        str(tmp_path / "x.jsonl"),
+        "--format",
+        "csv",
+    )
+    assert result.exit_code != 0 and "--format 'csv'" in _flat(result.output)
