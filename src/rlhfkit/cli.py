@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -30,7 +30,7 @@ PresetOpt = Annotated[str, typer.Option(help=f"base settings: {', '.join(PRESETS
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     """Print `error: message` on stderr and exit with status 2."""
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
     raise typer.Exit(code=2)
@@ -41,7 +41,6 @@ def _load(config: Path | None, sets: list[str] | None, preset: str) -> RunConfig
         return load_config(config, sets or [], preset)
     except ConfigError as exc:
         _fail(str(exc))
-        raise  # unreachable; keeps type checkers calm
 
 
 def _run_stages(
@@ -66,7 +65,6 @@ def _run_stages(
             report = run.read_report()
     except (DataError, StageError, ValueError) as exc:
         _fail(str(exc))
-        return
     if report.get("eval", {}).get("policies"):
         console.print(summary_table(report))
         console.print(f"run directory: {out}  (report.json, report.html)")
@@ -136,7 +134,6 @@ def feedback_export(
         n = store.export_preferences(pid, out) if format_ == "trl-preference" else store.export_raw(pid, out)
     except KeyError as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))
-        return
     finally:
         store.close()
     console.print(f"wrote {n} rows to {out}")

@@ -109,7 +109,7 @@ class Run:
         return report
 
 
-def _prompts(run: Run, path: Path | None, fallback: list[str]) -> list[str]:
+def _prompts(path: Path | None, fallback: list[str]) -> list[str]:
     if path is None:
         return fallback
     return [_as_text(r.prompt) for r in read_records(path, "prompt")]
@@ -122,6 +122,23 @@ def _as_text(value: Any) -> Any:
 
 def _completion_text(value: Any) -> str:
     return value if isinstance(value, str) else value[-1].content
+
+
+def _preference_path(run: Run) -> Path:
+    """data.preferences if set, else the pairs the feedback stage exported."""
+    return Path(run.config.data.preferences or run.stage_dir("feedback") / "pairs.jsonl")
+
+
+def _read_pairs(path: Path) -> list[dict]:
+    """Validated preference pairs as {prompt, chosen, rejected} with plain-text completions."""
+    return [
+        {
+            "prompt": _as_text(r.prompt),
+            "chosen": _completion_text(r.chosen),
+            "rejected": _completion_text(r.rejected),
+        }
+        for r in read_records(path, "preference")
+    ]
 
 
 def stage_pretrain(run: Run) -> dict:
@@ -175,7 +192,7 @@ def stage_feedback(run: Run) -> dict:
         # A project that already has items was interrupted: keep its labels, label the rest.
         if not store.items(project):
             rng = random.Random(f"feedback-{run.config.seed}")
-            pool = _prompts(run, run.config.data.prompts, run.task.train_prompts)
+            pool = _prompts(run.config.data.prompts, run.task.train_prompts)
             prompts = [
                 pool[i % len(pool)] for i in rng.sample(range(max(cfg.n_prompts, len(pool))), cfg.n_prompts)
             ]
@@ -237,26 +254,19 @@ def stage_feedback(run: Run) -> dict:
 def stage_rm(run: Run) -> dict:
     from rlhfkit.train.rm import run_rm
 
-    path = run.config.data.preferences or run.stage_dir("feedback") / "pairs.jsonl"
-    if not Path(path).is_file() and run.config.data.preferences is None:
+    path = _preference_path(run)
+    if not path.is_file() and run.config.data.preferences is None:
         raise StageError(
             f"{path} not found: run `rlhfkit feedback simulate --out {run.dir}` first or set data.preferences"
         )
-    pairs = [
-        {
-            "prompt": _as_text(r.prompt),
-            "chosen": _completion_text(r.chosen),
-            "rejected": _completion_text(r.rejected),
-        }
-        for r in read_records(path, "preference")
-    ]
+    pairs = _read_pairs(path)
     return run_rm(run.config, run.model_path("sft"), pairs, run.stage_dir("rm"), run.show_progress)
 
 
 def stage_ppo(run: Run) -> dict:
     from rlhfkit.train.ppo import run_ppo
 
-    prompts = _prompts(run, run.config.data.prompts, run.task.train_prompts)
+    prompts = _prompts(run.config.data.prompts, run.task.train_prompts)
     return run_ppo(
         run.config,
         run.model_path("sft"),
@@ -271,7 +281,7 @@ def stage_eval(run: Run) -> dict:
     from rlhfkit.eval.evaluate import evaluate_policies, label_gold_agreement, reward_model_gold_accuracy
 
     cfg, watch = run.config.eval, Stopwatch()
-    prompts = _prompts(run, run.config.data.heldout_prompts, run.task.heldout_prompts)[: cfg.n_prompts]
+    prompts = _prompts(run.config.data.heldout_prompts, run.task.heldout_prompts)[: cfg.n_prompts]
     gold = resolve_gold(run.task) if run.task.gold else None
     policies = {"sft": run.model_path("sft")}
     if (run.stage_dir("ppo") / "model" / "config.json").is_file():
@@ -301,17 +311,9 @@ def stage_eval(run: Run) -> dict:
                 max_new_tokens=cfg.max_new_tokens,
             )
         )
-    pairs_path = run.config.data.preferences or run.stage_dir("feedback") / "pairs.jsonl"
-    if gold is not None and Path(pairs_path).is_file():
-        pairs = [
-            {
-                "prompt": _as_text(r.prompt),
-                "chosen": _completion_text(r.chosen),
-                "rejected": _completion_text(r.rejected),
-            }
-            for r in read_records(pairs_path, "preference")
-        ]
-        rm_report["gold_agreement"] = label_gold_agreement(pairs, gold)
+    pairs_path = _preference_path(run)
+    if gold is not None and pairs_path.is_file():
+        rm_report["gold_agreement"] = label_gold_agreement(_read_pairs(pairs_path), gold)
     (run.stage_dir("eval")).mkdir(parents=True, exist_ok=True)
     write_jsonl(run.stage_dir("eval") / "samples.jsonl", result["samples"])
     summary = {"wall_seconds": watch.seconds(), **result, "rm": rm_report}

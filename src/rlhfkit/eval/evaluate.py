@@ -116,7 +116,7 @@ def evaluate_policies(
                 "outputs": {
                     name: {
                         "text": texts[name][i],
-                        "gold": result[name].get("_gold", [None] * len(prompts))[i],
+                        "gold": result[name]["_gold"][i] if gold is not None else None,
                         "proxy": round(result[name]["_proxy"][i], 4),
                     }
                     for name in policies
