@@ -23,6 +23,7 @@ demo-fast: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/ensure-services.sh
+	bash scripts/ensure-browser.sh
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,3 +129,55 @@ def open_store(db_url: str, clock: FakeClock) -> Iterator[Callable[..., Any]]:
     yield _open
     for store in stores:
         store.close()
+
+
+CHROMIUM = os.environ.get("RLHFKIT_CHROMIUM", "/usr/bin/chromium")
+# Screenshots the browser tests save, for a person to look at after the run.
+SCREENSHOTS = Path(os.environ.get("RLHFKIT_SCREENSHOTS", "test-artifacts/screenshots"))
+
+
+def _skip_or_fail(reason: str) -> None:
+    """Skip on a user's machine; under CI (CI=true) a missing prerequisite is a failure."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium driven by Playwright (its own browser download cannot run here)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _skip_or_fail("playwright is not installed (pip install -e '.[dev]')")
+    if not Path(CHROMIUM).is_file():
+        _skip_or_fail(f"{CHROMIUM} not found: run scripts/ensure-browser.sh (apt-get install chromium)")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh browser page (own cookies) that records console errors in `page.console_errors`."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    new_page = context.new_page()
+    new_page.console_errors = []
+    new_page.on("console", lambda msg: msg.type == "error" and new_page.console_errors.append(msg.text))
+    new_page.on("pageerror", lambda exc: new_page.console_errors.append(str(exc)))
+    yield new_page
+    context.close()
+
+
+@pytest.fixture
+def screenshot_dir() -> Path:
+    """Where browser tests save their screenshots (test-artifacts/screenshots)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from rlhfkit.algos.bon import best_of_n_kl
 from rlhfkit.algos.kl import kl_estimate
 from rlhfkit.algos.masked import masked_mean, masked_var, masked_whiten
 from rlhfkit.algos.ppo import gae, kl_penalised_rewards, policy_loss, value_loss
@@ -135,3 +136,11 @@ def test_krippendorff_alpha_hand_computed():
     # Systematic disagreement is below chance.
     assert krippendorff_alpha_nominal({1: ["a", "b"], 2: ["b", "a"]}) < 0
     assert krippendorff_alpha_nominal({1: ["a"], 2: ["a", "a"]}) is None
+
+
+def test_best_of_n_kl_matches_formula_and_edges() -> None:
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(256) == pytest.approx(math.log(256) - 255 / 256)
+    with pytest.raises(ValueError, match="n must be"):
+        best_of_n_kl(0)
