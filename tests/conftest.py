@@ -67,7 +67,7 @@ def pg_schema() -> Iterator[tuple[Engine, str]]:
 
     Yields an engine whose search_path is that schema, and its URL; dropped at the end.
     """
-    from rlhfkit.feedback.store import Base
+    from rlhfkit.feedback.migrate import upgrade_database
 
     _require_postgres()
     schema = f"rlhfkit_test_{uuid.uuid4().hex[:12]}"
@@ -77,7 +77,8 @@ def pg_schema() -> Iterator[tuple[Engine, str]]:
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
-        Base.metadata.create_all(engine)
+        # The store's own migrations, as a FeedbackStore opening the schema would run them.
+        upgrade_database(engine)
         yield engine, url.render_as_string(hide_password=False)
     finally:
         engine.dispose()
@@ -156,7 +157,12 @@ def browser() -> Iterator[Any]:
         chromium = pw.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+            ],
         )
         try:
             yield chromium

@@ -8,7 +8,18 @@ import torch
 from rlhfkit.algos.bon import best_of_n_kl
 from rlhfkit.algos.kl import kl_estimate
 from rlhfkit.algos.masked import masked_mean, masked_var, masked_whiten
-from rlhfkit.algos.ppo import gae, kl_penalised_rewards, policy_loss, value_loss
+from rlhfkit.algos.ppo import (
+    a2c_policy_loss,
+    adaptive_kl_coef,
+    gae,
+    kl_loss,
+    kl_penalised_rewards,
+    policy_loss,
+    process_scores,
+    reward_normalisation,
+    running_moments_update,
+    value_loss,
+)
 from rlhfkit.algos.reward import bradley_terry_loss
 from rlhfkit.algos.sft import completion_nll
 
@@ -144,3 +155,99 @@ def test_best_of_n_kl_matches_formula_and_edges() -> None:
     assert best_of_n_kl(256) == pytest.approx(math.log(256) - 255 / 256)
     with pytest.raises(ValueError, match="n must be"):
         best_of_n_kl(0)
+
+
+def test_dual_clip_caps_negative_advantage_tokens():
+    old = torch.zeros(1, 2)
+    # ratio e^2 = 7.389 on a token with A = -1: PPO's loss is max(7.389, 1.2) = 7.389;
+    # dual clip c = 3 caps it at -c * A = 3. The positive-advantage token is unchanged.
+    new = torch.tensor([[2.0, 2.0]])
+    adv = torch.tensor([[-1.0, 1.0]])
+    mask = torch.ones(1, 2)
+    plain, _ = policy_loss(new, old, adv, mask, clip_eps=0.2)
+    dual, _ = policy_loss(new, old, adv, mask, clip_eps=0.2, dual_clip=3.0)
+    assert plain.item() == pytest.approx((math.exp(2.0) - 1.2) / 2, abs=1e-5)
+    assert dual.item() == pytest.approx((3.0 - 1.2) / 2, abs=1e-5)
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(new, old, adv, mask, dual_clip=1.0)
+
+
+def test_a2c_loss_is_advantage_weighted_log_likelihood():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    adv = torch.tensor([[0.5, -1.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss = a2c_policy_loss(logp, adv, mask)
+    assert loss.item() == pytest.approx(-(0.5 * -1.0 + -1.0 * -2.0) / 2)
+    loss.backward()
+    # The gradient is -A / n on valid tokens: the same as PPO's at ratio 1.
+    assert torch.allclose(logp.grad, torch.tensor([[-0.25, 0.5, 0.0]]))
+    ppo_logp = logp.detach().clone().requires_grad_(True)
+    policy_loss(ppo_logp, logp.detach(), adv, mask)[0].backward()
+    assert torch.allclose(ppo_logp.grad, logp.grad)
+
+
+def test_token_sum_normalisation_makes_accumulation_equal_one_batch():
+    torch.manual_seed(0)
+    logp = torch.randn(4, 5, requires_grad=True)
+    old, adv = torch.randn(4, 5), torch.randn(4, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]).float()
+    full, _ = policy_loss(logp, old, adv, mask)
+    (g_full,) = torch.autograd.grad(full, logp)
+    n = mask.sum().item()
+    parts = [
+        policy_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], n_tokens=n)[0]
+        for i in (0, 2)
+    ]
+    assert sum(p.item() for p in parts) == pytest.approx(full.item(), abs=1e-6)
+    (g_acc,) = torch.autograd.grad(sum(parts), logp)
+    assert torch.allclose(g_acc, g_full, atol=1e-7)
+
+
+def test_value_loss_without_clipping_is_half_squared_error():
+    values, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 1.0]])
+    loss, stats = value_loss(values, torch.zeros(1, 2), returns, torch.ones(1, 2), clip_range=None)
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 1.0) / 2)
+    assert stats["vf_clipfrac"] == 0.0
+
+
+def test_kl_loss_is_differentiable_k3_mean():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0]])
+    loss = kl_loss(logp, ref, torch.ones(1, 2), "k3")
+    # k3 at log r = -0.5: e^-0.5 - 1 + 0.5; at log r = 0: 0
+    assert loss.item() == pytest.approx((math.exp(-0.5) - 0.5) / 2, abs=1e-6)
+    loss.backward()
+    # d/dlogp [e^(ref - logp) - 1 - (ref - logp)] = 1 - e^(ref - logp)
+    assert logp.grad[0, 0].item() == pytest.approx((1 - math.exp(-0.5)) / 2, abs=1e-6)
+
+
+def test_adaptive_kl_controller_hand_computed():
+    # KL twice the target: error clipped to +0.2; beta *= 1 + 0.2 * 64 / 10000
+    assert adaptive_kl_coef(0.1, 12.0, 6.0, 10000, 64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    # KL 10% under target: error -0.1
+    assert adaptive_kl_coef(0.1, 5.4, 6.0, 100, 10) == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))
+    assert adaptive_kl_coef(0.1, 6.0, 6.0, 100, 10) == pytest.approx(0.1)
+
+
+def test_process_scores_normalises_penalises_and_clips():
+    raw = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    gain, bias = reward_normalisation(raw)
+    normed = process_scores(raw, gain=gain, bias=bias)
+    assert normed.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert normed.std().item() == pytest.approx(1.0, abs=1e-6)
+    has_eos = torch.tensor([True, False, True, False])
+    out = process_scores(raw, has_eos=has_eos, missing_eos_penalty=2.0, clip=4.0)
+    assert out.tolist() == [1.0, 1.0, 4.0, 4.0]  # 3-2, 5 clipped, 7-2=5 clipped
+    with pytest.raises(ValueError, match="has_eos"):
+        process_scores(raw, missing_eos_penalty=1.0)
+
+
+def test_running_moments_equal_batch_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(100) * 3 + 2
+    state = (0.0, 1.0, 0)
+    for chunk in x.split(17):
+        state = running_moments_update(state, chunk)
+    assert state[0] == pytest.approx(x.mean().item(), abs=1e-5)
+    assert state[1] == pytest.approx(x.var(unbiased=False).item(), abs=1e-4)
+    assert state[2] == 100

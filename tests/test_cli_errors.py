@@ -86,6 +86,23 @@ def test_config_show_prints_resolved_yaml():
     assert _run("config", "show", "ppx").exit_code != 0
 
 
+def test_config_show_ppo_is_commented_yaml_of_the_defaults():
+    import yaml
+
+    from rlhfkit.config import PPOConfig
+
+    result = _run("config", "show", "ppo")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert PPOConfig.model_validate(yaml.safe_load(result.stdout)["ppo"]) == PPOConfig()
+    keys = [i for i, line in enumerate(lines) if line.startswith("  ") and not line.strip().startswith("#")]
+    assert len(keys) == len(PPOConfig.model_fields)
+    # Every key has its meaning on the line above it.
+    assert all(lines[i - 1].strip().startswith("# ") for i in keys)
+    whole = _run("config", "show")
+    assert whole.exit_code == 0 and yaml.safe_load(whole.stdout)["ppo"]["kl_coef"] == PPOConfig().kl_coef
+
+
 def test_feedback_export_unknown_project_and_format(tmp_path):
     db = f"sqlite:///{tmp_path / 'f.db'}"
     result = _run("feedback", "export", "--db", db, "--project", "nope", "--out", str(tmp_path / "x.jsonl"))

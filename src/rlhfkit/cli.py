@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
-from rlhfkit.config import PRESETS, ConfigError, RunConfig, dump_config, load_config
+from rlhfkit.config import PRESETS, ConfigError, RunConfig, dump_commented, load_config
 from rlhfkit.data.io import DataError
 
 app = typer.Typer(
@@ -19,6 +21,8 @@ app = typer.Typer(
 feedback_app = typer.Typer(no_args_is_help=True, help="The feedback store: collect, export.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
 app.add_typer(feedback_app, name="feedback")
+feedback_user_app = typer.Typer(no_args_is_help=True, help="Users of the feedback service.")
+feedback_app.add_typer(feedback_user_app, name="user")
 app.add_typer(config_app, name="config")
 console = Console()
 # soft_wrap: an error naming a long path must stay on one line, greppable.
@@ -28,6 +32,9 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: KEY=VALUE, e.g. ppo.kl_coef=0.1")]
 PresetOpt = Annotated[str, typer.Option(help=f"base settings: {', '.join(PRESETS)}")]
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="continue from the stage's newest checkpoint (ppo) in --out")
+]
 
 
 def _fail(message: str) -> NoReturn:
@@ -51,18 +58,29 @@ def _run_stages(
     preset: str,
     no_progress: bool,
     reuse: bool,
+    resume: bool = False,
 ) -> None:
     from rlhfkit.eval.report import summary_table
     from rlhfkit.pipeline import Run, StageError, run_demo, run_stage
+    from rlhfkit.train.checkpoint import TrainingInterrupted
 
     cfg = _load(config, sets, preset)
     try:
-        run = Run(out, cfg, show_progress=not no_progress)
+        # The demo reuses finished stages and resumes an interrupted one.
+        run = Run(out, cfg, show_progress=not no_progress, resume=resume or reuse)
         if len(stage_names) > 1:
             report = run_demo(run, stage_names)
         else:
             run_stage(run, stage_names[0], reuse=reuse)
             report = run.read_report()
+    except TrainingInterrupted as exc:
+        again = "demo" if len(stage_names) > 1 else f"{exc.stage} --resume"
+        err_console.print(
+            f"[yellow]{escape(str(exc))}[/yellow]\ncontinue with: rlhfkit {again} --out {out}"
+            " (same --config/--set)",
+            highlight=False,
+        )
+        raise typer.Exit(code=130) from None
     except (DataError, StageError, ValueError) as exc:
         _fail(str(exc))
     if report.get("eval", {}).get("policies"):
@@ -77,8 +95,9 @@ def _stage_command(stage: str, doc: str) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/demo"),
         preset: PresetOpt = "default",
         no_progress: NoProgressOpt = False,
+        resume: ResumeOpt = False,
     ) -> None:
-        _run_stages((stage,), out, config, set_, preset, no_progress, reuse=False)
+        _run_stages((stage,), out, config, set_, preset, no_progress, reuse=False, resume=resume)
 
     command.__doc__ = doc
     app.command(stage)(command)
@@ -88,7 +107,142 @@ _stage_command("pretrain", "Train a tokenizer and pretrain a tiny causal LM from
 _stage_command("sft", "Supervised fine-tuning on demonstrations.")
 _stage_command("rm", "Train the reward model on preference pairs.")
 _stage_command("ppo", "Optimise the SFT policy against the reward model with PPO.")
-_stage_command("eval", "Judge the policies of a run; write report.json and report.html.")
+_stage_command("dpo", "Direct preference optimisation (DPO, IPO, conservative DPO) on the preference pairs.")
+_stage_command("kto", "KTO on thumbs-up/down data (data.unpaired, or derived from the preference pairs).")
+_stage_command("grpo", "GRPO / Dr. GRPO: G samples per prompt, group-relative advantages, no critic.")
+_stage_command("rloo", "RLOO (leave-one-out baseline) or REINFORCE++ (rloo.advantage=reinforce_pp).")
+_stage_command("bon", "Best-of-n from the SFT policy on held-out prompts, judged with its analytic KL.")
+_stage_command("expert_iter", "Expert iteration: fine-tune on the best of n samples, for a few rounds.")
+
+
+@app.command()
+def compare(
+    algos: Annotated[
+        str, typer.Option(help="comma-separated methods")
+    ] = "sft,bon,expert_iter,ppo,dpo,kto,grpo,rloo",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/compare"),
+    preset: PresetOpt = "default",
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Train each method from the same SFT model and feedback; judge all against SFT."""
+    from rlhfkit.compare import compare_table, parse_algos, run_compare
+    from rlhfkit.pipeline import Run, StageError
+
+    try:
+        names = parse_algos(algos)
+    except ValueError as exc:
+        _fail(str(exc))
+    cfg = _load(config, set_, preset)
+    try:
+        result = run_compare(Run(out, cfg, show_progress=not no_progress), names)
+    except (DataError, StageError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(compare_table(result))
+    console.print(f"wrote {out / 'compare.json'}")
+
+
+def _run_config(out: Path, config: Path | None) -> Path | None:
+    """The config a tool on an existing run uses: --config, else the run's own config.yaml."""
+    if config is None and (out / "config.yaml").is_file():
+        return out / "config.yaml"
+    return config
+
+
+@app.command("eval")
+def eval_command(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/demo"),
+    policies: Annotated[
+        str | None, typer.Option(help="comma-separated stage names (sft,ppo,dpo) or model folders")
+    ] = None,
+    judge: Annotated[str | None, typer.Option(help="gold, rm or llm (set eval.judge_model)")] = None,
+    reference: Annotated[str | None, typer.Option(help="policy the others are compared with")] = None,
+    ci: Annotated[str | None, typer.Option("--ci", help="win-rate interval: wilson or bootstrap")] = None,
+    preset: PresetOpt = "default",
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Judge the policies of a run; write report.json and report.html.
+
+    Without --config it reads the run's own config.yaml, so a run is judged as it was made.
+    """
+    sets = list(set_ or [])
+    if policies is not None:
+        names = [p.strip() for p in policies.split(",") if p.strip()]
+        if not names:
+            _fail("--policies is empty: give stage names or model folders, comma-separated")
+        sets.append(f"eval.policies={json.dumps(names)}")
+    for key, value in (("judge", judge), ("reference", reference), ("ci_method", ci)):
+        if value is not None:
+            sets.append(f"eval.{key}={json.dumps(value)}")
+    _run_stages(("eval",), out, _run_config(out, config), sets, preset, no_progress, reuse=False)
+
+
+@app.command()
+def overopt(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory with sft/ and rm/ models")] = Path(
+        "runs/demo"
+    ),
+    rm: Annotated[list[Path] | None, typer.Option("--rm", help="another proxy RM folder, repeatable")] = None,
+    checkpoint: Annotated[
+        list[Path] | None, typer.Option("--checkpoint", help="policy folder for the RL sweep (repeatable)")
+    ] = None,
+    preset: PresetOpt = "default",
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Reward over-optimisation: gold and proxy reward against sqrt(KL) for best-of-n and RL checkpoints."""
+    from rlhfkit.eval.evaluate import model_label
+    from rlhfkit.eval.overopt import run_overopt, saved_checkpoints, summary_rows
+    from rlhfkit.eval.report import write_html_report
+    from rlhfkit.pipeline import Run, StageError
+    from rlhfkit.tasks import resolve_gold
+    from rlhfkit.train.loop import Stopwatch, progress_bar
+
+    cfg = _load(_run_config(out, config), set_, preset)
+    ocfg, watch = cfg.overopt, Stopwatch()
+    try:
+        run = Run(out, cfg, show_progress=not no_progress)
+        if not run.task.gold:
+            _fail(f"task {run.task.name!r} has no gold utility: over-optimisation needs a gold judge")
+        reward_paths = {"rm": run.model_path("rm")}
+        for path in [*ocfg.reward_models, *(rm or [])]:
+            if not (Path(path) / "config.json").is_file():
+                _fail(f"--rm {path}: no saved model (config.json) there")
+            reward_paths[model_label(path)] = Path(path)
+        folders = list(checkpoint or ocfg.checkpoints) or saved_checkpoints(run.stage_dir("ppo"))
+        for path in folders:
+            if not (Path(path) / "config.json").is_file():
+                _fail(f"--checkpoint {path}: no saved model (config.json) there")
+        checkpoints = {Path(p).name: Path(p) for p in folders}
+        prompts = run.task.heldout_prompts[: ocfg.n_prompts]
+        total = len(prompts) * ocfg.samples_per_prompt
+        with progress_bar("best-of-n samples", total, enabled=not no_progress) as bar:
+            result = run_overopt(
+                run.stage_dir("overopt"),
+                run.model_path("sft"),
+                reward_paths,
+                checkpoints,
+                prompts,
+                resolve_gold(run.task),
+                samples_per_prompt=ocfg.samples_per_prompt,
+                seed=cfg.seed,
+                temperature=ocfg.temperature,
+                max_new_tokens=ocfg.max_new_tokens,
+                on_batch=lambda k: bar.advance(bar.task_ids[0], k),
+            )
+        result["wall_seconds"] = watch.seconds()
+        timing = {"overopt": {"wall_seconds": result["wall_seconds"]}}
+        report = run.update_report({"overopt": result, "stages": timing})
+        write_html_report(run.dir, report)
+    except (DataError, StageError, ValueError) as exc:
+        _fail(str(exc))
+    for line in summary_rows(result):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    console.print(f"plot: {result.get('plot')}  (and in {out / 'report.html'})", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -116,27 +270,277 @@ def feedback_simulate(
     _run_stages(("feedback",), out, config, set_, preset, True, reuse=False)
 
 
-@feedback_app.command("export")
-def feedback_export(
-    db: Annotated[str, typer.Option(help="database URL or SQLite file")],
-    project: Annotated[str, typer.Option(help="project name")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output JSONL file")],
-    format_: Annotated[str, typer.Option("--format", help="trl-preference or raw")] = "trl-preference",
-) -> None:
-    """Export a project's labels: aggregated TRL preference pairs, or every raw label."""
+def _open_store(db: str, durable: bool = True):
+    """A FeedbackStore on `db`, or a CLI error naming the problem."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from rlhfkit.feedback.store import FeedbackStore
 
-    if format_ not in ("trl-preference", "raw"):
-        _fail(f"--format {format_!r}: choose trl-preference or raw")
-    store = FeedbackStore(db)
     try:
-        pid = store.project_id(project)
-        n = store.export_preferences(pid, out) if format_ == "trl-preference" else store.export_raw(pid, out)
+        return FeedbackStore(db, durable=durable)
+    except (SQLAlchemyError, ValueError) as exc:
+        _fail(f"--db {db!r}: cannot open the feedback database: {str(exc).splitlines()[0]}")
+
+
+DbOpt = Annotated[str, typer.Option(help="database URL (postgresql://...) or SQLite file")]
+
+
+@feedback_app.command("export")
+def feedback_export(
+    db: DbOpt,
+    project: Annotated[str, typer.Option(help="project name")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output JSONL file")],
+    format_: Annotated[
+        str, typer.Option("--format", help="trl-preference, trl-unpaired, sft or raw")
+    ] = "trl-preference",
+) -> None:
+    """Export a project's labels as training data (excluded annotators and golden items left out)."""
+    from rlhfkit.feedback.exports import EXPORT_FORMATS
+
+    if format_ not in EXPORT_FORMATS:
+        _fail(f"--format {format_!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    store = _open_store(db)
+    try:
+        n = store.export(store.project_id(project), out, format_)
     except KeyError as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))
+    except ValueError as exc:
+        _fail(f"--format {format_}: {exc}")
     finally:
         store.close()
     console.print(f"wrote {n} rows to {out}")
+
+
+@feedback_app.command("serve")
+def feedback_serve(
+    db: Annotated[str, typer.Option(help="database URL or SQLite file")] = "feedback.db",
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    secure_cookies: Annotated[
+        bool, typer.Option("--secure-cookies", help="mark cookies Secure (behind an HTTPS proxy)")
+    ] = False,
+) -> None:
+    """Run the annotation web service (pages, JSON API, OpenAPI at /docs)."""
+    import uvicorn
+
+    from rlhfkit.feedback.app import create_app
+
+    store = _open_store(db)
+    if not store.users():
+        err_console.print("no users yet: create an admin with `rlhfkit feedback user add NAME --role admin`")
+    console.print(f"feedback service on http://{host}:{port}  (database: {store.url})")
+    try:
+        uvicorn.run(create_app(store, secure_cookies=secure_cookies), host=host, port=port, log_level="info")
+    finally:
+        store.close()
+
+
+@feedback_user_app.command("add")
+def feedback_user_add(
+    name: Annotated[str, typer.Argument(help="user name")],
+    role: Annotated[str, typer.Option(help="admin or annotator")] = "annotator",
+    db: Annotated[str, typer.Option(help="database URL or SQLite file")] = "feedback.db",
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from the first line of stdin")
+    ] = False,
+) -> None:
+    """Create a user who can log in to the feedback service."""
+    from rlhfkit.feedback.auth import check_password_rules
+    from rlhfkit.feedback.store import ROLES
+
+    if role not in ROLES:
+        _fail(f"--role {role!r}: choose admin or annotator")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        check_password_rules(password)
+    except ValueError as exc:
+        _fail(str(exc))
+    store = _open_store(db)
+    try:
+        store.add_user(name, role, password)
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+    console.print(f"created {role} {name!r}")
+
+
+@feedback_app.command("import")
+def feedback_import(
+    db: DbOpt,
+    project: Annotated[str, typer.Option(help="project name (created if missing, with --task-type)")],
+    file: Annotated[Path | None, typer.Option(help='JSONL of {"prompt", "completions": [...]}')] = None,
+    policy: Annotated[Path | None, typer.Option(help="checkpoint to sample completions from")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="with --policy: JSONL of {\"prompt\"}")] = None,
+    k: Annotated[int, typer.Option("-k", help="with --policy: completions per prompt")] = 2,
+    task_type: Annotated[str, typer.Option(help="task type of a new project")] = "comparison",
+    overlap: Annotated[int, typer.Option(help="annotators per item of a new project")] = 1,
+    guidelines: Annotated[Path | None, typer.Option(help="Markdown guidelines of a new project")] = None,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+) -> None:
+    """Add items to a project from a JSONL file, or by sampling a local policy checkpoint."""
+    from rlhfkit.data.io import read_records
+    from rlhfkit.feedback.importing import line_to_items, read_import_file, sample_items
+    from rlhfkit.feedback.store import TASK_TYPES, ItemError, validate_item
+
+    if (file is None) == (policy is None):
+        _fail("give either --file or --policy (with --prompts)")
+    if policy is not None and prompts is None:
+        _fail("--policy needs --prompts FILE")
+    if task_type not in TASK_TYPES:
+        _fail(f"--task-type {task_type!r}: choose one of {', '.join(TASK_TYPES)}")
+    if guidelines is not None and not guidelines.is_file():
+        _fail(f"--guidelines {guidelines}: file not found")
+    store = _open_store(db)
+    try:
+        try:
+            pid = store.project_id(project)
+        except KeyError:
+            text = guidelines.read_text(encoding="utf-8") if guidelines else ""
+            pid = store.create_project(project, task_type, text, overlap)
+        kind = store.project(pid).task_type
+        if file is not None:
+            items = read_import_file(file, kind, overlap)
+        else:
+            assert prompts is not None
+            texts = [record.prompt for record in read_records(prompts, "prompt")]
+            if not all(isinstance(t, str) for t in texts):
+                _fail(f"--prompts {prompts}: sampling takes plain-string prompts, not chat messages")
+            items = []
+            for row in sample_items(policy, texts, k, seed=seed):
+                items.extend(line_to_items(row, kind))
+            for index, item in enumerate(items):
+                validate_item(index, item, overlap, kind)
+        ids = store.add_items(pid, items)
+    except (DataError, ItemError, ValueError) as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+    console.print(f"imported {len(ids)} items into project {project!r} ({kind})")
+
+
+@feedback_app.command("aggregate")
+def feedback_aggregate(
+    db: Annotated[str, typer.Option(help="database URL or SQLite file")],
+    project: Annotated[str, typer.Option(help="project name")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output JSONL file of TRL pairs")],
+    method: Annotated[str, typer.Option(help="mv, wawa, ds, mace, bt or noisy_bt")] = "ds",
+    seed: Annotated[int, typer.Option(help="seed of the randomised methods (MACE, noisy BT)")] = 0,
+) -> None:
+    """Aggregate a project's labels into TRL pairs with a margin (2 * confidence - 1)."""
+    from rlhfkit.crowd.aggregate import METHODS, aggregate, preference_rows
+    from rlhfkit.data.io import write_jsonl
+    from rlhfkit.feedback.store import FeedbackStore
+
+    if method not in METHODS:
+        _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    store = FeedbackStore(db)
+    try:
+        pid = store.project_id(project)
+        items = {item.item_id: item for item in store.items(pid)}
+        # Golden items and excluded annotators stay out of training data, as in every export.
+        labels = store.labels(pid, include_golden=False, include_excluded=False)
+        aggregates = aggregate(labels, method, seed=seed, items=items)
+        rows = preference_rows(items, aggregates, f"feedback:{project}", method)
+    except KeyError as exc:
+        _fail(str(exc.args[0]) if exc.args else str(exc))
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+    n = write_jsonl(out, rows)
+    undecided = sum(agg.winner is None for agg in aggregates.values())
+    console.print(
+        f"{method}: {len(aggregates)} items from {len(labels)} labels, {undecided} without a winner; "
+        f"wrote {n} pairs to {out}"
+    )
+
+
+@feedback_app.command("quality")
+def feedback_quality(
+    db: Annotated[str, typer.Option(help="database URL or SQLite file")],
+    project: Annotated[str, typer.Option(help="project name")],
+    threshold: Annotated[float, typer.Option(help="flag annotators whose skill is below this")] = 0.6,
+    method: Annotated[str, typer.Option(help="aggregate that skill is measured against")] = "ds",
+    exclude_flagged: Annotated[
+        bool, typer.Option("--exclude-flagged", help="exclude flagged annotators from exports")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="seed of MACE's spam estimate")] = 0,
+) -> None:
+    """Agreement and per-annotator quality (skill, speed, position bias, spam); flag the weak ones."""
+    from rich.table import Table
+
+    from rlhfkit.crowd.aggregate import METHODS, aggregate
+    from rlhfkit.crowd.quality import agreement_by_level, annotator_quality, mace_spam_probability
+    from rlhfkit.feedback.store import FeedbackStore
+
+    if not 0.0 <= threshold <= 1.0:
+        _fail(f"--threshold {threshold}: must be in [0, 1]")
+    if method not in METHODS:
+        _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    store = FeedbackStore(db)
+    try:
+        pid = store.project_id(project)
+        task_type = store.project(pid).task_type
+        items = {item.item_id: item for item in store.items(pid)}
+        labels = store.labels(pid)
+        work = [lb for lb in labels if not lb.is_golden]
+        alphas = agreement_by_level(work)
+        by_type = agreement_by_level(
+            lb
+            for p in store.projects()
+            if p.task_type == task_type
+            for lb in store.labels(p.project_id, include_golden=False)
+        )
+        pairwise = [lb for lb in work if lb.kind in ("comparison", "ranking")]
+        aggregates = aggregate(pairwise, method, seed=seed, items=items) if pairwise else {}
+        spam = mace_spam_probability(work, seed=seed)
+        report = annotator_quality(labels, aggregates, spam, threshold)
+        flagged = [q.annotator for q in report if q.flagged]
+        if exclude_flagged:
+            for name in flagged:
+                store.exclude_annotator(name)
+    except KeyError as exc:
+        _fail(str(exc.args[0]) if exc.args else str(exc))
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+
+    def shown(value: float | None, form: str = ".2f") -> str:
+        return "-" if value is None else format(value, form)
+
+    console.print(
+        f"project {project!r} ({task_type}): {len(work)} labels, Krippendorff's alpha "
+        + ", ".join(f"{level} {shown(a, '.3f')}" for level, a in alphas.items())
+        + f"; all {task_type} projects: "
+        + ", ".join(f"{level} {shown(a, '.3f')}" for level, a in by_type.items()),
+        highlight=False,
+    )
+    table = Table(title=f"annotators (skill vs {method} aggregate or golden items; threshold {threshold})")
+    for column in ("annotator", "labels", "skill", "golden", "agree", "s/label", "left", "spam", "flags"):
+        table.add_column(column, justify="left" if column in ("annotator", "flags") else "right")
+    for q in report:
+        table.add_row(
+            q.annotator,
+            str(q.n_labels),
+            shown(q.skill),
+            "-" if q.golden_accuracy is None else f"{q.golden_accuracy:.2f} ({q.n_golden})",
+            "-" if q.aggregate_agreement is None else f"{q.aggregate_agreement:.2f} ({q.n_overlapped})",
+            shown(q.seconds_per_label, ".1f"),
+            shown(q.left_share),
+            shown(q.spam_probability),
+            "[red]" + escape("; ".join(q.flags)) + "[/red]" if q.flags else "",
+        )
+    console.print(table)
+    if flagged:
+        action = "excluded from exports" if exclude_flagged else "use --exclude-flagged to leave them out"
+        console.print(f"flagged: {', '.join(flagged)} ({action})", highlight=False)
+    else:
+        console.print("no annotator flagged")
 
 
 @config_app.command("show")
@@ -146,17 +550,20 @@ def config_show(
     set_: SetOpt = None,
     preset: PresetOpt = "default",
 ) -> None:
-    """Print the resolved config as YAML (all of it, or one section)."""
-    import yaml
-
+    """Print the resolved config as YAML, each key with its meaning as a comment."""
     cfg = _load(config, set_, preset)
     if section is None:
-        sys.stdout.write(dump_config(cfg))
+        sys.stdout.write(dump_commented(cfg))
         return
-    data = cfg.model_dump(mode="json")
-    if section not in data:
-        _fail(f"unknown config section {section!r} (choose: {', '.join(data)})")
-    sys.stdout.write(yaml.safe_dump({section: data[section]}, sort_keys=False))
+    value = getattr(cfg, section, None) if section in RunConfig.model_fields else None
+    if value is None:
+        _fail(f"unknown config section {section!r} (choose: {', '.join(RunConfig.model_fields)})")
+    if not isinstance(value, BaseModel):  # a top-level scalar such as `seed`
+        sys.stdout.write(f"{section}: {value}\n")
+        return
+    doc = (type(value).__doc__ or "").strip()
+    header = "".join(f"# {line.strip()}\n" for line in doc.splitlines() if line.strip())
+    sys.stdout.write(header + f"{section}:\n" + dump_commented(value, 1))
 
 
 @app.callback()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -40,6 +40,9 @@ class DataConfig(Section):
     heldout_prompts: Path | None = Field(None, description="JSONL of {prompt} for evaluation")
     demonstrations: Path | None = Field(None, description="JSONL of {prompt, completion} for SFT")
     preferences: Path | None = Field(None, description="JSONL of {prompt, chosen, rejected} for the RM")
+    unpaired: Path | None = Field(
+        None, description="JSONL of {prompt, completion, label} for KTO; unset = derived from the pairs"
+    )
 
 
 class PretrainConfig(Section):
@@ -68,6 +71,9 @@ class FeedbackConfig(Section):
     overlap_share: float = Field(0.3, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(48, gt=0)
+    pool: Path | None = Field(
+        None, description="simulated annotator pool YAML (see crowd/pools); unset = the default pool"
+    )
 
 
 class RMConfig(Section):
@@ -77,26 +83,119 @@ class RMConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     val_share: float = Field(0.1, ge=0, lt=1, description="share of pairs kept for validation")
     max_length: int = Field(128, gt=8)
+    soft_labels: Literal["none", "margin", "smoothing"] = Field(
+        "none", description="use a pair's margin (2*confidence-1) as a BT margin or as label smoothing"
+    )
+
+
+class RewardSpec(Section):
+    """One term of a programmable reward: weight * fn(prompts, responses, **kwargs)."""
+
+    fn: str = Field(
+        description="built-in (reward_model, top5_format, length_penalty, repetition_penalty) "
+        "or 'module:function' called as fn(prompts, responses, **kwargs) -> list[float]"
+    )
+    weight: float = Field(1.0, allow_inf_nan=False, description="multiplies this term in the sum")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to fn")
 
 
 class PPOConfig(Section):
+    """PPO / A2C against the reward model. Each detail of "The N Implementation Details of RLHF
+    with PPO" is one switch here, named where it happens in rlhfkit/algos/ppo.py."""
+
+    algorithm: Literal["ppo", "a2c"] = Field(
+        "ppo", description="ppo: clipped ratio, several epochs; a2c: one on-policy step per rollout"
+    )
     steps: int = Field(60, ge=0, description="rollout/update iterations")
-    rollout_batch: int = Field(64, gt=0, description="prompts per rollout")
-    minibatch: int = Field(16, gt=0)
-    ppo_epochs: int = Field(2, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    critic_lr: float = Field(2e-4, gt=0)
-    kl_coef: float = Field(0.1, ge=0)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    clip_eps: float = Field(0.2, gt=0)
-    clip_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.5, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    whiten_advantages: bool = True
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(48, gt=0)
+    rollout_batch: int = Field(64, gt=0, description="prompts sampled per iteration")
+    minibatch: int = Field(16, gt=0, description="rows per optimiser step (a2c: per micro-batch)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per mini-batch (memory; same gradient)")
+    ppo_epochs: int = Field(2, gt=0, description="passes over each rollout (ppo only)")
+    target_kl: float | None = Field(
+        None, gt=0, description="stop an iteration's epochs once approx-KL(old||new) exceeds this"
+    )
+    # Optimisation
+    lr: float = Field(1e-4, gt=0, description="policy learning rate")
+    critic_lr: float = Field(2e-4, gt=0, description="critic learning rate (separate critic)")
+    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon (1e-5, as OpenAI's baselines)")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="decay after warm-up, to 0 at the last step"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear LR warm-up iterations")
+    max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
+    freeze_layers: int = Field(
+        0, ge=0, description="freeze the N lowest transformer blocks (and untied input embeddings)"
+    )
+    # Critic
+    critic: Literal["separate", "shared"] = Field(
+        "separate",
+        description="separate: value model initialised from the reward model; shared: head on policy",
+    )
+    vf_coef: float = Field(0.5, gt=0, description="weight of the value loss")
+    clip_value: float | None = Field(
+        0.2, gt=0, description="value clipping range around old values; null: off"
+    )
+    # KL to the reference (the SFT policy)
+    kl_coef: float = Field(
+        0.1, ge=0, description="beta in r = score - beta * KL (initial value if adaptive)"
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator")
+    kl_mode: Literal["reward", "loss"] = Field(
+        "reward", description="reward: per-token penalty in the reward; loss: a KL term in the policy loss"
+    )
+    kl_target: float | None = Field(
+        None, gt=0, description="adaptive controller target KL (nats per response); null: fixed kl_coef"
+    )
+    kl_horizon: int = Field(10000, gt=0, description="adaptive controller horizon, in samples")
+    # Reward
+    reward_norm: bool = Field(True, description="gain/bias so SFT samples score mean 0, std 1")
+    reward_norm_samples: int = Field(256, gt=1, description="SFT samples used to fit the gain/bias")
+    reward_scaling: bool = Field(False, description="divide scores by their running std")
+    reward_clip: float | None = Field(None, gt=0, description="clamp scores to [-c, c]; null: off")
+    whiten_rewards: bool = Field(False, description="whiten per-token rewards over the batch (scale only)")
+    missing_eos_penalty: float | None = Field(
+        1.0, ge=0, description="subtracted from the score of responses with no EOS; null: off"
+    )
+    response_mode: Literal["eos", "fixed"] = Field(
+        "eos", description="eos: stop at EOS; fixed: always max_new_tokens tokens (EOS suppressed)"
+    )
+    # Advantages and policy loss
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    whiten_advantages: Literal["batch", "minibatch", "none"] = Field(
+        "batch", description="advantage whitening over the rollout, per mini-batch, or none"
+    )
+    clip_eps: float = Field(0.2, gt=0, description="policy ratio clip")
+    dual_clip: float | None = Field(
+        None, gt=1, description="dual-clip constant c > 1 (Ye et al. 2020); null: off"
+    )
+    ent_coef: float = Field(0.0, ge=0, description="entropy bonus weight")
+    ptx_coef: float = Field(
+        0.0, ge=0, description="PPO-ptx: weight of the pretraining LM loss on the task's corpus"
+    )
+    ptx_batch: int = Field(8, gt=0, description="pretraining blocks per mini-batch (PPO-ptx)")
+    extra_rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="programmable reward terms added to the normalised RM score (verifiable, penalties)",
+    )
+    # Sampling: the same temperature divides the logits at rollout and in training.
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (also applied in training)")
+    max_new_tokens: int = Field(48, gt=0, description="response length limit")
+    # Checkpoints
+    save_every: int = Field(10, ge=0, description="checkpoint every N iterations (0: only at the end)")
+    keep_states: int = Field(
+        1, ge=1, description="newest checkpoints keeping optimiser/RNG state; older keep only weights"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOConfig:
+        if self.minibatch % self.grad_accum:
+            raise ValueError(f"minibatch {self.minibatch} is not divisible by grad_accum {self.grad_accum}")
+        if self.algorithm == "ppo" and self.rollout_batch % self.minibatch:
+            raise ValueError(
+                f"rollout_batch {self.rollout_batch} is not divisible by minibatch {self.minibatch}"
+            )
+        return self
 
 
 class EvalConfig(Section):
@@ -105,6 +204,143 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(48, gt=0)
     heldout_pairs: int = Field(400, ge=0, description="gold-labelled pairs for RM accuracy")
     n_samples: int = Field(8, ge=0, description="sample outputs shown in the report")
+    policies: list[str] = Field(
+        default_factory=list,
+        description="stage names (sft, ppo, dpo, ...) or model folders; empty = sft and every trained policy",
+    )
+    reference: str | None = Field(None, description="policy the others are compared with; unset = the first")
+    judge: Literal["gold", "rm", "llm"] = Field("gold", description="who decides the win rate")
+    judge_model: str | None = Field(None, description="model folder or hub id of the LLM judge (judge: llm)")
+    ci_method: Literal["wilson", "bootstrap"] = Field("wilson", description="win-rate 95% interval")
+    references: Path | None = Field(
+        None, description="JSONL of {prompt, completion}: reference answers for ROUGE-L/BLEU"
+    )
+
+
+class OveroptConfig(Section):
+    n_prompts: int = Field(24, gt=0, description="held-out prompts of the best-of-n sweep")
+    samples_per_prompt: int = Field(256, ge=2, description="N: best-of-n is estimated for every n <= N")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    reward_models: list[Path] = Field(
+        default_factory=list, description="more proxy RM folders (another size or data amount) besides rm/"
+    )
+    checkpoints: list[Path] = Field(
+        default_factory=list, description="policy folders for the RL sweep; empty = RUN/ppo/checkpoints/*"
+    )
+
+
+def _reward_model_only() -> list[RewardSpec]:
+    return [RewardSpec(fn="reward_model")]
+
+
+class DPOConfig(Section):
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid = DPO, ipo = IPO")
+    beta: float = Field(0.1, gt=0, description="inverse temperature of the implicit reward")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="assumed label-flip rate: > 0 is conservative DPO (sigmoid only)"
+    )
+    precompute_reference: bool = Field(
+        True, description="reference log-probs computed once before training (else live each batch)"
+    )
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, gt=0, description="pairs per step")
+    lr: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(128, gt=8, description="prompt + response tokens")
+
+
+class KTOConfig(Section):
+    beta: float = Field(0.1, gt=0, description="inverse temperature of the implicit reward")
+    desirable_weight: float = Field(1.0, gt=0, description="lambda_D, weight of thumbs-up examples")
+    undesirable_weight: float = Field(1.0, gt=0, description="lambda_U, weight of thumbs-down examples")
+    precompute_reference: bool = Field(
+        True, description="reference log-probs computed once before training (else live each batch)"
+    )
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, gt=0, description="examples per step (>= 2: KL uses mismatched pairs)")
+    lr: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(128, gt=8, description="prompt + response tokens")
+
+
+class CriticFreeConfig(Section):
+    """What GRPO, RLOO and REINFORCE++ share: sampling G responses per prompt, clipped updates."""
+
+    steps: int = Field(40, ge=0, description="sample/update iterations")
+    prompts_per_step: int = Field(8, gt=0)
+    group_size: int = Field(4, ge=2, description="G: responses sampled per prompt")
+    update_epochs: int = Field(1, gt=0, description="passes over each batch of samples")
+    minibatch: int = Field(16, gt=0, description="responses per gradient step")
+    lr: float = Field(5e-5, gt=0)
+    clip_eps: float = Field(0.2, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    rewards: list[RewardSpec] = Field(
+        default_factory=_reward_model_only, min_length=1, description="weighted reward terms, summed"
+    )
+
+
+class GRPOConfig(CriticFreeConfig):
+    kl_coef: float = Field(0.04, ge=0, description="beta of the k3 KL loss term")
+    scale_rewards: bool = Field(True, description="divide by the group std (false: Dr. GRPO)")
+    loss_normalisation: Literal["sequence", "token", "constant"] = Field(
+        "sequence", description="sequence = GRPO, token = DAPO, constant = Dr. GRPO (sum / max_new_tokens)"
+    )
+
+
+class RLOOConfig(CriticFreeConfig):
+    advantage: Literal["rloo", "reinforce_pp"] = Field(
+        "rloo", description="rloo = leave-one-out baseline; reinforce_pp = REINFORCE++ (batch-whitened)"
+    )
+    kl_coef: float = Field(0.05, ge=0, description="beta of the KL penalty inside the reward")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+
+
+class BestOfNConfig(Section):
+    n: int = Field(8, ge=1, description="samples per prompt; the best under the rewards is kept")
+    rewards: list[RewardSpec] = Field(default_factory=_reward_model_only, min_length=1)
+
+
+class ExpertIterConfig(Section):
+    rounds: int = Field(2, ge=1, description="sample best-of-n, fine-tune, repeat")
+    n: int = Field(8, ge=2, description="samples per prompt")
+    n_prompts: int = Field(256, gt=0, description="training prompts sampled per round")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    epochs: float = Field(1.0, gt=0, description="fine-tuning epochs over each round's best samples")
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    rewards: list[RewardSpec] = Field(default_factory=_reward_model_only, min_length=1)
+
+
+class LoopConfig(Section):
+    """Online iterated RLHF (`rlhfkit loop`): sampling, labelling, RM and PPO settings come from
+    the feedback, rm and ppo sections; these say how many rounds and how each round collects."""
+
+    rounds: int = Field(3, ge=1, description="rounds; round 1 is the demo's feedback, rm and ppo stages")
+    prompts_per_round: int | None = Field(
+        None, gt=0, description="prompts sampled from the current policy a round; unset = feedback.n_prompts"
+    )
+    ppo_steps: int | None = Field(None, ge=0, description="PPO iterations of rounds 2..N; unset = ppo.steps")
+    aggregate: Literal["mv", "wawa", "ds", "mace", "bt", "noisy_bt"] = Field(
+        "mv", description="how each round's labels become pairs (see `rlhfkit feedback aggregate`)"
+    )
+    annotators: Literal["simulated", "human"] = Field(
+        "simulated", description="simulated: the feedback.pool labels each round; human: wait for people"
+    )
+    feedback_url: str | None = Field(
+        None, description="feedback service URL (http://host:port); unset = the run's feedback store"
+    )
+    feedback_user: str = Field(
+        "admin", description="admin user on the service; its password is read from RLHFKIT_FEEDBACK_PASSWORD"
+    )
+    label_timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's labels")
+    poll_seconds: float = Field(5.0, gt=0, description="seconds between two looks at labelling progress")
+    min_complete: float = Field(
+        1.0, gt=0, le=1, description="share of a round's items that must have all their labels"
+    )
 
 
 class RunConfig(Section):
@@ -117,6 +353,14 @@ class RunConfig(Section):
     rm: RMConfig = RMConfig()
     ppo: PPOConfig = PPOConfig()
     eval: EvalConfig = EvalConfig()
+    overopt: OveroptConfig = OveroptConfig()
+    dpo: DPOConfig = DPOConfig()
+    kto: KTOConfig = KTOConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    rloo: RLOOConfig = RLOOConfig()
+    bon: BestOfNConfig = BestOfNConfig()
+    expert_iter: ExpertIterConfig = ExpertIterConfig()
+    loop: LoopConfig = LoopConfig()
 
 
 # Sized so `rlhfkit demo --preset fast` finishes in about three minutes on 2 CPU cores.
@@ -228,3 +472,24 @@ def load_config(
 def dump_config(config: RunConfig) -> str:
     """The fully resolved config as YAML (what RUN/config.yaml holds)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def dump_commented(model: BaseModel, indent: int = 0) -> str:
+    """A config (or one section) as YAML with each field's description as a comment above it."""
+    pad = "  " * indent
+    lines: list[str] = []
+    data = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            doc = (type(value).__doc__ or "").strip()
+            if doc:
+                lines += [f"{pad}# {line.strip()}" for line in doc.splitlines() if line.strip()]
+            lines.append(f"{pad}{name}:")
+            lines.append(dump_commented(value, indent + 1).rstrip("\n"))
+            continue
+        if field.description:
+            lines.append(f"{pad}# {field.description}")
+        dumped = yaml.safe_dump({name: data[name]}, sort_keys=False, default_flow_style=True, width=10_000)
+        lines.append(pad + dumped.strip().removeprefix("{").removesuffix("}"))
+    return "\n".join(lines) + "\n"

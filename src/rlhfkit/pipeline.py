@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from rlhfkit.config import RunConfig, dump_config
+from rlhfkit.config import FeedbackConfig, RunConfig, dump_config
 from rlhfkit.data.io import read_records, write_jsonl
 from rlhfkit.tasks import Task, load_task, resolve_gold
 from rlhfkit.train.loop import Stopwatch
@@ -34,6 +34,26 @@ _SECTIONS = {
     "ppo": ("ppo",),
     "eval": ("eval",),
 }
+# Method stages outside the demo (issue 4), each with the last demo stage it builds on:
+# dpo/kto need the SFT model and the feedback pairs, the online methods the reward model.
+METHOD_STAGES = {
+    "dpo": "feedback",
+    "kto": "feedback",
+    "grpo": "rm",
+    "rloo": "rm",
+    "bon": "rm",
+    "expert_iter": "rm",
+}
+_SECTIONS.update(
+    {
+        "dpo": ("dpo",),
+        "kto": ("kto",),
+        "grpo": ("grpo",),
+        "rloo": ("rloo",),
+        "bon": ("bon", "eval"),  # best-of-n is judged on the eval prompts with the eval settings
+        "expert_iter": ("expert_iter",),
+    }
+)
 
 console = Console()
 
@@ -45,10 +65,12 @@ class StageError(RuntimeError):
 class Run:
     """A run directory and the config it runs with."""
 
-    def __init__(self, out: Path, config: RunConfig, show_progress: bool = True):
+    def __init__(self, out: Path, config: RunConfig, show_progress: bool = True, resume: bool = False):
         self.dir = Path(out)
         self.config = config
         self.show_progress = show_progress
+        # Continue an interrupted stage from its newest checkpoint (stages that checkpoint: ppo).
+        self.resume = resume
         self._task: Task | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
@@ -74,8 +96,11 @@ class Run:
     def fingerprint(self, stage: str) -> str:
         cfg = self.config.model_dump(mode="json")
         sections: list[str] = []
-        for s in STAGES[: STAGES.index(stage) + 1]:
+        upstream = METHOD_STAGES.get(stage, stage)
+        for s in STAGES[: STAGES.index(upstream) + 1]:
             sections += _SECTIONS[s]
+        if stage in METHOD_STAGES:
+            sections += _SECTIONS[stage]
         blob = json.dumps({k: cfg[k] for k in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -130,12 +155,13 @@ def _preference_path(run: Run) -> Path:
 
 
 def _read_pairs(path: Path) -> list[dict]:
-    """Validated preference pairs as {prompt, chosen, rejected} with plain-text completions."""
+    """Validated preference pairs as {prompt, chosen, rejected, margin} with plain-text completions."""
     return [
         {
             "prompt": _as_text(r.prompt),
             "chosen": _completion_text(r.chosen),
             "rejected": _completion_text(r.rejected),
+            "margin": r.margin,
         }
         for r in read_records(path, "preference")
     ]
@@ -167,14 +193,56 @@ def stage_sft(run: Run) -> dict:
     return run_sft(run.config, init, demos, run.stage_dir("sft"), run.show_progress)
 
 
-def stage_feedback(run: Run) -> dict:
-    """Sample from the SFT policy, collect simulated comparisons in the store, export pairs."""
-    from rlhfkit.crowd.agreement import krippendorff_alpha_nominal
-    from rlhfkit.crowd.simulate import default_pool, simulate_annotation
-    from rlhfkit.feedback.store import FeedbackStore
+def comparison_items(
+    policy_path: Path, prompts: list, cfg: FeedbackConfig, seed: int, rng: random.Random, policy: str
+) -> list[dict]:
+    """Comparison items for the store: `cfg.completions_per_prompt` samples of the policy per prompt.
+
+    The first two responses are compared; prompts whose samples are all identical are left out;
+    `rng` draws which items get `cfg.overlap` annotators. `policy` names the sampler in the meta.
+    """
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.models.tokenizer import prompt_token_ids
     from rlhfkit.rollout.generate import sample_responses
+
+    tokenizer, model = load_tokenizer(policy_path), load_causal_lm(policy_path)
+    ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+    torch.manual_seed(seed)
+    samples = [
+        tokenizer.batch_decode(
+            sample_responses(
+                model,
+                ids,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+            ),
+            skip_special_tokens=True,
+        )
+        for _ in range(cfg.completions_per_prompt)
+    ]
+    items = []
+    for i, prompt in enumerate(prompts):
+        responses = [s[i] for s in samples]
+        if len(set(responses)) < 2:
+            continue  # identical samples: nothing to compare
+        items.append(
+            {
+                "prompt": prompt,
+                "responses": responses[:2],
+                "overlap": cfg.overlap if rng.random() < cfg.overlap_share else 1,
+                "meta": {"policy": policy},
+            }
+        )
+    return items
+
+
+def stage_feedback(run: Run) -> dict:
+    """Sample from the SFT policy, collect simulated comparisons in the store, export pairs."""
+    from rlhfkit.crowd.agreement import krippendorff_alpha_nominal
+    from rlhfkit.crowd.simulate import default_pool, load_pool, simulate_annotation
+    from rlhfkit.feedback.store import FeedbackStore
 
     cfg, watch = run.config.feedback, Stopwatch()
     out = run.stage_dir("feedback")
@@ -196,40 +264,11 @@ def stage_feedback(run: Run) -> dict:
             prompts = [
                 pool[i % len(pool)] for i in rng.sample(range(max(cfg.n_prompts, len(pool))), cfg.n_prompts)
             ]
-            policy_path = run.model_path("sft")
-            tokenizer, policy = load_tokenizer(policy_path), load_causal_lm(policy_path)
-            ids = [prompt_token_ids(tokenizer, p) for p in prompts]
-            torch.manual_seed(run.config.seed)
-            samples = [
-                tokenizer.batch_decode(
-                    sample_responses(
-                        policy,
-                        ids,
-                        eos_id=tokenizer.eos_token_id,
-                        pad_id=tokenizer.pad_token_id,
-                        max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.temperature,
-                    ),
-                    skip_special_tokens=True,
-                )
-                for _ in range(cfg.completions_per_prompt)
-            ]
-            items = []
-            for i, prompt in enumerate(prompts):
-                responses = [s[i] for s in samples]
-                if len(set(responses)) < 2:
-                    continue  # identical samples: nothing to compare
-                items.append(
-                    {
-                        "prompt": prompt,
-                        "responses": responses[:2],
-                        "overlap": cfg.overlap if rng.random() < cfg.overlap_share else 1,
-                        "meta": {"policy": "sft"},
-                    }
-                )
+            items = comparison_items(run.model_path("sft"), prompts, cfg, run.config.seed, rng, "sft")
             store.add_items(project, items)
         gold = resolve_gold(run.task)
-        stats = simulate_annotation(store, project, default_pool(), gold, seed=run.config.seed)
+        annotators = load_pool(cfg.pool) if cfg.pool is not None else default_pool()
+        stats = simulate_annotation(store, project, annotators, gold, seed=run.config.seed)
         labels = store.labels(project)
         by_item: dict[int, list] = {}
         for label in labels:
@@ -254,12 +293,7 @@ def stage_feedback(run: Run) -> dict:
 def stage_rm(run: Run) -> dict:
     from rlhfkit.train.rm import run_rm
 
-    path = _preference_path(run)
-    if not path.is_file() and run.config.data.preferences is None:
-        raise StageError(
-            f"{path} not found: run `rlhfkit feedback simulate --out {run.dir}` first or set data.preferences"
-        )
-    pairs = _read_pairs(path)
+    pairs = _training_pairs(run)
     return run_rm(run.config, run.model_path("sft"), pairs, run.stage_dir("rm"), run.show_progress)
 
 
@@ -267,6 +301,8 @@ def stage_ppo(run: Run) -> dict:
     from rlhfkit.train.ppo import run_ppo
 
     prompts = _prompts(run.config.data.prompts, run.task.train_prompts)
+    if run.config.ppo.ptx_coef > 0 and not run.task.corpus:
+        raise StageError(f"ppo.ptx_coef > 0 needs a pretraining corpus; task {run.task.name!r} has none")
     return run_ppo(
         run.config,
         run.model_path("sft"),
@@ -274,50 +310,183 @@ def stage_ppo(run: Run) -> dict:
         prompts,
         run.stage_dir("ppo"),
         run.show_progress,
+        ptx_corpus=run.task.corpus if run.config.ppo.ptx_coef > 0 else None,
+        resume=run.resume,
+        fingerprint=run.fingerprint("ppo"),
     )
 
 
 def stage_eval(run: Run) -> dict:
-    from rlhfkit.eval.evaluate import evaluate_policies, label_gold_agreement, reward_model_gold_accuracy
+    from rlhfkit.eval import evaluate
+    from rlhfkit.eval.rm_bench import rm_benchmark, seen_topic_subset
 
     cfg, watch = run.config.eval, Stopwatch()
     prompts = _prompts(run.config.data.heldout_prompts, run.task.heldout_prompts)[: cfg.n_prompts]
     gold = resolve_gold(run.task) if run.task.gold else None
-    policies = {"sft": run.model_path("sft")}
-    if (run.stage_dir("ppo") / "model" / "config.json").is_file():
-        policies["ppo"] = run.model_path("ppo")
-    result = evaluate_policies(
+    policies = evaluate.resolve_policies(run.dir, cfg.policies)
+    topic_of = evaluate.task_topic_of(run.task.gold)
+    if cfg.references is not None:
+        references = evaluate.file_references(cfg.references, prompts)
+    elif topic_of is not None:
+        references = evaluate.topic_references(prompts, run.task.demonstrations, topic_of)
+    else:
+        references = None
+    rm_path = run.model_path("rm") if (run.stage_dir("rm") / "model" / "config.json").is_file() else None
+    result = evaluate.evaluate_policies(
         policies,
-        "sft",
-        run.model_path("rm"),
+        cfg.reference or next(iter(policies)),
+        rm_path,
         prompts,
         gold,
         seed=run.config.seed,
         temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens,
         n_samples=cfg.n_samples,
+        judge=cfg.judge,
+        references=references,
+        ci_method=cfg.ci_method,
+        llm_judge=evaluate.load_llm_judge(cfg.judge_model) if cfg.judge == "llm" else None,
     )
     rm_report: dict[str, Any] = {}
-    if gold is not None and cfg.heldout_pairs:
-        rm_report.update(
-            reward_model_gold_accuracy(
-                run.model_path("sft"),
-                run.model_path("rm"),
-                prompts,
-                gold,
-                n_pairs=cfg.heldout_pairs,
-                seed=run.config.seed,
-                temperature=cfg.temperature,
-                max_new_tokens=cfg.max_new_tokens,
-            )
+    if gold is not None and cfg.heldout_pairs and rm_path is not None:
+        bench = rm_benchmark(
+            run.model_path("sft"),
+            rm_path,
+            prompts,
+            gold,
+            n_pairs=cfg.heldout_pairs,
+            seed=run.config.seed,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            topic_subset=seen_topic_subset(topic_of, run.task.demonstrations) if topic_of else None,
         )
+        rm_report.update(heldout_accuracy=bench["accuracy"], n_heldout_pairs=bench["n_pairs"], bench=bench)
     pairs_path = _preference_path(run)
     if gold is not None and pairs_path.is_file():
-        rm_report["gold_agreement"] = label_gold_agreement(_read_pairs(pairs_path), gold)
+        rm_report["gold_agreement"] = evaluate.label_gold_agreement(_read_pairs(pairs_path), gold)
     (run.stage_dir("eval")).mkdir(parents=True, exist_ok=True)
     write_jsonl(run.stage_dir("eval") / "samples.jsonl", result["samples"])
     summary = {"wall_seconds": watch.seconds(), **result, "rm": rm_report}
     return summary
+
+
+def _training_pairs(run: Run) -> list[dict]:
+    """The preference pairs the RM and the direct methods learn from; an error if there are none."""
+    path = _preference_path(run)
+    if not path.is_file() and run.config.data.preferences is None:
+        raise StageError(
+            f"{path} not found: run `rlhfkit feedback simulate --out {run.dir}` first or set data.preferences"
+        )
+    return _read_pairs(path)
+
+
+def _reward_terms(run: Run, specs: list) -> list:
+    from rlhfkit.train.rewards import build_reward_functions, needs_reward_model
+
+    return build_reward_functions(specs, run.model_path("rm") if needs_reward_model(specs) else None)
+
+
+def stage_dpo(run: Run) -> dict:
+    from rlhfkit.train.dpo import run_dpo
+
+    pairs = _training_pairs(run)
+    return run_dpo(run.config, run.model_path("sft"), pairs, run.stage_dir("dpo"), run.show_progress)
+
+
+def stage_kto(run: Run) -> dict:
+    """KTO on data.unpaired, or on thumbs derived from the preference pairs when there is none."""
+    from rlhfkit.train.kto import run_kto, unpaired_from_pairs
+
+    if run.config.data.unpaired:
+        examples = [
+            {"prompt": _as_text(r.prompt), "completion": _completion_text(r.completion), "label": r.label}
+            for r in read_records(run.config.data.unpaired, "unpaired")
+        ]
+    else:
+        examples = unpaired_from_pairs(_training_pairs(run))
+        console.print(
+            f"kto: data.unpaired is not set; using {len(examples)} examples derived from the preference "
+            "pairs (chosen = thumbs up, rejected = thumbs down)",
+            highlight=False,
+        )
+    summary = run_kto(run.config, run.model_path("sft"), examples, run.stage_dir("kto"), run.show_progress)
+    return {**summary, "derived_from_pairs": not run.config.data.unpaired}
+
+
+def _critic_free_stage(run: Run, section: str) -> dict:
+    from rlhfkit.train.grpo import run_critic_free
+
+    prompts = _prompts(run.config.data.prompts, run.task.train_prompts)
+    terms = _reward_terms(run, getattr(run.config, section).rewards)
+    return run_critic_free(
+        run.config, section, run.model_path("sft"), terms, prompts, run.stage_dir(section), run.show_progress
+    )
+
+
+def stage_grpo(run: Run) -> dict:
+    return _critic_free_stage(run, "grpo")
+
+
+def stage_rloo(run: Run) -> dict:
+    return _critic_free_stage(run, "rloo")
+
+
+def stage_bon(run: Run) -> dict:
+    """Best-of-n from the SFT policy on the held-out prompts, judged like `eval` judges policies."""
+    from rlhfkit.eval.winrate import win_rate
+    from rlhfkit.train.bon import best_of_n_summary, sample_best_of_n, write_best_of_n_samples
+
+    cfg, ev, watch = run.config.bon, run.config.eval, Stopwatch()
+    prompts = _prompts(run.config.data.heldout_prompts, run.task.heldout_prompts)[: ev.n_prompts]
+    result = sample_best_of_n(
+        run.model_path("sft"),
+        prompts,
+        _reward_terms(run, cfg.rewards),
+        cfg.n,
+        seed=run.config.seed,
+        temperature=ev.temperature,
+        max_new_tokens=ev.max_new_tokens,
+    )
+    write_best_of_n_samples(run.stage_dir("bon") / "samples.jsonl", prompts, result)
+    # No weights: the best-of-n policy is the SFT model plus the reward and n, written down here.
+    policy = {
+        "policy": str(run.model_path("sft")),
+        "n": cfg.n,
+        "rewards": [r.model_dump() for r in cfg.rewards],
+    }
+    (run.stage_dir("bon") / "policy.json").write_text(json.dumps(policy, indent=2))
+    summary = {"wall_seconds": watch.seconds(), "n_prompts": len(prompts)}
+    summary.update(best_of_n_summary(result, cfg.n))
+    if (run.stage_dir("rm") / "model" / "config.json").is_file():
+        # The proxy reward exactly as `eval` measures it: the RM on the sampled token ids.
+        from rlhfkit.eval.evaluate import score_with_reward_model
+        from rlhfkit.models.loading import load_reward_model, load_tokenizer
+        from rlhfkit.models.tokenizer import prompt_token_ids
+
+        tokenizer = load_tokenizer(run.model_path("sft"))
+        reward_model = load_reward_model(run.model_path("rm"), tokenizer.pad_token_id).eval()
+        prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+        proxy = score_with_reward_model(reward_model, prompt_ids, result["best_ids"], tokenizer.pad_token_id)
+        summary["proxy_reward"] = round(sum(proxy) / len(proxy), 4)
+    if run.task.gold:
+        gold = resolve_gold(run.task)
+        best = [gold(p, t) for p, t in zip(prompts, result["best"], strict=True)]
+        # Draw 0 is the SFT policy's own sample on the same prompt: the paired baseline.
+        single = [gold(p, t) for p, t in zip(prompts, result["candidates"][0], strict=True)]
+        summary["gold_reward"] = round(sum(best) / len(best), 4)
+        summary["gold_reward_single"] = round(sum(single) / len(single), 4)
+        summary["win_rate_vs_sft"] = win_rate(best, single, method=ev.ci_method, seed=run.config.seed)
+    return summary
+
+
+def stage_expert_iter(run: Run) -> dict:
+    from rlhfkit.train.bon import run_expert_iteration
+
+    prompts = _prompts(run.config.data.prompts, run.task.train_prompts)
+    terms = _reward_terms(run, run.config.expert_iter.rewards)
+    return run_expert_iteration(
+        run.config, run.model_path("sft"), terms, prompts, run.stage_dir("expert_iter"), run.show_progress
+    )
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run], dict]] = {
@@ -327,6 +496,12 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict]] = {
     "rm": stage_rm,
     "ppo": stage_ppo,
     "eval": stage_eval,
+    "dpo": stage_dpo,
+    "kto": stage_kto,
+    "grpo": stage_grpo,
+    "rloo": stage_rloo,
+    "bon": stage_bon,
+    "expert_iter": stage_expert_iter,
 }
 
 

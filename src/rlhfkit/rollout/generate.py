@@ -10,11 +10,20 @@ from transformers import GenerationConfig, PreTrainedModel
 from rlhfkit.rollout.batch import left_pad
 
 
-def generation_config(eos_id: int, pad_id: int, max_new_tokens: int, temperature: float) -> GenerationConfig:
-    """Pure sampling at `temperature` (no top-k/top-p: PPO's log-probs assume the full softmax)."""
+def generation_config(
+    eos_id: int, pad_id: int, max_new_tokens: int, temperature: float, min_new_tokens: int = 0
+) -> GenerationConfig:
+    """Pure sampling at `temperature` (no top-k/top-p: PPO's log-probs assume the full softmax).
+
+    min_new_tokens suppresses EOS until that many tokens exist (fixed-length responses).
+    """
     if temperature <= 0:
         return GenerationConfig(
-            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
         )
     return GenerationConfig(
         do_sample=True,
@@ -22,6 +31,7 @@ def generation_config(eos_id: int, pad_id: int, max_new_tokens: int, temperature
         top_k=0,
         top_p=1.0,
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
@@ -50,11 +60,12 @@ def sample_responses(
     temperature: float = 1.0,
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
+    min_new_tokens: int = 0,
 ) -> list[list[int]]:
     """Sample one response per prompt (token ids, ending with EOS unless truncated)."""
     was_training = model.training
     model.eval()  # dropout off while sampling: the log-probs must match the training forward
-    config = generation_config(eos_id, pad_id, max_new_tokens, temperature)
+    config = generation_config(eos_id, pad_id, max_new_tokens, temperature, min_new_tokens)
     responses: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

@@ -1,48 +1,145 @@
-"""PPO stage: policy from SFT, frozen SFT reference, frozen reward model, critic from the RM.
+"""PPO stage: policy from SFT, frozen SFT reference, frozen reward model, a critic.
 
 Each iteration: sample responses, score them (reward model, reference log-probs, critic
 values), turn scores into KL-penalised per-token rewards and GAE advantages, then run
-`ppo_epochs` passes of clipped policy and value updates over mini-batches. The math is
-in `rlhfkit.algos.ppo`; this file only moves tensors between models.
+`ppo_epochs` passes of clipped policy and value updates over mini-batches (A2C: one
+on-policy step). The math is in `rlhfkit.algos.ppo`; this file moves tensors between
+models and switches the implementation details from `PPOConfig`.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from rich.console import Console
 
 from rlhfkit.algos.masked import masked_mean, masked_whiten
 from rlhfkit.algos.ppo import (
+    a2c_policy_loss,
+    adaptive_kl_coef,
     entropy_from_logits,
     explained_variance,
     gae,
+    kl_loss,
     kl_penalised_rewards,
     policy_loss,
+    process_scores,
+    reward_normalisation,
+    running_moments_update,
     value_loss,
 )
-from rlhfkit.config import RunConfig
+from rlhfkit.algos.sft import completion_nll
+from rlhfkit.config import PPOConfig, RunConfig
 from rlhfkit.models.heads import sequence_scores, token_values
 from rlhfkit.models.loading import load_causal_lm, load_reward_model, load_tokenizer, save_model
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
 from rlhfkit.rollout.generate import sample_responses
-from rlhfkit.rollout.logprobs import gather_logprobs, response_logits, response_logprobs
+from rlhfkit.rollout.logprobs import gather_logprobs, position_ids_from_mask
+from rlhfkit.train.checkpoint import (
+    TrainingInterrupted,
+    latest_resumable,
+    load_state,
+    save_checkpoint,
+    stop_on_signals,
+)
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
     Stopwatch,
-    apply_gradients,
     make_accelerator,
     make_optimizer,
     progress_bar,
 )
+from rlhfkit.train.pretrain import pack_blocks
+from rlhfkit.train.rewards import build_reward_functions, combined_rewards
+
+console = Console()
 
 
-def critic_values(critic, batch: PromptResponseBatch) -> torch.Tensor:
-    """V(s_t) for each response token t: the critic read at the token before it."""
+@dataclass
+class Controllers:
+    """The loop's own state beyond weights and optimisers (saved with each checkpoint)."""
+
+    kl_coef: float
+    reward_gain: float = 1.0
+    reward_bias: float = 0.0
+    # Running (mean, var, count) of processed scores, for reward scaling.
+    moments: tuple[float, float, int] = (0.0, 1.0, 0)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of transformer blocks (Llama/Qwen2 `model.layers`, GPT-2 `transformer.h`, ...)."""
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+def freeze_lower_layers(model: torch.nn.Module, n: int) -> None:
+    """Detail: freeze the N lowest blocks (and the input embeddings unless tied to the output)."""
+    if n <= 0:
+        return
+    blocks = decoder_blocks(model)
+    if n > len(blocks):
+        raise ValueError(f"ppo.freeze_layers={n} but the model has {len(blocks)} blocks")
+    for block in blocks[:n]:
+        block.requires_grad_(False)
+    embeddings = model.get_input_embeddings()
+    if embeddings.weight is not model.get_output_embeddings().weight:
+        embeddings.requires_grad_(False)
+
+
+class PolicyValue(torch.nn.Module):
+    """The policy, and (critic: shared) a value head on its last hidden state."""
+
+    def __init__(self, policy: torch.nn.Module, value_head: torch.nn.Linear | None):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(
+        self, batch: PromptResponseBatch, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(response logits / temperature, response values or None)."""
+        R = batch.n_response
+        out = self.policy(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids_from_mask(batch.attention_mask),
+            output_hidden_states=self.value_head is not None,
+            use_cache=False,
+        )
+        # Position t predicts token t + 1; the same positions give V(s_t) of each response token.
+        # Detail: the logits are divided by the sampling temperature, as at rollout.
+        logits = out.logits[:, -R - 1 : -1].float() / temperature
+        values = None
+        if self.value_head is not None:
+            values = self.value_head(out.hidden_states[-1][:, -R - 1 : -1]).squeeze(-1).float()
+        return logits, values
+
+
+def critic_values(critic: torch.nn.Module, batch: PromptResponseBatch) -> torch.Tensor:
+    """V(s_t) for each response token t: a separate critic read at the token before it."""
     values = token_values(critic, batch.input_ids, batch.attention_mask)
     return values[:, -batch.n_response - 1 : -1]
+
+
+def _ptx_blocks(tokenizer: Any, corpus: list[str], block_size: int) -> torch.Tensor:
+    docs = tokenizer(
+        [tokenizer.bos_token + d + tokenizer.eos_token for d in corpus], add_special_tokens=False
+    )["input_ids"]
+    return pack_blocks(docs, block_size)
+
+
+def _fingerprint_file(out_dir: Path) -> Path:
+    return out_dir / "checkpoints" / "fingerprint.json"
 
 
 def run_ppo(
@@ -52,129 +149,402 @@ def run_ppo(
     prompts: list[str],
     out_dir: Path,
     show_progress: bool = True,
+    *,
+    ptx_corpus: list[str] | None = None,
+    resume: bool = False,
+    fingerprint: str = "",
+    reference_path: Path | str | None = None,
 ) -> dict:
-    """Optimise the policy at `policy_path` against the reward model at `reward_path`."""
-    cfg = config.ppo
+    """Optimise the policy at `policy_path` against the reward model at `reward_path`.
+
+    The KL reference is `reference_path`, or the starting policy itself when unset (the SFT
+    model in the demo; the iterated loop starts from a later policy and keeps SFT as reference).
+
+    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the
+    same `fingerprint` (config); the result is bit-identical to an uninterrupted run.
+    """
+    cfg: PPOConfig = config.ppo
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed)
     device = accelerator.device
     tokenizer = load_tokenizer(policy_path)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    policy = load_causal_lm(policy_path)
-    reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
+    ckpt_root = out_dir / "checkpoints"
+    checkpoint = latest_resumable(ckpt_root) if resume else None
+    if checkpoint is not None:
+        saved_file = _fingerprint_file(out_dir)
+        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+        if fingerprint and saved.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{checkpoint} was made with a different config (ppo or an upstream stage changed); "
+                "rerun without --resume to start over"
+            )
+    elif resume:
+        console.print(f"[dim]ppo: no checkpoint in {ckpt_root}, starting from step 0[/dim]")
+
+    policy = load_causal_lm(checkpoint or policy_path)
+    reference = load_causal_lm(reference_path or policy_path).to(device).eval().requires_grad_(False)
     reward_model = load_reward_model(reward_path, pad).to(device).eval().requires_grad_(False)
-    # Critic initialised from the reward model: it already reads the response's quality.
-    critic = load_reward_model(reward_path, pad)
-    # Dropout off in every model: log-probs at rollout and at training must be the same function.
-    policy.eval()
-    critic.eval()
-    opt_policy, sched_policy = make_optimizer(policy.parameters(), cfg.lr, cfg.steps, 0, schedule="linear")
-    opt_critic, sched_critic = make_optimizer(
-        critic.parameters(), cfg.critic_lr, cfg.steps, 0, schedule="linear"
+    freeze_lower_layers(policy, cfg.freeze_layers)
+    critic = None
+    value_head = None
+    if cfg.critic == "separate":
+        # Detail: the critic starts from the reward model, which already reads response quality.
+        critic = load_reward_model(reward_path, pad)
+        critic.eval()
+    else:
+        # Detail: a value head on the policy, initialised from the reward model's scalar head
+        # (same hidden size when the reward model was trained from this policy), else zeros.
+        value_head = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
+        score = reward_model.score.weight
+        with torch.no_grad():
+            value_head.weight.copy_(score if score.shape == value_head.weight.shape else 0.0)
+    actor = PolicyValue(policy, value_head)
+    ref_actor = PolicyValue(reference, None)
+    # Detail: dropout off in every model: rollout and training log-probs are the same function.
+    actor.eval()
+
+    trainable = [p for p in actor.parameters() if p.requires_grad]
+    updates_per_step = 1 if cfg.algorithm == "a2c" else cfg.ppo_epochs * (cfg.rollout_batch // cfg.minibatch)
+    opt_policy, sched_policy = make_optimizer(
+        trainable,
+        cfg.lr,
+        cfg.steps * updates_per_step,
+        cfg.warmup_steps * updates_per_step,
+        schedule=cfg.lr_schedule,
+        eps=cfg.adam_eps,
     )
-    policy, critic, opt_policy, opt_critic = accelerator.prepare(policy, critic, opt_policy, opt_critic)
+    opt_critic = sched_critic = None
+    if critic is not None:
+        opt_critic, sched_critic = make_optimizer(
+            critic.parameters(),
+            cfg.critic_lr,
+            cfg.steps * updates_per_step,
+            cfg.warmup_steps * updates_per_step,
+            schedule=cfg.lr_schedule,
+            eps=cfg.adam_eps,
+        )
+        actor, critic, opt_policy, opt_critic = accelerator.prepare(actor, critic, opt_policy, opt_critic)
+    else:
+        actor, opt_policy = accelerator.prepare(actor, opt_policy)
+
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     gen = torch.Generator().manual_seed(config.seed)
     batches = ShuffledBatches(len(prompt_ids), cfg.rollout_batch, gen)
-    log = MetricsLog(out_dir / "metrics.jsonl")
-    last: dict[str, float] = {}
-    with progress_bar("ppo", cfg.steps, show_progress) as bar:
-        for step in range(1, cfg.steps + 1):
-            queries = [prompt_ids[i] for i in batches.next()]
+    ptx = None
+    if cfg.ptx_coef > 0:
+        if not ptx_corpus:
+            raise ValueError("ppo.ptx_coef > 0 needs a pretraining corpus, and the task has none")
+        ptx = _ptx_blocks(tokenizer, ptx_corpus, config.pretrain.block_size)
+    min_new = cfg.max_new_tokens if cfg.response_mode == "fixed" else 0
+    # Programmable reward terms (verifiable rewards, penalties) on top of the reward model.
+    extra_terms = build_reward_functions(cfg.extra_rewards, reward_path, device) if cfg.extra_rewards else []
 
-            # 1. Rollout: sample at the training temperature.
-            responses = sample_responses(
-                accelerator.unwrap_model(policy),
-                queries,
-                eos_id=eos,
-                pad_id=pad,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                batch_size=cfg.rollout_batch,
-            )
-            batch = join_prompt_response(queries, responses, pad)
-            batch = PromptResponseBatch(
-                *(t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.response_mask))
-            )
-            mask = batch.response_mask.float()
-            R = batch.n_response
+    def rollout(queries: list[list[int]]) -> PromptResponseBatch:
+        responses = sample_responses(
+            accelerator.unwrap_model(actor).policy,
+            queries,
+            eos_id=eos,
+            pad_id=pad,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            batch_size=cfg.rollout_batch,
+            min_new_tokens=min_new,
+        )
+        joined = join_prompt_response(queries, responses, pad)
+        return PromptResponseBatch(
+            *(t.to(device) for t in (joined.input_ids, joined.attention_mask, joined.response_mask))
+        )
 
-            # 2. Score: old log-probs, reference log-probs, values, reward-model score.
+    start_step = 0
+    if checkpoint is not None:
+        state = load_state(checkpoint)
+        start_step = state["step"]
+        ctl = Controllers(**state["controllers"])
+        ctl.moments = tuple(ctl.moments)  # type: ignore[assignment]
+        if value_head is not None:
+            value_head.load_state_dict(state["value_head"])
+        if critic is not None:
+            accelerator.unwrap_model(critic).load_state_dict(state["critic"])
+            opt_critic.load_state_dict(state["opt_critic"])
+            sched_critic.load_state_dict(state["sched_critic"])
+        opt_policy.load_state_dict(state["opt_policy"])
+        sched_policy.load_state_dict(state["sched_policy"])
+        gen.set_state(state["gen"])
+        batches._order = list(state["batch_order"])
+        torch.set_rng_state(state["torch_rng"])
+        console.print(f"[dim]ppo: resuming from {checkpoint} (step {start_step})[/dim]")
+    else:
+        ctl = Controllers(kl_coef=cfg.kl_coef)
+        if cfg.reward_norm:
+            # Detail: reward normalisation. Fit gain/bias on samples of the initial (SFT) policy,
+            # so its scores have mean 0 and std 1 whatever scale the reward model learned.
+            norm_gen = torch.Generator().manual_seed(config.seed + 1)
+            idx = torch.randint(len(prompt_ids), (cfg.reward_norm_samples,), generator=norm_gen).tolist()
+            norm_batch = rollout([prompt_ids[i] for i in idx])
             with torch.no_grad():
-                old_logp = response_logprobs(
-                    policy, batch.input_ids, batch.attention_mask, R, cfg.temperature
+                raw = sequence_scores(reward_model, norm_batch.input_ids, norm_batch.attention_mask)
+            ctl.reward_gain, ctl.reward_bias = reward_normalisation(raw)
+        # Starting over: a previous run's checkpoints must not be mistaken for this one's.
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        _fingerprint_file(out_dir).write_text(json.dumps({"fingerprint": fingerprint}))
+
+    metrics_path = out_dir / "metrics.jsonl"
+    if checkpoint is not None:
+        _truncate_metrics(metrics_path, start_step)
+    log = MetricsLog(metrics_path, resume=checkpoint is not None)
+    last: dict[str, float] = {}
+
+    def trainer_state(step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "controllers": asdict(ctl),
+            "value_head": None if value_head is None else value_head.state_dict(),
+            "critic": None if critic is None else accelerator.unwrap_model(critic).state_dict(),
+            "opt_policy": opt_policy.state_dict(),
+            "sched_policy": sched_policy.state_dict(),
+            "opt_critic": None if opt_critic is None else opt_critic.state_dict(),
+            "sched_critic": None if sched_critic is None else sched_critic.state_dict(),
+            "gen": gen.get_state(),
+            "batch_order": list(batches._order),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def checkpoint_now(step: int) -> Path:
+        return save_checkpoint(
+            ckpt_root,
+            step,
+            accelerator.unwrap_model(actor).policy,
+            tokenizer,
+            trainer_state(step),
+            cfg.keep_states,
+        )
+
+    with stop_on_signals() as stop, progress_bar("ppo", cfg.steps, show_progress) as bar:
+        bar.update(bar.task_ids[0], completed=start_step)
+        for step in range(start_step + 1, cfg.steps + 1):
+            picked = batches.next()
+            queries = [prompt_ids[i] for i in picked]
+
+            # 1. Rollout at the training temperature.
+            batch = rollout(queries)
+            mask = batch.response_mask.float()
+
+            # 2. Score: old log-probs and values, reference log-probs, reward-model score.
+            with torch.no_grad():
+                old_logits, old_values = actor(batch, cfg.temperature)
+                old_logp = gather_logprobs(old_logits, batch.response_ids)
+                del old_logits
+                if critic is not None:
+                    old_values = critic_values(critic, batch)
+                ref_logits = ref_actor(batch, cfg.temperature)[0]
+                ref_logp = gather_logprobs(ref_logits, batch.response_ids)
+                del ref_logits
+                raw_scores = sequence_scores(reward_model, batch.input_ids, batch.attention_mask)
+                has_eos = (batch.response_ids == eos).any(1)
+                scores = process_scores(
+                    raw_scores,
+                    has_eos=has_eos,
+                    gain=ctl.reward_gain,
+                    bias=ctl.reward_bias,
+                    missing_eos_penalty=None if cfg.response_mode == "fixed" else cfg.missing_eos_penalty,
+                    clip=cfg.reward_clip,
                 )
-                ref_logp = response_logprobs(
-                    reference, batch.input_ids, batch.attention_mask, R, cfg.temperature
-                )
-                old_values = critic_values(critic, batch)
-                scores = sequence_scores(reward_model, batch.input_ids, batch.attention_mask)
+                term_means: dict[str, float] = {}
+                if extra_terms:
+                    texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+                    extra, term_means = combined_rewards(extra_terms, [prompts[i] for i in picked], texts)
+                    scores = scores + torch.tensor(extra, dtype=scores.dtype, device=scores.device)
+                if cfg.reward_scaling:
+                    # Detail: reward scaling by the running std of scores (not their mean).
+                    ctl.moments = running_moments_update(ctl.moments, scores)
+                    scores = scores / max(ctl.moments[1], 1e-8) ** 0.5
+                in_reward = ctl.kl_coef if cfg.kl_mode == "reward" else 0.0
                 rewards, kl = kl_penalised_rewards(
-                    scores, old_logp, ref_logp, mask, cfg.kl_coef, cfg.kl_estimator
+                    scores, old_logp, ref_logp, mask, in_reward, cfg.kl_estimator
                 )
+                if cfg.whiten_rewards:
+                    rewards = masked_whiten(rewards, mask, shift_mean=False)
                 advantages, returns = gae(old_values, rewards, mask, cfg.gamma, cfg.lam)
-                if cfg.whiten_advantages:
-                    # Whitening keeps the step size independent of the reward scale.
+                if cfg.whiten_advantages == "batch":
+                    # Detail: whitening keeps the step size independent of the reward scale.
                     advantages = masked_whiten(advantages, mask)
 
-            # 3. Update: ppo_epochs passes over shuffled mini-batches.
-            stats: dict[str, list[float]] = {
-                k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approxkl", "entropy", "vf_clipfrac")
-            }
-            for _ in range(cfg.ppo_epochs):
+            # 3. Update.
+            stats: dict[str, list[float]] = {}
+            epochs = 1 if cfg.algorithm == "a2c" else cfg.ppo_epochs
+            minibatch = len(queries) if cfg.algorithm == "a2c" else cfg.minibatch
+            micro = cfg.minibatch // cfg.grad_accum if cfg.algorithm == "ppo" else cfg.minibatch
+            epochs_run = 0
+            for _ in range(epochs):
                 perm = torch.randperm(len(queries), generator=gen)
-                for start in range(0, len(queries), cfg.minibatch):
-                    idx = perm[start : start + cfg.minibatch].to(device)
-                    mb = batch.select(idx)
-                    logits = response_logits(policy, mb.input_ids, mb.attention_mask, R, cfg.temperature)
-                    logp = gather_logprobs(logits, mb.response_ids)
-                    pg_loss, pg_stats = policy_loss(
-                        logp, old_logp[idx], advantages[idx], mask[idx], cfg.clip_eps
-                    )
-                    accelerator.backward(pg_loss)
-                    apply_gradients(accelerator, policy, opt_policy, None, cfg.max_grad_norm)
+                epoch_kl: list[float] = []
+                for start in range(0, len(queries), minibatch):
+                    idx = perm[start : start + minibatch].to(device)
+                    mb_adv = advantages[idx]
+                    if cfg.whiten_advantages == "minibatch":
+                        mb_adv = masked_whiten(mb_adv, mask[idx])
+                    n_tokens = mask[idx].sum().clamp(min=1.0).item()
+                    starts = range(0, len(idx), micro)
+                    ptx_chunks: list[torch.Tensor | None] = [None] * len(starts)
+                    if ptx is not None:
+                        rows = ptx[torch.randint(len(ptx), (cfg.ptx_batch,), generator=gen)].to(device)
+                        ptx_chunks = list(rows.tensor_split(len(starts)))
+                    for m_start, ptx_chunk in zip(starts, ptx_chunks, strict=True):
+                        sub = slice(m_start, m_start + micro)
+                        m_stats = _micro_step(
+                            cfg,
+                            actor,
+                            critic,
+                            batch.select(idx[sub]),
+                            old_logp[idx][sub],
+                            ref_logp[idx][sub],
+                            old_values[idx][sub],
+                            returns[idx][sub],
+                            mb_adv[sub],
+                            mask[idx][sub],
+                            n_tokens,
+                            ctl.kl_coef,
+                            accelerator,
+                            ptx_chunk,
+                            ptx_share=0.0 if ptx_chunk is None else len(ptx_chunk) / cfg.ptx_batch,
+                        )
+                        for k, v in m_stats.items():
+                            stats.setdefault(k, []).append(v)
+                        epoch_kl.append(m_stats["approxkl"])
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    opt_policy.step()
+                    sched_policy.step()
+                    opt_policy.zero_grad(set_to_none=True)
+                    if critic is not None:
+                        accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                        opt_critic.step()
+                        sched_critic.step()
+                        opt_critic.zero_grad(set_to_none=True)
+                epochs_run += 1
+                # Detail: early stopping when the policy moved too far from the rollout policy.
+                if cfg.target_kl is not None and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl:
+                    break
 
-                    values = critic_values(critic, mb)
-                    vf_loss, vf_stats = value_loss(
-                        values, old_values[idx], returns[idx], mask[idx], cfg.clip_value
-                    )
-                    accelerator.backward(cfg.vf_coef * vf_loss)
-                    apply_gradients(accelerator, critic, opt_critic, None, cfg.max_grad_norm)
+            mean_kl = kl.sum(1).mean().item()
+            kl_coef_used = ctl.kl_coef
+            if cfg.kl_target is not None:
+                # Detail: adaptive KL controller (Ziegler et al. 2019).
+                ctl.kl_coef = adaptive_kl_coef(
+                    ctl.kl_coef, mean_kl, cfg.kl_target, cfg.kl_horizon, len(queries)
+                )
 
-                    with torch.no_grad():
-                        stats["entropy"].append(masked_mean(entropy_from_logits(logits), mask[idx]).item())
-                    stats["policy_loss"].append(pg_loss.item())
-                    stats["value_loss"].append(vf_loss.item())
-                    stats["clipfrac"].append(pg_stats["clipfrac"])
-                    stats["approxkl"].append(pg_stats["approxkl"])
-                    stats["vf_clipfrac"].append(vf_stats["vf_clipfrac"])
-            sched_policy.step()
-            sched_critic.step()
-
-            lengths = mask.sum(1)
             last = {
                 "reward/score": scores.mean().item(),
+                "reward/raw": raw_scores.mean().item(),
+                **term_means,
                 "reward/total": rewards.sum(1).mean().item(),
-                "kl": kl.sum(1).mean().item(),
-                "entropy": sum(stats["entropy"]) / len(stats["entropy"]),
-                "loss/policy": sum(stats["policy_loss"]) / len(stats["policy_loss"]),
-                "loss/value": sum(stats["value_loss"]) / len(stats["value_loss"]),
-                "clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
-                "approxkl": sum(stats["approxkl"]) / len(stats["approxkl"]),
+                "kl": mean_kl,
+                "kl_coef": kl_coef_used,
+                **{k: sum(v) / len(v) for k, v in stats.items()},
                 "explained_variance": explained_variance(old_values, returns, mask),
-                "response_length": lengths.mean().item(),
-                "eos_share": (batch.response_ids == eos).any(1).float().mean().item(),
+                "response_length": mask.sum(1).mean().item(),
+                "eos_share": has_eos.float().mean().item(),
+                "epochs": epochs_run,
                 "lr": sched_policy.get_last_lr()[0],
             }
             log.log(step, **last)
             bar.update(
-                bar.task_ids[0], advance=1, info=f"score {last['reward/score']:+.3f} kl {last['kl']:.3f}"
+                bar.task_ids[0],
+                advance=1,
+                info=f"score {last['reward/score']:+.3f} kl {last['kl']:.3f} ent {last['entropy']:.2f}",
             )
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stop:
+                path = checkpoint_now(step)
+                if stop and step < cfg.steps:
+                    log.close()
+                    raise TrainingInterrupted("ppo", step, path)
     log.close()
-    save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
+    save_model(accelerator.unwrap_model(actor).policy, tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "steps": cfg.steps,
+        "resumed_from": start_step or None,
         "final_score": round(last.get("reward/score", float("nan")), 4),
         "final_kl": round(last.get("kl", float("nan")), 4),
+        "reward_gain": round(ctl.reward_gain, 4),
+        "reward_bias": round(ctl.reward_bias, 4),
     }
+
+
+def _micro_step(
+    cfg: PPOConfig,
+    actor: torch.nn.Module,
+    critic: torch.nn.Module | None,
+    mb: PromptResponseBatch,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    n_tokens: float,
+    kl_coef: float,
+    accelerator: Any,
+    ptx_rows: torch.Tensor | None,
+    ptx_share: float,
+) -> dict[str, float]:
+    """Forward and backward of one micro-batch; losses are normalised by the mini-batch's tokens."""
+    logits, values = actor(mb, cfg.temperature)
+    logp = gather_logprobs(logits, mb.response_ids)
+    if cfg.algorithm == "a2c":
+        pg_loss = a2c_policy_loss(logp, advantages, mask, n_tokens)
+        with torch.no_grad():
+            log_ratio = logp - old_logp
+            pg_stats = {
+                "clipfrac": 0.0,
+                "approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
+            }
+    else:
+        pg_loss, pg_stats = policy_loss(
+            logp, old_logp, advantages, mask, cfg.clip_eps, cfg.dual_clip, n_tokens
+        )
+    entropy = entropy_from_logits(logits)
+    loss = pg_loss
+    if cfg.ent_coef:
+        # Detail: entropy bonus, against collapsing onto one answer.
+        loss = loss - cfg.ent_coef * ((entropy * mask).sum() / n_tokens)
+    if cfg.kl_mode == "loss" and kl_coef:
+        loss = loss + kl_coef * kl_loss(logp, ref_logp, mask, cfg.kl_estimator, n_tokens)
+    clip_value = None if cfg.algorithm == "a2c" else cfg.clip_value
+    if critic is None:
+        vf_loss, vf_stats = value_loss(values, old_values, returns, mask, clip_value, n_tokens)
+        loss = loss + cfg.vf_coef * vf_loss
+    ptx_loss = None
+    if ptx_rows is not None and len(ptx_rows):
+        # PPO-ptx (InstructGPT): keep the pretraining distribution's likelihood up.
+        policy = accelerator.unwrap_model(actor).policy
+        ptx_logits = policy(input_ids=ptx_rows, use_cache=False).logits
+        ptx_loss = completion_nll(ptx_logits, ptx_rows, torch.ones_like(ptx_rows))
+        loss = loss + cfg.ptx_coef * ptx_share * ptx_loss
+    accelerator.backward(loss)
+    if critic is not None:
+        values = critic_values(critic, mb)
+        vf_loss, vf_stats = value_loss(values, old_values, returns, mask, clip_value, n_tokens)
+        accelerator.backward(cfg.vf_coef * vf_loss)
+    # Losses were divided by the mini-batch's tokens; report this micro-batch's own mean.
+    to_mean = n_tokens / mask.sum().clamp(min=1.0).item()
+    out = {
+        "loss/policy": pg_loss.item() * to_mean,
+        "loss/value": vf_loss.item() * to_mean,
+        "entropy": masked_mean(entropy.detach(), mask).item(),
+        **pg_stats,
+        **vf_stats,
+    }
+    if ptx_loss is not None:
+        out["loss/ptx"] = ptx_loss.item()
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint a resumed run continues from."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(row + "\n" for row in rows))
