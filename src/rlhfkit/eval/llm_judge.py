@@ -1,0 +1,140 @@
+"""LLM-as-judge: a local causal LM scores a response from a rubric prompt.
+
+The judge reads `rubric.format(prompt=..., response=...)` and we look at its next-token
+distribution instead of sampling a verdict (deterministic, and a probability is a finer
+signal than a word):
+
+- mode "yes_no": P(yes) / (P(yes) + P(no)), in [0, 1];
+- mode "score":  the expected value of the score tokens "1".."K" under the judge, in [1, K].
+
+It is a reward function (`judge_reward`, for `rewards: [{fn: rlhfkit.eval.llm_judge:judge_reward,
+kwargs: {model: PATH}}]`) and an evaluation judge (`LLMJudge.utility(prompt, response)` has
+the shape of a gold utility, so `evaluate_policies(..., gold=judge.utility)` reports win rates
+under it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.tokenizer import prompt_token_ids
+from rlhfkit.rollout.batch import left_pad
+from rlhfkit.rollout.logprobs import position_ids_from_mask
+
+YES_NO_RUBRIC = (
+    "Judge the answer to the request.\n"
+    "Request: {prompt}\n"
+    "Answer:\n{response}\n"
+    "Is the answer a helpful, correct and well-formatted reply to the request? Answer yes or no."
+)
+SCORE_RUBRIC = (
+    "Judge the answer to the request.\n"
+    "Request: {prompt}\n"
+    "Answer:\n{response}\n"
+    "Rate the answer from 1 (useless) to {top} (perfect). Reply with one digit."
+)
+MODES = ("yes_no", "score")
+
+
+def _text(prompt: Any) -> str:
+    """A prompt as text: a string as is, chat messages as their last user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(list(prompt)) if m["role"] == "user"), str(prompt))
+
+
+class LLMJudge:
+    """A causal LM from a local folder (or hub id) that scores (prompt, response) pairs."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        rubric: str | None = None,
+        mode: str = "yes_no",
+        top_score: int = 5,
+        max_length: int = 512,
+        device: torch.device | str = "cpu",
+    ):
+        if mode not in MODES:
+            raise ValueError(f"LLM judge mode {mode!r}: choose one of {', '.join(MODES)}")
+        if mode == "score" and not 2 <= top_score <= 9:
+            raise ValueError(f"LLM judge top_score must be 2..9 (one digit token each), got {top_score}")
+        self.mode, self.top_score, self.max_length, self.device = mode, top_score, max_length, device
+        self.rubric = rubric or (YES_NO_RUBRIC if mode == "yes_no" else SCORE_RUBRIC)
+        for field in ("{prompt}", "{response}"):
+            if field not in self.rubric:
+                raise ValueError(f"LLM judge rubric must contain {field}")
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_causal_lm(path).to(device).eval().requires_grad_(False)
+        words = ["yes", "no"] if mode == "yes_no" else [str(k) for k in range(1, top_score + 1)]
+        self.answer_ids = torch.tensor([self._first_token(w) for w in words], device=device)
+        if len(set(self.answer_ids.tolist())) != len(words):
+            raise ValueError(f"LLM judge: the tokenizer at {path} does not tell {words} apart by first token")
+
+    def _first_token(self, word: str) -> int:
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"LLM judge: the tokenizer encodes {word!r} as nothing")
+        return ids[0]
+
+    def _query_ids(self, prompt: Any, response: str) -> list[int]:
+        text = self.rubric.format(prompt=_text(prompt), response=response, top=self.top_score)
+        ids = prompt_token_ids(self.tokenizer, text)
+        # Keep the end: the question the verdict answers is at the end of the rubric.
+        return ids[-self.max_length :]
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+        """One score per (prompt, response): P(yes) in [0, 1], or the expected score in [1, K]."""
+        queries = [self._query_ids(p, r) for p, r in zip(prompts, responses, strict=True)]
+        pad = self.tokenizer.pad_token_id
+        out: list[float] = []
+        for start in range(0, len(queries), batch_size):
+            ids, mask = left_pad(queries[start : start + batch_size], pad)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            logits = (
+                self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=position_ids_from_mask(mask),
+                    use_cache=False,
+                )
+                .logits[:, -1]
+                .float()
+            )
+            # Renormalised over the answer tokens only: the judge's mass on other words is not a vote.
+            probs = torch.softmax(logits[:, self.answer_ids], dim=-1)
+            if self.mode == "yes_no":
+                scores = probs[:, 0]
+            else:
+                values = torch.arange(1, self.top_score + 1, device=probs.device, dtype=probs.dtype)
+                scores = (probs * values).sum(-1)
+            out += scores.tolist()
+        return out
+
+    def utility(self, prompt: Any, response: str) -> float:
+        """The score of one response: the shape of a gold utility, for evaluate_policies."""
+        return self([prompt], [response])[0]
+
+
+@lru_cache(maxsize=4)
+def _cached_judge(model: str, rubric: str | None, mode: str, top_score: int) -> LLMJudge:
+    return LLMJudge(model, rubric=rubric, mode=mode, top_score=top_score)
+
+
+def judge_reward(
+    prompts: Sequence[Any],
+    responses: Sequence[str],
+    model: str,
+    rubric: str | None = None,
+    mode: str = "yes_no",
+    top_score: int = 5,
+) -> list[float]:
+    """Reward function form of the judge (the model is loaded once per configuration)."""
+    return _cached_judge(str(model), rubric, mode, top_score)(prompts, responses)

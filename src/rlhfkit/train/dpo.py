@@ -1,0 +1,132 @@
+"""DPO / IPO / conservative DPO stage: the SFT policy trained straight on preference pairs.
+
+No reward model and no sampling: each step computes the sequence log-probs of the chosen
+and rejected responses under the policy (one forward over both) and under the frozen
+SFT reference, and applies `rlhfkit.algos.dpo.dpo_loss`. Reference log-probs are computed
+once before training (`dpo.precompute_reference`, the reference is then freed) or live
+per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rlhfkit.algos.dpo import dpo_loss, sequence_logprob
+from rlhfkit.config import RunConfig
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model
+from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
+from rlhfkit.rollout.batch import join_prompt_response
+from rlhfkit.rollout.logprobs import response_logprobs
+from rlhfkit.train.loop import (
+    MetricsLog,
+    ShuffledBatches,
+    Stopwatch,
+    apply_gradients,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+)
+
+# (prompt token ids, response token ids)
+Example = tuple[list[int], list[int]]
+
+
+def tokenize_example(tokenizer, prompt, completion: str, max_length: int) -> Example:
+    """Prompt ids and completion ids (with EOS), the completion cut to fit `max_length`."""
+    p = prompt_token_ids(tokenizer, prompt)
+    c = completion_token_ids(tokenizer, completion)
+    # The prompt is kept whole: a cut prompt would ask a different question.
+    return p, c[: max(1, max_length - len(p))]
+
+
+def sequence_logprobs(
+    model, examples: Sequence[Example], pad_id: int, device, average: bool = False
+) -> torch.Tensor:
+    """log pi(response | prompt) of each example, summed (or averaged) over response tokens: [n]."""
+    batch = join_prompt_response([e[0] for e in examples], [e[1] for e in examples], pad_id)
+    ids, attn, mask = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.response_mask))
+    token_logp = response_logprobs(model, ids, attn, batch.n_response)
+    return sequence_logprob(token_logp, mask, average)
+
+
+@torch.no_grad()
+def precompute_logprobs(
+    model, examples: Sequence[Example], pad_id: int, device, average: bool = False, batch_size: int = 32
+) -> torch.Tensor:
+    """Sequence log-probs of every example under a frozen model, in batches: [n] on the CPU."""
+    out = [
+        sequence_logprobs(model, examples[s : s + batch_size], pad_id, device, average).cpu()
+        for s in range(0, len(examples), batch_size)
+    ]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def run_dpo(
+    config: RunConfig, policy_path: Path | str, pairs: list[dict], out_dir: Path, show_progress: bool = True
+) -> dict:
+    """Train the policy at `policy_path` on {prompt, chosen, rejected} pairs; saves `out_dir/model`."""
+    cfg = config.dpo
+    if not pairs:
+        raise ValueError("dpo: no preference pairs (is the preference file empty?)")
+    watch = Stopwatch()
+    accelerator = make_accelerator(config.seed)
+    device = accelerator.device
+    tokenizer = load_tokenizer(policy_path)
+    pad = tokenizer.pad_token_id
+    chosen = [tokenize_example(tokenizer, p["prompt"], p["chosen"], cfg.max_length) for p in pairs]
+    rejected = [tokenize_example(tokenizer, p["prompt"], p["rejected"], cfg.max_length) for p in pairs]
+    # IPO regresses the margin to a fixed target, so it is defined on length-averaged log-probs
+    # (as in its reference implementation); DPO uses sums, the sequence's real probability.
+    average = cfg.loss_type == "ipo"
+    reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
+    ref_chosen = ref_rejected = None
+    if cfg.precompute_reference:
+        ref_chosen = precompute_logprobs(reference, chosen, pad, device, average)
+        ref_rejected = precompute_logprobs(reference, rejected, pad, device, average)
+        reference = None  # one model fewer in memory for the whole run
+    policy = load_causal_lm(policy_path)
+    total = max(1, round(cfg.epochs * math.ceil(len(pairs) / cfg.batch_size)))
+    optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    # Dropout off: the implicit reward compares policy and reference as the same function.
+    policy.eval()
+    gen = torch.Generator().manual_seed(config.seed)
+    batches = ShuffledBatches(len(pairs), cfg.batch_size, gen)
+    log = MetricsLog(out_dir / "metrics.jsonl")
+    last: dict[str, float] = {}
+    with progress_bar(f"dpo ({cfg.loss_type})", total, show_progress) as bar:
+        for step in range(1, total + 1):
+            idx = batches.next()
+            both = [chosen[i] for i in idx] + [rejected[i] for i in idx]
+            logp = sequence_logprobs(policy, both, pad, device, average)
+            if reference is None:
+                ref_c, ref_r = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
+            else:
+                with torch.no_grad():
+                    ref = sequence_logprobs(reference, both, pad, device, average)
+                ref_c, ref_r = ref[: len(idx)], ref[len(idx) :]
+            loss, stats = dpo_loss(
+                logp[: len(idx)], logp[len(idx) :], ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing
+            )
+            accelerator.backward(loss)
+            apply_gradients(accelerator, policy, optimizer, scheduler)
+            last = {"loss": loss.item(), **stats, "lr": scheduler.get_last_lr()[0]}
+            log.log(step, **last)
+            bar.update(
+                bar.task_ids[0], advance=1, info=f"loss {last['loss']:.3f} acc {last['reward/accuracy']:.2f}"
+            )
+    log.close()
+    save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
+    return {
+        "wall_seconds": watch.seconds(),
+        "steps": total,
+        "n_pairs": len(pairs),
+        "loss_type": cfg.loss_type,
+        "final_loss": round(last.get("loss", float("nan")), 4),
+        "final_reward_accuracy": round(last.get("reward/accuracy", float("nan")), 4),
+        "final_reward_margin": round(last.get("reward/margin", float("nan")), 4),
+    }

@@ -1,0 +1,122 @@
+"""KTO stage: the SFT policy trained on unpaired thumbs-up/down examples.
+
+Each example i gets a fixed mismatched partner j != i (a seeded derangement); the
+log-ratio of (prompt_i, completion_j) estimates the KL reference point z0 of the batch,
+as in Ethayarajh et al. 2024. The math is `rlhfkit.algos.kto.kto_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from rlhfkit.algos.kto import kto_loss, mismatched_partners
+from rlhfkit.config import RunConfig
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model
+from rlhfkit.train.dpo import precompute_logprobs, sequence_logprobs, tokenize_example
+from rlhfkit.train.loop import (
+    MetricsLog,
+    ShuffledBatches,
+    Stopwatch,
+    apply_gradients,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+)
+
+
+def unpaired_from_pairs(pairs: list[dict]) -> list[dict]:
+    """Thumbs data from preference pairs: each chosen response up, each rejected one down."""
+    out = []
+    for pair in pairs:
+        out.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        out.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    return out
+
+
+def run_kto(
+    config: RunConfig,
+    policy_path: Path | str,
+    examples: list[dict],
+    out_dir: Path,
+    show_progress: bool = True,
+) -> dict:
+    """Train the policy on {prompt, completion, label} examples; saves `out_dir/model`."""
+    cfg = config.kto
+    if len(examples) < 2:
+        raise ValueError(f"kto: needs at least 2 examples, got {len(examples)}")
+    if cfg.batch_size < 2:
+        raise ValueError("kto.batch_size must be >= 2: the KL reference point needs other examples")
+    watch = Stopwatch()
+    accelerator = make_accelerator(config.seed)
+    device = accelerator.device
+    tokenizer = load_tokenizer(policy_path)
+    pad = tokenizer.pad_token_id
+    gen = torch.Generator().manual_seed(config.seed)
+    rows = [tokenize_example(tokenizer, e["prompt"], e["completion"], cfg.max_length) for e in examples]
+    labels = torch.tensor([bool(e["label"]) for e in examples])
+    partners = mismatched_partners(len(examples), gen)
+    # (prompt of i, completion of its partner): a response that was never meant for this prompt.
+    kl_rows = [
+        tokenize_example(tokenizer, examples[i]["prompt"], examples[j]["completion"], cfg.max_length)
+        for i, j in enumerate(partners.tolist())
+    ]
+    reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
+    ref_logp = ref_kl_logp = None
+    if cfg.precompute_reference:
+        ref_logp = precompute_logprobs(reference, rows, pad, device)
+        ref_kl_logp = precompute_logprobs(reference, kl_rows, pad, device)
+        reference = None
+    policy = load_causal_lm(policy_path)
+    total = max(1, round(cfg.epochs * math.ceil(len(rows) / cfg.batch_size)))
+    optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    policy.eval()  # dropout off, as in DPO
+    batches = ShuffledBatches(len(rows), cfg.batch_size, gen)
+    log = MetricsLog(out_dir / "metrics.jsonl")
+    last: dict[str, float] = {}
+    with progress_bar("kto", total, show_progress) as bar:
+        for step in range(1, total + 1):
+            idx = batches.next()
+            logp = sequence_logprobs(policy, [rows[i] for i in idx], pad, device)
+            with torch.no_grad():
+                # z0 is detached inside the loss anyway; no graph needed for the KL pairs.
+                kl_logp = sequence_logprobs(policy, [kl_rows[i] for i in idx], pad, device)
+                if reference is None:
+                    ref, ref_kl = ref_logp[idx].to(device), ref_kl_logp[idx].to(device)
+                else:
+                    ref = sequence_logprobs(reference, [rows[i] for i in idx], pad, device)
+                    ref_kl = sequence_logprobs(reference, [kl_rows[i] for i in idx], pad, device)
+            loss, stats = kto_loss(
+                logp,
+                ref,
+                labels[idx].to(device),
+                kl_logp,
+                ref_kl,
+                cfg.beta,
+                cfg.desirable_weight,
+                cfg.undesirable_weight,
+            )
+            accelerator.backward(loss)
+            apply_gradients(accelerator, policy, optimizer, scheduler)
+            last = {"loss": loss.item(), **stats, "lr": scheduler.get_last_lr()[0]}
+            log.log(step, **last)
+            bar.update(
+                bar.task_ids[0],
+                advance=1,
+                info=f"loss {last['loss']:.3f} z0 {stats['kl_reference_point']:.3f}",
+            )
+    log.close()
+    save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
+    n_up = int(labels.sum())
+    return {
+        "wall_seconds": watch.seconds(),
+        "steps": total,
+        "n_examples": len(examples),
+        "n_desirable": n_up,
+        "n_undesirable": len(examples) - n_up,
+        "final_loss": round(last.get("loss", float("nan")), 4),
+        "final_kl_reference_point": round(last.get("kl_reference_point", float("nan")), 4),
+    }
