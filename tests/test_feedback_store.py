@@ -345,3 +345,195 @@ def test_plain_path_means_sqlite(tmp_path):
         assert store.project_id("p") == 1
     with pytest.raises(ValueError, match="PostgreSQL"):
         FeedbackStore(tmp_path / "x.db", schema="s")
+
+
+# -- task types, golden items, exclusion, users (the annotation service) -------------------
+
+
+def _answer_all(store, project, annotator, answer_of) -> int:
+    n = 0
+    while (task := store.next_task(project, annotator)) is not None:
+        store.submit(task.token, annotator, answer_of(task))
+        n += 1
+    return n
+
+
+def test_every_task_type_labels_and_exports(open_store, tmp_path):
+    store = open_store()
+    alice = store.add_annotator("alice")
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "top 5 cities?"}]
+    cases = {
+        "ranking": ({"prompt": chat, "responses": ["r0", "r1", "r2"]}, lambda t: {"ranking": [2, 1, 0]}),
+        "likert": ({"prompt": "q", "responses": ["one"]}, lambda t: {"rating": 6}),
+        "binary": ({"prompt": "q", "responses": ["one"]}, lambda t: {"label": True}),
+        "edit": ({"prompt": "q", "responses": ["draft"]}, lambda t: {"text": "fixed"}),
+        "demonstration": ({"prompt": "write one"}, lambda t: {"text": "written"}),
+    }
+    for task_type, (item, answer) in cases.items():
+        project = store.create_project(task_type, task_type=task_type)
+        store.add_items(project, [item])
+        assert _answer_all(store, project, alice, answer) == 1
+        (label,) = store.labels(project)
+        assert label.kind == task_type
+    ranking = store.project_id("ranking")
+    (label,) = store.labels(ranking)
+    task_order = label.order
+    # Presented positions 2 > 1 > 0 are the originals in reverse presented order.
+    assert label.value == {"ranking": [task_order[2], task_order[1], task_order[0]]}
+    assert store.export(ranking, tmp_path / "r.jsonl", "trl-preference") == 3
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert all(row["prompt"] == chat for row in rows)
+    assert store.export(store.project_id("edit"), tmp_path / "e.jsonl", "trl-preference") == 1
+    assert json.loads((tmp_path / "e.jsonl").read_text())["chosen"] == "fixed"
+    assert store.export(store.project_id("binary"), tmp_path / "b.jsonl", "trl-unpaired") == 1
+    assert store.export(store.project_id("demonstration"), tmp_path / "d.jsonl", "sft") == 1
+    assert json.loads((tmp_path / "d.jsonl").read_text())["completion"] == "written"
+    with pytest.raises(ValueError, match="trl-unpaired needs"):
+        store.export(store.project_id("likert"), tmp_path / "x.jsonl", "trl-unpaired")
+    with pytest.raises(ValueError, match="unknown export format"):
+        store.export(ranking, tmp_path / "x.jsonl", "csv")
+
+
+def test_item_validation_per_task_type(open_store):
+    store = open_store()
+    likert = store.create_project("l", task_type="likert")
+    ranking = store.create_project("r", task_type="ranking")
+    with pytest.raises(ValueError, match="item 0: field 'responses' needs exactly 1"):
+        store.add_items(likert, [{"prompt": "q", "responses": ["a", "b"]}])
+    with pytest.raises(ValueError, match="'responses' \\[1\\] is empty"):
+        store.add_items(ranking, [{"prompt": "q", "responses": ["a", " "]}])
+    with pytest.raises(ValueError, match="'prompt' \\[0\\].role"):
+        store.add_items(ranking, [{"prompt": [{"role": "bot", "content": "x"}], "responses": ["a", "b"]}])
+    with pytest.raises(ValueError, match="'golden'"):
+        store.add_items(likert, [{"prompt": "q", "responses": ["a"], "golden": {"rating": 9}}])
+    with pytest.raises(ValueError, match="golden_rate"):
+        store.create_project("e", task_type="edit", golden_rate=0.2)
+
+
+def test_submit_rejects_wrong_answers_and_is_idempotent(open_store):
+    store = open_store()
+    project = store.create_project("r", task_type="ranking")
+    store.add_items(project, [{"prompt": "q", "responses": ["a", "b", "c"]}])
+    alice = store.add_annotator("alice")
+    task = store.next_task(project, alice)
+    with pytest.raises(ValueError, match="field 'ranking'"):
+        store.submit(task.token, alice, {"ranking": [0, 1, 1]})
+    with pytest.raises(ValueError, match="not a comparison"):
+        store.submit_comparison(task.token, alice, "left")
+    first = store.submit(task.token, alice, {"ranking": [1, 0, 2]})
+    assert store.submit(task.token, alice, {"ranking": [1, 0, 2]}) == first
+    with pytest.raises(ValueError, match="different answer"):
+        store.submit(task.token, alice, {"ranking": [0, 1, 2]})
+    assert len(store.labels(project)) == 1
+
+
+def test_golden_items_are_mixed_in_and_scored(open_store, tmp_path):
+    store = open_store()
+    project = store.create_project("g", golden_rate=0.5)
+    store.add_items(project, _items(20))
+    golden_ids = set(
+        store.add_items(
+            project,
+            [
+                {"prompt": f"gold {i}", "responses": ["good", "bad"], "golden": {"chosen": 0}}
+                for i in range(6)
+            ],
+        )
+    )
+    alice = store.add_annotator("alice")
+    seen_golden = 0
+    while (task := store.next_task(project, alice)) is not None:
+        is_golden = task.item_id in golden_ids
+        seen_golden += is_golden
+        good_position = task.responses.index("good") if is_golden else 0
+        # Alice answers golden items right except one.
+        choice = ["left", "right"][good_position if seen_golden != 1 or not is_golden else 1 - good_position]
+        store.submit_comparison(task.token, alice, choice)
+    assert 1 <= seen_golden <= 6  # mixed in at about half of the 20 real tasks
+    assert store.progress(project)["n_items"] == 20  # golden items are not counted as work
+    (stats,) = store.annotator_stats(project)
+    assert stats["n_golden"] == seen_golden
+    assert stats["golden_accuracy"] == pytest.approx((seen_golden - 1) / seen_golden, abs=1e-4)
+    # Exports of training data never contain golden items.
+    store.export(project, tmp_path / "p.jsonl", "trl-preference")
+    prompts = {json.loads(line)["prompt"] for line in (tmp_path / "p.jsonl").read_text().splitlines()}
+    assert not any(p.startswith("gold") for p in prompts)
+
+
+def test_excluded_annotators_are_left_out_of_every_export(open_store, tmp_path):
+    store = open_store()
+    project = store.create_project("x", overlap=2)
+    store.add_items(project, _items(3))
+    good, spam = store.add_annotator("good"), store.add_annotator("spam")
+    for annotator, original in ((good, 0), (spam, 1)):
+        while (task := store.next_task(project, annotator)) is not None:
+            store.submit_comparison(task.token, annotator, "left" if task.order[0] == original else "right")
+    store.exclude_annotator("spam")
+    assert store.excluded_annotators() == ["spam"]
+    store.export_raw(project, tmp_path / "raw.jsonl")
+    assert {json.loads(line)["annotator"] for line in (tmp_path / "raw.jsonl").read_text().splitlines()} == {
+        "good"
+    }
+    assert store.export_preferences(project, tmp_path / "p.jsonl") == 3
+    store.exclude_annotator("spam", excluded=False)
+    # good picks original 0, spam original 1: every item is a tie, so no pairs.
+    assert store.export_preferences(project, tmp_path / "p.jsonl") == 0
+    with pytest.raises(KeyError, match="nobody"):
+        store.exclude_annotator("nobody")
+
+
+def test_users_sessions_and_invites(open_store, clock):
+    store = open_store()
+    admin = store.add_user("root", "admin", "root-password")
+    with pytest.raises(ValueError, match="already exists"):
+        store.add_user("root", "annotator", "another-password")
+    with pytest.raises(ValueError, match="at least 8"):
+        store.add_user("weak", "annotator", "short")
+    assert store.authenticate("root", "root-password").role == "admin"
+    assert store.authenticate("root", "wrong-password") is None
+    assert store.authenticate("nobody", "root-password") is None
+    token, csrf = store.create_session(admin, seconds=60)
+    user, session_csrf = store.session_user(token)
+    assert user.name == "root" and session_csrf == csrf
+    clock.advance(61)
+    assert store.session_user(token) is None
+    token, _ = store.create_session(admin)
+    store.end_session(token)
+    assert store.session_user(token) is None
+    invite = store.create_invite("annotator", admin, seconds=100)
+    assert store.invite_role(invite) == "annotator"
+    new_user = store.accept_invite(invite, "ann", "ann-password")
+    assert store.authenticate("ann", "ann-password").user_id == new_user
+    with pytest.raises(PermissionError, match="used or expired"):
+        store.accept_invite(invite, "ann2", "ann-password")
+    late = store.create_invite("admin", admin, seconds=10)
+    clock.advance(11)
+    assert store.invite_role(late) is None
+
+
+def test_migrations_head_and_legacy_database(tmp_path):
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from rlhfkit.feedback.migrate import HEAD_REVISION, MIGRATIONS
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(config).get_current_head() == HEAD_REVISION
+    # A database from before migrations: the first schema, made without a version table.
+    from alembic import command
+
+    legacy = tmp_path / "legacy.db"
+    engine = create_engine(f"sqlite:///{legacy}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.execute(text("DROP TABLE alembic_version"))
+        conn.execute(
+            text("INSERT INTO projects VALUES (1, 'old', 'comparison', '', 1, '{}', '2024-01-01 00:00:00')")
+        )
+    engine.dispose()
+    with FeedbackStore(legacy) as store:
+        assert store.project(1).golden_rate == 0.0
+        assert store.project_id("old") == 1
+        store.add_items(1, _items(1))

@@ -15,7 +15,13 @@ Schema, designed for the annotation service to come:
   idempotency key of the submission), the random presentation order of the
   responses, the lease start and expiry, and when it was completed.
 - labels: one row per answer, never overwritten; a `kind` and a JSON `value` column
-  leave room for rankings, Likert ratings, thumbs and edits.
+  hold rankings, Likert ratings, thumbs, edits and demonstrations.
+- golden (control) items carry a known answer that never leaves the store towards an
+  annotator; they are mixed into an annotator's queue at the project's golden rate.
+- users (admin or annotator, scrypt password hash), server-side sessions, invites.
+
+The tables are created and upgraded by the Alembic migrations shipped in
+`rlhfkit/feedback/migrations`, run when a store is opened.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import random
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,6 +54,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -59,14 +66,34 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
-from rlhfkit.crowd.aggregate import majority_vote
+from rlhfkit.crowd.agreement import krippendorff_alpha_nominal
+from rlhfkit.feedback import exports
+from rlhfkit.feedback.answers import (
+    CHOICES,
+    GOLDEN_TYPES,
+    MAX_STRENGTH,
+    StoredAnswer,
+    is_correct,
+    nominal_value,
+    store_answer,
+    validate_golden,
+)
+from rlhfkit.feedback.auth import hash_password, new_token, token_digest, verify_password
+from rlhfkit.feedback.migrate import upgrade_database
 
-TASK_TYPES = ("comparison", "ranking", "likert", "binary", "edit")
+TASK_TYPES = ("comparison", "ranking", "likert", "binary", "edit", "demonstration")
+# How many responses an item of each task type shows: (fewest, most).
+RESPONSES_PER_TYPE: dict[str, tuple[int, int]] = {
+    "comparison": (2, 2),
+    "ranking": (2, 9),
+    "likert": (1, 1),
+    "binary": (1, 1),
+    "edit": (1, 1),
+    "demonstration": (0, 0),
+}
+ROLES = ("admin", "annotator")
 ANNOTATOR_KINDS = ("human", "simulated")
-# Presented position of each comparison choice; None is a tie.
-CHOICES: dict[str, int | None] = {"left": 0, "right": 1, "tie": None}
-MAX_STRENGTH = 3
-_ITEM_FIELDS = {"prompt", "responses", "overlap", "meta"}
+_ITEM_FIELDS = {"prompt", "responses", "overlap", "meta", "golden"}
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # Execution option of write transactions: True = the commit must survive a power loss.
 _DURABLE_OPTION = "rlhfkit_durable"
@@ -120,9 +147,11 @@ class Project(Base):
     task_type: Mapped[str] = mapped_column(String(32))
     guidelines: Mapped[str] = mapped_column(Text, default="")
     overlap: Mapped[int]
-    # Options of task types still to come (Likert scale, ranking size, ...).
+    # Free-form options of the project (shown to admins only).
     settings: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Chance that an annotator's next task is a golden (control) item.
+    golden_rate: Mapped[float] = mapped_column(default=0.0, server_default=text("0"))
 
 
 class Item(Base):
@@ -140,6 +169,12 @@ class Item(Base):
     n_labels: Mapped[int] = mapped_column(default=0)
     is_complete: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # A chat prompt as messages; `prompt` then holds a plain-text rendering of it.
+    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JsonType)
+    # Golden items: the known answer (original indices). They are never in the overlap
+    # queue (is_complete is always true) and are served at the project's golden rate.
+    is_golden: Mapped[bool] = mapped_column(default=False, server_default=false())
+    golden: Mapped[Any | None] = mapped_column(JsonType)
 
 
 class Annotator(Base):
@@ -151,6 +186,8 @@ class Annotator(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     kind: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Excluded annotators (spammers) keep their labels, but no export uses them.
+    excluded: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class Lease(Base):
@@ -199,22 +236,69 @@ class Label(Base):
     value: Mapped[Any | None] = mapped_column(JsonType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     seconds: Mapped[float | None]
+    # On golden items: whether the answer matched the known one.
+    correct: Mapped[bool | None]
+
+
+class User(Base):
+    """A person who logs in: an admin or an annotator, labelling as the annotator of the same name."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Session(Base):
+    """A login: the cookie holds a random token, the table only its SHA-256."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Invite(Base):
+    """A one-time sign-up link for a role."""
+
+    __tablename__ = "invites"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    used_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
 
 
 @dataclass(frozen=True)
 class AnnotationTask:
-    """An item leased to an annotator, with its responses in the presented order."""
+    """An item leased to an annotator, with its responses in the presented order.
+
+    Nothing in it tells a golden item from any other.
+    """
 
     token: str
     item_id: int
     prompt: str
     responses: list[str]
     order: list[int]  # original index of each presented response
+    task_type: str = "comparison"
+    messages: list[dict[str, str]] | None = None  # the prompt as chat messages, if it is a chat
 
 
 @dataclass(frozen=True)
 class LabelRecord:
-    """One stored comparison label."""
+    """One stored label."""
 
     label_id: int
     item_id: int
@@ -224,6 +308,10 @@ class LabelRecord:
     strength: int | None
     created_at: datetime
     seconds: float | None
+    kind: str = "comparison"
+    value: dict[str, Any] | None = None
+    is_golden: bool = False
+    correct: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +323,37 @@ class ItemRecord:
     responses: list[str]
     overlap: int
     meta: dict[str, Any]
+    messages: list[dict[str, str]] | None = None
+    is_golden: bool = False
+    golden: dict[str, Any] | None = None
+
+    @property
+    def prompt_text(self) -> str | list[dict[str, str]]:
+        """The prompt as exports write it: chat messages when it is a chat, else the string."""
+        return self.messages if self.messages is not None else self.prompt
+
+
+@dataclass(frozen=True)
+class ProjectRecord:
+    """One project's settings."""
+
+    project_id: int
+    name: str
+    task_type: str
+    guidelines: str
+    overlap: int
+    golden_rate: float
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user who can log in (never carries the password hash)."""
+
+    user_id: int
+    name: str
+    role: str
+    annotator_id: int
 
 
 def _utcnow() -> datetime:
@@ -293,14 +412,22 @@ def _configure_schema(engine: Engine, schema: str) -> None:
         dbapi_connection.autocommit = autocommit
 
 
-def _validate_item(index: int, raw: Any, default_overlap: int, task_type: str) -> dict[str, Any]:
-    """One item as table values; ValueError names the item index and the field."""
+class ItemError(ValueError):
+    """An invalid item: names its index in the batch and the field."""
 
-    def bad(field: str, problem: str) -> ValueError:
-        return ValueError(f"item {index}: field {field!r} {problem}")
+    def __init__(self, index: int, field: str, problem: str):
+        self.index, self.field, self.problem = index, field, problem
+        super().__init__(f"item {index}: field {field!r} {problem}")
+
+
+def validate_item(index: int, raw: Any, default_overlap: int, task_type: str) -> dict[str, Any]:
+    """One item as table values; ItemError names the item index and the field."""
+
+    def bad(field: str, problem: str) -> ItemError:
+        return ItemError(index, field, problem)
 
     if not isinstance(raw, Mapping):
-        raise ValueError(f"item {index}: expected a mapping, got {type(raw).__name__}")
+        raise ItemError(index, "item", f"must be a mapping, got {type(raw).__name__}")
     unknown = set(raw) - _ITEM_FIELDS
     if unknown:
         raise bad(
@@ -309,22 +436,30 @@ def _validate_item(index: int, raw: Any, default_overlap: int, task_type: str) -
         )
     if "prompt" not in raw:
         raise bad("prompt", "is missing")
-    prompt = raw["prompt"]
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise bad("prompt", "must be a non-empty string")
-    if "responses" not in raw:
+    prompt, messages = _prompt_and_messages(raw["prompt"], bad)
+    lowest, highest = RESPONSES_PER_TYPE[task_type]
+    responses = raw.get("responses", [] if highest == 0 else None)
+    if responses is None:
         raise bad("responses", "is missing")
-    responses = raw["responses"]
     if isinstance(responses, str | bytes) or not isinstance(responses, Iterable):
         raise bad("responses", "must be a list of strings")
     responses = list(responses)
-    if len(responses) < 2:
+    if len(responses) < max(lowest, 2) and task_type in ("comparison", "ranking"):
         raise bad("responses", f"needs at least 2 responses, got {len(responses)}")
-    if task_type == "comparison" and len(responses) != 2:
-        raise bad("responses", f"needs exactly 2 responses in a comparison project, got {len(responses)}")
+    if not lowest <= len(responses) <= highest:
+        wanted = f"exactly {lowest}" if lowest == highest else f"{lowest} to {highest}"
+        raise bad("responses", f"needs {wanted} responses in a {task_type} project, got {len(responses)}")
     for j, response in enumerate(responses):
         if not isinstance(response, str):
             raise bad("responses", f"[{j}] must be a string, got {type(response).__name__}")
+        if task_type == "ranking" and not response.strip():
+            raise bad("responses", f"[{j}] is empty (a ranking cannot order an empty response)")
+    golden = raw.get("golden")
+    if golden is not None:
+        try:
+            golden = validate_golden(task_type, golden, len(responses))
+        except ValueError as exc:
+            raise bad("golden", str(exc)) from None
     overlap = raw.get("overlap", default_overlap)
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1:
         raise bad("overlap", f"must be an integer >= 1, got {overlap!r}")
@@ -335,7 +470,38 @@ def _validate_item(index: int, raw: Any, default_overlap: int, task_type: str) -
         meta = json.loads(json.dumps(dict(meta)))
     except (TypeError, ValueError) as exc:
         raise bad("meta", f"must be JSON-serialisable: {exc}") from exc
-    return {"prompt": prompt, "responses": responses, "overlap": overlap, "meta": meta}
+    return {
+        "prompt": prompt,
+        "messages": messages,
+        "responses": responses,
+        "overlap": overlap,
+        "meta": meta,
+        "is_golden": golden is not None,
+        "golden": golden,
+    }
+
+
+def _prompt_and_messages(
+    prompt: Any, bad: Callable[[str, str], ItemError]
+) -> tuple[str, list[dict[str, str]] | None]:
+    """(plain-text prompt, chat messages or None) of a prompt given as a string or a chat."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise bad("prompt", "must be a non-empty string or a list of chat messages")
+        return prompt, None
+    if not isinstance(prompt, list) or not prompt:
+        raise bad("prompt", "must be a non-empty string or a list of chat messages")
+    messages = []
+    for j, message in enumerate(prompt):
+        if not isinstance(message, Mapping) or set(message) != {"role", "content"}:
+            raise bad("prompt", f"[{j}] must be an object with exactly 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in ("system", "user", "assistant"):
+            raise bad("prompt", f"[{j}].role must be system, user or assistant, got {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise bad("prompt", f"[{j}].content must be a non-empty string")
+        messages.append({"role": role, "content": content})
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages), messages
 
 
 def _write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> int:
@@ -384,15 +550,20 @@ _NEEDS_LABELS = select(Item.id).where(
 )
 # Finish items that already have labels first, then fresh items by id: two queries,
 # so that each is a short range scan of ix_items_queue rather than a scan of all items.
+_PICK_QUERIES = (
+    _NEEDS_LABELS.where(
+        Item.n_labels > 0,
+        ~exists().where(Label.item_id == Item.id, Label.annotator_id == bindparam("annotator_id")),
+    ),
+    _NEEDS_LABELS.where(Item.n_labels == 0),
+)
 _PICK_PHASES = tuple(
-    query.order_by(Item.id).limit(1).with_for_update(skip_locked=True, of=Item)
-    for query in (
-        _NEEDS_LABELS.where(
-            Item.n_labels > 0,
-            ~exists().where(Label.item_id == Item.id, Label.annotator_id == bindparam("annotator_id")),
-        ),
-        _NEEDS_LABELS.where(Item.n_labels == 0),
-    )
+    query.order_by(Item.id).limit(1).with_for_update(skip_locked=True, of=Item) for query in _PICK_QUERIES
+)
+# PostgreSQL, when skipping found nothing: an item may only have been locked by a submit or
+# lease in flight, so wait for those rows instead of telling the annotator the work is done.
+_PICK_PHASES_WAITING = tuple(
+    query.order_by(Item.id).limit(1).with_for_update(of=Item) for query in _PICK_QUERIES
 )
 _ITEM_DEMAND = select(
     Item.n_labels,
@@ -406,7 +577,16 @@ _ITEM_DEMAND = select(
     .scalar_subquery()
     .label("n_active"),
 ).where(Item.id == bindparam("item_id"))
-_ITEM_CONTENT = select(Item.prompt, Item.responses).where(Item.id == bindparam("item_id"))
+_ITEM_CONTENT = select(Item.prompt, Item.responses, Item.messages).where(Item.id == bindparam("item_id"))
+_GOLDEN_CANDIDATES = (
+    select(Item.id)
+    .where(
+        Item.project_id == bindparam("project_id"),
+        Item.is_golden,
+        ~exists().where(Label.item_id == Item.id, Label.annotator_id == bindparam("annotator_id")),
+    )
+    .order_by(Item.id)
+)
 _INSERT_LEASE = insert(Lease)
 _LEASE_BY_TOKEN = (
     select(
@@ -421,10 +601,14 @@ _LEASE_BY_TOKEN = (
     .where(Lease.token == bindparam("token"))
     .with_for_update()
 )
-_LABEL_OF_LEASE = select(Label.id, Label.position, Label.strength).where(
+_LABEL_OF_LEASE = select(Label.id, Label.chosen, Label.position, Label.strength, Label.value).where(
     Label.lease_id == bindparam("lease_id")
 )
-_LOCK_ITEM = select(Item.n_labels, Item.overlap).where(Item.id == bindparam("item_id")).with_for_update()
+_LOCK_ITEM = (
+    select(Item.n_labels, Item.overlap, Item.is_golden, Item.golden)
+    .where(Item.id == bindparam("item_id"))
+    .with_for_update()
+)
 _LABEL_BY_ANNOTATOR = (
     select(Label.id)
     .where(Label.item_id == bindparam("item_id"), Label.annotator_id == bindparam("annotator_id"))
@@ -436,7 +620,7 @@ _COMPLETE_LEASE = update(Lease).where(Lease.id == bindparam("lease_id")).values(
 _COUNT_LABEL = (
     update(Item)
     .where(Item.id == bindparam("item_id"))
-    .values(n_labels=Item.n_labels + 1, is_complete=Item.n_labels + 1 >= Item.overlap)
+    .values(n_labels=Item.n_labels + 1, is_complete=or_(Item.is_golden, Item.n_labels + 1 >= Item.overlap))
 )
 
 
@@ -504,7 +688,7 @@ class FeedbackStore:
             if schema is not None:
                 with engine.begin() as conn:
                     conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-            Base.metadata.create_all(engine)
+            upgrade_database(self._engines["write"])
         except BaseException:
             engine.dispose()
             raise
@@ -546,12 +730,18 @@ class FeedbackStore:
     # -- projects, items, annotators ---------------------------------------------------
 
     def create_project(
-        self, name: str, task_type: str = "comparison", guidelines: str = "", overlap: int = 1
+        self,
+        name: str,
+        task_type: str = "comparison",
+        guidelines: str = "",
+        overlap: int = 1,
+        golden_rate: float = 0.0,
     ) -> int:
         """Create a project, or return the id of the existing project of that name.
 
-        An existing project keeps its guidelines and overlap; a different task type
-        is an error.
+        An existing project keeps its guidelines, overlap and golden rate; a different
+        task type is an error. `golden_rate`: the chance (0 to 1) that an annotator's next
+        task is a golden item.
         """
         if not isinstance(name, str) or not name.strip():
             raise ValueError("project name must be a non-empty string")
@@ -559,16 +749,41 @@ class FeedbackStore:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
         if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1:
             raise ValueError(f"overlap must be an integer >= 1, got {overlap!r}")
+        if (
+            isinstance(golden_rate, bool)
+            or not isinstance(golden_rate, int | float)
+            or not 0 <= golden_rate <= 1
+        ):
+            raise ValueError(f"golden_rate must be a number from 0 to 1, got {golden_rate!r}")
+        if golden_rate > 0 and task_type not in GOLDEN_TYPES:
+            raise ValueError(f"golden_rate: a {task_type} project cannot have golden items")
         values = {
             "name": name,
             "task_type": task_type,
             "guidelines": guidelines,
             "overlap": overlap,
+            "golden_rate": float(golden_rate),
             "settings": {},
             "created_at": self._now(),
         }
-        project_id = self._get_or_create(Project, values, "task_type")
-        return project_id
+        return self._get_or_create(Project, values, "task_type")
+
+    def update_project(
+        self, project_id: int, *, guidelines: str | None = None, golden_rate: float | None = None
+    ) -> None:
+        """Change a project's guidelines or golden rate (its name and task type never change)."""
+        changes: dict[str, Any] = {}
+        if guidelines is not None:
+            changes["guidelines"] = guidelines
+        if golden_rate is not None:
+            if not 0 <= golden_rate <= 1:
+                raise ValueError(f"golden_rate must be a number from 0 to 1, got {golden_rate!r}")
+            changes["golden_rate"] = float(golden_rate)
+        if not changes:
+            return
+        with self._transaction("write") as conn:
+            self._project(conn, project_id)
+            conn.execute(update(Project).where(Project.id == project_id).values(**changes))
 
     def project_id(self, name: str) -> int:
         """The id of the project called `name`; KeyError if there is none."""
@@ -578,6 +793,29 @@ class FeedbackStore:
             raise KeyError(f"no feedback project named {name!r}; create it with create_project")
         return found
 
+    def project(self, project_id: int) -> ProjectRecord:
+        """One project's settings; KeyError if there is none."""
+        found = [p for p in self.projects() if p.project_id == project_id]
+        if not found:
+            raise KeyError(f"no feedback project with id {project_id}")
+        return found[0]
+
+    def projects(self) -> list[ProjectRecord]:
+        """Every project, by id."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                select(
+                    Project.id,
+                    Project.name,
+                    Project.task_type,
+                    Project.guidelines,
+                    Project.overlap,
+                    Project.golden_rate,
+                    Project.created_at,
+                ).order_by(Project.id)
+            ).all()
+        return [ProjectRecord(*row) for row in rows]
+
     def add_annotator(self, name: str, kind: str = "human") -> int:
         """Get or create the annotator called `name`; return its id."""
         if not isinstance(name, str) or not name.strip():
@@ -586,6 +824,20 @@ class FeedbackStore:
             raise ValueError(f"annotator kind must be one of {ANNOTATOR_KINDS}, got {kind!r}")
         values = {"name": name, "kind": kind, "created_at": self._now()}
         return self._get_or_create(Annotator, values, "kind")
+
+    def exclude_annotator(self, name: str, excluded: bool = True) -> None:
+        """Leave an annotator's labels out of every export (or take them back in); KeyError if unknown."""
+        with self._transaction("write") as conn:
+            changed = conn.execute(
+                update(Annotator).where(Annotator.name == name).values(excluded=bool(excluded))
+            ).rowcount
+        if not changed:
+            raise KeyError(f"no annotator named {name!r}")
+
+    def excluded_annotators(self) -> list[str]:
+        """Names of the excluded annotators, sorted."""
+        with self._transaction() as conn:
+            return sorted(conn.scalars(select(Annotator.name).where(Annotator.excluded)).all())
 
     def _get_or_create(
         self, model: type[Project] | type[Annotator], values: dict[str, Any], must_match: str
@@ -615,8 +867,10 @@ class FeedbackStore:
     def add_items(self, project_id: int, items: Iterable[Mapping[str, Any]]) -> list[int]:
         """Validate and bulk-insert items; return their ids in input order.
 
-        Each item: {"prompt": str, "responses": [str, ...], "overlap": int (optional,
-        default the project's), "meta": dict (optional)}.
+        Each item: {"prompt": str or chat messages, "responses": [str, ...] (as many as
+        the task type shows; none for demonstrations), "overlap": int (optional, default
+        the project's), "meta": dict (optional), "golden": the known answer (optional,
+        makes it a golden item; see answers.validate_golden)}.
         """
         with self._transaction() as conn:
             _, task_type = self._project(conn, project_id)
@@ -625,14 +879,149 @@ class FeedbackStore:
         now = self._now()
         rows = []
         for index, raw in enumerate(items):
-            row = _validate_item(index, raw, default_overlap, task_type)
-            row.update(project_id=project_id, n_labels=0, is_complete=False, created_at=now)
+            row = validate_item(index, raw, default_overlap, task_type)
+            # Golden items stay out of the overlap queue: next_task mixes them in itself.
+            row.update(project_id=project_id, n_labels=0, is_complete=row["is_golden"], created_at=now)
             rows.append(row)
         if not rows:
             return []
         with self._transaction("write") as conn:
             ids = conn.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True), rows).all()
         return list(ids)
+
+    # -- users, sessions, invites ------------------------------------------------------
+
+    def add_user(self, name: str, role: str, password: str) -> int:
+        """Create a user (and the annotator of the same name); return the user id."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise ValueError("user name must be a non-empty string of at most 200 characters")
+        password_hash = hash_password(password)
+        annotator_id = self.add_annotator(name, "human")
+        try:
+            with self._transaction("write") as conn:
+                return conn.scalar(
+                    insert(User).returning(User.id),
+                    {
+                        "name": name,
+                        "role": role,
+                        "password_hash": password_hash,
+                        "annotator_id": annotator_id,
+                        "created_at": self._now(),
+                    },
+                )
+        except IntegrityError:
+            raise ValueError(f"a user named {name!r} already exists") from None
+
+    def set_password(self, name: str, password: str) -> None:
+        """Replace a user's password; KeyError if there is no such user."""
+        password_hash = hash_password(password)
+        with self._transaction("write") as conn:
+            if not conn.execute(
+                update(User).where(User.name == name).values(password_hash=password_hash)
+            ).rowcount:
+                raise KeyError(f"no user named {name!r}")
+
+    def users(self) -> list[UserRecord]:
+        """Every user, by id."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                select(User.id, User.name, User.role, User.annotator_id).order_by(User.id)
+            ).all()
+        return [UserRecord(*row) for row in rows]
+
+    def authenticate(self, name: str, password: str) -> UserRecord | None:
+        """The user if the password is right, else None (same cost either way)."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                select(User.id, User.name, User.role, User.annotator_id, User.password_hash).where(
+                    User.name == name
+                )
+            ).one_or_none()
+        # An unknown name still pays for one hash, so timing does not tell which names exist.
+        ok = verify_password(password, row.password_hash if row else None)
+        return UserRecord(row.id, row.name, row.role, row.annotator_id) if row is not None and ok else None
+
+    def create_session(self, user_id: int, seconds: float = 12 * 3600) -> tuple[str, str]:
+        """Start a login; return (session token for the cookie, CSRF token for forms)."""
+        token, csrf = new_token(), new_token()
+        now = self._now()
+        with self._transaction("write") as conn:
+            conn.execute(
+                insert(Session),
+                {
+                    "token_hash": token_digest(token),
+                    "user_id": user_id,
+                    "csrf_token": csrf,
+                    "created_at": now,
+                    "expires_at": now + timedelta(seconds=seconds),
+                },
+            )
+        return token, csrf
+
+    def session_user(self, token: str) -> tuple[UserRecord, str] | None:
+        """(user, CSRF token) of an unexpired session token, else None."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                select(User.id, User.name, User.role, User.annotator_id, Session.csrf_token)
+                .join(User, User.id == Session.user_id)
+                .where(Session.token_hash == token_digest(token), Session.expires_at > self._now())
+            ).one_or_none()
+        if row is None:
+            return None
+        return UserRecord(row.id, row.name, row.role, row.annotator_id), row.csrf_token
+
+    def end_session(self, token: str) -> None:
+        """Log out: forget the session."""
+        with self._transaction("write") as conn:
+            conn.execute(Session.__table__.delete().where(Session.token_hash == token_digest(token)))
+
+    def create_invite(self, role: str, created_by: int | None, seconds: float = 7 * 86400) -> str:
+        """A one-time sign-up token for `role`, valid for `seconds`."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        token, now = new_token(), self._now()
+        with self._transaction("write") as conn:
+            conn.execute(
+                insert(Invite),
+                {
+                    "token_hash": token_digest(token),
+                    "role": role,
+                    "created_by": created_by,
+                    "created_at": now,
+                    "expires_at": now + timedelta(seconds=seconds),
+                    "used_by": None,
+                },
+            )
+        return token
+
+    def invite_role(self, token: str) -> str | None:
+        """The role an unused, unexpired invite grants, else None."""
+        with self._transaction() as conn:
+            return conn.scalar(
+                select(Invite.role).where(
+                    Invite.token_hash == token_digest(token),
+                    Invite.used_by.is_(None),
+                    Invite.expires_at > self._now(),
+                )
+            )
+
+    def accept_invite(self, token: str, name: str, password: str) -> int:
+        """Create the user an invite allows and use the invite up; return the user id."""
+        role = self.invite_role(token)
+        if role is None:
+            raise PermissionError("this invite link is unknown, used or expired")
+        user_id = self.add_user(name, role, password)
+        with self._transaction("write") as conn:
+            used = conn.execute(
+                update(Invite)
+                .where(Invite.token_hash == token_digest(token), Invite.used_by.is_(None))
+                .values(used_by=user_id)
+            ).rowcount
+        if not used:
+            raise PermissionError("this invite link was used at the same time by someone else")
+        return user_id
 
     # -- the annotation loop -----------------------------------------------------------
 
@@ -642,12 +1031,14 @@ class FeedbackStore:
         """Lease the next item this annotator should label; None when there is none.
 
         An annotator who already holds an unexpired lease in the project gets that
-        same task back (same token, same order).
+        same task back (same token, same order). With the project's golden rate, the
+        task is a golden item the annotator has not answered yet, as long as real work
+        is left.
         """
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
         with self._transaction("lease") as conn:
-            self._project(conn, project_id)
+            _, task_type = self._project(conn, project_id)
             now = self._now()
             # Serialises one annotator's requests, so two browser tabs never hold two leases.
             if conn.scalar(_LOCK_ANNOTATOR, {"annotator_id": annotator_id}) is None:
@@ -656,10 +1047,19 @@ class FeedbackStore:
             held = conn.execute(_HELD_LEASE, params).one_or_none()
             if held is not None:
                 item = conn.execute(_ITEM_CONTENT, {"item_id": held.item_id}).one()
-                return _task(held.token, held.item_id, item.prompt, item.responses, held.presented_order)
+                return _task(held.token, held.item_id, item, held.presented_order, task_type)
             item_id = self._pick_item(conn, params)
             if item_id is None:
                 return None
+            golden_rate = conn.scalar(select(Project.golden_rate).where(Project.id == project_id)) or 0.0
+            if golden_rate > 0:
+                with self._rng_lock:
+                    draw = self._rng.random()
+                if draw < golden_rate:
+                    candidates = conn.scalars(_GOLDEN_CANDIDATES, params).all()
+                    if candidates:
+                        with self._rng_lock:
+                            item_id = self._rng.choice(candidates)
             item = conn.execute(_ITEM_CONTENT, {"item_id": item_id}).one()
             order = list(range(len(item.responses)))
             with self._rng_lock:
@@ -678,11 +1078,12 @@ class FeedbackStore:
                     "completed_at": None,
                 },
             )
-        return _task(token, item_id, item.prompt, item.responses, order)
+        return _task(token, item_id, item, order, task_type)
 
     def _pick_item(self, conn: Connection, params: dict[str, Any]) -> int | None:
         """Lock and return the next item that still needs this annotator's label."""
-        for phase in _PICK_PHASES:
+        phases = _PICK_PHASES if self._is_sqlite else _PICK_PHASES + _PICK_PHASES_WAITING
+        for phase in phases:
             after = 0
             while True:
                 item_id = conn.scalar(phase, {**params, "after": after})
@@ -703,15 +1104,28 @@ class FeedbackStore:
         """Commit the answer to a leased comparison; return the label id.
 
         `choice` ("left", "right" or "tie") refers to the presented order; `strength`
-        is 1 (slight) to 3 (strong). A retry with the same token and answer returns the
-        same label id. An expired lease is still accepted (the answer is real work)
-        unless the annotator has labelled the item since.
+        is 1 (slight) to 3 (strong). See `submit`.
         """
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {sorted(CHOICES)}, got {choice!r}")
         if isinstance(strength, bool) or not isinstance(strength, int) or not 1 <= strength <= MAX_STRENGTH:
             raise ValueError(f"strength must be an integer from 1 to {MAX_STRENGTH}, got {strength!r}")
-        position = CHOICES[choice]
+        return self.submit(
+            token, annotator_id, {"choice": choice, "strength": strength}, task_type="comparison"
+        )
+
+    def submit(
+        self, token: str, annotator_id: int, answer: Mapping[str, Any], task_type: str | None = None
+    ) -> int:
+        """Commit the answer to a leased task; return the label id.
+
+        `answer` is in presented positions (see rlhfkit.feedback.answers); `task_type`,
+        when given, must be the project's. A retry with the same token and answer
+        returns the same label id; a different answer is an error. An expired lease is
+        still accepted (the answer is real work) unless the annotator has labelled the
+        item since. Raises ValueError (AnswerError naming the field) for bad answers,
+        PermissionError for another annotator's token.
+        """
         with self._transaction("write") as conn:
             conn.execute(_LOCK_ANNOTATOR, {"annotator_id": annotator_id})
             lease = conn.execute(_LEASE_BY_TOKEN, {"token": token}).one_or_none()
@@ -721,23 +1135,19 @@ class FeedbackStore:
                 raise PermissionError(
                     f"task token {token!r} was issued to another annotator, not to annotator {annotator_id}"
                 )
+            name, project_type = self._project(conn, lease.project_id)
+            if task_type is not None and task_type != project_type:
+                raise ValueError(f"project {name!r} is a {project_type!r} project, not a {task_type}")
+            stored = store_answer(project_type, answer, lease.presented_order)
             if lease.completed_at is not None:
                 done = conn.execute(_LABEL_OF_LEASE, {"lease_id": lease.id}).one()
-                if (done.position, done.strength) != (position, strength):
+                if StoredAnswer(done.chosen, done.position, done.strength, done.value) != stored:
                     raise ValueError(
                         f"task {token!r} was already submitted with a different answer (label {done.id})"
                     )
                 return done.id
-            name, task_type = self._project(conn, lease.project_id)
-            if task_type != "comparison":
-                raise ValueError(f"project {name!r} is a {task_type!r} project, not a comparison")
-            if len(lease.presented_order) != 2:
-                raise ValueError(
-                    f"item {lease.item_id} has {len(lease.presented_order)} responses; "
-                    "a comparison needs exactly 2"
-                )
             # Locks the item row (PostgreSQL) for the n_labels update below.
-            conn.execute(_LOCK_ITEM, {"item_id": lease.item_id}).one()
+            item = conn.execute(_LOCK_ITEM, {"item_id": lease.item_id}).one()
             twice = conn.scalar(_LABEL_BY_ANNOTATOR, {"item_id": lease.item_id, "annotator_id": annotator_id})
             if twice is not None:
                 raise ValueError(
@@ -751,14 +1161,15 @@ class FeedbackStore:
                     "item_id": lease.item_id,
                     "annotator_id": annotator_id,
                     "lease_id": lease.id,
-                    "kind": "comparison",
-                    "chosen": None if position is None else lease.presented_order[position],
+                    "kind": project_type,
+                    "chosen": stored.chosen,
                     "presented_order": list(lease.presented_order),
-                    "position": position,
-                    "strength": strength,
-                    "value": None,
+                    "position": stored.position,
+                    "strength": stored.strength,
+                    "value": stored.value,
                     "created_at": now,
                     "seconds": max(0.0, (now - lease.started_at).total_seconds()),
+                    "correct": is_correct(project_type, item.golden, stored) if item.is_golden else None,
                 },
             )
             conn.execute(_COMPLETE_LEASE, {"lease_id": lease.id, "now": now})
@@ -768,48 +1179,81 @@ class FeedbackStore:
 
     # -- reading and export ------------------------------------------------------------
 
-    def labels(self, project_id: int) -> list[LabelRecord]:
-        """Every label of the project, one per annotator answer, in submission order."""
+    def labels(
+        self,
+        project_id: int,
+        *,
+        annotator_id: int | None = None,
+        include_golden: bool = True,
+        include_excluded: bool = True,
+    ) -> list[LabelRecord]:
+        """The project's labels in submission order: all of them, or one annotator's.
+
+        Exports pass include_golden=False and include_excluded=False.
+        """
+        query = (
+            select(
+                Label.id,
+                Label.item_id,
+                Annotator.name,
+                Label.chosen,
+                Label.presented_order,
+                Label.strength,
+                Label.created_at,
+                Label.seconds,
+                Label.kind,
+                Label.value,
+                Item.is_golden,
+                Label.correct,
+            )
+            .join(Annotator, Annotator.id == Label.annotator_id)
+            .join(Item, Item.id == Label.item_id)
+            .where(Label.project_id == project_id)
+            .order_by(Label.id)
+        )
+        if annotator_id is not None:
+            query = query.where(Label.annotator_id == annotator_id)
+        if not include_golden:
+            query = query.where(Item.is_golden == false())
+        if not include_excluded:
+            query = query.where(Annotator.excluded == false())
+        with self._transaction() as conn:
+            self._project(conn, project_id)
+            rows = conn.execute(query).all()
+        return [LabelRecord(*row) for row in rows]
+
+    def items(self, project_id: int) -> list[ItemRecord]:
+        """Every item of the project, by id (golden ones with their known answer)."""
         with self._transaction() as conn:
             self._project(conn, project_id)
             rows = conn.execute(
                 select(
-                    Label.id,
-                    Label.item_id,
-                    Annotator.name,
-                    Label.chosen,
-                    Label.presented_order,
-                    Label.strength,
-                    Label.created_at,
-                    Label.seconds,
+                    Item.id,
+                    Item.prompt,
+                    Item.responses,
+                    Item.overlap,
+                    Item.meta,
+                    Item.messages,
+                    Item.is_golden,
+                    Item.golden,
                 )
-                .join(Annotator, Annotator.id == Label.annotator_id)
-                .where(Label.project_id == project_id)
-                .order_by(Label.id)
-            ).all()
-        return [LabelRecord(*row) for row in rows]
-
-    def items(self, project_id: int) -> list[ItemRecord]:
-        """Every item of the project, by id."""
-        with self._transaction() as conn:
-            self._project(conn, project_id)
-            rows = conn.execute(
-                select(Item.id, Item.prompt, Item.responses, Item.overlap, Item.meta)
                 .where(Item.project_id == project_id)
                 .order_by(Item.id)
             ).all()
         return [
-            ItemRecord(id_, prompt, list(responses), overlap, dict(meta or {}))
-            for id_, prompt, responses, overlap, meta in rows
+            ItemRecord(
+                id_, prompt, list(responses), overlap, dict(meta or {}), messages, bool(is_golden), golden
+            )
+            for id_, prompt, responses, overlap, meta, messages, is_golden, golden in rows
         ]
 
     def progress(self, project_id: int) -> dict[str, int]:
-        """Counts of items, labels, complete items and annotators who labelled."""
+        """Counts of (non-golden) items, labels, complete items and annotators who labelled."""
         with self._transaction() as conn:
             self._project(conn, project_id)
             n_items, n_complete = conn.execute(
                 select(func.count(Item.id), func.count(Item.id).filter(Item.is_complete)).where(
-                    Item.project_id == project_id
+                    Item.project_id == project_id, Item.is_golden == false()
                 )
             ).one()
             n_labels, n_annotators = conn.execute(
@@ -824,62 +1268,82 @@ class FeedbackStore:
             "n_annotators": n_annotators,
         }
 
+    def annotator_stats(self, project_id: int) -> list[dict[str, Any]]:
+        """Per annotator: labels, mean and median seconds per label, golden answers and accuracy."""
+        by_name: dict[str, list[LabelRecord]] = {}
+        for label in self.labels(project_id):
+            by_name.setdefault(label.annotator, []).append(label)
+        excluded = set(self.excluded_annotators())
+        stats = []
+        for name, labels in sorted(by_name.items()):
+            seconds = sorted(label.seconds for label in labels if label.seconds is not None)
+            golden = [label.correct for label in labels if label.is_golden and label.correct is not None]
+            stats.append(
+                {
+                    "annotator": name,
+                    "n_labels": len(labels),
+                    "mean_seconds": round(sum(seconds) / len(seconds), 2) if seconds else None,
+                    "median_seconds": round(seconds[len(seconds) // 2], 2) if seconds else None,
+                    "n_golden": len(golden),
+                    "golden_accuracy": round(sum(golden) / len(golden), 4) if golden else None,
+                    "excluded": name in excluded,
+                }
+            )
+        return stats
+
+    def agreement(self, project_id: int) -> float | None:
+        """Krippendorff's alpha (nominal) over the non-golden items labelled more than once."""
+        units: dict[int, list[Any]] = {}
+        for label in self.labels(project_id, include_golden=False):
+            value = nominal_value(label.kind, label.chosen, label.value)
+            if value is not None:
+                units.setdefault(label.item_id, []).append(value)
+        return krippendorff_alpha_nominal(units)
+
+    def export(self, project_id: int, path: str | os.PathLike[str], format: str) -> int:
+        """Write one of the EXPORT_FORMATS as JSONL; return the number of rows."""
+        if format not in exports.EXPORT_FORMATS:
+            raise ValueError(
+                f"unknown export format {format!r}; choose one of {list(exports.EXPORT_FORMATS)}"
+            )
+        if format == "raw":
+            return self.export_raw(project_id, path)
+        project = self.project(project_id)
+        items = {item.item_id: item for item in self.items(project_id)}
+        labels = self.labels(project_id, include_golden=False, include_excluded=False)
+        build = exports.EXPORT_FORMATS[format]
+        return _write_jsonl(path, build(project.task_type, project.name, items, labels))
+
     def export_preferences(
         self, project_id: int, path: str | os.PathLike[str], method: str = "majority"
     ) -> int:
         """Write aggregated TRL preference pairs as JSONL; return the number of pairs.
 
-        Items whose aggregate is a tie, and items without labels, are skipped.
+        Comparisons: one pair per item by majority vote (ties and unlabelled items
+        skipped); rankings: every C(K,2) pair that a majority of annotators ordered the
+        same way; edits: (edit > original), one per label. Golden items and excluded
+        annotators are left out.
         """
         if method != "majority":
             raise ValueError(f"unknown aggregation method {method!r}; available: 'majority'")
-        with self._transaction() as conn:
-            name, _ = self._project(conn, project_id)
-        items = {item.item_id: item for item in self.items(project_id)}
-        aggregates = majority_vote(self.labels(project_id))
-
-        def rows() -> Iterator[dict[str, Any]]:
-            for item_id, agg in aggregates.items():
-                if agg.winner is None:
-                    continue
-                item = items[item_id]
-                yield {
-                    "prompt": item.prompt,
-                    "chosen": item.responses[agg.winner],
-                    "rejected": item.responses[1 - agg.winner],
-                    "source": f"feedback:{name}",
-                    "n_votes": agg.n_votes,
-                    "agreement": agg.agreement,
-                }
-
-        return _write_jsonl(path, rows())
+        return self.export(project_id, path, "trl-preference")
 
     def export_raw(self, project_id: int, path: str | os.PathLike[str]) -> int:
-        """Write one JSON line per label (per-annotator labels kept); return the count."""
+        """Write one JSON line per label (per-annotator labels kept, golden ones flagged); return the count.
+
+        Excluded annotators' labels are left out, as in every export.
+        """
         items = {item.item_id: item for item in self.items(project_id)}
-        rows = (
-            {
-                "label_id": label.label_id,
-                "item_id": label.item_id,
-                "prompt": items[label.item_id].prompt,
-                "responses": items[label.item_id].responses,
-                "annotator": label.annotator,
-                "chosen": label.chosen,
-                "order": label.order,
-                "strength": label.strength,
-                "created_at": label.created_at.isoformat(),
-                "seconds": label.seconds,
-            }
-            for label in self.labels(project_id)
-        )
-        return _write_jsonl(path, rows)
+        return _write_jsonl(path, exports.raw_rows(items, self.labels(project_id, include_excluded=False)))
 
 
-def _task(token: str, item_id: int, prompt: str, responses: list[str], order: list[int]) -> AnnotationTask:
+def _task(token: str, item_id: int, item: Any, order: list[int], task_type: str) -> AnnotationTask:
     return AnnotationTask(
         token=token,
         item_id=item_id,
-        prompt=prompt,
-        responses=[responses[i] for i in order],
+        prompt=item.prompt,
+        responses=[item.responses[i] for i in order],
         order=list(order),
+        task_type=task_type,
+        messages=item.messages,
     )

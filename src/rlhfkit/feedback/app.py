@@ -1,0 +1,140 @@
+"""The feedback web service: the FastAPI app behind `rlhfkit feedback serve`.
+
+One FeedbackStore (SQLite file or PostgreSQL) holds everything, sessions included,
+so several server processes can share a database. Pages are server-rendered Jinja2
+with autoescaping; model outputs reach the browser's DOM through textContent only,
+and a strict Content-Security-Policy (scripts from /static only) keeps any markup in
+them inert.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rlhfkit.feedback import api, pages
+from rlhfkit.feedback.answers import AnswerError
+from rlhfkit.feedback.auth import LoginRateLimiter
+from rlhfkit.feedback.store import FeedbackStore
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+SECURITY_HEADERS = {
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "same-origin",
+}
+# The interactive docs load their scripts from a CDN; they get a looser policy.
+_DOCS_PATHS = ("/docs", "/redoc")
+
+
+class BodyLimitAndHeaders:
+    """ASGI middleware: 413 for bodies over `max_bytes`; security headers on every response."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _too_large(self.max_bytes, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        docs = scope["path"].startswith(_DOCS_PATHS)
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if not docs:
+                    headers = list(message.get("headers", []))
+                    headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_headers)
+        except _BodyTooLarge:
+            if not started:
+                await _too_large(self.max_bytes, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(max_bytes: int, send: Send) -> None:
+    body = f'{{"detail": "request body is larger than {max_bytes} bytes"}}'.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    store: FeedbackStore,
+    *,
+    secure_cookies: bool = False,
+    lease_seconds: float = 600.0,
+    login_limiter: LoginRateLimiter | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The service on an open store. `secure_cookies`: mark cookies Secure (behind HTTPS)."""
+    app = FastAPI(
+        title="rlhfkit feedback service",
+        description="Collect human feedback (comparisons, rankings, ratings, thumbs, edits, demonstrations).",
+        version="1",
+    )
+    app.state.store = store
+    app.state.secure_cookies = secure_cookies
+    app.state.lease_seconds = lease_seconds
+    app.state.login_limiter = login_limiter or LoginRateLimiter()
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
+
+    @app.exception_handler(AnswerError)
+    async def _answer_error(request: Request, exc: AnswerError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "field": exc.field}, status_code=422)
+
+    @app.exception_handler(ValueError)
+    async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(PermissionError)
+    async def _permission_error(request: Request, exc: PermissionError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=403)
+
+    @app.exception_handler(KeyError)
+    async def _key_error(request: Request, exc: KeyError) -> JSONResponse:
+        message: Any = exc.args[0] if exc.args else "not found"
+        return JSONResponse({"detail": str(message)}, status_code=404)
+
+    app.add_middleware(BodyLimitAndHeaders, max_bytes=max_body_bytes)
+    return app

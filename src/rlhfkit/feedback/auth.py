@@ -1,0 +1,119 @@
+"""Passwords, tokens and the login rate limit of the feedback service.
+
+Passwords are hashed with scrypt from the standard library (memory-hard, no extra
+dependency); tokens are random and only their SHA-256 digest is stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+# scrypt cost: n=2**14, r=8 uses 16 MiB and about 50 ms per hash on one core.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 1024
+_DUMMY_HASH: str | None = None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32
+    )
+
+
+def check_password_rules(password: str) -> None:
+    """ValueError if a new password is too short or too long."""
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD_CHARS:
+        raise ValueError(f"password must have at least {MIN_PASSWORD_CHARS} characters")
+    if len(password) > MAX_PASSWORD_CHARS:
+        raise ValueError(f"password must have at most {MAX_PASSWORD_CHARS} characters")
+
+
+def hash_password(password: str) -> str:
+    """`scrypt$n$r$p$salt$hash` of a new password (checked against the rules first)."""
+    check_password_rules(password)
+    salt = secrets.token_bytes(16)
+    digest = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def verify_password(password: str, encoded: str | None) -> bool:
+    """Whether `password` matches the stored hash; None (no such user) costs the same and fails."""
+    global _DUMMY_HASH
+    if encoded is None:
+        if _DUMMY_HASH is None:
+            _DUMMY_HASH = hash_password("not-a-real-password")
+        verify_password(password, _DUMMY_HASH)
+        return False
+    try:
+        scheme, n, r, p, salt, digest = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        got = _scrypt(password[:MAX_PASSWORD_CHARS], base64.b64decode(salt), int(n), int(r), int(p))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def new_token() -> str:
+    """A random URL-safe token (256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> str:
+    """What the database keeps of a token: a leaked table gives no working session."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class LoginRateLimiter:
+    """At most `attempts` failed logins per key (user name, client address) in `window` seconds.
+
+    Kept in memory: one server process; a restart forgets it.
+    """
+
+    def __init__(self, attempts: int = 5, window: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        self.attempts = attempts
+        self.window = window
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str) -> deque[float]:
+        failures = self._failures.setdefault(key, deque())
+        cutoff = self._clock() - self.window
+        while failures and failures[0] <= cutoff:
+            failures.popleft()
+        return failures
+
+    def retry_after(self, *keys: str) -> float:
+        """Seconds until a login under these keys is allowed again (0: allowed now)."""
+        with self._lock:
+            waits = [
+                failures[0] + self.window - self._clock()
+                for key in keys
+                if len(failures := self._recent(key)) >= self.attempts
+            ]
+        return max(waits, default=0.0)
+
+    def failed(self, *keys: str) -> None:
+        """Record a failed login under each key."""
+        with self._lock:
+            for key in keys:
+                self._recent(key).append(self._clock())
+
+    def succeeded(self, *keys: str) -> None:
+        """Forget the failures of these keys."""
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)

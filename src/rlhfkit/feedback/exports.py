@@ -1,0 +1,156 @@
+"""Training data from labels: TRL preference pairs, TRL unpaired rows, SFT rows, raw labels.
+
+Pure functions over item and label records (no database); the store selects the
+labels (golden items and excluded annotators left out) and writes the rows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rlhfkit.crowd.aggregate import majority_vote
+from rlhfkit.data.convert import ranking_to_pairs
+from rlhfkit.data.records import Ranking
+
+if TYPE_CHECKING:
+    from rlhfkit.feedback.store import ItemRecord, LabelRecord
+
+Items = Mapping[int, "ItemRecord"]
+Labels = Sequence["LabelRecord"]
+
+
+def preference_rows(task_type: str, project: str, items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
+    """TRL {"prompt", "chosen", "rejected"} rows.
+
+    comparison: one row per item by majority vote, ties skipped; ranking: each of the
+    C(K,2) pairs that more annotators ordered one way than the other; edit: (edited >
+    original) per label whose edit changed the text.
+    """
+    source = f"feedback:{project}"
+    if task_type == "comparison":
+        for item_id, agg in majority_vote(labels).items():
+            if agg.winner is None:
+                continue
+            item = items[item_id]
+            yield {
+                "prompt": item.prompt_text,
+                "chosen": item.responses[agg.winner],
+                "rejected": item.responses[1 - agg.winner],
+                "source": source,
+                "n_votes": agg.n_votes,
+                "agreement": agg.agreement,
+            }
+    elif task_type == "ranking":
+        yield from _ranking_rows(source, items, labels)
+    elif task_type == "edit":
+        for label in labels:
+            item = items[label.item_id]
+            edited = (label.value or {}).get("text", "")
+            if edited.strip() == item.responses[0].strip():
+                continue  # left unchanged: no preference
+            yield {
+                "prompt": item.prompt_text,
+                "chosen": edited,
+                "rejected": item.responses[0],
+                "annotator": label.annotator,
+                "source": source,
+            }
+    else:
+        raise ValueError(
+            f"a {task_type} project has no preference pairs; export it as trl-unpaired, sft or raw"
+        )
+
+
+def _ranking_rows(source: str, items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
+    votes: dict[int, Counter[tuple[int, int]]] = {}
+    for label in labels:
+        item = items[label.item_id]
+        order = (label.value or {})["ranking"]
+        # Pairs come back as texts; map them back to indices to count votes per pair.
+        index = {text: i for i, text in enumerate(item.responses)}
+        ranking = Ranking(prompt=item.prompt, responses=item.responses, ranking=order)
+        for pair in ranking_to_pairs(ranking):
+            votes.setdefault(label.item_id, Counter())[(index[pair.chosen], index[pair.rejected])] += 1
+    for item_id in sorted(votes):
+        item, counts = items[item_id], votes[item_id]
+        for (better, worse), n in sorted(counts.items()):
+            against = counts.get((worse, better), 0)
+            if n > against:
+                yield {
+                    "prompt": item.prompt_text,
+                    "chosen": item.responses[better],
+                    "rejected": item.responses[worse],
+                    "source": source,
+                    "n_votes": n + against,
+                    "agreement": n / (n + against),
+                }
+
+
+def unpaired_rows(task_type: str, project: str, items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
+    """TRL unpaired {"prompt", "completion", "label"} rows, one per thumbs label."""
+    if task_type != "binary":
+        raise ValueError(f"trl-unpaired needs a binary (thumbs) project, not a {task_type} project")
+    for label in labels:
+        item = items[label.item_id]
+        yield {
+            "prompt": item.prompt_text,
+            "completion": item.responses[0],
+            "label": (label.value or {})["label"],
+            "annotator": label.annotator,
+        }
+
+
+def sft_rows(task_type: str, project: str, items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
+    """{"prompt", "completion"} rows from written demonstrations and edited responses."""
+    if task_type not in ("demonstration", "edit"):
+        raise ValueError(f"sft needs a demonstration or edit project, not a {task_type} project")
+    for label in labels:
+        item = items[label.item_id]
+        yield {
+            "prompt": item.prompt_text,
+            "completion": (label.value or {})["text"],
+            "annotator": label.annotator,
+        }
+
+
+def raw_rows(items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
+    """Every label with its annotator, item and answer."""
+    for label in labels:
+        item = items[label.item_id]
+        yield {
+            "label_id": label.label_id,
+            "item_id": label.item_id,
+            "prompt": item.prompt_text,
+            "responses": item.responses,
+            "annotator": label.annotator,
+            "kind": label.kind,
+            "chosen": label.chosen,
+            "order": label.order,
+            "strength": label.strength,
+            "value": label.value,
+            "golden": label.is_golden,
+            "correct": label.correct,
+            "created_at": label.created_at.isoformat(),
+            "seconds": label.seconds,
+        }
+
+
+ExportBuilder = Callable[[str, str, Items, Labels], Iterator[dict[str, Any]]]
+# Formats other than raw (which the store writes itself, with every label).
+EXPORT_FORMATS: dict[str, ExportBuilder | None] = {
+    "trl-preference": preference_rows,
+    "trl-unpaired": unpaired_rows,
+    "sft": sft_rows,
+    "raw": None,
+}
+# The formats that make sense for each task type (raw always does).
+FORMATS_BY_TASK_TYPE: dict[str, tuple[str, ...]] = {
+    "comparison": ("trl-preference", "raw"),
+    "ranking": ("trl-preference", "raw"),
+    "likert": ("raw",),
+    "binary": ("trl-unpaired", "raw"),
+    "edit": ("trl-preference", "sft", "raw"),
+    "demonstration": ("sft", "raw"),
+}

@@ -1,0 +1,105 @@
+"""Items for a feedback project: from a JSONL file of prompts with completions, or sampled from a policy.
+
+A file line is {"prompt": str or chat messages, "completions": [str, ...]} with
+optional "overlap", "meta" and "golden". How a line becomes items depends on the
+project's task type: comparison and ranking show all completions in one item;
+likert, thumbs and edit projects get one item per completion; demonstration projects
+take the prompt alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.data.io import DataError, iter_jsonl
+from rlhfkit.feedback.store import RESPONSES_PER_TYPE, ItemError, validate_item
+
+LINE_FIELDS = {"prompt", "completions", "overlap", "meta", "golden"}
+
+
+def line_to_items(row: dict[str, Any], task_type: str) -> list[dict[str, Any]]:
+    """The items one import line makes in a project of `task_type` (not yet validated)."""
+    unknown = sorted(set(row) - LINE_FIELDS)
+    if unknown:
+        raise ItemError(0, unknown[0], f"is not an import field (allowed: {sorted(LINE_FIELDS)})")
+    extra = {key: row[key] for key in ("overlap", "meta", "golden") if key in row}
+    if "prompt" not in row:
+        raise ItemError(0, "prompt", "is missing")
+    _, most = RESPONSES_PER_TYPE[task_type]
+    if most == 0:
+        return [{"prompt": row["prompt"], **extra}]
+    completions = row.get("completions")
+    if completions is None:
+        raise ItemError(0, "completions", "is missing")
+    if not isinstance(completions, list) or not completions:
+        raise ItemError(0, "completions", "must be a non-empty list of strings")
+    if most == 1:
+        if "golden" in row and len(completions) != 1:
+            raise ItemError(
+                0, "golden", "a golden line of a single-response project needs exactly 1 completion"
+            )
+        return [{"prompt": row["prompt"], "responses": [c], **extra} for c in completions]
+    return [{"prompt": row["prompt"], "responses": completions, **extra}]
+
+
+def read_import_file(
+    path: str | os.PathLike[str], task_type: str, default_overlap: int = 1
+) -> list[dict[str, Any]]:
+    """Every item of a JSONL import file, validated; DataError names file, line and field."""
+    path = Path(path)
+    items: list[dict[str, Any]] = []
+    for number, row in iter_jsonl(path):
+        try:
+            for item in line_to_items(row, task_type):
+                validate_item(0, item, default_overlap, task_type)
+                items.append(item)
+        except ItemError as exc:
+            field = "completions" if exc.field == "responses" else exc.field
+            raise DataError(path, exc.problem, number, field) from None
+    if not items:
+        raise DataError(path, "file has no items")
+    return items
+
+
+def sample_items(
+    checkpoint: str | os.PathLike[str],
+    prompts: Sequence[str],
+    k: int,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Prompts with k completions each, sampled from a local causal-LM checkpoint."""
+    import torch
+
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.models.tokenizer import prompt_token_ids
+    from rlhfkit.rollout.generate import sample_responses
+
+    if k < 1:
+        raise ValueError(f"-k must be >= 1, got {k}")
+    tokenizer, policy = load_tokenizer(checkpoint), load_causal_lm(checkpoint)
+    ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+    torch.manual_seed(seed)
+    samples = [
+        tokenizer.batch_decode(
+            sample_responses(
+                policy,
+                ids,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+            ),
+            skip_special_tokens=True,
+        )
+        for _ in range(k)
+    ]
+    return [
+        {"prompt": prompt, "completions": [s[i] for s in samples], "meta": {"policy": str(checkpoint)}}
+        for i, prompt in enumerate(prompts)
+    ]

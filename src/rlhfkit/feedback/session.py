@@ -1,0 +1,82 @@
+"""Who is calling: session cookies, roles and CSRF checks of the feedback service.
+
+Sessions live in the database (the cookie holds a random token, HttpOnly and
+SameSite=Lax); each session has its own CSRF token, which every state-changing
+request must echo in the X-CSRF-Token header or a `csrf_token` form field.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from fastapi import HTTPException, Request, Response
+
+from rlhfkit.feedback.store import UserRecord
+
+COOKIE = "rlhfkit_session"
+CSRF_HEADER = "X-CSRF-Token"
+SESSION_SECONDS = 12 * 3600
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The logged-in user and their session's CSRF token."""
+
+    user: UserRecord
+    csrf: str
+
+
+def current_caller(request: Request) -> Caller | None:
+    """The caller of a request, None when not logged in (cached on the request)."""
+    if not hasattr(request.state, "caller"):
+        token = request.cookies.get(COOKIE)
+        found = request.app.state.store.session_user(token) if token else None
+        request.state.caller = Caller(*found) if found else None
+    return request.state.caller
+
+
+def require_user(request: Request) -> Caller:
+    """Any logged-in user; 401 otherwise."""
+    caller = current_caller(request)
+    if caller is None:
+        raise HTTPException(401, "log in first", {"WWW-Authenticate": "Cookie"})
+    return caller
+
+
+def require_admin(request: Request) -> Caller:
+    """A logged-in admin; 401 when not logged in, 403 for annotators."""
+    caller = require_user(request)
+    if caller.user.role != "admin":
+        raise HTTPException(403, "admins only")
+    return caller
+
+
+async def check_csrf(request: Request) -> None:
+    """403 unless the request carries the session's CSRF token (header or form field)."""
+    caller = require_user(request)
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        sent = (await request.form()).get("csrf_token")
+    if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), caller.csrf.encode()):
+        raise HTTPException(403, "missing or wrong CSRF token")
+
+
+def set_session_cookie(request: Request, response: Response, token: str) -> None:
+    """The session cookie: HttpOnly, SameSite=Lax, Secure when served over HTTPS."""
+    response.set_cookie(
+        COOKIE,
+        token,
+        max_age=SESSION_SECONDS,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=request.app.state.secure_cookies or request.url.scheme == "https",
+    )
+
+
+def client_address(request: Request) -> str:
+    """The client's address, for the login rate limit."""
+    return request.client.host if request.client else "unknown"

@@ -1,0 +1,184 @@
+// The annotation page: fetch the next task from the JSON API, show it, submit the answer.
+// Model outputs are untrusted: they only ever reach the page as text nodes (textContent),
+// never as HTML.
+"use strict";
+(function () {
+  const section = document.getElementById("task");
+  const status = document.getElementById("status");
+  const doneCount = document.getElementById("done-count");
+  const projectId = section.dataset.project;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  let done = 0;
+
+  // Build an element; children that are strings become text nodes.
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props || {})) {
+      if (key === "dataset") Object.assign(node.dataset, value);
+      else if (key in node) node[key] = value;
+      else node.setAttribute(key, value);
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(typeof child === "string" ? document.createTextNode(child) : child);
+    }
+    return node;
+  }
+
+  async function post(path, body) {
+    const response = await fetch(path, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+      body: JSON.stringify(body || {}),
+    });
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail);
+      throw new Error(detail || `HTTP ${response.status}`);
+    }
+    return data;
+  }
+
+  function promptView(task) {
+    if (task.messages) {
+      return el("div", { className: "conversation" },
+        ...task.messages.map((m) =>
+          el("div", { className: `message role-${m.role}` },
+            el("span", { className: "role" }, m.role), el("div", { className: "content" }, m.content))));
+    }
+    return el("div", { className: "prompt" }, el("span", { className: "role" }, "prompt"),
+      el("div", { className: "content" }, task.prompt));
+  }
+
+  function responseView(text, title) {
+    return el("div", { className: "response" }, el("h3", {}, title), el("div", { className: "text" }, text));
+  }
+
+  function setBusy(busy) {
+    for (const control of section.querySelectorAll("button, textarea, input")) control.disabled = busy;
+  }
+
+  async function submit(task, answer) {
+    setBusy(true);
+    status.textContent = "Saving…";
+    try {
+      await post("/api/submit", { token: task.token, answer });
+      done += 1;
+      doneCount.textContent = String(done);
+      status.textContent = "Saved.";
+      await load();
+    } catch (error) {
+      status.textContent = `Not saved: ${error.message}`;
+      setBusy(false);
+    }
+  }
+
+  function comparison(task) {
+    const strength = el("fieldset", { className: "strength" }, el("legend", {}, "How much better?"),
+      ...[["1", "slightly"], ["2", "clearly"], ["3", "much"]].map(([value, text]) =>
+        el("label", {}, el("input", { type: "radio", name: "strength", value, checked: value === "1" }), ` ${text}`)));
+    const chosenStrength = () => Number(section.querySelector('input[name="strength"]:checked').value);
+    const choose = (choice) => submit(task, { choice, strength: choice === "tie" ? 1 : chosenStrength() });
+    return [
+      el("div", { className: "pair" }, responseView(task.responses[0], "A"), responseView(task.responses[1], "B")),
+      strength,
+      el("div", { className: "actions" },
+        el("button", { id: "choose-left", onclick: () => choose("left") }, "A is better"),
+        el("button", { id: "choose-tie", onclick: () => choose("tie") }, "Tie"),
+        el("button", { id: "choose-right", onclick: () => choose("right") }, "B is better")),
+    ];
+  }
+
+  function ranking(task) {
+    const list = el("ol", { id: "ranking", className: "ranking" });
+    let dragged = null;
+    task.responses.forEach((text, position) => {
+      const item = el("li", { tabIndex: 0, draggable: true, className: "rank-item", dataset: { position: String(position) } },
+        el("span", { className: "grip", "aria-hidden": "true" }, "⠿"), el("div", { className: "text" }, text));
+      item.addEventListener("keydown", (event) => {
+        // Keyboard ranking: arrow keys move the focused response up or down.
+        if (event.key === "ArrowUp" && item.previousElementSibling) {
+          list.insertBefore(item, item.previousElementSibling);
+        } else if (event.key === "ArrowDown" && item.nextElementSibling) {
+          list.insertBefore(item.nextElementSibling, item);
+        } else {
+          return;
+        }
+        event.preventDefault();
+        item.focus();
+      });
+      item.addEventListener("dragstart", () => { dragged = item; item.classList.add("dragging"); });
+      item.addEventListener("dragend", () => { dragged = null; item.classList.remove("dragging"); });
+      item.addEventListener("dragover", (event) => event.preventDefault());
+      item.addEventListener("drop", (event) => {
+        event.preventDefault();
+        if (!dragged || dragged === item) return;
+        const after = [...list.children].indexOf(dragged) < [...list.children].indexOf(item);
+        list.insertBefore(dragged, after ? item.nextElementSibling : item);
+      });
+      list.append(item);
+    });
+    const order = () => [...list.children].map((li) => Number(li.dataset.position));
+    return [
+      el("p", { className: "muted" }, "Best first. Drag the responses, or focus one (Tab) and move it with ↑ / ↓."),
+      list,
+      el("div", { className: "actions" }, el("button", { id: "submit-ranking", onclick: () => submit(task, { ranking: order() }) }, "Submit ranking")),
+    ];
+  }
+
+  function likert(task) {
+    const labels = { 1: "very bad", 4: "neutral", 7: "very good" };
+    return [
+      responseView(task.responses[0], "Response"),
+      el("div", { className: "actions likert", role: "group", "aria-label": "rating from 1 to 7" },
+        ...[1, 2, 3, 4, 5, 6, 7].map((n) =>
+          el("button", { className: "rating", dataset: { rating: String(n) }, title: labels[n] || "", onclick: () => submit(task, { rating: n }) }, String(n)))),
+      el("p", { className: "muted" }, "1 = very bad · 4 = neutral · 7 = very good"),
+    ];
+  }
+
+  function binary(task) {
+    return [
+      responseView(task.responses[0], "Response"),
+      el("div", { className: "actions" },
+        el("button", { id: "thumbs-up", onclick: () => submit(task, { label: true }) }, "👍 Good"),
+        el("button", { id: "thumbs-down", onclick: () => submit(task, { label: false }) }, "👎 Bad")),
+    ];
+  }
+
+  function textTask(task, editing) {
+    const area = el("textarea", { id: "answer-text", rows: 10, value: editing ? task.responses[0] : "" });
+    return [
+      editing ? responseView(task.responses[0], "Original response") : null,
+      el("label", {}, editing ? "Your improved response" : "Your response", area),
+      el("div", { className: "actions" },
+        el("button", { id: "submit-text", onclick: () => submit(task, { text: area.value }) }, "Submit")),
+    ];
+  }
+
+  const VIEWS = {
+    comparison,
+    ranking,
+    likert,
+    binary,
+    edit: (task) => textTask(task, true),
+    demonstration: (task) => textTask(task, false),
+  };
+
+  async function load() {
+    try {
+      const { task } = await post(`/api/projects/${projectId}/next`);
+      if (!task) {
+        section.replaceChildren(el("p", { id: "all-done" }, "No more tasks in this project. Thank you!"));
+        return;
+      }
+      section.replaceChildren(promptView(task), ...VIEWS[task.task_type](task).filter(Boolean));
+      section.dataset.token = task.token;
+    } catch (error) {
+      section.replaceChildren(el("p", { className: "error" }, `Could not load a task: ${error.message}`));
+    }
+  }
+
+  load();
+})();

@@ -1,0 +1,164 @@
+"""Pure parts of the feedback service: answers, golden checks, export rows, passwords, rate limit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from rlhfkit.feedback.answers import (
+    AnswerError,
+    StoredAnswer,
+    is_correct,
+    nominal_value,
+    store_answer,
+    validate_golden,
+)
+from rlhfkit.feedback.auth import LoginRateLimiter, hash_password, token_digest, verify_password
+from rlhfkit.feedback.exports import preference_rows, raw_rows, sft_rows, unpaired_rows
+from rlhfkit.feedback.store import ItemRecord, LabelRecord
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def test_comparison_answer_maps_presented_position_to_original_index():
+    assert store_answer("comparison", {"choice": "left", "strength": 3}, [1, 0]) == StoredAnswer(
+        1, 0, 3, None
+    )
+    assert store_answer("comparison", {"choice": "right"}, [1, 0]) == StoredAnswer(0, 1, 1, None)
+    assert store_answer("comparison", {"choice": "tie"}, [0, 1]) == StoredAnswer(None, None, 1, None)
+
+
+def test_ranking_answer_is_kept_in_original_indices():
+    # Shown order: original 2, 0, 1. The annotator ranks shown positions 1 > 2 > 0,
+    # that is originals 0 > 1 > 2.
+    stored = store_answer("ranking", {"ranking": [1, 2, 0]}, [2, 0, 1])
+    assert stored == StoredAnswer(0, 1, None, {"ranking": [0, 1, 2]})
+
+
+@pytest.mark.parametrize(
+    ("task_type", "answer", "field"),
+    [
+        ("comparison", {"choice": "up"}, "choice"),
+        ("comparison", {"choice": "left", "strength": 4}, "strength"),
+        ("comparison", {"choice": "left", "strength": True}, "strength"),
+        ("ranking", {"ranking": [0, 0, 1]}, "ranking"),
+        ("ranking", {"ranking": [0, 1]}, "ranking"),
+        ("ranking", {"ranking": "012"}, "ranking"),
+        ("likert", {"rating": 8}, "rating"),
+        ("likert", {"rating": 0}, "rating"),
+        ("likert", {"rating": 3.5}, "rating"),
+        ("binary", {"label": 1}, "label"),
+        ("edit", {"text": "   "}, "text"),
+        ("demonstration", {}, "text"),
+        ("edit", {"text": "x", "extra": 1}, "extra"),
+    ],
+)
+def test_bad_answers_name_the_field(task_type, answer, field):
+    with pytest.raises(AnswerError) as err:
+        store_answer(
+            task_type,
+            answer,
+            [0, 1, 2] if task_type == "ranking" else [0, 1][: 2 if task_type == "comparison" else 1],
+        )
+    assert err.value.field == field
+    assert f"field {field!r}" in str(err.value)
+
+
+def test_golden_checks():
+    assert validate_golden("comparison", {"chosen": None}, 2) == {"chosen": None}
+    for task_type, golden in [
+        ("comparison", {"chosen": 2}),
+        ("comparison", {"chosen": True}),
+        ("ranking", {"ranking": [0, 0]}),
+        ("likert", {"rating": 9}),
+        ("binary", {"label": "yes"}),
+        ("edit", {"text": "x"}),
+    ]:
+        with pytest.raises(ValueError):
+            validate_golden(task_type, golden, 2)
+    assert is_correct("comparison", {"chosen": 1}, StoredAnswer(1, 0, 1, None))
+    assert not is_correct("comparison", {"chosen": None}, StoredAnswer(1, 0, 1, None))
+    assert is_correct("ranking", {"ranking": [2, 0, 1]}, StoredAnswer(2, 0, None, {"ranking": [2, 1, 0]}))
+    assert not is_correct("ranking", {"ranking": [2, 0, 1]}, StoredAnswer(0, 0, None, {"ranking": [0, 2, 1]}))
+    assert is_correct("likert", {"rating": 5}, StoredAnswer(None, None, None, {"rating": 6}))
+    assert not is_correct("likert", {"rating": 5}, StoredAnswer(None, None, None, {"rating": 7}))
+    assert is_correct("binary", {"label": False}, StoredAnswer(None, None, None, {"label": False}))
+    assert nominal_value("comparison", None, None) == "tie"
+    assert nominal_value("likert", None, {"rating": 3}) == 3
+    assert nominal_value("edit", None, {"text": "x"}) is None
+
+
+def _label(item_id, annotator, kind, chosen=None, value=None):
+    return LabelRecord(1, item_id, annotator, chosen, [0, 1, 2], None, T0, 1.0, kind, value)
+
+
+def test_ranking_export_counts_votes_per_pair():
+    items = {1: ItemRecord(1, "p", ["a", "b", "c"], 3, {})}
+    labels = [
+        _label(1, "x", "ranking", 0, {"ranking": [0, 1, 2]}),
+        _label(1, "y", "ranking", 0, {"ranking": [0, 2, 1]}),
+        _label(1, "z", "ranking", 1, {"ranking": [1, 0, 2]}),
+    ]
+    rows = {
+        (r["chosen"], r["rejected"]): (r["n_votes"], r["agreement"])
+        for r in preference_rows("ranking", "P", items, labels)
+    }
+    # a>b: x, y vs z (2 of 3); a>c: all three; b>c: x, z vs y (2 of 3).
+    assert rows == {("a", "b"): (3, 2 / 3), ("a", "c"): (3, 1.0), ("b", "c"): (3, 2 / 3)}
+
+
+def test_edit_thumbs_and_sft_exports():
+    chat = [{"role": "user", "content": "hi"}]
+    items = {
+        1: ItemRecord(1, "user: hi", ["orig"], 1, {}, messages=chat),
+        2: ItemRecord(2, "q", ["same"], 1, {}),
+    }
+    edits = [
+        _label(1, "x", "edit", value={"text": "better"}),
+        _label(2, "y", "edit", value={"text": "same "}),
+    ]
+    assert list(preference_rows("edit", "E", items, edits)) == [
+        {"prompt": chat, "chosen": "better", "rejected": "orig", "annotator": "x", "source": "feedback:E"}
+    ]
+    assert [r["completion"] for r in sft_rows("edit", "E", items, edits)] == ["better", "same "]
+    thumbs = [_label(2, "x", "binary", value={"label": False})]
+    assert list(unpaired_rows("binary", "B", items, thumbs)) == [
+        {"prompt": "q", "completion": "same", "label": False, "annotator": "x"}
+    ]
+    with pytest.raises(ValueError, match="trl-unpaired"):
+        list(unpaired_rows("likert", "L", items, thumbs))
+    with pytest.raises(ValueError, match="no preference pairs"):
+        list(preference_rows("likert", "L", items, thumbs))
+    (raw,) = raw_rows(items, thumbs)
+    assert raw["annotator"] == "x" and raw["value"] == {"label": False} and raw["kind"] == "binary"
+
+
+def test_password_hash_round_trip():
+    encoded = hash_password("correct horse")
+    assert encoded.startswith("scrypt$") and "correct horse" not in encoded
+    assert verify_password("correct horse", encoded)
+    assert not verify_password("correct hors", encoded)
+    assert not verify_password("correct horse", None)
+    assert not verify_password("x", "md5$abc")
+    assert hash_password("correct horse") != encoded  # salted
+    with pytest.raises(ValueError, match="at least 8"):
+        hash_password("short")
+    assert token_digest("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_login_rate_limiter_window():
+    now = [0.0]
+    limiter = LoginRateLimiter(attempts=3, window=60, clock=lambda: now[0])
+    for _ in range(3):
+        assert limiter.retry_after("name:a") == 0
+        limiter.failed("name:a")
+    assert limiter.retry_after("name:a", "addr:1") == pytest.approx(60)
+    assert limiter.retry_after("name:b") == 0
+    now[0] = 30
+    assert limiter.retry_after("name:a") == pytest.approx(30)
+    now[0] = 60.5
+    assert limiter.retry_after("name:a") == 0
+    limiter.failed("name:a")
+    limiter.succeeded("name:a")
+    assert limiter.retry_after("name:a") == 0

@@ -1,0 +1,334 @@
+"""The feedback web service: JSON API, pages and security rules (TestClient), HTTP labelling (uvicorn)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+from feedback_server import running_server
+
+from rlhfkit.crowd.simulate import AnnotatorProfile, simulate_annotation
+from rlhfkit.feedback.app import create_app
+from rlhfkit.feedback.auth import LoginRateLimiter
+from rlhfkit.feedback.client import FeedbackClient, FeedbackClientError, HttpAnnotators
+
+PASSWORDS = {"root": "root-password", "alice": "alice-password", "bob": "bob-password"}
+
+
+@pytest.fixture
+def service(open_store):
+    """A store with an admin, two annotators, a comparison project with a golden item; and the app."""
+    store = open_store()
+    store.add_user("root", "admin", PASSWORDS["root"])
+    store.add_user("alice", "annotator", PASSWORDS["alice"])
+    store.add_user("bob", "annotator", PASSWORDS["bob"])
+    project = store.create_project(
+        "prefs", guidelines="Pick the **better** list.", overlap=2, golden_rate=0.0
+    )
+    store.add_items(project, [{"prompt": f"q{i}", "responses": [f"a{i}", f"b{i}"]} for i in range(3)])
+    store.add_items(
+        project, [{"prompt": "control", "responses": ["SECRET-GOOD", "bad"], "golden": {"chosen": 0}}]
+    )
+    app = create_app(store, login_limiter=LoginRateLimiter(attempts=3, window=60))
+    return store, app, project
+
+
+def login(app, name):
+    """A TestClient logged in as `name`; returns (client, csrf token)."""
+    client = TestClient(app)
+    response = client.post("/api/login", json={"name": name, "password": PASSWORDS[name]})
+    assert response.status_code == 200, response.text
+    return client, response.json()["csrf_token"]
+
+
+def test_annotator_labels_and_sees_only_their_own_work(service):
+    store, app, project = service
+    alice, alice_csrf = login(app, "alice")
+    bob, bob_csrf = login(app, "bob")
+    task = alice.post(f"/api/projects/{project}/next", headers={"X-CSRF-Token": alice_csrf}).json()["task"]
+    assert set(task) == {
+        "token",
+        "task_type",
+        "prompt",
+        "messages",
+        "responses",
+    }  # no item id, no golden flag
+    submitted = alice.post(
+        "/api/submit",
+        json={"token": task["token"], "answer": {"choice": "left", "strength": 2}},
+        headers={"X-CSRF-Token": alice_csrf},
+    )
+    assert submitted.status_code == 200
+    # A double click: same token, same answer, same label.
+    again = alice.post(
+        "/api/submit",
+        json={"token": task["token"], "answer": {"choice": "left", "strength": 2}},
+        headers={"X-CSRF-Token": alice_csrf},
+    )
+    assert again.json() == submitted.json()
+    assert [label["annotator"] for label in alice.get(f"/api/projects/{project}/my-labels").json()] == [
+        "alice"
+    ]
+    assert bob.get(f"/api/projects/{project}/my-labels").json() == []
+    # Bob cannot submit on Alice's token, nor read all labels, stats, exports or invites.
+    stolen = bob.post(
+        "/api/submit",
+        json={"token": task["token"], "answer": {"choice": "right"}},
+        headers={"X-CSRF-Token": bob_csrf},
+    )
+    assert stolen.status_code == 403
+    for path in (
+        f"/api/projects/{project}/labels",
+        f"/api/projects/{project}/stats",
+        f"/api/projects/{project}/export",
+    ):
+        assert bob.get(path).status_code == 403, path
+    assert bob.post("/api/invites", json={}, headers={"X-CSRF-Token": bob_csrf}).status_code == 403
+    assert bob.get("/admin").status_code == 403
+    assert bob.get("/admin/projects/new").status_code == 403
+    # Project settings: annotators never see the golden rate.
+    assert bob.get(f"/api/projects/{project}").json()["golden_rate"] is None
+
+
+def test_not_logged_in_is_401_or_a_redirect(service):
+    _, app, project = service
+    anonymous = TestClient(app)
+    for path in (
+        "/api/me",
+        "/api/projects",
+        f"/api/projects/{project}/my-labels",
+        f"/api/projects/{project}/labels",
+    ):
+        assert anonymous.get(path).status_code == 401, path
+    assert anonymous.post(f"/api/projects/{project}/next").status_code == 401
+    assert anonymous.get("/admin", follow_redirects=False).status_code == 303
+    assert (
+        anonymous.get(f"/projects/{project}/annotate", follow_redirects=False).headers["location"] == "/login"
+    )
+
+
+def test_golden_answers_never_reach_annotators(service):
+    store, app, project = service
+    store.update_project(project, golden_rate=1.0)
+    alice, csrf = login(app, "alice")
+    task = alice.post(f"/api/projects/{project}/next", headers={"X-CSRF-Token": csrf}).json()["task"]
+    assert task["prompt"] == "control"  # rate 1: the golden item comes first
+    alice.post(
+        "/api/submit",
+        json={"token": task["token"], "answer": {"choice": "tie"}},
+        headers={"X-CSRF-Token": csrf},
+    )
+    for path in (f"/api/projects/{project}", f"/api/projects/{project}/my-labels", "/api/projects", "/"):
+        body = alice.get(path).text
+        assert '"chosen": 0' not in body and "golden" not in body.replace('"golden_rate":null', ""), path
+    (label,) = alice.get(f"/api/projects/{project}/my-labels").json()
+    assert label["chosen"] is None  # her own answer, not the key
+    root, _ = login(app, "root")
+    stats = root.get(f"/api/projects/{project}/stats").json()
+    assert stats["annotators"][0]["golden_accuracy"] == 0.0
+
+
+def test_state_changing_calls_need_the_csrf_token(service):
+    _, app, project = service
+    alice, csrf = login(app, "alice")
+    assert alice.post(f"/api/projects/{project}/next").status_code == 403
+    assert alice.post(f"/api/projects/{project}/next", headers={"X-CSRF-Token": "forged"}).status_code == 403
+    root, _ = login(app, "root")
+    assert root.post("/api/projects", json={"name": "x"}).status_code == 403
+    assert root.post("/admin/projects", data={"name": "x", "task_type": "likert"}).status_code == 403
+    assert root.post("/admin/invites", data={"role": "annotator"}).status_code == 403
+    assert root.post("/logout").status_code == 403
+    # The login form is protected by a double-submit token even before a session exists.
+    fresh = TestClient(app)
+    assert fresh.post("/login", data={"name": "alice", "password": PASSWORDS["alice"]}).status_code == 403
+
+
+def test_session_cookie_flags_and_security_headers(service):
+    _, app, _ = service
+    response = TestClient(app).post("/api/login", json={"name": "alice", "password": PASSWORDS["alice"]})
+    cookie = response.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
+
+
+def test_login_rate_limit(service):
+    _, app, _ = service
+    client = TestClient(app)
+    for _ in range(3):
+        assert (
+            client.post("/api/login", json={"name": "alice", "password": "wrong-password"}).status_code == 401
+        )
+    blocked = client.post("/api/login", json={"name": "alice", "password": PASSWORDS["alice"]})
+    assert blocked.status_code == 429 and "Retry-After" in blocked.headers
+    assert (
+        client.post("/api/login", json={"name": "bob", "password": "x" * 9}).status_code == 429
+    )  # same address
+
+
+def test_model_output_with_markup_is_data_and_sql_text_is_stored_verbatim(service):
+    store, app, _ = service
+    root, csrf = login(app, "root")
+    created = root.post(
+        "/api/projects",
+        json={"name": "xss", "task_type": "binary", "guidelines": "<script>alert('g')</script> *ok*"},
+        headers={"X-CSRF-Token": csrf},
+    )
+    assert created.status_code == 201
+    pid = created.json()["id"]
+    evil = "<script>alert('x')</script><img src=x onerror=alert(1)>"
+    sql = "'); DROP TABLE labels; --"
+    added = root.post(
+        f"/api/projects/{pid}/items",
+        json={"items": [{"prompt": sql, "responses": [evil]}]},
+        headers={"X-CSRF-Token": csrf},
+    )
+    assert added.status_code == 201
+    page = root.get(f"/projects/{pid}/guidelines").text
+    assert "<script>alert('g')" not in page and "&lt;script&gt;alert(" in page and "<em>ok</em>" in page
+    task = root.post(f"/api/projects/{pid}/next", headers={"X-CSRF-Token": csrf}).json()["task"]
+    assert task["prompt"] == sql and task["responses"] == [evil]
+    root.post(
+        "/api/submit",
+        json={"token": task["token"], "answer": {"label": True}},
+        headers={"X-CSRF-Token": csrf},
+    )
+    exported = root.get(f"/api/projects/{pid}/export", params={"format": "trl-unpaired"})
+    assert json.loads(exported.text)["completion"] == evil
+    assert len(store.labels(pid)) == 1  # the labels table is still there
+    # The annotate page has no inline script; its script writes outputs with textContent only.
+    annotate = root.get(f"/projects/{pid}/annotate").text
+    assert "<script>" not in annotate.replace('<script src="/static/annotate.js"></script>', "")
+    script = root.get("/static/annotate.js").text
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+
+
+@pytest.mark.parametrize(
+    ("answer", "field"),
+    [
+        ({"choice": "sideways"}, "choice"),
+        ({"choice": "left", "strength": 9}, "strength"),
+        ({"rank": [0]}, "rank"),
+    ],
+)
+def test_bad_requests_get_4xx_naming_the_field(service, answer, field):
+    _, app, project = service
+    alice, csrf = login(app, "alice")
+    task = alice.post(f"/api/projects/{project}/next", headers={"X-CSRF-Token": csrf}).json()["task"]
+    response = alice.post(
+        "/api/submit", json={"token": task["token"], "answer": answer}, headers={"X-CSRF-Token": csrf}
+    )
+    assert response.status_code == 422 and response.json()["field"] == field
+
+
+def test_other_bad_requests(service):
+    _, app, project = service
+    alice, csrf = login(app, "alice")
+    headers = {"X-CSRF-Token": csrf}
+    unknown = alice.post("/api/submit", json={"token": "nope", "answer": {"choice": "left"}}, headers=headers)
+    assert unknown.status_code == 400 and "unknown task token" in unknown.json()["detail"]
+    missing = alice.post("/api/submit", json={"answer": {}}, headers=headers)
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "token"]
+    assert alice.post("/api/projects/999/next", headers=headers).status_code == 404
+    root, root_csrf = login(app, "root")
+    empty = root.post(
+        f"/api/projects/{project}/items",
+        json={"items": [{"prompt": "", "responses": ["a", "b"]}]},
+        headers={"X-CSRF-Token": root_csrf},
+    )
+    assert empty.status_code == 422 and "prompt" in json.dumps(empty.json())
+    wrong = root.post(
+        f"/api/projects/{project}/items",
+        json={"items": [{"prompt": "q", "responses": ["a", "b", "c"]}]},
+        headers={"X-CSRF-Token": root_csrf},
+    )
+    assert wrong.status_code == 400 and "'responses'" in wrong.json()["detail"]
+    small = create_app(app.state.store, max_body_bytes=1000)
+    big = TestClient(small).post(
+        "/api/login", content=b"x" * 5000, headers={"content-type": "application/json"}
+    )
+    assert big.status_code == 413
+
+
+def test_invite_link_signs_up_an_annotator(service):
+    store, app, _ = service
+    root, csrf = login(app, "root")
+    url = root.post("/api/invites", json={"role": "annotator"}, headers={"X-CSRF-Token": csrf}).json()["url"]
+    invite = url.split("invite=")[1]
+    newcomer = TestClient(app)
+    form = newcomer.get(f"/signup?invite={invite}")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    done = newcomer.post(
+        "/signup",
+        data={"invite": invite, "name": "carol", "password": "carol-password", "csrf_token": token},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+    assert newcomer.get("/api/me").json()["role"] == "annotator"
+    assert TestClient(app).get(f"/signup?invite={invite}").status_code == 403  # used up
+
+
+def test_openapi_lists_the_api(service):
+    _, app, _ = service
+    spec = TestClient(app).get("/openapi.json").json()
+    assert {
+        "/api/login",
+        "/api/submit",
+        "/api/projects/{project_id}/next",
+        "/api/projects/{project_id}/export",
+    } <= set(spec["paths"])
+
+
+def test_simulated_annotators_label_over_http(open_store):
+    store = open_store(clock=None)
+    pool = [AnnotatorProfile(f"sim-{i}", "careful", flip_prob=0.1) for i in range(4)]
+    for profile in pool:
+        store.add_user(profile.name, "annotator", f"{profile.name}-password")
+    project = store.create_project("http", overlap=2)
+    store.add_items(project, [{"prompt": f"q{i}", "responses": ["short", "a longer one"]} for i in range(10)])
+    with running_server(store) as url:
+        annotators = HttpAnnotators(url, {p.name: f"{p.name}-password" for p in pool})
+        stats = simulate_annotation(annotators, project, pool, lambda prompt, response: len(response), seed=0)
+        client = FeedbackClient(url)
+        with pytest.raises(FeedbackClientError) as err:
+            client.login("sim-0", "wrong-password")
+        assert err.value.status == 401
+    labels = store.labels(project)
+    assert stats["n_labels"] == len(labels) == 20
+    assert len({(label.item_id, label.annotator) for label in labels}) == 20
+    assert all(label.seconds is not None for label in labels)
+
+
+@pytest.mark.slow
+def test_cli_user_add_and_import_errors(tmp_path):
+    db = tmp_path / "fb.db"
+    cli = [sys.executable, "-m", "rlhfkit", "feedback"]
+    added = subprocess.run(
+        [*cli, "user", "add", "root", "--role", "admin", "--db", str(db), "--password-stdin"],
+        input="root-password\n",
+        capture_output=True,
+        text=True,
+    )
+    assert added.returncode == 0, added.stderr
+    bad = tmp_path / "items.jsonl"
+    bad.write_text('{"prompt": "q", "completions": ["a", "b"]}\n{"prompt": "q", "completions": ["a", 3]}\n')
+    failed = subprocess.run(
+        [*cli, "import", "--db", str(db), "--project", "p", "--file", str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 2
+    assert f"{bad}:2: field 'completions'" in failed.stderr
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "q", "completions": ["a", "b", "c"]}\n')
+    ok = subprocess.run(
+        [*cli, "import", "--db", str(db), "--project", "r", "--task-type", "likert", "--file", str(good)],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "imported 3 items" in ok.stdout  # one item per completion in a Likert project
