@@ -12,6 +12,29 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def response_forward(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_response: int,
+    temperature: float = 1.0,
+    with_hidden: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (divided by the sampling temperature) that predicted the last `n_response` tokens,
+    and with `with_hidden` the last hidden state at the same positions (for a value head)."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=with_hidden,
+        use_cache=False,
+    )
+    # Position t predicts token t + 1: the response's logits start one before it.
+    logits = out.logits[:, -n_response - 1 : -1].float() / temperature
+    hidden = out.hidden_states[-1][:, -n_response - 1 : -1] if with_hidden else None
+    return logits, hidden
+
+
 def response_logits(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -20,15 +43,7 @@ def response_logits(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Logits (divided by the sampling temperature) that predicted the last `n_response` tokens."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    # Position t predicts token t + 1: the response's logits start one before it.
-    logits = out.logits[:, -n_response - 1 : -1].float()
-    return logits / temperature
+    return response_forward(model, input_ids, attention_mask, n_response, temperature)[0]
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

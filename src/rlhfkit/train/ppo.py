@@ -40,7 +40,7 @@ from rlhfkit.models.loading import load_causal_lm, load_reward_model, load_token
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
 from rlhfkit.rollout.generate import sample_responses
-from rlhfkit.rollout.logprobs import gather_logprobs, position_ids_from_mask
+from rlhfkit.rollout.logprobs import gather_logprobs, response_forward
 from rlhfkit.train.checkpoint import (
     TrainingInterrupted,
     latest_resumable,
@@ -108,20 +108,16 @@ class PolicyValue(torch.nn.Module):
         self, batch: PromptResponseBatch, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(response logits / temperature, response values or None)."""
-        R = batch.n_response
-        out = self.policy(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids_from_mask(batch.attention_mask),
-            output_hidden_states=self.value_head is not None,
-            use_cache=False,
-        )
-        # Position t predicts token t + 1; the same positions give V(s_t) of each response token.
         # Detail: the logits are divided by the sampling temperature, as at rollout.
-        logits = out.logits[:, -R - 1 : -1].float() / temperature
-        values = None
-        if self.value_head is not None:
-            values = self.value_head(out.hidden_states[-1][:, -R - 1 : -1]).squeeze(-1).float()
+        logits, hidden = response_forward(
+            self.policy,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.n_response,
+            temperature,
+            with_hidden=self.value_head is not None,
+        )
+        values = None if hidden is None else self.value_head(hidden).squeeze(-1).float()
         return logits, values
 
 
