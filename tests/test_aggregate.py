@@ -1,12 +1,22 @@
-"""Majority vote over hand-made comparison labels."""
+"""Aggregation: majority vote on hand-made labels, crowd-kit methods on a synthetic crowd, export rows."""
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 
 import pytest
 
-from rlhfkit.crowd.aggregate import Aggregate, majority_vote
+from rlhfkit.crowd.aggregate import (
+    METHODS,
+    PairVote,
+    aggregate,
+    majority_vote,
+    pair_probability,
+    preference_rows,
+    ranking_votes,
+)
 
 
 @dataclass(frozen=True)
@@ -15,15 +25,27 @@ class V:
     chosen: int | None
 
 
+@dataclass(frozen=True)
+class Item:
+    prompt: str
+    responses: list[str]
+
+
 def test_two_to_one():
     result = majority_vote([V(1, 0), V(1, 0), V(1, 1)])
-    assert result == {1: Aggregate(item_id=1, winner=0, n_votes=3, agreement=pytest.approx(2 / 3))}
+    agg = result[1]
+    assert (agg.item_id, agg.winner, agg.n_votes) == (1, 0, 3)
+    assert agg.agreement == pytest.approx(2 / 3)
+    # P(0 beats 1) = 2 / (2 + 1) from the vote shares.
+    assert agg.confidence == pytest.approx(2 / 3)
+    assert agg.ranking == (0, 1)
 
 
 def test_unanimous_and_single_vote():
     result = majority_vote([V(7, 1), V(7, 1), V(8, 0)])
-    assert result[7] == Aggregate(7, 1, 2, 1.0)
-    assert result[8] == Aggregate(8, 0, 1, 1.0)
+    assert (result[7].winner, result[7].n_votes, result[7].agreement) == (1, 2, 1.0)
+    assert (result[8].winner, result[8].n_votes, result[8].agreement) == (0, 1, 1.0)
+    assert result[7].confidence > 0.999
 
 
 def test_split_vote_is_a_tie():
@@ -31,6 +53,7 @@ def test_split_vote_is_a_tie():
     assert result[1].winner is None
     assert result[1].n_votes == 2
     assert result[1].agreement == 0.5
+    assert result[1].confidence == 0.5
 
 
 def test_tie_votes_count_as_an_outcome():
@@ -53,3 +76,123 @@ def test_items_are_independent_and_sorted():
     assert (result[2].winner, result[2].n_votes) == (1, 3)
     assert (result[5].winner, result[5].n_votes) == (0, 2)
     assert majority_vote([]) == {}
+
+
+def test_pair_probability_is_a_sigmoid_of_score_differences():
+    assert pair_probability([0.0, 0.0], 0, 1) == 0.5
+    assert pair_probability([math.log(3), 0.0], 0, 1) == pytest.approx(0.75)
+    assert pair_probability([math.log(3), 0.0], 1, 0) == pytest.approx(0.25)
+    assert pair_probability([-800.0, 800.0], 1, 0) == 1.0  # no overflow
+
+
+def _crowd(n_items: int = 150, seed: int = 0) -> tuple[dict[int, int], list[PairVote]]:
+    """Known truth; five 80%-accurate annotators, a random and an always-left spammer, an adversary."""
+    rng = random.Random(seed)
+    truth = {i: rng.randint(0, 1) for i in range(n_items)}
+    accuracy = {f"good-{k}": 0.8 for k in range(5)} | {"spam-random": 0.5, "adversary": 0.15}
+    names = [*accuracy, "spam-left"]
+    votes = []
+    for item_id, true in truth.items():
+        for name in rng.sample(names, 3):
+            left = rng.randint(0, 1)
+            if name == "spam-left":
+                chosen = left
+            else:
+                chosen = true if rng.random() < accuracy[name] else 1 - true
+            votes.append(PairVote(item_id, name, left, 1 - left, chosen))
+    return truth, votes
+
+
+def _recovered(truth: dict[int, int], result: dict) -> int:
+    return sum(result[i].winner == t for i, t in truth.items())
+
+
+def test_dawid_skene_beats_majority_vote_with_spammers_and_an_adversary():
+    truth, votes = _crowd()
+    mv, ds = _recovered(truth, aggregate(votes, "mv")), _recovered(truth, aggregate(votes, "ds"))
+    # DS learns the adversary's inverted confusion and the spammers' uselessness; MV cannot.
+    assert ds > mv + 0.04 * len(truth)
+
+
+def test_every_method_gives_one_outcome_per_item():
+    truth, votes = _crowd(n_items=60, seed=1)
+    for method in METHODS:
+        result = aggregate(votes, method)
+        assert sorted(result) == sorted(truth), method
+        for agg in result.values():
+            assert agg.n_votes == 3
+            assert 0.5 <= agg.confidence <= 1.0, method
+            assert sorted(agg.ranking) == [0, 1]
+            if agg.winner is not None:
+                assert agg.ranking[0] == agg.winner
+        # Better than a coin, even with three bad annotators in eight.
+        assert _recovered(truth, result) > 0.6 * len(truth), method
+
+
+def test_categorical_methods_keep_ties_and_pairwise_methods_drop_them():
+    votes = [
+        PairVote(1, "a", 0, 1, None),
+        PairVote(1, "b", 1, 0, None),
+        PairVote(1, "c", 0, 1, 0),
+        PairVote(2, "a", 0, 1, 1),
+        PairVote(2, "b", 0, 1, 1),
+        PairVote(2, "c", 1, 0, None),
+        PairVote(3, "a", 0, 1, None),
+    ]
+    for method in ("mv", "ds"):
+        result = aggregate(votes, method)
+        assert result[1].winner is None, method  # two ties beat one vote
+        assert result[2].winner == 1, method
+    for method in ("bt", "noisy_bt"):
+        result = aggregate(votes, method)
+        assert result[1].winner == 0, method  # the tie answers carry no direction
+        assert result[2].winner == 1, method
+        assert result[3].winner is None and result[3].confidence == 0.5, method  # only a tie
+        assert result[3].n_votes == 1
+
+
+def test_rankings_become_pairs_for_the_pairwise_methods():
+    responses = ["best", "middle", "worst"]
+    votes = ranking_votes(9, "a", "q", responses, [0, 1, 2]) + ranking_votes(
+        9, "b", "q", responses, [0, 2, 1]
+    )
+    votes += ranking_votes(9, "c", "q", responses, [1, 0, 2])
+    assert len(votes) == 9  # C(3, 2) pairs per ranking
+    assert PairVote(9, "a", 1, 2, 1) in votes
+    result = aggregate(votes, "bt")[9]
+    assert result.ranking == (0, 1, 2)
+    rows = preference_rows({9: Item("q", responses)}, {9: result}, "test", "bt")
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [
+        ("best", "middle"),
+        ("best", "worst"),
+        ("middle", "worst"),
+    ]
+    for row in rows:
+        assert row["margin"] == pytest.approx(2 * row["confidence"] - 1, abs=1e-3)
+        assert 0 < row["margin"] <= 1
+    with pytest.raises(ValueError, match="use bt or noisy_bt"):
+        aggregate(votes, "ds")
+
+
+def test_preference_rows_skip_undecided_items_and_carry_the_margin():
+    items = {1: Item("q1", ["x", "y"]), 2: Item("q2", ["u", "v"])}
+    result = aggregate(
+        [V2(1, "a", 0, 1, 1), V2(1, "b", 0, 1, 1), V2(1, "c", 1, 0, 0), V2(2, "a", 0, 1, None)], "mv"
+    )
+    rows = preference_rows(items, result, "feedback:p", "mv")
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["prompt"], row["chosen"], row["rejected"]) == ("q1", "y", "x")
+    assert row["margin"] == pytest.approx(2 * (2 / 3) - 1, abs=1e-4)
+    assert row["n_votes"] == 3 and row["source"] == "feedback:p"
+
+
+V2 = PairVote
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="unknown aggregation method 'glad'"):
+        aggregate([PairVote(1, "a", 0, 1, 0)], "glad")
+    with pytest.raises(ValueError, match="neither of the two shown"):
+        aggregate([PairVote(1, "a", 0, 1, 2)], "bt")
+    assert aggregate([], "ds") == {}

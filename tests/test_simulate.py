@@ -7,7 +7,7 @@ import random
 import pytest
 
 from rlhfkit.crowd.aggregate import majority_vote
-from rlhfkit.crowd.simulate import AnnotatorProfile, default_pool, judge, simulate_annotation
+from rlhfkit.crowd.simulate import AnnotatorProfile, default_pool, judge, load_pool, simulate_annotation
 from rlhfkit.feedback.store import FeedbackStore
 
 GOOD, BAD = "a good answer", "a bad answer that is longer"
@@ -122,3 +122,55 @@ def test_simulate_annotation_is_deterministic(tmp_path):
                 [(lb.item_id, lb.annotator, lb.chosen, lb.order, lb.strength) for lb in store.labels(project)]
             )
     assert runs[0] == runs[1]
+
+
+def test_verbosity_bias_prefers_the_response_with_more_lines():
+    wordy = AnnotatorProfile("v", flip_prob=0.0, verbosity_bias=1.0)
+    short, long_ = "a good answer", "a bad\nanswer\non lines"
+    assert _picks(wordy, [short, long_]) == {"right"}
+    assert _picks(wordy, [long_, short]) == {"left"}
+
+
+def test_shipped_pools_load():
+    assert [p.name for p in load_pool("default")] == [p.name for p in default_pool()]
+    crowd = load_pool("crowd10")
+    kinds = [p.kind for p in crowd]
+    assert len(crowd) == 10 and kinds.count("spammer") == 2 and kinds.count("adversarial") == 1
+    assert any(p.verbosity_bias > 0 for p in crowd)
+
+
+def _pool_file(tmp_path, text: str):
+    path = tmp_path / "pool.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("annotators: []", "non-empty list under 'annotators'"),
+        ("annotators: [{type: careful}]", r"annotators\[0\]: field 'name'"),
+        ("annotators: [{name: a}]", "annotator 'a': field 'type' is missing"),
+        ("annotators: [{name: a, type: lazy}]", "annotator 'a': field 'type' must be one of"),
+        ("annotators: [{name: a, type: noisy, noise: 1.5}]", "annotator 'a': field 'noise' must be in"),
+        (
+            "annotators: [{name: a, type: noisy, noise: high}]",
+            "annotator 'a': field 'noise' must be a number",
+        ),
+        ("annotators: [{name: a, type: noisy, flips: 0.1}]", "annotator 'a': unknown field 'flips'"),
+        ("annotators: [{name: a, type: noisy, biases: {size: 0.1}}]", "unknown field 'biases.size'"),
+        ("annotators: [{name: a, type: noisy, biases: {length: 2}}]", "field 'biases.length' must be in"),
+        ("annotators: [{name: a, type: noisy}, {name: a, type: careful}]", "repeated: a"),
+        ("annotators: [a, b", "not valid YAML"),
+    ],
+)
+def test_pool_errors_name_the_file_annotator_and_field(tmp_path, text, message):
+    path = _pool_file(tmp_path, text)
+    with pytest.raises(ValueError, match=message) as info:
+        load_pool(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_pool_file_lists_the_shipped_pools(tmp_path):
+    with pytest.raises(ValueError, match="pool file not found.*crowd10"):
+        load_pool(tmp_path / "nope.yaml")

@@ -259,6 +259,65 @@ def demo(
     _run_stages(STAGES, out, config, set_, preset, no_progress, reuse=True)
 
 
+@app.command("loop")
+def loop_command(
+    rounds: Annotated[int | None, typer.Option(help="rounds (loop.rounds); round 1 is the demo's")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/loop"),
+    preset: PresetOpt = "default",
+    feedback_url: Annotated[
+        str | None,
+        typer.Option(help="feedback service URL (loop.feedback_url); password in RLHFKIT_FEEDBACK_PASSWORD"),
+    ] = None,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Online iterated RLHF: sample the current policy, collect labels, retrain the RM, PPO, repeat."""
+    from pydantic import ValidationError
+    from rich.table import Table
+
+    from rlhfkit.loop import run_loop
+    from rlhfkit.pipeline import Run, StageError
+    from rlhfkit.train.checkpoint import TrainingInterrupted
+
+    cfg = _load(config, set_, preset)
+    flags = (("--rounds", "rounds", rounds), ("--feedback-url", "feedback_url", feedback_url))
+    for flag, key, value in flags:
+        try:
+            if value is not None:
+                setattr(cfg.loop, key, value)
+        except ValidationError as exc:
+            _fail(f"{flag} {value}: {exc.errors()[0]['msg']}")
+    try:
+        report = run_loop(Run(out, cfg, show_progress=not no_progress, resume=True))
+    except TrainingInterrupted as exc:
+        err_console.print(
+            f"[yellow]{escape(str(exc))}[/yellow]\ncontinue with: rlhfkit loop --out {out} "
+            "(same --config/--set)",
+            highlight=False,
+        )
+        raise typer.Exit(code=130) from None
+    except (DataError, StageError, ValueError) as exc:
+        # LabelTimeout is a StageError: its message says how far labelling got and what to do.
+        _fail(str(exc))
+    table = Table(title="Iterated RLHF: each round's policy vs SFT", title_justify="left")
+    columns = ("round", "labels so far", "RM held-out acc.", "gold reward", "KL from SFT", "win rate vs SFT")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for r in report["loop"]["rounds"]:
+        win = r["win_rate_vs_sft"]
+        table.add_row(
+            str(r["round"]),
+            str(r["n_labels_total"]),
+            "-" if r["rm_heldout_accuracy"] is None else f"{r['rm_heldout_accuracy']:.3f}",
+            "-" if r["gold_reward"] is None else f"{r['gold_reward']:.3f}",
+            f"{r['kl_from_sft']:.3f}",
+            f"{win['rate']:.3f} [{win['ci95'][0]:.3f}, {win['ci95'][1]:.3f}]",
+        )
+    console.print(table)
+    console.print(f"run directory: {out}  (report.json loop.rounds, report.html)")
+
+
 @feedback_app.command("simulate")
 def feedback_simulate(
     config: ConfigOpt = None,
@@ -431,7 +490,7 @@ def feedback_aggregate(
     seed: Annotated[int, typer.Option(help="seed of the randomised methods (MACE, noisy BT)")] = 0,
 ) -> None:
     """Aggregate a project's labels into TRL pairs with a margin (2 * confidence - 1)."""
-    from rlhfkit.crowd.aggregate import METHODS, aggregate, preference_rows
+    from rlhfkit.crowd.aggregate import METHODS, aggregated_pairs
     from rlhfkit.data.io import write_jsonl
     from rlhfkit.feedback.store import FeedbackStore
 
@@ -443,8 +502,7 @@ def feedback_aggregate(
         items = {item.item_id: item for item in store.items(pid)}
         # Golden items and excluded annotators stay out of training data, as in every export.
         labels = store.labels(pid, include_golden=False, include_excluded=False)
-        aggregates = aggregate(labels, method, seed=seed, items=items)
-        rows = preference_rows(items, aggregates, f"feedback:{project}", method)
+        rows, undecided = aggregated_pairs(items, labels, method, f"feedback:{project}", seed)
     except KeyError as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))
     except ValueError as exc:
@@ -452,9 +510,9 @@ def feedback_aggregate(
     finally:
         store.close()
     n = write_jsonl(out, rows)
-    undecided = sum(agg.winner is None for agg in aggregates.values())
     console.print(
-        f"{method}: {len(aggregates)} items from {len(labels)} labels, {undecided} without a winner; "
+        f"{method}: {len({label.item_id for label in labels})} items from {len(labels)} labels, "
+        f"{undecided} without a winner; "
         f"wrote {n} pairs to {out}"
     )
 

@@ -74,6 +74,9 @@ class FeedbackConfig(Section):
     pool: Path | None = Field(
         None, description="simulated annotator pool YAML (see crowd/pools); unset = the default pool"
     )
+    aggregate: Literal["mv", "wawa", "ds", "mace", "bt", "noisy_bt"] = Field(
+        "ds", description="how disagreeing labels become training pairs (ds: Dawid-Skene, see docs/crowd.md)"
+    )
 
 
 class RMConfig(Section):
@@ -331,7 +334,9 @@ class LoopConfig(Section):
         "simulated", description="simulated: the feedback.pool labels each round; human: wait for people"
     )
     feedback_url: str | None = Field(
-        None, description="feedback service URL (http://host:port); unset = the run's feedback store"
+        None,
+        pattern=r"^https?://\S+$",
+        description="feedback service URL (http://host:port); unset = the run's feedback store",
     )
     feedback_user: str = Field(
         "admin", description="admin user on the service; its password is read from RLHFKIT_FEEDBACK_PASSWORD"

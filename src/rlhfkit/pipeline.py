@@ -240,6 +240,7 @@ def comparison_items(
 
 def stage_feedback(run: Run) -> dict:
     """Sample from the SFT policy, collect simulated comparisons in the store, export pairs."""
+    from rlhfkit.crowd.aggregate import aggregated_pairs
     from rlhfkit.crowd.agreement import krippendorff_alpha_nominal
     from rlhfkit.crowd.simulate import default_pool, load_pool, simulate_annotation
     from rlhfkit.feedback.store import FeedbackStore
@@ -274,7 +275,15 @@ def stage_feedback(run: Run) -> dict:
         for label in labels:
             by_item.setdefault(label.item_id, []).append("tie" if label.chosen is None else label.chosen)
         alpha = krippendorff_alpha_nominal(by_item)
-        n_pairs = store.export_preferences(project, out / "pairs.jsonl")
+        # Golden items and excluded annotators stay out of training data, as in every export.
+        rows, _ = aggregated_pairs(
+            {item.item_id: item for item in store.items(project)},
+            store.labels(project, include_golden=False, include_excluded=False),
+            cfg.aggregate,
+            f"feedback:{cfg.project}",
+            run.config.seed,
+        )
+        n_pairs = write_jsonl(out / "pairs.jsonl", rows)
         store.export_raw(project, out / "raw.jsonl")
         progress = store.progress(project)
     finally:

@@ -1,19 +1,49 @@
 """Aggregation of disagreeing labels into one outcome per item.
 
-Pure functions over label records; no database. Majority vote is the baseline that
-Dawid-Skene and Bradley-Terry aggregation (crowd-kit) are measured against.
+Pure functions over label records; no database. Majority vote (ours, with a tie
+outcome) is the baseline; Wawa, Dawid-Skene and MACE (categorical: response 0,
+response 1 or tie) and Bradley-Terry / noisy Bradley-Terry (pairwise) come from
+crowd-kit.
+
+Every method ends in the same shape: per response a score on a log scale, so that
+P(i beats j) = sigmoid(s_i - s_j). For the categorical methods s is the log of the
+class probability (a tie's probability mass is left out of the pair), for BT the log
+of the strength, for noisy BT the latent score. The confidence of an item is that
+probability for its winner against the runner-up.
+
+Ties: the categorical methods keep "tie" as a third class, so an item whose most
+likely class is a tie has no winner. crowd-kit's pairwise models have no tie outcome,
+and a tie says nothing about which response is better, so BT and noisy BT drop tie
+answers. Counting a tie as a win each way would double the weight of the tie, and
+noisy BT would read it as an annotator contradicting themselves (a lower skill for an
+honest annotator who saw two equally good answers).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from rlhfkit.data.convert import ranking_to_pairs
+from rlhfkit.data.records import Ranking
+
+CATEGORICAL_METHODS = ("mv", "wawa", "ds", "mace")
+PAIRWISE_METHODS = ("bt", "noisy_bt")
+METHODS = CATEGORICAL_METHODS + PAIRWISE_METHODS
+# Categorical class of a tie answer (responses are classes 0 and 1).
+TIE_CLASS = 2
+# Restarts of MACE's variational EM: its estimate is stable with a few at a fraction of the
+# default ten's cost.
+MACE_RESTARTS = 4
+# Floor of a probability before its log: a response nobody picked still gets a finite score.
+_MIN_PROB = 1e-6
 
 
 class Vote(Protocol):
-    """What aggregation reads from a label: the item and the chosen original index."""
+    """What majority vote reads from a label: the item and the chosen original index."""
 
     @property
     def item_id(self) -> int: ...
@@ -22,20 +52,60 @@ class Vote(Protocol):
     def chosen(self) -> int | None: ...
 
 
+class ComparisonLabel(Vote, Protocol):
+    """A stored comparison label (`feedback.store.LabelRecord` is one): who, and in which order."""
+
+    @property
+    def annotator(self) -> str: ...
+
+    @property
+    def order(self) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class PairVote:
+    """One annotator's answer on two responses of an item.
+
+    `left` and `right` are the original indices in the order shown; `chosen` is the
+    original index of the preferred one, None for a tie.
+    """
+
+    item_id: int
+    annotator: str
+    left: int
+    right: int
+    chosen: int | None
+
+
 @dataclass(frozen=True)
 class Aggregate:
     """The aggregated outcome of one item.
 
     `winner` is the original index of the preferred response, or None when the item
-    is a tie (tie votes won, or the top two outcomes have equal counts).
-    `agreement` is the share of votes for the winning outcome (the top count's share
-    when there is no majority).
+    is a tie (a tie won, or the top two responses are level). `agreement` is the share
+    of votes for the winning outcome (the top count's share when there is no winner).
+    `confidence` is the method's probability that the winner beats the runner-up
+    (0.5 without a winner); `ranking` lists the response indices best first and
+    `scores` are the per-response log-scale scores behind both.
     """
 
     item_id: int
     winner: int | None
     n_votes: int
     agreement: float
+    confidence: float = 0.5
+    ranking: tuple[int, ...] = ()
+    scores: tuple[float, ...] = ()
+
+
+def pair_probability(scores: Sequence[float], better: int, worse: int) -> float:
+    """P(response `better` beats `worse`) = sigmoid(s_better - s_worse) for log-scale scores."""
+    diff = scores[better] - scores[worse]
+    # Written both ways so that a large |diff| never overflows exp.
+    if diff >= 0:
+        return 1.0 / (1.0 + math.exp(-diff))
+    e = math.exp(diff)
+    return e / (1.0 + e)
 
 
 def majority_vote(labels: Iterable[Vote]) -> dict[int, Aggregate]:
@@ -45,14 +115,245 @@ def majority_vote(labels: Iterable[Vote]) -> dict[int, Aggregate]:
         counts.setdefault(label.item_id, Counter())[label.chosen] += 1
     result: dict[int, Aggregate] = {}
     for item_id in sorted(counts):
-        ranked = counts[item_id].most_common()
+        votes = counts[item_id]
+        ranked = votes.most_common()
         n_votes = sum(n for _, n in ranked)
         top_outcome, top = ranked[0]
         no_majority = len(ranked) > 1 and ranked[1][1] == top
-        result[item_id] = Aggregate(
-            item_id=item_id,
-            winner=None if no_majority else top_outcome,
-            n_votes=n_votes,
-            agreement=top / n_votes,
-        )
+        winner = None if no_majority else top_outcome
+        n_responses = max(2, 1 + max((c for c in votes if c is not None), default=1))
+        scores = [math.log(max(votes[i] / n_votes, _MIN_PROB)) for i in range(n_responses)]
+        result[item_id] = _outcome(item_id, winner, n_votes, top / n_votes, scores)
     return result
+
+
+def _outcome(
+    item_id: int, winner: int | None, n_votes: int, agreement: float, scores: Sequence[float]
+) -> Aggregate:
+    """An Aggregate whose ranking and confidence follow the scores (ties in score keep index order)."""
+    ranking = tuple(sorted(range(len(scores)), key=lambda i: (-scores[i], i)))
+    if winner is not None and ranking[0] != winner:
+        # The winner was decided by the outcome (e.g. plurality), so it leads the ranking.
+        ranking = (winner, *[i for i in ranking if i != winner])
+    confidence = 0.5 if winner is None else pair_probability(scores, ranking[0], ranking[1])
+    return Aggregate(item_id, winner, n_votes, agreement, confidence, ranking, tuple(scores))
+
+
+def as_pair_votes(
+    labels: Iterable[ComparisonLabel | PairVote], items: Mapping[int, Any] | None = None
+) -> list[PairVote]:
+    """Stored labels (or PairVotes, passed through) as PairVotes in presented order.
+
+    Comparison labels give one vote; ranking labels (`kind` "ranking", `value["ranking"]`)
+    give their C(K, 2) pairs and need `items` (item id -> record with prompt and responses).
+    """
+    votes = []
+    for label in labels:
+        if isinstance(label, PairVote):
+            votes.append(label)
+            continue
+        kind = getattr(label, "kind", "comparison")
+        if kind == "ranking":
+            if items is None or label.item_id not in items:
+                raise ValueError(f"item {label.item_id}: a ranking label needs its item's responses")
+            item = items[label.item_id]
+            ranking = (getattr(label, "value", None) or {}).get("ranking")
+            if ranking is None:
+                raise ValueError(f"item {label.item_id}: ranking label has no 'ranking' in its value")
+            votes += ranking_votes(label.item_id, label.annotator, item.prompt, item.responses, ranking)
+            continue
+        if kind != "comparison":
+            raise ValueError(
+                f"item {label.item_id}: {kind!r} labels are not pairwise; "
+                "only comparisons and rankings aggregate"
+            )
+        if len(label.order) != 2:
+            raise ValueError(
+                f"item {label.item_id}: a comparison label shows 2 responses, got order {label.order}"
+            )
+        left, right = label.order
+        votes.append(PairVote(label.item_id, label.annotator, left, right, label.chosen))
+    return votes
+
+
+def ranking_votes(
+    item_id: int, annotator: str, prompt: str, responses: list[str], ranking: list[int]
+) -> list[PairVote]:
+    """One annotator's ranking of K responses as its C(K, 2) pairwise votes.
+
+    Shown order of a pair is by original index (a ranking has no left and right), so a
+    noisy BT position bias is not learnt from rankings.
+    """
+    index = {text: i for i, text in enumerate(responses)}
+    votes = []
+    for pair in ranking_to_pairs(Ranking(prompt=prompt, responses=responses, ranking=ranking)):
+        better, worse = index[pair.chosen], index[pair.rejected]
+        votes.append(PairVote(item_id, annotator, min(better, worse), max(better, worse), better))
+    return votes
+
+
+def aggregate(
+    labels: Iterable[ComparisonLabel | PairVote],
+    method: str,
+    seed: int = 0,
+    items: Mapping[int, Any] | None = None,
+) -> dict[int, Aggregate]:
+    """One outcome per item (winner, confidence, ranking) by `method`, one of METHODS.
+
+    `items` (item id -> record with prompt and responses) is needed only for ranking labels.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown aggregation method {method!r}; choose one of {', '.join(METHODS)}")
+    votes = as_pair_votes(labels, items)
+    if not votes:
+        return {}
+    if method in CATEGORICAL_METHODS:
+        return _aggregate_categorical(votes, method, seed)
+    return _aggregate_pairwise(votes, method, seed)
+
+
+def _categorical_frame(votes: Sequence[PairVote], method: str) -> Any:
+    import pandas as pd
+
+    rows = []
+    for vote in votes:
+        if {vote.left, vote.right} != {0, 1}:
+            raise ValueError(
+                f"method {method!r} aggregates A/B comparisons of responses 0 and 1; item {vote.item_id} "
+                f"has a vote on responses {vote.left} and {vote.right}: use bt or noisy_bt for rankings"
+            )
+        label = TIE_CLASS if vote.chosen is None else vote.chosen
+        rows.append((vote.item_id, vote.annotator, label))
+    return pd.DataFrame(rows, columns=["task", "worker", "label"])
+
+
+def _aggregate_categorical(votes: Sequence[PairVote], method: str, seed: int) -> dict[int, Aggregate]:
+    frame = _categorical_frame(votes, method)  # validates that every vote is on responses 0 and 1
+    if method == "mv":
+        return majority_vote(votes)
+    from crowdkit.aggregation import MACE, DawidSkene, MajorityVote, Wawa
+
+    if method == "wawa":
+        # Wawa's own predict goes through a scikit-learn check that fails on scikit-learn >= 1.6;
+        # its prediction is this weighted vote with the skills it fitted.
+        probas = MajorityVote().fit(frame, skills=Wawa().fit(frame).skills_).probas_
+    elif method == "ds":
+        probas = DawidSkene(n_iter=100).fit_predict_proba(frame)
+    else:
+        probas = MACE(n_restarts=MACE_RESTARTS, random_state=seed).fit_predict_proba(frame)
+    counts = _vote_counts(votes)
+    result: dict[int, Aggregate] = {}
+    for item_id in sorted(counts):
+        row = probas.loc[item_id]
+        p = {c: float(row.get(c, 0.0)) for c in (0, 1, TIE_CLASS)}
+        top = max(p.values())
+        leaders = [c for c, v in p.items() if v == top]
+        winner = leaders[0] if len(leaders) == 1 and leaders[0] != TIE_CLASS else None
+        scores = [math.log(max(p[0], _MIN_PROB)), math.log(max(p[1], _MIN_PROB))]
+        result[item_id] = _outcome(item_id, winner, *_agreement(counts[item_id], winner), scores)
+    return result
+
+
+def _vote_counts(votes: Sequence[PairVote]) -> dict[int, Counter[int | None]]:
+    counts: dict[int, Counter[int | None]] = {}
+    for vote in votes:
+        counts.setdefault(vote.item_id, Counter())[vote.chosen] += 1
+    return counts
+
+
+def _agreement(counts: Counter[int | None], winner: int | None) -> tuple[int, float]:
+    """(number of votes, share of votes for the winning outcome; the top share without a winner)."""
+    n = sum(counts.values())
+    share = counts[winner] / n if winner is not None else max(counts.values()) / n
+    return n, share
+
+
+def _aggregate_pairwise(votes: Sequence[PairVote], method: str, seed: int) -> dict[int, Aggregate]:
+    import pandas as pd
+    from crowdkit.aggregation import BradleyTerry, NoisyBradleyTerry
+
+    counts = _vote_counts(votes)
+    n_responses: dict[int, int] = {}
+    rows = []
+    for vote in votes:
+        n_responses[vote.item_id] = max(n_responses.get(vote.item_id, 2), vote.left + 1, vote.right + 1)
+        if vote.chosen is None:
+            continue  # no tie outcome in BT: see the module docstring
+        if vote.chosen not in (vote.left, vote.right):
+            raise ValueError(
+                f"item {vote.item_id}: annotator {vote.annotator!r} chose response {vote.chosen}, "
+                f"which is neither of the two shown ({vote.left}, {vote.right})"
+            )
+        left, right = (vote.item_id, vote.left), (vote.item_id, vote.right)
+        rows.append((vote.annotator, left, right, (vote.item_id, vote.chosen)))
+    log_scores: dict[tuple[int, int], float] = {}
+    if rows:
+        frame = pd.DataFrame(rows, columns=["worker", "left", "right", "label"])
+        if method == "bt":
+            strengths = BradleyTerry(n_iter=200).fit(frame).scores_
+            log_scores = {key: math.log(max(float(v), _MIN_PROB)) for key, v in strengths.items()}
+        else:
+            latent = NoisyBradleyTerry(n_iter=200, random_state=seed).fit(frame).scores_
+            # crowd-kit reports sigmoid(latent score); its logit is the BT scale again.
+            log_scores = {key: _logit(float(v)) for key, v in latent.items()}
+    result: dict[int, Aggregate] = {}
+    for item_id in sorted(counts):
+        scores = [log_scores.get((item_id, i), math.log(_MIN_PROB)) for i in range(n_responses[item_id])]
+        decided = [(item_id, i) in log_scores for i in range(len(scores))]
+        best = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        winner = best[0] if any(decided) and scores[best[0]] > scores[best[1]] else None
+        result[item_id] = _outcome(item_id, winner, *_agreement(counts[item_id], winner), scores)
+    return result
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, _MIN_PROB), 1.0 - _MIN_PROB)
+    return math.log(p / (1.0 - p))
+
+
+def preference_rows(
+    items: Mapping[int, Any], aggregates: Mapping[int, Aggregate], source: str, method: str
+) -> list[dict[str, Any]]:
+    """TRL preference rows from aggregated items, with margin = 2 * P(chosen beats rejected) - 1.
+
+    `items` maps an item id to a record with `prompt` and `responses`. An item without a
+    winner gives no row; an item of K responses gives the C(K, 2) pairs of its
+    aggregated ranking (`ranking_to_pairs`), each with its own margin.
+    """
+    rows = []
+    for item_id, agg in aggregates.items():
+        if agg.winner is None:
+            continue
+        item = items[item_id]
+        ranked = Ranking(prompt=item.prompt, responses=list(item.responses), ranking=list(agg.ranking))
+        index = {text: i for i, text in enumerate(item.responses)}
+        for pair in ranking_to_pairs(ranked):
+            better, worse = index[pair.chosen], index[pair.rejected]
+            p = pair_probability(agg.scores, better, worse)
+            rows.append(
+                {
+                    "prompt": item.prompt,
+                    "chosen": pair.chosen,
+                    "rejected": pair.rejected,
+                    "margin": round(2.0 * p - 1.0, 4),
+                    "source": source,
+                    "method": method,
+                    "n_votes": agg.n_votes,
+                    "agreement": round(agg.agreement, 4),
+                    "confidence": round(p, 4),
+                }
+            )
+    return rows
+
+
+def aggregated_pairs(
+    items: Mapping[int, Any],
+    labels: Iterable[ComparisonLabel | PairVote],
+    method: str,
+    source: str,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """Aggregate labels by `method` into TRL preference rows; also the number of undecided items."""
+    aggregates = aggregate(labels, method, seed=seed, items=items)
+    undecided = sum(agg.winner is None for agg in aggregates.values())
+    return preference_rows(items, aggregates, source, method), undecided

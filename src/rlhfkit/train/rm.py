@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.algos.reward import bradley_terry_loss
+from rlhfkit.algos.reward import bradley_terry_loss, soft_label_terms
 from rlhfkit.config import RunConfig
 from rlhfkit.models.heads import sequence_scores
 from rlhfkit.models.loading import load_reward_model, load_tokenizer, save_model
@@ -40,6 +40,25 @@ def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[tuple[
             )
         )
     return out
+
+
+def pair_margins(pairs: list[dict], mode: str) -> list[float]:
+    """Each pair's soft-label margin in [0, 1]; a pair without one is a hard label.
+
+    A hard label has margin 0 as a Bradley-Terry margin and 1 (no smoothing) as a
+    confidence, so the default depends on `mode`.
+    """
+    default = 1.0 if mode == "smoothing" else 0.0
+    margins = []
+    for i, pair in enumerate(pairs):
+        margin = pair.get("margin")
+        if margin is None:
+            margins.append(default)
+        elif mode == "smoothing" and not 0.0 <= margin <= 1.0:
+            raise ValueError(f"pair {i}: margin {margin} must be in [0, 1] for rm.soft_labels=smoothing")
+        else:
+            margins.append(float(margin))
+    return margins
 
 
 def score_pairs(
@@ -76,11 +95,13 @@ def run_rm(
     tokenizer = load_tokenizer(init_path)
     model = load_reward_model(init_path, tokenizer.pad_token_id)
     rows = tokenize_pairs(tokenizer, pairs, cfg.max_length)
+    margins = pair_margins(pairs, cfg.soft_labels)
     gen = torch.Generator().manual_seed(config.seed)
     perm = torch.randperm(len(rows), generator=gen).tolist()
     n_val = int(cfg.val_share * len(rows))
     val = [rows[i] for i in perm[:n_val]]
     train = [rows[i] for i in perm[n_val:]]
+    train_margins = [margins[i] for i in perm[n_val:]]
     if not train:
         raise ValueError("reward model: no training pairs (is the preference file empty?)")
     total = max(1, round(cfg.epochs * math.ceil(len(train) / cfg.batch_size)))
@@ -92,9 +113,13 @@ def run_rm(
     eval_every = max(1, total // 8)
     with progress_bar("reward model", total, show_progress) as bar:
         for step in range(1, total + 1):
-            batch = [train[i] for i in batches.next()]
+            picked = batches.next()
+            batch = [train[i] for i in picked]
             chosen, rejected = score_pairs(model, batch, tokenizer.pad_token_id, accelerator.device)
-            loss = bradley_terry_loss(chosen, rejected)
+            margin, smoothing = soft_label_terms(
+                torch.tensor([train_margins[i] for i in picked], device=chosen.device), cfg.soft_labels
+            )
+            loss = bradley_terry_loss(chosen, rejected, margin, smoothing)
             accelerator.backward(loss)
             apply_gradients(accelerator, model, optimizer, scheduler)
             row = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item()}

@@ -1,0 +1,207 @@
+"""Agreement (Krippendorff's alpha), annotator quality and flags, and the quality/aggregate commands."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhfkit.cli import app
+from rlhfkit.crowd.aggregate import aggregate
+from rlhfkit.crowd.agreement import krippendorff_alpha, krippendorff_alpha_nominal
+from rlhfkit.crowd.quality import agreement_by_level, annotator_quality, label_value, mace_spam_probability
+from rlhfkit.crowd.simulate import load_pool, simulate_annotation
+from rlhfkit.feedback.store import FeedbackStore
+
+# Krippendorff (2011), "Computing Krippendorff's alpha-reliability": 4 coders, 12 units, gaps.
+_N = None
+_CODERS = [
+    [1, 2, 3, 3, 2, 1, 4, 1, 2, _N, _N, _N],
+    [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, _N, 3],
+    [_N, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, _N],
+    [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, _N],
+]
+PAPER_UNITS = {u: [c[u] for c in _CODERS if c[u] is not None] for u in range(12)}
+
+
+@pytest.mark.parametrize(("level", "expected"), [("nominal", 0.743), ("ordinal", 0.815), ("interval", 0.849)])
+def test_alpha_matches_krippendorffs_worked_example(level, expected):
+    assert krippendorff_alpha(PAPER_UNITS, level) == pytest.approx(expected, abs=5e-4)
+
+
+def test_alpha_edge_cases():
+    assert krippendorff_alpha_nominal({1: ["a", "a"], 2: ["b", "b"]}) == 1.0
+    assert krippendorff_alpha_nominal({1: ["a"], 2: ["b"]}) is None  # no item labelled twice
+    assert krippendorff_alpha_nominal({1: ["a", "a"], 2: ["a", "a"]}) is None  # no variation
+    # Two units in perfect disagreement: alpha below zero.
+    assert krippendorff_alpha({1: [1, 2], 2: [1, 2]}, "interval") < 0
+    with pytest.raises(ValueError, match="numeric"):
+        krippendorff_alpha({1: ["a", "b"]}, "interval")
+    with pytest.raises(ValueError, match="unknown level"):
+        krippendorff_alpha(PAPER_UNITS, "ratio")
+
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class L:
+    item_id: int
+    annotator: str
+    chosen: int | None
+    order: list[int]
+    strength: int | None = 1
+    seconds: float | None = None
+    created_at: datetime = T0
+    is_golden: bool = False
+    correct: bool | None = None
+    kind: str = "comparison"
+    value: dict | None = None
+
+
+def test_label_values_per_level():
+    assert label_value(L(1, "a", 1, [0, 1], strength=3), "nominal") == 1
+    assert label_value(L(1, "a", 1, [0, 1], strength=3), "interval") == 3
+    assert label_value(L(1, "a", 0, [0, 1], strength=2), "ordinal") == -2
+    assert label_value(L(1, "a", None, [0, 1]), "nominal") == "tie"
+    assert label_value(L(1, "a", None, [0, 1]), "interval") == 0
+    assert label_value(L(1, "a", None, [], kind="likert", value={"rating": 6}), "ordinal") == 6
+    alphas = agreement_by_level([L(1, "a", 1, [0, 1], 3), L(1, "b", 1, [0, 1], 2), L(2, "a", 0, [0, 1], 3)])
+    assert set(alphas) == {"nominal", "ordinal", "interval"}
+
+
+def test_annotator_quality_by_hand():
+    labels = [
+        # item 1: a and b agree on 0, c says 1 (shown on the left).
+        L(1, "a", 0, [0, 1], seconds=4.0),
+        L(1, "b", 0, [1, 0], seconds=6.0),
+        L(1, "c", 1, [1, 0], seconds=1.0),
+        # item 2: all three pick 1; b sees it on the left.
+        L(2, "a", 1, [0, 1], seconds=8.0),
+        L(2, "b", 1, [1, 0], seconds=2.0),
+        L(2, "c", 1, [1, 0], seconds=1.0),
+        # item 3: only a; not an overlapped item, so it does not count for agreement.
+        L(3, "a", 0, [1, 0], seconds=5.0),
+        # c's timing comes from timestamps when the lease time is unknown: gaps 10 s and 30 s.
+        L(4, "d", 0, [0, 1], created_at=T0),
+        L(5, "d", 0, [0, 1], created_at=T0 + timedelta(seconds=10)),
+        L(6, "d", 0, [0, 1], created_at=T0 + timedelta(seconds=40)),
+    ]
+    aggregates = aggregate(labels, "mv")
+    report = {q.annotator: q for q in annotator_quality(labels, aggregates, {"c": 0.99}, threshold=0.6)}
+    a, b, c, d = report["a"], report["b"], report["c"], report["d"]
+    assert (a.aggregate_agreement, a.n_overlapped, a.skill_source) == (1.0, 2, "aggregate")
+    assert c.aggregate_agreement == 0.5
+    assert a.seconds_per_label == 5.0  # median of 4, 8, 5
+    assert d.seconds_per_label == 20.0  # median of the gaps 10 and 30
+    assert a.left_share == pytest.approx(1 / 3)  # left on item 1 only
+    assert b.left_share == 0.5
+    assert c.left_share == 1.0
+    assert not a.flagged and not b.flagged
+    assert c.flags == ("skill 0.50 < 0.60 (aggregate)", "spam 0.99")
+    assert d.skill is None and not d.flagged
+
+
+def test_golden_accuracy_stands_for_skill_once_there_are_enough():
+    labels = [L(100 + i, "g", 0, [0, 1], is_golden=True, correct=i < 3) for i in range(5)]
+    labels += [L(1, "g", 0, [0, 1]), L(1, "h", 0, [1, 0])]
+    report = {q.annotator: q for q in annotator_quality(labels, aggregate(labels, "mv"))}
+    assert (report["g"].skill, report["g"].skill_source, report["g"].n_golden) == (0.6, "golden", 5)
+    assert report["h"].skill_source == "aggregate"
+
+
+def utility(prompt: str, response: str) -> float:
+    """The number written at the end of the response."""
+    return float(response.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def crowd_db(tmp_path_factory) -> tuple[str, dict[int, int]]:
+    """A store where the crowd10 pool (2 spammers, 1 adversary) labelled 200 items three times each."""
+    path = tmp_path_factory.mktemp("crowd") / "crowd.db"
+    rng = random.Random(0)
+    with FeedbackStore(path, seed=0, durable=False) as store:
+        project = store.create_project("crowd", task_type="comparison", overlap=3)
+        items = [
+            {"prompt": f"q{i}", "responses": [f"first {rng.random():.3f}", f"second {rng.random():.3f}"]}
+            for i in range(200)
+        ]
+        store.add_items(project, items)
+        simulate_annotation(store, project, load_pool("crowd10"), utility, seed=0)
+        gold = {
+            item.item_id: max((0, 1), key=lambda j, item=item: utility("", item.responses[j]))
+            for item in store.items(project)
+        }
+    return str(path), gold
+
+
+def test_crowd10_spammers_and_adversary_are_flagged_and_ds_beats_mv(crowd_db):
+    path, gold = crowd_db
+    with FeedbackStore(path) as store:
+        labels = store.labels(store.project_id("crowd"))
+    mv, ds = aggregate(labels, "mv"), aggregate(labels, "ds")
+    assert sum(ds[i].winner == g for i, g in gold.items()) > sum(mv[i].winner == g for i, g in gold.items())
+    report = annotator_quality(labels, ds, mace_spam_probability(labels), threshold=0.5)
+    flagged = {q.annotator for q in report if q.flagged}
+    assert flagged == {"crowd-spammer-random", "crowd-spammer-left", "crowd-adversary"}
+    left = next(q for q in report if q.annotator == "crowd-spammer-left")
+    assert left.left_share > 0.8 and any("left" in f for f in left.flags)
+
+
+def test_quality_command_flags_and_excludes(crowd_db, tmp_path):
+    path, _ = crowd_db
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(open(path, "rb").read())
+    with FeedbackStore(copy) as store:
+        assert store.excluded_annotators() == []
+    runner = CliRunner()
+    flags = ["--db", str(copy), "--project", "crowd", "--threshold", "0.5", "--exclude-flagged"]
+    result = runner.invoke(app, ["feedback", "quality", *flags])
+    assert result.exit_code == 0, result.output
+    assert "Krippendorff's alpha nominal" in result.output
+    assert "crowd-adversary" in result.output and "excluded" in result.output
+    with FeedbackStore(copy) as store:
+        excluded = set(store.excluded_annotators())
+    assert {"crowd-adversary", "crowd-spammer-random", "crowd-spammer-left"} <= excluded
+    # Aggregation leaves the excluded annotators out.
+    out = tmp_path / "pairs.jsonl"
+    result = runner.invoke(
+        app,
+        [
+            "feedback",
+            "aggregate",
+            "--db",
+            str(copy),
+            "--project",
+            "crowd",
+            "--method",
+            "mv",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all({"prompt", "chosen", "rejected", "margin"} <= set(row) for row in rows)
+    assert all(row["n_votes"] <= 3 - 0 for row in rows)
+    assert any(row["n_votes"] < 3 for row in rows)  # excluded annotators' votes are gone
+
+
+def test_commands_name_bad_input(crowd_db, tmp_path):
+    path, _ = crowd_db
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["feedback", "aggregate", "--db", path, "--project", "crowd", "--method", "glad", "--out", "x.jsonl"],
+    )
+    assert result.exit_code == 2 and "--method 'glad'" in result.output
+    result = runner.invoke(app, ["feedback", "quality", "--db", path, "--project", "nope"])
+    assert result.exit_code == 2 and "nope" in result.output
+    result = runner.invoke(
+        app, ["feedback", "quality", "--db", path, "--project", "crowd", "--threshold", "2"]
+    )
+    assert result.exit_code == 2 and "--threshold" in result.output
