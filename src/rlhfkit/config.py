@@ -25,13 +25,47 @@ class ModelConfig(Section):
     name_or_path: str | None = Field(
         None, description="hub id or local folder of a causal LM; unset = train a tiny one from scratch"
     )
-    arch: Literal["llama", "qwen2"] = "llama"
+    arch: Literal["llama", "qwen2", "gpt2"] = "llama"
     vocab_size: int = Field(4096, gt=256)
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
     intermediate_size: int = Field(384, gt=0)
     max_positions: int = Field(256, gt=16)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="compute precision (accelerate mixed precision; weights and optimiser stay float32)",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass of trained models (less memory)"
+    )
+    offload_reference: bool = Field(
+        False, description="keep the frozen reference model on the CPU (GPU memory for the policy)"
+    )
+
+
+class LoRAConfig(Section):
+    """LoRA adapters (peft) on the trained model; the reference is the same weights, adapter off."""
+
+    enabled: bool = Field(False, description="train LoRA adapters, not all weights (sft rm ppo dpo grpo)")
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: the update is (alpha / r) * B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names that get adapters (e.g. [q_proj, v_proj]), or all-linear"
+    )
+
+
+class RolloutConfig(Section):
+    """How responses are sampled in ppo, grpo and rloo."""
+
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers generate; vllm: a colocated vLLM engine (GPU, rlhfkit[vllm])"
+    )
+    batch_size: int = Field(64, gt=0, description="prompts per generate call (hf backend; memory)")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="share of GPU memory vLLM may take (the rest trains)"
+    )
 
 
 class DataConfig(Section):
@@ -351,6 +385,8 @@ class LoopConfig(Section):
 class RunConfig(Section):
     seed: int = 0
     model: ModelConfig = ModelConfig()
+    lora: LoRAConfig = LoRAConfig()
+    rollout: RolloutConfig = RolloutConfig()
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()

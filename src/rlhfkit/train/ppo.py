@@ -36,7 +36,16 @@ from rlhfkit.algos.ppo import (
 from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import PPOConfig, RunConfig
 from rlhfkit.models.heads import sequence_scores, token_values
-from rlhfkit.models.loading import load_causal_lm, load_reward_model, load_tokenizer, save_model
+from rlhfkit.models.loading import (
+    dropout_off,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    make_trainable,
+    save_model,
+)
+from rlhfkit.models.lora import load_adapter_weights, reference_of
+from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
 from rlhfkit.rollout.generate import sample_responses
@@ -161,7 +170,7 @@ def run_ppo(
     """
     cfg: PPOConfig = config.ppo
     watch = Stopwatch()
-    accelerator = make_accelerator(config.seed)
+    accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
     tokenizer = load_tokenizer(policy_path)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -178,8 +187,16 @@ def run_ppo(
     elif resume:
         console.print(f"[dim]ppo: no checkpoint in {ckpt_root}, starting from step 0[/dim]")
 
-    policy = load_causal_lm(checkpoint or policy_path)
-    reference = load_causal_lm(reference_path or policy_path).to(device).eval().requires_grad_(False)
+    lora = config.lora.enabled
+    # LoRA: the base stays the starting weights; a resumed run reloads the checkpoint's adapter.
+    policy = make_trainable(load_causal_lm(policy_path if lora else checkpoint or policy_path), config)
+    if lora and checkpoint is not None:
+        load_adapter_weights(policy, checkpoint)
+    reference = None  # LoRA with the starting policy as reference: the policy, adapter off
+    if not (lora and reference_path is None):
+        # Offloaded, the reference lives on the CPU and visits the device for its forward only.
+        ref_home = "cpu" if config.model.offload_reference else device
+        reference = load_causal_lm(reference_path or policy_path).to(ref_home).eval().requires_grad_(False)
     reward_model = load_reward_model(reward_path, pad).to(device).eval().requires_grad_(False)
     freeze_lower_layers(policy, cfg.freeze_layers)
     critic = None
@@ -196,9 +213,36 @@ def run_ppo(
         with torch.no_grad():
             value_head.weight.copy_(score if score.shape == value_head.weight.shape else 0.0)
     actor = PolicyValue(policy, value_head)
-    ref_actor = PolicyValue(reference, None)
     # Detail: dropout off in every model: rollout and training log-probs are the same function.
-    actor.eval()
+    dropout_off(actor)
+    held = [held_model("policy", policy, reads_vocab=True)]
+    if reference is not None:
+        held.append(held_model("reference", reference, True, on_device=not config.model.offload_reference))
+    held.append(held_model("reward model", reward_model, reads_vocab=False))
+    if critic is not None:
+        held.append(held_model("critic", critic, reads_vocab=False))
+    # Activations are sized by one micro-batch of the longest prompts plus full responses.
+    longest_prompt = max((len(prompt_token_ids(tokenizer, p)) for p in prompts[:256]), default=0)
+    print_memory_estimate(
+        held,
+        cfg.minibatch // cfg.grad_accum * (longest_prompt + cfg.max_new_tokens),
+        config.model.dtype,
+        config.model.gradient_checkpointing,
+        enabled=show_progress and accelerator.is_main_process,
+    )
+
+    def reference_logprobs(batch: PromptResponseBatch) -> torch.Tensor:
+        """Per-token log-probs of the responses under the reference (no grad)."""
+        if reference is None:
+            with reference_of(accelerator.unwrap_model(actor).policy) as base:
+                logits = PolicyValue(base, None)(batch, cfg.temperature)[0]
+            return gather_logprobs(logits, batch.response_ids)
+        with torch.no_grad():
+            reference.to(device)
+            logits = PolicyValue(reference, None)(batch, cfg.temperature)[0]
+            if config.model.offload_reference:
+                reference.to("cpu")
+            return gather_logprobs(logits, batch.response_ids)
 
     trainable = [p for p in actor.parameters() if p.requires_grad]
     updates_per_step = 1 if cfg.algorithm == "a2c" else cfg.ppo_epochs * (cfg.rollout_batch // cfg.minibatch)
@@ -244,7 +288,7 @@ def run_ppo(
             pad_id=pad,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
-            batch_size=cfg.rollout_batch,
+            batch_size=config.rollout.batch_size,
             min_new_tokens=min_new,
         )
         joined = join_prompt_response(queries, responses, pad)
@@ -334,9 +378,7 @@ def run_ppo(
                 del old_logits
                 if critic is not None:
                     old_values = critic_values(critic, batch)
-                ref_logits = ref_actor(batch, cfg.temperature)[0]
-                ref_logp = gather_logprobs(ref_logits, batch.response_ids)
-                del ref_logits
+                ref_logp = reference_logprobs(batch)
                 raw_scores = sequence_scores(reward_model, batch.input_ids, batch.attention_mask)
                 has_eos = (batch.response_ids == eos).any(1)
                 scores = process_scores(

@@ -1,0 +1,371 @@
+"""`rlhfkit loop`: online iterated RLHF on a tiny local model and the built-in top-5 task."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from feedback_server import free_port, running_server
+from typer.testing import CliRunner
+
+from rlhfkit.cli import app
+from rlhfkit.config import ConfigError, load_config
+from rlhfkit.crowd.aggregate import PairVote
+from rlhfkit.crowd.simulate import default_pool
+from rlhfkit.data.io import read_records
+from rlhfkit.feedback.store import FeedbackStore
+from rlhfkit.loop import (
+    PASSWORD_ENV,
+    ROUND_KEYS,
+    LabelTimeout,
+    add_loop_section,
+    open_feedback,
+    pick_prompts,
+    round_fingerprint,
+    run_loop,
+    votes_from_raw,
+    wait_for_labels,
+)
+from rlhfkit.models.loading import save_model, tiny_causal_lm
+from rlhfkit.models.tokenizer import train_tokenizer
+from rlhfkit.pipeline import Run, StageError, comparison_items
+from rlhfkit.tasks import load_task
+
+# Tiny everything: a random-init model, a few dozen comparisons, two PPO iterations a round.
+# PPO's learning rate is high so that one round's policy samples visibly differ from SFT's.
+TINY = [
+    "sft.epochs=0.5",
+    "sft.max_length=64",
+    "feedback.n_prompts=24",
+    "feedback.max_new_tokens=8",
+    "rm.epochs=1",
+    "rm.batch_size=8",
+    "rm.max_length=64",
+    "rm.val_share=0",
+    "ppo.steps=2",
+    "ppo.rollout_batch=8",
+    "ppo.minibatch=4",
+    "ppo.max_new_tokens=8",
+    "ppo.reward_norm_samples=8",
+    "ppo.save_every=0",
+    "ppo.lr=0.01",
+    "eval.n_prompts=8",
+    "eval.heldout_pairs=8",
+    "eval.max_new_tokens=8",
+    "eval.n_samples=2",
+    "loop.prompts_per_round=16",
+]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """A random-init Llama with a tokenizer trained on top-5 text, standing in for a pretrained base."""
+    folder = tmp_path_factory.mktemp("loop-base") / "base"
+    task = load_task("rlhfkit.tasks.top5", 0)
+    texts = task.corpus[:400] + [d["prompt"] + " " + d["completion"] for d in task.demonstrations]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    model = tiny_causal_lm(
+        tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=128
+    )
+    save_model(model, tokenizer, folder)
+    return folder
+
+
+def _sets(base_model: Path, *extra: str) -> list[str]:
+    return [f"model.name_or_path={base_model}", *TINY, *extra]
+
+
+def _cli_args(base_model: Path, *extra: str) -> list[str]:
+    return [arg for s in _sets(base_model, *extra) for arg in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory, base_model) -> tuple[Path, str]:
+    """`rlhfkit loop --rounds 2` through the command (in process: a subprocess costs imports only)."""
+    out = tmp_path_factory.mktemp("loop") / "run"
+    args = ["loop", "--rounds", "2", "--out", str(out), "--no-progress", *_cli_args(base_model)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output[-3000:]
+    return out, result.output
+
+
+def _summary(run_dir: Path, k: int) -> dict:
+    return json.loads((run_dir / "loop" / f"round-{k}" / "summary.json").read_text())
+
+
+def _copy_through_round_one(run_dir: Path, dest: Path) -> Path:
+    """A copy of the run with round 1 finished and nothing of round 2 (its files, its store project)."""
+    shutil.copytree(run_dir, dest)
+    shutil.rmtree(dest / "loop" / "round-2")
+    # Round 1's labels live on in its summaries; the store only holds items still to collect.
+    (dest / "feedback.db").unlink()
+    return dest
+
+
+@pytest.mark.slow
+def test_two_rounds_write_every_round_to_the_report(loop_run):
+    out, stdout = loop_run
+    report = json.loads((out / "report.json").read_text())
+    rounds = report["loop"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert set(ROUND_KEYS) <= set(r)
+        assert {"rate", "ci95", "n"} <= set(r["win_rate_vs_sft"])
+        assert r["win_rate_vs_sft"]["n"] == 8
+        assert r["gold_reward"] is not None and r["kl_from_sft"] is not None
+    # Round 2 adds its own labels and pairs to round 1's.
+    assert rounds[1]["n_labels_total"] > rounds[0]["n_labels_total"] == report["feedback"]["n_labels"]
+    assert rounds[1]["n_pairs_total"] > rounds[0]["n_pairs_total"]
+    assert rounds[0]["policy"] == "ppo/model" and rounds[1]["policy"] == "loop/round-2/ppo/model"
+    round2 = out / "loop" / "round-2"
+    for path in ("pairs.jsonl", "raw.jsonl", "prompts.jsonl", "summary.json", "samples.jsonl"):
+        assert (round2 / path).stat().st_size > 0
+    for model in ("rm/model", "ppo/model"):
+        assert (round2 / model / "config.json").is_file()
+    assert report["stages"]["loop/round-2"]["wall_seconds"] > 0
+    html = (out / "report.html").read_text()
+    assert '<h2 id="loop">Iterated RLHF</h2>' in html
+    assert html.index('id="loop"') < html.index('id="stages"')
+    assert "gold reward and win rate per round" in html
+    assert "Iterated RLHF: each round's policy vs SFT" in " ".join(stdout.split())
+
+
+@pytest.mark.slow
+def test_round_two_labels_are_on_samples_of_round_one_policy(loop_run):
+    out, _ = loop_run
+    summary = _summary(out, 2)
+    assert summary["sampled_from"] == "ppo/model"
+    config = load_config(out / "config.yaml")
+    store = FeedbackStore(out / "feedback.db")
+    try:
+        project = store.project_id(summary["project"])
+        items = store.items(project)
+        labels = store.labels(project)
+    finally:
+        store.close()
+    assert {item.meta["policy"] for item in items} == {"ppo/model"}
+    assert {label.item_id for label in labels} == {item.item_id for item in items}
+    stored = {(item.prompt, tuple(item.responses)) for item in items}
+    prompts = [r.prompt for r in read_records(out / "loop" / "round-2" / "prompts.jsonl", "prompt")]
+
+    def resample(policy: Path) -> set:
+        made = comparison_items(policy, prompts, config.feedback, config.seed + 2, random.Random(0), "x")
+        return {(item["prompt"], tuple(item["responses"])) for item in made}
+
+    # The round-1 PPO policy reproduces the stored comparisons exactly; the SFT policy does not.
+    assert resample(out / "ppo" / "model") == stored
+    assert resample(out / "sft" / "model") != stored
+    # No round-2 prompt was compared in round 1 while unused prompts were left.
+    round_one = {r.prompt for r in read_records(out / "feedback" / "pairs.jsonl", "preference")}
+    assert not round_one & set(prompts)
+
+
+@pytest.mark.slow
+def test_round_two_reward_model_is_trained_on_all_pairs(loop_run):
+    out, _ = loop_run
+    summary = _summary(out, 2)
+    n_first = len(read_records(out / "feedback" / "pairs.jsonl", "preference"))
+    n_second = len(read_records(out / "loop" / "round-2" / "pairs.jsonl", "preference"))
+    assert summary["n_pairs"] == n_second > 0
+    assert summary["rm_train_pairs"] == summary["n_pairs_total"] == n_first + n_second  # rm.val_share=0
+    rm_steps = json.loads((out / "rm" / "summary.json").read_text())["steps"]
+    assert len((out / "loop" / "round-2" / "rm" / "metrics.jsonl").read_text().splitlines()) > rm_steps
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_rounds_and_adds_new_ones(loop_run, base_model, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(loop_run[0], out)
+    before = _summary(out, 2)
+    config = load_config(None, _sets(base_model, "loop.rounds=3"))
+    report = run_loop(Run(out, config, show_progress=False, resume=True))
+    assert _summary(out, 2) == before  # reused, not recomputed
+    assert [r["round"] for r in report["loop"]["rounds"]] == [1, 2, 3]
+    third = _summary(out, 3)
+    assert third["sampled_from"] == "loop/round-2/ppo/model"
+    assert third["n_labels_total"] > before["n_labels_total"]
+
+
+def test_round_fingerprint_follows_what_a_round_computes(tmp_path):
+    def fingerprint(*sets: str) -> str:
+        return round_fingerprint(Run(tmp_path / "run", load_config(None, list(sets)), show_progress=False), 2)
+
+    base = fingerprint()
+    # Where labels come from and how long to wait for them do not change a finished round.
+    assert fingerprint("loop.rounds=7", "loop.label_timeout=5", "loop.feedback_url=http://x:1") == base
+    for changed in ("loop.aggregate=ds", "loop.prompts_per_round=9", "eval.n_prompts=4", "rm.epochs=3"):
+        assert fingerprint(changed) != base, changed
+
+
+@pytest.mark.slow
+def test_feedback_url_round_is_labelled_over_http(loop_run, base_model, tmp_path, monkeypatch):
+    out = _copy_through_round_one(loop_run[0], tmp_path / "run")
+    service_store = FeedbackStore(tmp_path / "service.db", seed=0, durable=False)
+    service_store.add_user("boss", "admin", "boss-password-1")
+    monkeypatch.setenv(PASSWORD_ENV, "boss-password-1")
+    try:
+        with running_server(service_store) as url:
+            config = load_config(
+                None,
+                _sets(base_model, "loop.rounds=2", f"loop.feedback_url={url}", "loop.feedback_user=boss"),
+            )
+            run_loop(Run(out, config, show_progress=False, resume=True))
+        summary = _summary(out, 2)
+        assert summary["source"] == url
+        project = service_store.project_id(summary["project"])
+        labels = service_store.labels(project)
+        # Every simulated annotator labelled as a user of the service, through its API.
+        users = {user.name for user in service_store.users()}
+        assert {label.annotator for label in labels} <= users
+        assert {p.name for p in default_pool()} <= users
+        assert summary["n_labels"] == len(labels) > 0
+        assert not (out / "feedback.db").exists()  # nothing went through the run's own store
+        accounts = out / "loop" / "simulated_accounts.json"
+        assert accounts.stat().st_mode & 0o777 == 0o600
+    finally:
+        service_store.close()
+
+
+@pytest.mark.slow
+def test_cli_says_clearly_when_humans_have_not_labelled(loop_run, base_model, tmp_path):
+    out = _copy_through_round_one(loop_run[0], tmp_path / "run")
+    extra = ["loop.annotators=human", "loop.label_timeout=0.3", "loop.poll_seconds=0.1"]
+    result = CliRunner().invoke(
+        app, ["loop", "--rounds", "2", "--out", str(out), "--no-progress", *_cli_args(base_model, *extra)]
+    )
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "error:" in message and "0 of" in message and "have not finished" in message
+    assert "run `rlhfkit loop` again" in message
+    # The round's comparisons wait in the store for people; nothing was labelled or trained.
+    store = FeedbackStore(out / "feedback.db")
+    try:
+        progress = [store.progress(p.project_id) for p in store.projects() if "-loop2-" in p.name]
+    finally:
+        store.close()
+    assert len(progress) == 1 and progress[0]["n_items"] > 0 and progress[0]["n_labels"] == 0
+    assert not (out / "loop" / "round-2" / "summary.json").exists()
+
+
+class FakeClock:
+    """monotonic() and sleep() that only move when slept."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_wait_for_labels_returns_once_enough_items_are_complete():
+    clock = FakeClock()
+    answers = iter([0, 2, 3, 4])
+
+    def progress():
+        return {"n_items": 4, "n_items_complete": next(answers), "n_labels": 9}
+
+    got = wait_for_labels(progress, 0.75, 60, 5, "round 2", clock=clock, sleep=clock.sleep)
+    assert got["n_items_complete"] == 3  # ceil(0.75 * 4) = 3 items were enough
+    assert clock.now == 10.0  # two polls of 5 s
+
+
+def test_wait_for_labels_times_out_with_how_far_labelling_got():
+    clock = FakeClock()
+
+    def progress():
+        return {"n_items": 10, "n_items_complete": 4, "n_labels": 4}
+
+    with pytest.raises(LabelTimeout) as caught:
+        wait_for_labels(progress, 1.0, 12, 5, "round 3, project 'p'", clock=clock, sleep=clock.sleep)
+    message = str(caught.value)
+    assert message.startswith("round 3, project 'p': only 4 of 10 items")
+    assert "after waiting 12s" in message and "needs 10" in message
+    assert clock.now == 12.0  # 5 + 5 + the 2 s left
+
+
+def test_pick_prompts_prefers_prompts_compared_least():
+    pool = ["a", "b", "c", "d"]
+    picked = pick_prompts(pool, ["a", "b", "b"], 3, random.Random(0))
+    assert sorted(picked[:2]) == ["c", "d"] and picked[2] == "a"
+    # More prompts than the pool: every prompt, then round again in the same order.
+    picked = pick_prompts(pool, [], 6, random.Random(1))
+    assert sorted(picked[:4]) == pool and picked[4:] == picked[:2]
+    with pytest.raises(StageError, match="no training prompts"):
+        pick_prompts([], [], 3, random.Random(0))
+
+
+def test_votes_from_raw_leaves_out_golden_items():
+    rows = [
+        {
+            "item_id": 1,
+            "annotator": "x",
+            "order": [1, 0],
+            "chosen": 0,
+            "prompt": "p",
+            "responses": ["a", "b"],
+        },
+        {
+            "item_id": 2,
+            "annotator": "x",
+            "order": [0, 1],
+            "chosen": 1,
+            "prompt": "q",
+            "responses": ["c", "d"],
+            "golden": True,
+        },
+    ]
+    votes, items = votes_from_raw(rows)
+    assert votes == [PairVote(1, "x", 1, 0, 0)]
+    assert list(items) == [1] and items[1].responses == ["a", "b"]
+
+
+def test_loop_section_goes_before_the_stage_timings():
+    page = '<body><h2 id="eval">E</h2>\n<h2 id="stages">Stage timings</h2><footer>f</footer></body>'
+    rounds = [
+        {
+            "round": 1,
+            "n_labels_total": 10,
+            "n_pairs_total": 7,
+            "rm_heldout_accuracy": 0.625,
+            "gold_reward": 0.1,
+            "proxy_reward": 0.2,
+            "kl_from_sft": 1.5,
+            "win_rate_vs_sft": {"rate": 0.6, "ci95": [0.4, 0.75], "n": 20},
+        }
+    ]
+    out = add_loop_section(page, rounds)
+    assert out.index('<h2 id="loop">') < out.index('<h2 id="stages">')
+    assert "0.6 [0.4, 0.75]" in out and '<td class="num">0.625</td>' in out
+    assert out.count("data:image/png;base64,") == 1
+
+
+def test_loop_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="loop.aggregate"):
+        load_config(None, ["loop.aggregate=median"])
+    with pytest.raises(ConfigError, match="loop.rounds"):
+        load_config(None, ["loop.rounds=0"])
+    result = CliRunner().invoke(app, ["loop", "--rounds", "0", "--out", "unused"])
+    assert result.exit_code == 2 and "--rounds 0" in result.output
+
+
+def test_feedback_service_problems_are_clear_errors(tmp_path, monkeypatch):
+    def service(url: str) -> Run:
+        return Run(tmp_path / "run", load_config(None, [f"loop.feedback_url={url}"]), show_progress=False)
+
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    with pytest.raises(StageError, match=PASSWORD_ENV):
+        open_feedback(service(unreachable), 2)
+    monkeypatch.setenv(PASSWORD_ENV, "secret")
+    with pytest.raises(StageError, match="cannot be reached"):
+        open_feedback(service(unreachable), 2)
+    with pytest.raises(ConfigError, match="loop.feedback_url"):
+        load_config(None, ["loop.feedback_url=localhost:8000"])
+    result = CliRunner().invoke(app, ["loop", "--feedback-url", "ftp://x", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--feedback-url ftp://x" in result.output
