@@ -5,6 +5,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -158,7 +159,7 @@ def test_summary_table():
     text = console.export_text()
     for expected in ("sft", "ppo", "dpo", "0.688", "1.900", "3.250", "0.71 [0.66, 0.77]"):
         assert expected in text
-    sft_row = next(line for line in text.splitlines() if " sft " in line)
+    sft_row = next(line for line in text.splitlines() if line.lstrip("│| ").startswith("sft "))
     assert sft_row.rstrip(" │|").endswith("-")
 
 
@@ -180,3 +181,56 @@ def test_malformed_sections_are_skipped(tmp_path: Path):
     console = Console(record=True)
     console.print(summary_table(report))
     assert "sft" in console.export_text()
+
+
+def test_overopt_and_bench_sections(tmp_path: Path):
+    from rlhfkit.eval.overopt import bon_sweep
+    from rlhfkit.eval.rm_bench import benchmark_report
+
+    x = np.random.default_rng(0).normal(size=(10, 16))
+    report = {
+        "task": "top5",
+        "overopt": {"bon": bon_sweep({"rm": x.tolist()}, (x - 0.5 * x**2).tolist())},
+        "rm": {
+            "heldout_accuracy": 0.5,
+            "bench": benchmark_report([1.0, -1.0], [["topic seen"], ["topic unseen"]]),
+        },
+    }
+    html = write_html_report(tmp_path, report).read_text()
+    assert 'id="overopt"' in html and 'id="overopt-fits"' in html
+    assert "Benchmark on gold-labelled held-out pairs" in html and "topic unseen" in html
+    # Over-optimisation plot and reliability diagram; the nested bench is not dumped as JSON.
+    assert html.count(IMG) == 2
+    assert '"calibration"' not in html
+
+
+def test_win_rate_against_another_reference(tmp_path: Path):
+    report = {
+        "eval": {
+            "reference": "ppo",
+            "judge": "rm",
+            "policies": {"ppo": {"gold_reward": 0.5}, "dpo": {"gold_reward": 0.6}},
+            "win_rate_vs_ppo": {"dpo": {"rate": 0.61, "ci95": [0.5, 0.7], "n": 80}},
+        }
+    }
+    html = write_html_report(tmp_path, report).read_text()
+    assert "win rate vs ppo [95% CI]" in html and "0.61 [0.50, 0.70]" in html
+    assert "judged by the <b>rm</b> judge" in html
+
+
+def test_metrics_log_writes_tensorboard_events(tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhfkit.train.loop import MetricsLog
+
+    log = MetricsLog(tmp_path / "sft" / "metrics.jsonl")
+    log.log(1, loss=2.0)
+    log.log(2, loss=1.5, kl=float("nan"))
+    log.close()
+    assert read_metrics(tmp_path / "sft" / "metrics.jsonl")[1] == {"step": 2, "loss": 1.5, "kl": None}
+    events = EventAccumulator(str(tmp_path / "sft" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0), (2, 1.5)]
+    # A NaN is a gap in metrics.jsonl and absent from TensorBoard, never a fake number.
+    assert "kl" not in events.Tags()["scalars"]

@@ -1,47 +1,58 @@
-"""Tests for rlhfkit.eval.winrate."""
-
-import math
+"""Tests for rlhfkit.eval.winrate: ties as half, Wilson and bootstrap intervals."""
 
 import pytest
 
-from rlhfkit.eval.winrate import win_rate
+from rlhfkit.eval.winrate import bootstrap_interval, wilson_interval, win_rate
 
 
-def test_hand_computed_case():
-    # Outcomes [1, 1, 0.5, 0, 1]: mean 3.5 / 5 = 0.7.
-    # Deviations 0.3, 0.3, -0.2, -0.7, 0.3; squares sum to 0.09*3 + 0.04 + 0.49 = 0.8.
-    # Sample variance 0.8 / 4 = 0.2, std = sqrt(0.2) = 0.4472136; se = std / sqrt(5) = 0.2.
-    # Half width 1.96 * 0.2 = 0.392 -> [0.308, 1.092], clipped to [0.308, 1.0].
+def test_wilson_matches_published_value():
+    # 7 successes of 10: the Wilson 95% interval tabulated in Newcombe (1998) is [0.3968, 0.8922].
+    lo, hi = wilson_interval(0.7, 10)
+    assert (lo, hi) == pytest.approx((0.3968, 0.8922), abs=1e-4)
+
+
+def test_hand_computed_case_with_a_tie():
+    # Outcomes [1, 1, 0.5, 0, 1]: rate 3.5 / 5 = 0.7, n = 5, z = 1.959964, z^2 / n = 0.7682918.
+    # centre = (0.7 + 0.3841459) / 1.7682918 = 0.6131039
+    # half   = 1.959964 / 1.7682918 * sqrt(0.21 / 5 + 0.7682918 / 20) = 0.3143120
     a = [2.0, 1.0, 0.5, 0.0, 3.0]
     b = [1.0, 0.0, 0.5, 1.0, 2.0]
     result = win_rate(a, b)
     assert result["rate"] == pytest.approx(0.7, abs=1e-12)
-    assert result["ci95"][0] == pytest.approx(0.308, abs=1e-6)
-    assert result["ci95"][1] == pytest.approx(1.0, abs=1e-6)
+    assert result["ci95"] == pytest.approx([0.2987919, 0.9274159], abs=1e-6)
     assert (result["n"], result["wins"], result["ties"], result["losses"]) == (5, 3, 1, 1)
+    assert result["ci_method"] == "wilson"
 
 
-def test_unclipped_interval():
-    # 6 wins, 4 losses: rate 0.6; squared deviations 6 * 0.16 + 4 * 0.36 = 2.4,
-    # variance 2.4 / 9, se = sqrt(2.4 / 9) / sqrt(10) = 0.1632993, half width 0.3200667.
-    result = win_rate([1] * 6 + [0] * 4, [0] * 6 + [1] * 4)
-    assert result["rate"] == pytest.approx(0.6)
-    assert result["ci95"] == pytest.approx([0.2799333, 0.9200667], abs=1e-6)
-    half = 1.96 * math.sqrt(2.4 / 9) / math.sqrt(10)
-    assert result["ci95"] == pytest.approx([0.6 - half, 0.6 + half], abs=1e-12)
+def test_all_wins_do_not_collapse_the_interval():
+    # 7 of 7: centre (1 + 0.2743900) / 1.5487800 = 0.8228349, half 0.1771651 -> [0.6456698, 1].
+    result = win_rate([2] * 7, [1] * 7)
+    assert result["rate"] == 1.0
+    assert result["ci95"] == pytest.approx([0.6456698, 1.0], abs=1e-6)
 
 
-def test_all_ties_collapse_interval():
+def test_all_ties_are_centred_on_half():
     result = win_rate([0.3, 0.7, 1.0], [0.3, 0.7, 1.0])
     assert result["rate"] == 0.5
-    assert result["ci95"] == [0.5, 0.5]
+    lo, hi = result["ci95"]
+    assert lo == pytest.approx(1 - hi) and lo < 0.5 < hi
     assert (result["wins"], result["ties"], result["losses"]) == (0, 3, 0)
 
 
-def test_all_wins_and_single_prompt_collapse_interval():
-    assert win_rate([2, 3], [1, 1])["ci95"] == [1.0, 1.0]
-    single = win_rate([0.0], [1.0])
-    assert single["rate"] == 0.0 and single["ci95"] == [0.0, 0.0] and single["n"] == 1
+def test_bootstrap_is_seeded_and_brackets_the_rate():
+    a = [1] * 60 + [0] * 40
+    b = [0] * 60 + [1] * 40
+    first = win_rate(a, b, method="bootstrap", seed=3)
+    assert first == win_rate(a, b, method="bootstrap", seed=3)
+    lo, hi = first["ci95"]
+    assert lo < 0.6 < hi
+    # The bootstrap and Wilson intervals of 60/100 agree to about a point.
+    wilson = win_rate(a, b)["ci95"]
+    assert (lo, hi) == pytest.approx(wilson, abs=0.02)
+
+
+def test_bootstrap_of_constant_outcomes_is_a_point():
+    assert bootstrap_interval([1.0, 1.0, 1.0]) == (1.0, 1.0)
 
 
 def test_mismatched_lengths_name_both():
@@ -52,6 +63,11 @@ def test_mismatched_lengths_name_both():
 def test_empty_raises():
     with pytest.raises(ValueError):
         win_rate([], [])
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="'normal'"):
+        win_rate([1.0], [0.0], method="normal")
 
 
 def test_tolerance():

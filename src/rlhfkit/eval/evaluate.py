@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.eval.metrics import text_metrics
 from rlhfkit.eval.winrate import win_rate
 from rlhfkit.models.heads import sequence_scores
 from rlhfkit.models.loading import load_causal_lm, load_reward_model, load_tokenizer
@@ -50,10 +51,13 @@ def _mean(xs: Sequence[float]) -> float:
     return round(sum(xs) / max(len(xs), 1), 4)
 
 
+JUDGES = ("gold", "rm", "llm")
+
+
 def evaluate_policies(
     policies: Mapping[str, Path],
     reference: str,
-    reward_path: Path,
+    reward_path: Path | None,
     prompts: list[str],
     gold: Utility | None,
     *,
@@ -61,12 +65,31 @@ def evaluate_policies(
     temperature: float,
     max_new_tokens: int,
     n_samples: int = 8,
+    judge: str = "gold",
+    references: Sequence[list[str]] | None = None,
+    ci_method: str = "wilson",
+    llm_judge: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
 ) -> dict:
-    """Sample every policy once per prompt and judge; win rates are against `reference`."""
+    """Sample every policy once per prompt and judge; win rates are against `reference`.
+
+    `judge` decides the win rate: "gold" compares gold utilities, "rm" proxy rewards,
+    "llm" the scores `llm_judge(prompts, responses)` (e.g. an LLMJudge) gives each response.
+    `references[i]` lists reference answers of prompt i for ROUGE-L/BLEU (may be empty).
+    """
+    if reference not in policies:
+        raise ValueError(f"reference policy {reference!r} is not among the policies ({', '.join(policies)})")
+    if judge not in JUDGES:
+        raise ValueError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
+    if judge == "gold" and gold is None:
+        raise ValueError("judge 'gold' needs a task with a gold utility; use --judge rm or llm")
+    if judge == "rm" and reward_path is None:
+        raise ValueError("judge 'rm' needs a reward model")
+    if judge == "llm" and llm_judge is None:
+        raise ValueError("judge 'llm' needs an LLM judge")
     tokenizer = load_tokenizer(policies[reference])
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
-    reward_model = load_reward_model(reward_path, pad).eval()
+    reward_model = load_reward_model(reward_path, pad).eval() if reward_path is not None else None
     ref_model = load_causal_lm(policies[reference]).eval()
     texts: dict[str, list[str]] = {}
     result: dict[str, dict] = {}
@@ -83,31 +106,37 @@ def evaluate_policies(
             temperature=temperature,
         )
         texts[name] = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        proxy = score_with_reward_model(reward_model, prompt_ids, responses, pad)
         kl = sequence_kl(model, ref_model, prompt_ids, responses, pad, temperature)
-        entry = {
-            "proxy_reward": _mean(proxy),
+        entry: dict = {
             f"kl_from_{reference}": _mean(kl),
             "response_tokens": _mean([len(r) for r in responses]),
+            **text_metrics(texts[name], references),
         }
+        if reward_model is not None:
+            entry["_proxy"] = score_with_reward_model(reward_model, prompt_ids, responses, pad)
+            entry["proxy_reward"] = _mean(entry["_proxy"])
         if gold is not None:
-            golds = [gold(p, t) for p, t in zip(prompts, texts[name], strict=True)]
-            entry["gold_reward"] = _mean(golds)
-            entry["_gold"] = golds
-        entry["_proxy"] = proxy
+            entry["_gold"] = [gold(p, t) for p, t in zip(prompts, texts[name], strict=True)]
+            entry["gold_reward"] = _mean(entry["_gold"])
+        if llm_judge is not None:
+            entry["_llm"] = list(llm_judge(prompts, texts[name]))
+            entry["llm_score"] = _mean(entry["_llm"])
         result[name] = entry
     report: dict = {
         "policies": {},
         "n_prompts": len(prompts),
+        "reference": reference,
+        "judge": judge,
         "kl_estimator": KL_ESTIMATOR_NAME,
         "temperature": temperature,
     }
-    if gold is not None:
-        report[f"win_rate_vs_{reference}"] = {
-            name: win_rate(result[name]["_gold"], result[reference]["_gold"])
-            for name in policies
-            if name != reference
-        }
+    # Each judge scores every response on its own; a win is a higher score on the same prompt.
+    key = {"gold": "_gold", "rm": "_proxy", "llm": "_llm"}[judge]
+    report[f"win_rate_vs_{reference}"] = {
+        name: win_rate(result[name][key], result[reference][key], method=ci_method, seed=seed)
+        for name in policies
+        if name != reference
+    }
     samples = []
     for i in range(min(n_samples, len(prompts))):
         samples.append(
@@ -117,7 +146,7 @@ def evaluate_policies(
                     name: {
                         "text": texts[name][i],
                         "gold": result[name]["_gold"][i] if gold is not None else None,
-                        "proxy": round(result[name]["_proxy"][i], 4),
+                        "proxy": round(result[name]["_proxy"][i], 4) if reward_model is not None else None,
                     }
                     for name in policies
                 },
@@ -126,61 +155,6 @@ def evaluate_policies(
     for name, entry in result.items():
         report["policies"][name] = {k: v for k, v in entry.items() if not k.startswith("_")}
     return {"eval": report, "samples": samples}
-
-
-@torch.no_grad()
-def reward_model_gold_accuracy(
-    policy_path: Path,
-    reward_path: Path,
-    prompts: list[str],
-    gold: Utility,
-    *,
-    n_pairs: int,
-    seed: int,
-    temperature: float,
-    max_new_tokens: int,
-) -> dict:
-    """Accuracy of the RM on fresh pairs from the policy, labelled by the gold utility.
-
-    Two samples per held-out prompt; pairs the gold judge scores equal are dropped, since
-    neither answer is right.
-    """
-    tokenizer = load_tokenizer(policy_path)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    policy = load_causal_lm(policy_path).eval()
-    reward_model = load_reward_model(reward_path, pad).eval()
-    chosen_prompts = [prompts[i % len(prompts)] for i in range(n_pairs)]
-    prompt_ids = [prompt_token_ids(tokenizer, p) for p in chosen_prompts]
-    torch.manual_seed(seed + 1)
-    a = sample_responses(
-        policy,
-        prompt_ids,
-        eos_id=eos,
-        pad_id=pad,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-    )
-    b = sample_responses(
-        policy,
-        prompt_ids,
-        eos_id=eos,
-        pad_id=pad,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-    )
-    sa, sb = (score_with_reward_model(reward_model, prompt_ids, r, pad) for r in (a, b))
-    ta, tb = (
-        tokenizer.batch_decode(a, skip_special_tokens=True),
-        tokenizer.batch_decode(b, skip_special_tokens=True),
-    )
-    correct = n = 0
-    for p, x, y, rx, ry in zip(chosen_prompts, ta, tb, sa, sb, strict=True):
-        gx, gy = gold(p, x), gold(p, y)
-        if abs(gx - gy) < 1e-9:
-            continue
-        n += 1
-        correct += (rx > ry) == (gx > gy)
-    return {"heldout_accuracy": round(correct / n, 4) if n else None, "n_heldout_pairs": n}
 
 
 def label_gold_agreement(pairs: Sequence[Mapping[str, str]], gold: Utility) -> float | None:
@@ -193,3 +167,87 @@ def label_gold_agreement(pairs: Sequence[Mapping[str, str]], gold: Utility) -> f
         n += 1
         agree += gc > gr
     return round(agree / n, 4) if n else None
+
+
+def resolve_policies(run_dir: Path, names: Sequence[str]) -> dict[str, Path]:
+    """Policy name -> model folder: a stage of the run (RUN/<name>/model) or a model folder.
+
+    With no names: sft first, then every other stage of the run with a saved model except
+    the pretrained base and the reward model (and the checkpoints PPO keeps).
+    """
+    run_dir = Path(run_dir)
+    if not names:
+        found = (
+            sorted(p.name for p in run_dir.iterdir() if (p / "model" / "config.json").is_file())
+            if run_dir.is_dir()
+            else []
+        )
+        names = [n for n in ["sft", *found] if n not in ("pretrain", "rm")]
+        names = list(dict.fromkeys(names))
+    out: dict[str, Path] = {}
+    for name in names:
+        stage_model = run_dir / name / "model"
+        folder = Path(name)
+        if (stage_model / "config.json").is_file():
+            out[name] = stage_model
+        elif (folder / "config.json").is_file():
+            out[model_label(folder)] = folder
+        else:
+            raise ValueError(
+                f"policy {name!r}: neither {stage_model} nor {folder} holds a saved model (config.json)"
+            )
+    return out
+
+
+def task_topic_of(gold_spec: str | None) -> Callable[[str], object | None] | None:
+    """The `topic_of(prompt)` function next to a task's gold utility, when the task has one."""
+    if not gold_spec:
+        return None
+    import importlib
+
+    module = importlib.import_module(gold_spec.partition(":")[0])
+    return getattr(module, "topic_of", None)
+
+
+def topic_references(
+    prompts: Sequence[str], demonstrations: Sequence[Mapping[str, str]], topic_of: Callable[[str], object]
+) -> list[list[str]]:
+    """References of each prompt: the demonstrations written for the same topic (none for unseen topics)."""
+    by_topic: dict[object, list[str]] = {}
+    for demo in demonstrations:
+        if isinstance(demo.get("prompt"), str):
+            by_topic.setdefault(topic_of(demo["prompt"]), []).append(demo["completion"])
+    by_topic.pop(None, None)
+    return [by_topic.get(topic_of(p), []) if isinstance(p, str) else [] for p in prompts]
+
+
+def file_references(path: Path, prompts: Sequence[str]) -> list[list[str]]:
+    """References of each prompt from a JSONL of {prompt, completion} (several lines per prompt allowed)."""
+    from rlhfkit.data.io import read_records
+
+    by_prompt: dict[str, list[str]] = {}
+    for record in read_records(path, "demonstration"):
+        prompt, completion = record.as_prompt_completion()
+        if isinstance(prompt, str):
+            by_prompt.setdefault(prompt, []).append(completion)
+    return [by_prompt.get(p, []) if isinstance(p, str) else [] for p in prompts]
+
+
+def load_llm_judge(model: str | None) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
+    """The LLM judge (rlhfkit.eval.llm_judge.LLMJudge, yes/no mode) on the model at `model`."""
+    if not model:
+        raise ValueError("judge 'llm' needs a judge model: set eval.judge_model (a model folder or hub id)")
+    from rlhfkit.eval.llm_judge import LLMJudge
+
+    return LLMJudge(model)
+
+
+def model_label(folder: Path) -> str:
+    """A short name for a model folder: its last two path parts, skipping a final "model".
+
+    runs/a/ppo/checkpoints/step-40 -> "checkpoints/step-40"; runs/small/rm/model -> "small/rm".
+    """
+    parts = Path(folder).resolve().parts
+    if parts and parts[-1] == "model":
+        parts = parts[:-1]
+    return "/".join(parts[-2:])

@@ -124,7 +124,7 @@ def _is_noisy(values: np.ndarray) -> bool:
     return hi > lo and jitter > float(hi - lo) * max(0.02, 3.0 / finite.size)
 
 
-def _png(fig: Figure) -> str:
+def png_base64(fig: Figure) -> str:
     """Render a figure to a base64 PNG string."""
     # An explicit Agg canvas on a bare Figure: nothing touches pyplot's global
     # figure registry or the caller's backend, so there is nothing left to close.
@@ -172,7 +172,7 @@ def _curves_png(stage: str, rows: Sequence[Mapping[str, Any]], keys: Sequence[st
         ax.grid(alpha=0.3)
     for ax in axes[len(keys) :]:
         ax.set_visible(False)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _stage_curves(run_dir: Path) -> list[dict]:
@@ -204,7 +204,9 @@ def _stage_curves(run_dir: Path) -> list[dict]:
     return curves
 
 
-def _policy_png(policies: Mapping[str, Mapping], win_rates: Mapping[str, Mapping]) -> str | None:
+def _policy_png(
+    policies: Mapping[str, Mapping], win_rates: Mapping[str, Mapping], reference: str = "sft"
+) -> str | None:
     """Bar chart of gold reward per policy, and win rate vs SFT with its CI when known."""
     gold = [(name, m.get("gold_reward")) for name, m in policies.items()]
     gold = [(name, float(v)) for name, v in gold if _is_number(v)]
@@ -236,10 +238,85 @@ def _policy_png(policies: Mapping[str, Mapping], win_rates: Mapping[str, Mapping
         ax.errorbar(names, rates, yerr=yerr, fmt="none", ecolor="k", capsize=4, linewidth=1)
         ax.axhline(0.5, color="0.3", linestyle="--", linewidth=0.8)
         ax.set_ylim(0.0, 1.0)
-        ax.set_title("Win rate vs SFT (95% CI)", fontsize=10)
+        ax.set_title(f"Win rate vs {_plain(reference)} (95% CI)", fontsize=10)
         ax.tick_params(labelsize=8)
         ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
+
+
+def _reliability_png(calibration: Mapping[str, Any]) -> str | None:
+    """Reliability diagram: RM confidence sigmoid(|score diff|) per bin against gold agreement."""
+    bins = [b for b in calibration.get("bins") or [] if _is_number(b.get("accuracy"))]
+    if not bins:
+        return None
+    fig = Figure(figsize=(4.2, 3.4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0.5, 1.0], [0.5, 1.0], "--", color="0.5", linewidth=0.8, label="perfectly calibrated")
+    conf = [float(b["confidence"]) for b in bins]
+    acc = [float(b["accuracy"]) for b in bins]
+    ax.plot(conf, acc, "o-", color="tab:red", label="reward model")
+    for c, a, b in zip(conf, acc, bins, strict=True):
+        ax.annotate(f"n={b['n']}", (c, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlim(0.48, 1.02)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("RM confidence sigmoid(|score difference|)", fontsize=8)
+    ax.set_ylabel("agreement with the gold judge", fontsize=8)
+    ece = calibration.get("ece")
+    ax.set_title("Reliability" + (f" (ECE {float(ece):.3f})" if _is_number(ece) else ""), fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return png_base64(fig)
+
+
+def _bench_context(bench: Mapping[str, Any]) -> dict | None:
+    """The RM benchmark section: overall and per-subset strict accuracy, ECE and the reliability plot."""
+    if not bench:
+        return None
+    calibration = _mapping(bench.get("calibration"))
+    subsets = [
+        (name, _mapping(v).get("accuracy"), _mapping(v).get("n"))
+        for name, v in _mapping(bench.get("subsets")).items()
+    ]
+    return {
+        "accuracy": bench.get("accuracy"),
+        "n_pairs": bench.get("n_pairs"),
+        "dropped": bench.get("n_gold_ties_dropped"),
+        "ece": calibration.get("ece"),
+        "subsets": subsets,
+        "png": _reliability_png(calibration),
+    }
+
+
+def _overopt_context(overopt: Mapping[str, Any]) -> dict | None:
+    """The over-optimisation section: the plot (re-drawn from the data) and one fit row per curve."""
+    if not overopt:
+        return None
+    from rlhfkit.eval.overopt import overopt_png
+
+    rows = []
+    for kind, label in (("bon", "best-of-n"), ("rl", "RL checkpoints")):
+        sweep = _mapping(overopt.get(kind))
+        for name, rm in _mapping(sweep.get("rms")).items():
+            rm = _mapping(rm)
+            fit_gold = _mapping(rm.get("fit_gold") or sweep.get("fit_gold"))
+            fit_proxy = _mapping(rm.get("fit_proxy"))
+            rows.append(
+                {
+                    "sweep": label,
+                    "rm": name,
+                    "peak_at": rm.get("gold_peak_at"),
+                    "drop": rm.get("gold_drop_after_peak"),
+                    "proxy_monotone": rm.get("proxy_monotone"),
+                    "gold": fit_gold,
+                    "proxy": fit_proxy,
+                }
+            )
+    try:
+        png = overopt_png(overopt)
+    except (KeyError, TypeError, ValueError):
+        # A report.json edited by hand or from an older version: the table still shows.
+        png = None
+    return {"rows": rows, "png": png, "plot": overopt.get("plot")}
 
 
 def _extra_policy_keys(policies: Mapping[str, Mapping]) -> list[str]:
@@ -357,8 +434,14 @@ def write_html_report(run_dir: Path, report: dict) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     evaluation = _mapping(report.get("eval"))
     policies = {name: _mapping(m) for name, m in _mapping(evaluation.get("policies")).items()}
-    win_rates = {name: _mapping(w) for name, w in _mapping(evaluation.get("win_rate_vs_sft")).items()}
+    reference = str(evaluation.get("reference") or "sft")
+    win_rates = {
+        name: _mapping(w) for name, w in _mapping(evaluation.get(f"win_rate_vs_{reference}")).items()
+    }
     sample_policies, samples = _samples(report)
+    rm_section = _mapping(report.get("rm"))
+    bench = _mapping(rm_section.get("bench"))
+    overopt = _mapping(report.get("overopt"))
     context = {
         "title": f"rlhfkit report: {report.get('task', 'run')}",
         "task": report.get("task"),
@@ -379,10 +462,16 @@ def write_html_report(run_dir: Path, report: dict) -> Path:
         "policies": [(name, m, win_rates.get(name)) for name, m in policies.items()],
         "policy_extra_keys": _extra_policy_keys(policies),
         "extra_win_rates": [(n, w) for n, w in win_rates.items() if n not in policies],
-        "policy_png": _policy_png(policies, win_rates),
+        "policy_png": _policy_png(policies, win_rates, reference),
+        "reference": reference,
+        "judge": evaluation.get("judge", "gold"),
+        "kl_estimator": evaluation.get("kl_estimator"),
         "rm": _scalar_items(
-            _mapping(report.get("rm")), ("heldout_accuracy", "gold_agreement", "n_train_pairs")
+            {k: v for k, v in rm_section.items() if k != "bench"},
+            ("heldout_accuracy", "gold_agreement", "n_train_pairs"),
         ),
+        "bench": _bench_context(bench),
+        "overopt": _overopt_context(overopt),
         "feedback": _scalar_items(
             _mapping(report.get("feedback")), ("n_labels", "n_annotators", "agreement_alpha")
         ),
@@ -400,13 +489,14 @@ def summary_table(report: dict) -> Table:
     """The short per-policy table the CLI prints at the end of a run."""
     evaluation = _mapping(report.get("eval"))
     policies = _mapping(evaluation.get("policies"))
-    win_rates = _mapping(evaluation.get("win_rate_vs_sft"))
+    reference = str(evaluation.get("reference") or "sft")
+    win_rates = _mapping(evaluation.get(f"win_rate_vs_{reference}"))
     table = Table(title="Evaluation on held-out prompts", title_justify="left")
     table.add_column("policy", style="bold")
     table.add_column("gold reward", justify="right")
     table.add_column("proxy reward", justify="right")
     table.add_column("KL from SFT", justify="right")
-    table.add_column("win rate vs SFT [95% CI]", justify="right")
+    table.add_column(Text(f"win rate vs {reference} [95% CI]"), justify="right")
 
     def number(value: Any) -> str:
         return f"{float(value):.3f}" if _is_number(value) else "-"
@@ -419,6 +509,6 @@ def summary_table(report: dict) -> Table:
             number(metrics.get("gold_reward")),
             number(metrics.get("proxy_reward")),
             number(metrics.get("kl_from_sft")),
-            Text("-" if name == "sft" else _fmt_winrate(win_rates.get(name))),
+            Text("-" if name == reference else _fmt_winrate(win_rates.get(name))),
         )
     return table

@@ -2,28 +2,65 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
-Z95 = 1.96
+Z95 = 1.959963984540054  # the two-sided 95% quantile of the standard normal
+CI_METHODS = ("wilson", "bootstrap")
+BOOTSTRAP_RESAMPLES = 2000
 
 
-def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tol: float = 1e-9) -> dict:
+def wilson_interval(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion `rate` observed over `n` trials.
+
+    Unlike the normal approximation it stays inside [0, 1] and does not collapse to a
+    point when every outcome is equal (7/7 wins still gives [0.65, 1.0]).
+    """
+    if n < 1:
+        raise ValueError(f"wilson_interval needs n >= 1, got {n}")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"wilson_interval needs a rate in [0, 1], got {rate}")
+    z2n = z * z / n
+    centre = (rate + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(rate * (1 - rate) / n + z2n / (4 * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(
+    outcomes: Sequence[float], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
+) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean of per-prompt outcomes (seeded)."""
+    x = np.asarray(outcomes, dtype=np.float64)
+    if x.size < 1:
+        raise ValueError("bootstrap_interval needs at least one outcome")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def win_rate(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    tol: float = 1e-9,
+    method: str = "wilson",
+    seed: int = 0,
+) -> dict:
     """Win rate of A over B on paired per-prompt scores; a tie counts as half a win.
 
     Per prompt i the outcome is 1 if ``a_i > b_i + tol``, 0.5 if ``|a_i - b_i| <= tol``
-    and 0 otherwise. The 95% interval is the normal approximation
-    ``rate ± 1.96 * std(outcomes, ddof=1) / sqrt(n)``, clipped to [0, 1].
+    and 0 otherwise. The 95% interval is Wilson's score interval on the rate over n
+    prompts (a tie enters as half a success), or with ``method="bootstrap"`` the
+    percentile interval of 2000 seeded resamples of the prompts.
 
-    The interval collapses to ``[rate, rate]`` when ``n < 2`` (the sample std is
-    undefined) or when every outcome is equal (std 0). That is a statement about the
-    sample, not real certainty: the normal approximation has nothing to work with, and
-    a degenerate interval is easier to spot downstream than a NaN.
-
-    Returns ``{"rate", "ci95": [lo, hi], "n", "wins", "ties", "losses"}``.
-    Raises ValueError if the lengths differ, there are no prompts, or a score is not finite.
+    Returns ``{"rate", "ci95": [lo, hi], "ci_method", "n", "wins", "ties", "losses"}``.
+    Raises ValueError if the lengths differ, there are no prompts, a score is not
+    finite, or the method is unknown.
     """
+    if method not in CI_METHODS:
+        raise ValueError(f"unknown win-rate CI method {method!r}; choose one of {', '.join(CI_METHODS)}")
     a = np.asarray(scores_a, dtype=np.float64).ravel()
     b = np.asarray(scores_b, dtype=np.float64).ravel()
     if a.shape[0] != b.shape[0] or a.shape[0] < 1:
@@ -43,15 +80,11 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tol: float = 
 
     n = int(outcomes.shape[0])
     rate = float(outcomes.mean())
-    std = float(outcomes.std(ddof=1)) if n >= 2 else 0.0
-    if std > 0.0:
-        half = Z95 * std / np.sqrt(n)
-        ci = [float(max(0.0, rate - half)), float(min(1.0, rate + half))]
-    else:
-        ci = [rate, rate]
+    lo, hi = wilson_interval(rate, n) if method == "wilson" else bootstrap_interval(outcomes, seed)
     return {
         "rate": rate,
-        "ci95": ci,
+        "ci95": [lo, hi],
+        "ci_method": method,
         "n": n,
         "wins": int(wins.sum()),
         "ties": int(ties.sum()),

@@ -1,0 +1,148 @@
+"""Reward-model benchmark in the style of RewardBench: strict pairwise accuracy by subset, calibration.
+
+Pairs are two fresh samples of a policy on held-out prompts, labelled by the gold judge
+(pairs it scores equal are dropped: neither answer is right). A pair counts as correct
+only when the RM scores the gold-preferred response strictly higher. Calibration reads
+sigmoid(score difference) as the RM's probability that its preferred response is the
+better one (the Bradley-Terry reading of a reward model) and compares it with how often
+the gold judge agrees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+Utility = Callable[[str, str], float]
+# Token-count gap between the two responses: a small gap means the RM cannot lean on length.
+LENGTH_GAP_BUCKETS = ((0, 5, "length gap <5"), (5, 15, "length gap 5-14"), (15, None, "length gap >=15"))
+CALIBRATION_BINS = 5
+
+
+def strict_accuracy(margins: Sequence[float]) -> float | None:
+    """Share of margins (score of the gold-preferred minus the other) that are > 0; ties are wrong."""
+    m = np.asarray(margins, dtype=np.float64)
+    return float((m > 0).mean()) if m.size else None
+
+
+def length_bucket(gap: int) -> str:
+    """The LENGTH_GAP_BUCKETS label of an absolute token-count gap."""
+    for lo, hi, label in LENGTH_GAP_BUCKETS:
+        if gap >= lo and (hi is None or gap < hi):
+            return label
+    raise ValueError(f"length gap must be >= 0, got {gap}")
+
+
+def reliability(margins: Sequence[float], n_bins: int = CALIBRATION_BINS) -> dict:
+    """Reliability bins of confidence sigmoid(|margin|) over [0.5, 1] against accuracy, and the ECE.
+
+    ECE = sum over bins of (n_bin / n) * |accuracy_bin - mean confidence_bin| (Guo et al. 2017).
+    """
+    m = np.asarray(margins, dtype=np.float64)
+    confidence = 1.0 / (1.0 + np.exp(-np.abs(m)))
+    correct = (m > 0).astype(np.float64)
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
+    # The last bin is closed on the right so a confidence of exactly 1.0 has a home.
+    index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        sel = index == b
+        n = int(sel.sum())
+        entry = {
+            "lo": float(edges[b]),
+            "hi": float(edges[b + 1]),
+            "n": n,
+            "confidence": None,
+            "accuracy": None,
+        }
+        if n:
+            conf, acc = float(confidence[sel].mean()), float(correct[sel].mean())
+            entry.update(confidence=conf, accuracy=acc)
+            ece += n / m.size * abs(acc - conf)
+        bins.append(entry)
+    return {"bins": bins, "ece": ece if m.size else None}
+
+
+def benchmark_report(margins: Sequence[float], subsets: Sequence[Sequence[str]]) -> dict:
+    """Accuracy overall and per subset label (a pair may carry several labels), plus calibration."""
+    out: dict = {"accuracy": strict_accuracy(margins), "n_pairs": len(margins), "subsets": {}}
+    by_label: dict[str, list[float]] = {}
+    for margin, labels in zip(margins, subsets, strict=True):
+        for label in labels:
+            by_label.setdefault(label, []).append(margin)
+    for label in sorted(by_label):
+        out["subsets"][label] = {"accuracy": strict_accuracy(by_label[label]), "n": len(by_label[label])}
+    out["calibration"] = reliability(margins)
+    return out
+
+
+@torch.no_grad()
+def rm_benchmark(
+    policy_path,
+    reward_path,
+    prompts: list[str],
+    gold: Utility,
+    *,
+    n_pairs: int,
+    seed: int,
+    temperature: float,
+    max_new_tokens: int,
+    topic_subset: Callable[[str], str | None] | None = None,
+) -> dict:
+    """Sample n_pairs gold-labelled pairs from the policy on `prompts` and benchmark the RM on them.
+
+    `topic_subset(prompt)` names a subset such as "topic seen" (None for no label).
+    """
+    from rlhfkit.eval.evaluate import score_with_reward_model
+    from rlhfkit.models.loading import load_causal_lm, load_reward_model, load_tokenizer
+    from rlhfkit.models.tokenizer import prompt_token_ids
+    from rlhfkit.rollout.generate import sample_responses
+
+    tokenizer = load_tokenizer(policy_path)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    policy = load_causal_lm(policy_path).eval()
+    reward_model = load_reward_model(reward_path, pad).eval()
+    pair_prompts = [prompts[i % len(prompts)] for i in range(n_pairs)]
+    ids = [prompt_token_ids(tokenizer, p) for p in pair_prompts]
+    torch.manual_seed(seed + 1)
+    a, b = (
+        sample_responses(
+            policy, ids, eos_id=eos, pad_id=pad, max_new_tokens=max_new_tokens, temperature=temperature
+        )
+        for _ in range(2)
+    )
+    score_a, score_b = (score_with_reward_model(reward_model, ids, r, pad) for r in (a, b))
+    text_a, text_b = (tokenizer.batch_decode(r, skip_special_tokens=True) for r in (a, b))
+    margins, subsets, dropped = [], [], 0
+    for i, prompt in enumerate(pair_prompts):
+        ga, gb = gold(prompt, text_a[i]), gold(prompt, text_b[i])
+        if abs(ga - gb) < 1e-9:
+            dropped += 1
+            continue
+        margins.append(score_a[i] - score_b[i] if ga > gb else score_b[i] - score_a[i])
+        labels = [length_bucket(abs(len(a[i]) - len(b[i])))]
+        topic = topic_subset(prompt) if topic_subset else None
+        if topic:
+            labels.append(topic)
+        subsets.append(labels)
+    report = benchmark_report(margins, subsets)
+    report["n_gold_ties_dropped"] = dropped
+    return report
+
+
+def seen_topic_subset(
+    topic_of: Callable[[str], object], demonstrations: Sequence[dict]
+) -> Callable[[str], str | None]:
+    """A topic_subset labelling a prompt "topic seen" when demonstrations cover its topic, else "unseen"."""
+    seen = {topic_of(d["prompt"]) for d in demonstrations if isinstance(d.get("prompt"), str)}
+    seen.discard(None)
+
+    def subset(prompt: str) -> str | None:
+        topic = topic_of(prompt) if isinstance(prompt, str) else None
+        if topic is None:
+            return None
+        return "topic seen" if topic in seen else "topic unseen"
+
+    return subset

@@ -1,0 +1,84 @@
+"""Tests for rlhfkit.eval.overopt: the best-of-n estimator, analytic KL, and the Gao et al. fits."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from rlhfkit.algos.bon import best_of_n_kl
+from rlhfkit.eval.overopt import best_of_n_expectation, best_of_n_weights, bon_sweep, fit_gao, rl_sweep
+
+
+def test_weights_hand_computed():
+    # N = 3, n = 2: the i-th smallest is the max of a random pair with prob C(i-1, 1) / C(3, 2).
+    assert best_of_n_weights(3, 2) == pytest.approx([0.0, 1 / 3, 2 / 3])
+    assert best_of_n_weights(4, 1) == pytest.approx([0.25] * 4)
+    assert best_of_n_weights(4, 4) == pytest.approx([0, 0, 0, 1])
+    # Large N stays finite (C(256, 128) overflows a float).
+    assert best_of_n_weights(256, 128).sum() == pytest.approx(1.0)
+
+
+def test_expectation_matches_enumeration():
+    rng = np.random.default_rng(0)
+    proxy, gold = rng.normal(size=7), rng.normal(size=7)
+    for n in (1, 3, 5, 7):
+        subsets = list(itertools.combinations(range(7), n))
+        exact = np.mean([gold[max(s, key=lambda i: proxy[i])] for s in subsets])
+        assert best_of_n_expectation(proxy, gold, n) == pytest.approx(exact)
+    with pytest.raises(ValueError, match="n=8"):
+        best_of_n_weights(7, 8)
+
+
+def test_analytic_kl():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(256) == pytest.approx(math.log(256) - 255 / 256)
+
+
+@pytest.mark.parametrize("form", ["bon", "rl"])
+def test_fit_recovers_known_parameters(form):
+    a, b = 1.3, 0.45
+    d = np.linspace(0.0, 3.0, 15)
+    second = d * d if form == "bon" else d * np.log(np.where(d > 0, d, 1.0))
+    exact = a * d - b * second
+    fit = fit_gao(d, exact, form)
+    assert (fit["a"], fit["b"], fit["r2"]) == pytest.approx((a, b, 1.0), abs=1e-9)
+    noisy = exact + np.random.default_rng(1).normal(scale=0.02, size=d.size)
+    fit = fit_gao(d, noisy, form)
+    assert fit["a"] == pytest.approx(a, abs=0.08) and fit["b"] == pytest.approx(b, abs=0.08)
+    assert 0.95 < fit["r2"] < 1.0
+
+
+def test_fit_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_gao([0, 1], [0, 1], "bon")
+    with pytest.raises(ValueError, match="'quadratic'"):
+        fit_gao([0, 1, 2], [0, 1, 2], "quadratic")
+
+
+def test_bon_sweep_shows_overoptimisation_on_a_planted_proxy():
+    # The proxy rewards length-like x; gold likes x up to a point and then dislikes it.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 64))
+    proxy = {"rm": x.tolist()}
+    gold = (x - 0.4 * x**2).tolist()
+    sweep = bon_sweep(proxy, gold)
+    assert sweep["n"][-1] == 64 and sweep["kl"][0] == 0.0
+    rm = sweep["rms"]["rm"]
+    assert rm["proxy_monotone"] and rm["gold_drop_after_peak"] > 0
+    assert 1 < rm["gold_peak_at"] < 64
+    assert rm["gold_rel"][0] == 0.0 and rm["fit_gold"]["b"] > 0
+
+
+def test_rl_sweep_is_relative_to_sft():
+    points = [
+        {"name": "sft", "kl": 0.0, "gold": 0.2, "proxy/rm": 1.0},
+        {"name": "step-1", "kl": 1.0, "gold": 0.4, "proxy/rm": 2.0},
+        {"name": "step-2", "kl": 4.0, "gold": 0.3, "proxy/rm": 3.0},
+    ]
+    sweep = rl_sweep(points, ["rm"])
+    assert sweep["sqrt_kl"] == [0.0, 1.0, 2.0]
+    assert sweep["gold_rel"] == pytest.approx([0.0, 0.2, 0.1])
+    assert sweep["rms"]["rm"]["gold_peak_at"] == "step-1"
+    assert sweep["rms"]["rm"]["proxy_rel"] == [0.0, 1.0, 2.0]

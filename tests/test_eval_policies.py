@@ -1,0 +1,42 @@
+"""Tests for how `rlhfkit eval` finds policies and references (no models loaded)."""
+
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.eval.evaluate import model_label, resolve_policies, topic_references
+
+
+def _model(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_default_policies_are_sft_then_trained_stages(tmp_path):
+    for stage in ("pretrain", "rm", "sft", "ppo", "dpo"):
+        _model(tmp_path / stage / "model")
+    assert list(resolve_policies(tmp_path, [])) == ["sft", "dpo", "ppo"]
+
+
+def test_named_stages_and_folders(tmp_path):
+    _model(tmp_path / "sft" / "model")
+    ckpt = _model(tmp_path / "ppo" / "checkpoints" / "step-40")
+    policies = resolve_policies(tmp_path, ["sft", str(ckpt)])
+    assert policies == {"sft": tmp_path / "sft" / "model", "checkpoints/step-40": ckpt}
+
+
+def test_unknown_policy_names_both_places(tmp_path):
+    with pytest.raises(ValueError, match=r"policy 'ppo': neither .*ppo/model nor ppo holds a saved model"):
+        resolve_policies(tmp_path, ["ppo"])
+
+
+def test_model_label_skips_a_final_model_folder(tmp_path):
+    assert model_label(tmp_path / "small" / "rm" / "model") == "small/rm"
+    assert model_label(tmp_path / "ppo" / "checkpoints" / "step-5") == "checkpoints/step-5"
+
+
+def test_topic_references_are_demonstrations_of_the_same_topic():
+    topic_of = {"films?": "film", "best films": "film", "plants?": "plant"}.get
+    demos = [{"prompt": "best films", "completion": "1. Heat"}, {"prompt": "other", "completion": "x"}]
+    assert topic_references(["films?", "plants?", "zzz"], demos, topic_of) == [["1. Heat"], [], []]

@@ -1,0 +1,56 @@
+"""Tests for rlhfkit.eval.rm_bench: strict accuracy, length buckets, reliability and ECE."""
+
+import math
+
+import pytest
+
+from rlhfkit.eval.rm_bench import (
+    benchmark_report,
+    length_bucket,
+    reliability,
+    seen_topic_subset,
+    strict_accuracy,
+)
+
+
+def test_strict_accuracy_counts_ties_as_wrong():
+    assert strict_accuracy([1.0, -0.5, 0.0, 2.0]) == pytest.approx(0.5)
+    assert strict_accuracy([]) is None
+
+
+def test_length_buckets():
+    assert [length_bucket(g) for g in (0, 4, 5, 14, 15, 90)] == [
+        "length gap <5",
+        "length gap <5",
+        "length gap 5-14",
+        "length gap 5-14",
+        "length gap >=15",
+        "length gap >=15",
+    ]
+    with pytest.raises(ValueError):
+        length_bucket(-1)
+
+
+def test_reliability_hand_computed():
+    # margin 0 -> confidence 0.5 (wrong: strict); 2 -> sigmoid(2) = 0.880797 (right); -2 -> same, wrong.
+    result = reliability([0.0, 2.0, -2.0], n_bins=5)
+    high = 1 / (1 + math.exp(-2))
+    first, fourth = result["bins"][0], result["bins"][3]
+    assert (first["n"], first["accuracy"], first["confidence"]) == (1, 0.0, 0.5)
+    assert fourth["n"] == 2 and fourth["accuracy"] == 0.5 and fourth["confidence"] == pytest.approx(high)
+    # ECE = 1/3 * |0 - 0.5| + 2/3 * |0.5 - 0.880797|.
+    assert result["ece"] == pytest.approx(1 / 3 * 0.5 + 2 / 3 * (high - 0.5))
+    assert sum(b["n"] for b in result["bins"]) == 3
+
+
+def test_report_groups_by_every_label():
+    report = benchmark_report([1.0, -1.0, 2.0], [["a", "x"], ["a"], ["x"]])
+    assert report["accuracy"] == pytest.approx(2 / 3) and report["n_pairs"] == 3
+    assert report["subsets"]["a"] == {"accuracy": 0.5, "n": 2}
+    assert report["subsets"]["x"] == {"accuracy": 1.0, "n": 2}
+
+
+def test_seen_topic_subset():
+    topic_of = {"films?": "film", "plants?": "plant"}.get
+    subset = seen_topic_subset(topic_of, [{"prompt": "films?", "completion": "1. x"}])
+    assert subset("films?") == "topic seen" and subset("plants?") == "topic unseen" and subset("?") is None
