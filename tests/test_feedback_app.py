@@ -230,7 +230,8 @@ def test_other_bad_requests(service):
     alice, csrf = login(app, "alice")
     headers = {"X-CSRF-Token": csrf}
     unknown = alice.post("/api/submit", json={"token": "nope", "answer": {"choice": "left"}}, headers=headers)
-    assert unknown.status_code == 400 and "unknown task token" in unknown.json()["detail"]
+    assert unknown.status_code == 422 and unknown.json()["field"] == "token"
+    assert "unknown task token 'nope'" in unknown.json()["detail"]
     missing = alice.post("/api/submit", json={"answer": {}}, headers=headers)
     assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "token"]
     assert alice.post("/api/projects/999/next", headers=headers).status_code == 404
@@ -251,7 +252,81 @@ def test_other_bad_requests(service):
     big = TestClient(small).post(
         "/api/login", content=b"x" * 5000, headers={"content-type": "application/json"}
     )
-    assert big.status_code == 413
+    assert big.status_code == 413 and big.json()["field"] == "body"
+    # Without a Content-Length (chunked), the limit holds on the bytes actually received.
+    chunks = TestClient(small).post(
+        "/api/login", content=iter([b"x" * 600, b"x" * 600]), headers={"content-type": "application/json"}
+    )
+    assert chunks.status_code == 413 and "larger than 1000 bytes" in chunks.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("task_type", "responses", "answer", "field", "problem"),
+    [
+        ("edit", ["draft"], {"text": "   "}, "text", "is empty"),
+        ("demonstration", [], {"text": ""}, "text", "is empty"),
+        ("edit", ["draft"], {"text": "x" * 20_001}, "text", "longer than"),
+        ("ranking", ["a", "b", "c"], {"ranking": [0, 0, 1]}, "ranking", "exactly once"),
+        ("ranking", ["a", "b", "c"], {"ranking": [0, 1]}, "ranking", "exactly once"),
+        ("ranking", ["a", "b", "c"], {"ranking": [2, 1, 0, 3]}, "ranking", "exactly once"),
+        ("ranking", ["a", "b", "c"], {"ranking": ["0", 1, 2]}, "ranking", "list of response positions"),
+        ("likert", ["one"], {"rating": 8}, "rating", "from 1 to 7"),
+        ("binary", ["one"], {"label": "yes"}, "label", ""),
+    ],
+)
+def test_bad_answers_of_every_task_type_name_the_field(service, task_type, responses, answer, field, problem):
+    store, app, _ = service
+    project = store.create_project(f"bad-{task_type}", task_type)
+    store.add_items(project, [{"prompt": "q", "responses": responses}])
+    alice, csrf = login(app, "alice")
+    task = alice.post(f"/api/projects/{project}/next", headers={"X-CSRF-Token": csrf}).json()["task"]
+    response = alice.post(
+        "/api/submit", json={"token": task["token"], "answer": answer}, headers={"X-CSRF-Token": csrf}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field and f"field {field!r}" in response.json()["detail"]
+    assert problem in response.json()["detail"]
+    assert store.labels(project) == []  # nothing stored; the task is still open
+    fixed = {"edit": {"text": "better"}, "demonstration": {"text": "mine"}, "ranking": {"ranking": [2, 0, 1]}}
+    if task_type in fixed:
+        ok = alice.post(
+            "/api/submit",
+            json={"token": task["token"], "answer": fixed[task_type]},
+            headers={"X-CSRF-Token": csrf},
+        )
+        assert ok.status_code == 200, ok.text
+
+
+def test_dashboard_excludes_an_annotator_with_a_csrf_protected_form(service):
+    store, app, project = service
+    alice, alice_csrf = login(app, "alice")
+    task = alice.post(f"/api/projects/{project}/next", headers={"X-CSRF-Token": alice_csrf}).json()["task"]
+    alice.post(
+        "/api/submit",
+        json={"token": task["token"], "answer": {"choice": "left"}},
+        headers={"X-CSRF-Token": alice_csrf},
+    )
+    root, csrf = login(app, "root")
+    page = root.get("/admin").text
+    assert 'action="/admin/annotators/alice/exclude"' in page and f'value="{csrf}"' in page
+    form = {"excluded": "true", "project_id": str(project)}
+    assert root.post("/admin/annotators/alice/exclude", data=form).status_code == 403  # no token
+    assert store.excluded_annotators() == []
+    # An annotator cannot exclude anyone, even with her own valid token.
+    as_alice = alice.post("/admin/annotators/bob/exclude", data={**form, "csrf_token": alice_csrf})
+    assert as_alice.status_code == 403 and store.excluded_annotators() == []
+    done = root.post(
+        "/admin/annotators/alice/exclude", data={**form, "csrf_token": csrf}, follow_redirects=False
+    )
+    assert done.status_code == 303 and done.headers["location"] == f"/admin#project-{project}"
+    assert store.excluded_annotators() == ["alice"]
+    raw = root.get(f"/api/projects/{project}/export", params={"format": "raw"}).text
+    assert raw == ""  # her label is left out of exports
+    assert "Include again" in root.get("/admin").text
+    back = root.post("/admin/annotators/alice/exclude", data={"excluded": "false", "csrf_token": csrf})
+    assert back.status_code == 200 and store.excluded_annotators() == []  # followed to the dashboard
+    unknown = root.post("/admin/annotators/nobody/exclude", data={"csrf_token": csrf})
+    assert unknown.status_code == 404
 
 
 def test_invite_link_signs_up_an_annotator(service):

@@ -156,6 +156,15 @@ def test_annotator_and_admin_in_the_browser(
             admin.click(f"#project-{ids['rank']} a[href$='format=trl-preference']")
         export_path = tmp_path / "rank-pairs.jsonl"
         download_info.value.save_as(export_path)
+        # The exclude button (a CSRF-protected form) works under the page's CSP, and undoes.
+        with admin.expect_navigation():
+            admin.click(f"#project-{ids['rate']} .exclude-button")
+        assert admin.url.endswith(f"/admin#project-{ids['rate']}")
+        assert store.excluded_annotators() == ["alice"]
+        assert admin.inner_text(f"#project-{ids['rate']} .exclude-button") == "Include again"
+        with admin.expect_navigation():
+            admin.click(f"#project-{ids['rate']} .exclude-button")
+        assert store.excluded_annotators() == []
         admin.goto(f"{url}/admin/projects/new")
         admin.screenshot(path=str(screenshot_dir / "project-new.png"))
         admin_context.close()

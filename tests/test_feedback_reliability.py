@@ -27,20 +27,33 @@ from typing import Any
 import httpx
 import pytest
 from feedback_server import free_port
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from rlhfkit.feedback import auth
+from rlhfkit.feedback.session import COOKIE
 from rlhfkit.feedback.store import FeedbackStore, Item, Label, Lease
 
 N_ANNOTATORS = 50
 OVERLAP = 3
 # Far more work than 50 annotators finish in the test, so the load never runs dry.
-N_ITEMS = 3000
-LOAD_SECONDS = 3.0
+N_ITEMS = 1000
+LOAD_SECONDS = 2.0
 # Phase 2 kills the server once this many more labels were acknowledged (or after the time bound).
-ACKS_BEFORE_KILL = 150
+ACKS_BEFORE_KILL = 50
 PASSWORD = "annotator-password"
 CHOICES = ("left", "right", "tie")
+
+
+class _StopAfter:
+    """A stop flag that turns itself on after `n` checks (a few more labels, no timing)."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def is_set(self) -> bool:
+        """True after `n` calls."""
+        self.left -= 1
+        return self.left < 0
 
 
 @dataclass
@@ -75,7 +88,13 @@ class Annotator:
             self.errors.append(f"label {label_id} acknowledged for two different submissions")
         self.acked[label_id] = (token, answer)
 
-    def label_until(self, project_id: int, stop: threading.Event) -> None:
+    def recover(self, project_id: int) -> None:
+        """After a restart: retry the submission whose answer was lost, then label one more task."""
+        if self.pending is not None:
+            self.submit(*self.pending)
+        self.label_until(project_id, _StopAfter(1))
+
+    def label_until(self, project_id: int, stop: threading.Event | _StopAfter) -> None:
         """Lease and answer tasks until `stop` is set, the queue is empty or the server is gone."""
         n = 0
         try:
@@ -111,19 +130,23 @@ def serve(db_url: str, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
             env=env,
         )
     url = f"http://127.0.0.1:{port}"
+    # verify=False: plain HTTP on loopback, and it spares building a TLS context per client.
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/api/me", timeout=2).status_code == 401:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
+        with httpx.Client(timeout=2, verify=False) as probe:
+            deadline = time.monotonic() + 60
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+                    )
+                try:
+                    if probe.get(url + "/api/me").status_code == 401:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.1)
         yield url, process
     finally:
         if process.poll() is None:
@@ -134,9 +157,7 @@ def serve(db_url: str, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
 def connect(annotators: list[Annotator], url: str) -> None:
     """Point every annotator at a (re)started server, keeping its session cookie."""
     for a in annotators:
-        cookies = a.client.cookies
-        a.client.close()
-        a.client = httpx.Client(base_url=url, cookies=cookies, timeout=60)
+        a.client.base_url = httpx.URL(url)
 
 
 def run_load(annotators: list[Annotator], project_id: int, stop: threading.Event) -> list[threading.Thread]:
@@ -156,8 +177,9 @@ def check_database(store: FeedbackStore, project_id: int, annotators: list[Annot
     """Assert the invariants against the tables themselves; return counts for the report."""
     with store._transaction() as conn:  # the raw tables, not the store's reading of them
         labels = conn.execute(
-            select(Label.id, Label.item_id, Label.annotator_id, Label.lease_id, Label.chosen, Label.position)
-            .where(Label.project_id == project_id)
+            select(
+                Label.id, Label.item_id, Label.annotator_id, Label.lease_id, Label.chosen, Label.position
+            ).where(Label.project_id == project_id)
         ).all()
         items = {row.id: row for row in conn.execute(select(Item.id, Item.overlap, Item.n_labels)).all()}
         leases = conn.execute(
@@ -203,6 +225,7 @@ def cheap_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(auth, "SCRYPT_N", 2**4)
 
 
+@pytest.mark.slow  # about 20 s per database on a loaded 2-core machine: two server starts
 def test_50_annotators_then_sigkill_loses_no_acknowledged_label(db_url, tmp_path, cheap_hashes):
     store = FeedbackStore(db_url, seed=0, durable=False)
     try:
@@ -210,19 +233,20 @@ def test_50_annotators_then_sigkill_loses_no_acknowledged_label(db_url, tmp_path
         store.add_items(
             project_id, [{"prompt": f"q{i}", "responses": [f"a{i}", f"b{i}"]} for i in range(N_ITEMS)]
         )
-        names = [f"ann-{i:02d}" for i in range(N_ANNOTATORS)]
-        for name in names:
-            store.add_user(name, "annotator", PASSWORD)
         log = tmp_path / "server.log"
+        annotators = []
+        for i in range(N_ANNOTATORS):
+            name = f"ann-{i:02d}"
+            user_id = store.add_user(name, "annotator", PASSWORD)
+            # Sessions straight from the store: logging in is tested elsewhere, and 50
+            # sequential logins would be most of this test's time on a loaded machine.
+            token, csrf = store.create_session(user_id)
+            client = httpx.Client(timeout=60, cookies={COOKIE: token}, verify=False)
+            annotators.append(Annotator(name, client, csrf, seed=i))
 
         # Phase 1: 50 annotators label concurrently for a bounded time.
         with serve(db_url, log) as (url, process):
-            annotators = []
-            for name in names:
-                client = httpx.Client(base_url=url, timeout=60)
-                me = client.post("/api/login", json={"name": name, "password": PASSWORD})
-                assert me.status_code == 200, me.text
-                annotators.append(Annotator(name, client, me.json()["csrf_token"], seed=len(annotators)))
+            connect(annotators, url)
             stop = threading.Event()
             started = time.monotonic()
             threads = run_load(annotators, project_id, stop)
@@ -238,9 +262,12 @@ def test_50_annotators_then_sigkill_loses_no_acknowledged_label(db_url, tmp_path
             # Phase 2: the same load, and SIGKILL while requests are in flight.
             before = n_acked(annotators)
             threads = run_load(annotators, project_id, threading.Event())
-            deadline = time.monotonic() + 2 * LOAD_SECONDS
-            while n_acked(annotators) < before + ACKS_BEFORE_KILL and time.monotonic() < deadline:
-                time.sleep(0.01)
+            deadline = time.monotonic() + LOAD_SECONDS
+            # Kill once the load is going and at least one submission is on its way.
+            while time.monotonic() < deadline and (
+                n_acked(annotators) < before + ACKS_BEFORE_KILL or all(a.pending is None for a in annotators)
+            ):
+                time.sleep(0.005)
             process.send_signal(signal.SIGKILL)
             assert process.wait(timeout=30) == -signal.SIGKILL
             for thread in threads:
@@ -256,12 +283,11 @@ def test_50_annotators_then_sigkill_loses_no_acknowledged_label(db_url, tmp_path
             # Sessions live in the database, so they survive the restart; a submission whose
             # answer was lost is retried with the same token and answer: one label, not two.
             retried = [a for a in annotators if a.pending is not None]
-            for a in retried:
-                assert a.pending is not None
-                a.submit(*a.pending)
-            # And the restarted server takes work again.
-            for a in annotators[:5]:
-                a.label_until(project_id, _StopAfter(3))
+            threads = [threading.Thread(target=a.recover, args=(project_id,)) for a in annotators]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
             final = check_database(store, project_id, annotators)
         assert final["labels"] == n_acked(annotators)
         print(
@@ -270,19 +296,13 @@ def test_50_annotators_then_sigkill_loses_no_acknowledged_label(db_url, tmp_path
             f"{len(interrupted)} annotators mid-request, {len(retried)} submissions retried; "
             f"{final['labels']} labels at the end, all acknowledged ones present"
         )
+        # The check is not vacuous: one acknowledged label gone from the database is caught.
+        victim = next(label_id for a in annotators for label_id in a.acked)
+        with store._transaction("write") as conn:
+            conn.execute(delete(Label).where(Label.id == victim))
+        with pytest.raises(AssertionError, match=f"acknowledged label {victim} of .* not in the database"):
+            check_database(store, project_id, annotators)
         for a in annotators:
             a.client.close()
     finally:
         store.close()
-
-
-class _StopAfter:
-    """A stop flag that turns itself on after `n` checks (a few more labels, no timing)."""
-
-    def __init__(self, n: int):
-        self.left = n
-
-    def is_set(self) -> bool:
-        """True after `n` calls."""
-        self.left -= 1
-        return self.left < 0

@@ -390,6 +390,17 @@ def test_every_task_type_labels_and_exports(open_store, tmp_path):
     assert json.loads((tmp_path / "d.jsonl").read_text())["completion"] == "written"
     with pytest.raises(ValueError, match="trl-unpaired needs"):
         store.export(store.project_id("likert"), tmp_path / "x.jsonl", "trl-unpaired")
+    # Likert ratings in raw: the rated completion, the rating and its scale, and the item's meta.
+    likert = store.project_id("likert")
+    store.add_items(likert, [{"prompt": "p2", "responses": ["two"], "meta": {"policy": "ppo"}}])
+    assert _answer_all(store, likert, alice, lambda t: {"rating": 2}) == 1
+    assert store.export(likert, tmp_path / "l.jsonl", "raw") == 2
+    rows = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["completion"], r["rating"], r["scale"]) for r in rows] == [
+        ("q", "one", 6, [1, 7]),
+        ("p2", "two", 2, [1, 7]),
+    ]
+    assert rows[1]["meta"] == {"policy": "ppo"} and rows[1]["annotator"] == "alice"
     with pytest.raises(ValueError, match="unknown export format"):
         store.export(ranking, tmp_path / "x.jsonl", "csv")
 
@@ -500,6 +511,13 @@ def test_users_sessions_and_invites(open_store, clock):
     token, _ = store.create_session(admin)
     store.end_session(token)
     assert store.session_user(token) is None
+    # Expired sessions are purged when the next one starts.
+    store.create_session(admin, seconds=10)
+    store.create_session(admin, seconds=100)
+    assert store.n_sessions() == 2
+    clock.advance(11)
+    store.create_session(admin)
+    assert store.n_sessions() == 2  # the expired one is gone, the live one stays
     invite = store.create_invite("annotator", admin, seconds=100)
     assert store.invite_role(invite) == "annotator"
     new_user = store.accept_invite(invite, "ann", "ann-password")

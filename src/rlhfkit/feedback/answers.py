@@ -103,7 +103,7 @@ def store_answer(task_type: str, answer: Mapping[str, Any], order: Sequence[int]
     unknown = sorted(set(answer) - set(allowed))
     if unknown:
         raise AnswerError(
-            unknown[0], f"is not an answer field of a {task_type} task (fields: {list(allowed)})"
+            unknown[0], f"is not an answer field of {task_type} tasks (fields: {list(allowed)})"
         )
     if task_type == "comparison":
         choice = answer.get("choice")

@@ -116,6 +116,15 @@ class SubmitOut(BaseModel):
     label_id: int
 
 
+class UnprocessableOut(BaseModel):
+    """A 422: a malformed body (`detail` is pydantic's list of errors, each with its `loc`), or an
+    answer or task token that does not fit the task (`detail` is the message, `field` names the field).
+    """
+
+    detail: str | list[dict[str, Any]]
+    field: str | None = None
+
+
 class LabelOut(BaseModel):
     label_id: int
     annotator: str
@@ -292,7 +301,13 @@ def next_task(project_id: int, request: Request, caller: UserDep, store: StoreDe
     )
 
 
-@router.post("/submit", response_model=SubmitOut, dependencies=[Depends(check_csrf)])
+@router.post(
+    "/submit",
+    response_model=SubmitOut,
+    dependencies=[Depends(check_csrf)],
+    # The spec says both shapes of a 422, so that clients (and the fuzz test) can rely on it.
+    responses={422: {"model": UnprocessableOut}},
+)
 def submit(body: SubmitIn, caller: UserDep, store: StoreDep) -> SubmitOut:
     """Answer a leased task; a retry with the same token and answer returns the same label."""
     return SubmitOut(label_id=store.submit(body.token, caller.user.annotator_id, body.answer))

@@ -51,21 +51,32 @@ class BodyLimitAndHeaders:
             await _too_large(self.max_bytes, send)
             return
         received = 0
-        started = False
+        started = False  # the app began its answer
+        refused = False  # we answered 413 ourselves; the app's answer is dropped
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge
+                    # A chunked body without Content-Length: answer 413 here, because an
+                    # exception raised into the app would be turned into a generic 400 by
+                    # FastAPI's body parsing. The app then sees a client that went away.
+                    refused = True
+                    if not started:
+                        await _too_large(self.max_bytes, send)
+                    return {"type": "http.disconnect"}
             return message
 
         docs = scope["path"].startswith(_DOCS_PATHS)
 
         async def send_with_headers(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             if message["type"] == "http.response.start":
                 started = True
                 if not docs:
@@ -76,17 +87,14 @@ class BodyLimitAndHeaders:
 
         try:
             await self.app(scope, limited_receive, send_with_headers)
-        except _BodyTooLarge:
-            if not started:
-                await _too_large(self.max_bytes, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        except Exception:
+            if not refused:
+                raise
+            # The app failed on the body we cut off (a form parser, say); the 413 is out already.
 
 
 async def _too_large(max_bytes: int, send: Send) -> None:
-    body = f'{{"detail": "request body is larger than {max_bytes} bytes"}}'.encode()
+    body = f'{{"detail": "request body is larger than {max_bytes} bytes", "field": "body"}}'.encode()
     await send(
         {
             "type": "http.response.start",

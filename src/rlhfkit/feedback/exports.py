@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from rlhfkit.crowd.aggregate import majority_vote
 from rlhfkit.data.convert import ranking_to_pairs
 from rlhfkit.data.records import Ranking
+from rlhfkit.feedback.answers import LIKERT_MAX
 
 if TYPE_CHECKING:
     from rlhfkit.feedback.store import ItemRecord, LabelRecord
@@ -116,10 +117,14 @@ def sft_rows(task_type: str, project: str, items: Items, labels: Labels) -> Iter
 
 
 def raw_rows(items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
-    """Every label with its annotator, item and answer."""
+    """Every label with its annotator, item (and its meta) and answer.
+
+    Likert rows also carry the rated `completion`, the `rating` and its `scale`, so that
+    they can be used (as rewards, or thresholded into thumbs) without decoding `value`.
+    """
     for label in labels:
         item = items[label.item_id]
-        yield {
+        row = {
             "label_id": label.label_id,
             "item_id": label.item_id,
             "prompt": item.prompt_text,
@@ -134,7 +139,13 @@ def raw_rows(items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
             "correct": label.correct,
             "created_at": label.created_at.isoformat(),
             "seconds": label.seconds,
+            "meta": item.meta,
         }
+        if label.kind == "likert":
+            row.update(
+                completion=item.responses[0], rating=(label.value or {})["rating"], scale=[1, LIKERT_MAX]
+            )
+        yield row
 
 
 ExportBuilder = Callable[[str, str, Items, Labels], Iterator[dict[str, Any]]]

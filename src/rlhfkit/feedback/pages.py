@@ -283,3 +283,24 @@ def invite_form(
         return _page(request, "error.html", caller, status=400, message=str(exc))
     url = str(request.url_for("signup_page")) + f"?invite={token}"
     return _page(request, "invite.html", caller, url=url, role=role)
+
+
+@router.post("/admin/annotators/{name}/exclude", dependencies=[Depends(check_csrf)])
+def exclude_form(
+    request: Request,
+    name: str,
+    excluded: Annotated[bool, Form()] = True,
+    project_id: Annotated[int | None, Form()] = None,
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    """Leave an annotator's labels out of exports (or take them back in); back to the dashboard."""
+    caller = current_caller(request)
+    assert caller is not None  # check_csrf made sure
+    if caller.user.role != "admin":
+        return _forbidden(request, caller)
+    try:
+        _store(request).exclude_annotator(name, excluded)
+    except KeyError:
+        return _page(request, "error.html", caller, status=404, message=f"No annotator named {name!r}.")
+    anchor = f"#project-{project_id}" if project_id is not None else ""
+    return RedirectResponse(f"/admin{anchor}", status_code=303)

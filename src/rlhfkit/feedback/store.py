@@ -72,6 +72,7 @@ from rlhfkit.feedback.answers import (
     CHOICES,
     GOLDEN_TYPES,
     MAX_STRENGTH,
+    AnswerError,
     StoredAnswer,
     is_correct,
     nominal_value,
@@ -756,7 +757,7 @@ class FeedbackStore:
         ):
             raise ValueError(f"golden_rate must be a number from 0 to 1, got {golden_rate!r}")
         if golden_rate > 0 and task_type not in GOLDEN_TYPES:
-            raise ValueError(f"golden_rate: a {task_type} project cannot have golden items")
+            raise ValueError(f"golden_rate: {task_type} projects cannot have golden items")
         values = {
             "name": name,
             "task_type": task_type,
@@ -944,10 +945,14 @@ class FeedbackStore:
         return UserRecord(row.id, row.name, row.role, row.annotator_id) if row is not None and ok else None
 
     def create_session(self, user_id: int, seconds: float = 12 * 3600) -> tuple[str, str]:
-        """Start a login; return (session token for the cookie, CSRF token for forms)."""
+        """Start a login; return (session token for the cookie, CSRF token for forms).
+
+        Expired sessions are deleted on the way, so the table holds live logins only.
+        """
         token, csrf = new_token(), new_token()
         now = self._now()
         with self._transaction("write") as conn:
+            conn.execute(Session.__table__.delete().where(Session.expires_at <= now))
             conn.execute(
                 insert(Session),
                 {
@@ -971,6 +976,11 @@ class FeedbackStore:
         if row is None:
             return None
         return UserRecord(row.id, row.name, row.role, row.annotator_id), row.csrf_token
+
+    def n_sessions(self) -> int:
+        """How many sessions are stored (expired ones not yet purged included)."""
+        with self._transaction() as conn:
+            return conn.scalar(select(func.count(Session.id))) or 0
 
     def end_session(self, token: str) -> None:
         """Log out: forget the session."""
@@ -1130,7 +1140,7 @@ class FeedbackStore:
             conn.execute(_LOCK_ANNOTATOR, {"annotator_id": annotator_id})
             lease = conn.execute(_LEASE_BY_TOKEN, {"token": token}).one_or_none()
             if lease is None:
-                raise ValueError(f"unknown task token {token!r}")
+                raise AnswerError("token", f"unknown task token {token!r} (not issued by this service)")
             if lease.annotator_id != annotator_id:
                 raise PermissionError(
                     f"task token {token!r} was issued to another annotator, not to annotator {annotator_id}"
