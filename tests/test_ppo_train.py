@@ -75,6 +75,9 @@ VARIANTS = {
         "ppo.dual_clip=3.0",
         "ppo.ent_coef=0.01",
         "ppo.target_kl=1e-8",
+        "ppo.reward_norm=true",
+        "ppo.missing_eos_penalty=1.0",
+        "ppo.adam_eps=1e-5",
     ],
     "extra_rewards": [
         "ppo.extra_rewards=[{fn: top5_format, weight: 0.5}, {fn: repetition_penalty},"
@@ -85,7 +88,6 @@ VARIANTS = {
         "ppo.ptx_batch=2",
         "ppo.freeze_layers=1",
         "ppo.response_mode=fixed",
-        "ppo.reward_norm=false",
         "ppo.reward_scaling=true",
         "ppo.reward_clip=2.0",
         "ppo.whiten_rewards=true",
@@ -125,6 +127,8 @@ def test_every_switch_runs_and_logs(variant, models, tmp_path):
         assert rows[1]["kl_coef"] < rows[0]["kl_coef"]
         # A tiny target_kl stops after the first epoch.
         assert all(r["epochs"] == 1 for r in rows)
+        # Reward normalisation fitted a gain/bias on the SFT samples.
+        assert summary["reward_gain"] != 1.0 and summary["reward_bias"] != 0.0
     if variant == "ptx_freeze_fixed_scaling":
         assert all(r["response_length"] == 6 for r in rows) and all(r["eos_share"] == 0 for r in rows)
         assert all(r["loss/ptx"] > 0 for r in rows)

@@ -59,13 +59,9 @@ class LoRAConfig(Section):
 class RolloutConfig(Section):
     """How responses are sampled in ppo, grpo and rloo."""
 
-    backend: Literal["hf", "vllm"] = Field(
-        "hf", description="hf: transformers generate; vllm: a colocated vLLM engine (GPU, rlhfkit[vllm])"
-    )
-    batch_size: int = Field(64, gt=0, description="prompts per generate call (hf backend; memory)")
-    gpu_memory_utilization: float = Field(
-        0.3, gt=0, le=1, description="share of GPU memory vLLM may take (the rest trains)"
-    )
+    # Only transformers generate for now; a vLLM backend (issue 8) is not implemented yet.
+    backend: Literal["hf"] = Field("hf", description="hf: transformers generate")
+    batch_size: int = Field(64, gt=0, description="prompts per generate call (memory)")
 
 
 class DataConfig(Section):
@@ -154,7 +150,7 @@ class PPOConfig(Section):
     # Optimisation
     lr: float = Field(1e-4, gt=0, description="policy learning rate")
     critic_lr: float = Field(2e-4, gt=0, description="critic learning rate (separate critic)")
-    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon (1e-5, as OpenAI's baselines)")
+    adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon (OpenAI's baselines use 1e-5)")
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="decay after warm-up, to 0 at the last step"
     )
@@ -185,13 +181,15 @@ class PPOConfig(Section):
     )
     kl_horizon: int = Field(10000, gt=0, description="adaptive controller horizon, in samples")
     # Reward
-    reward_norm: bool = Field(True, description="gain/bias so SFT samples score mean 0, std 1")
+    reward_norm: bool = Field(
+        False, description="gain/bias so SFT samples score mean 0, std 1 (raise kl_coef with it: docs/ppo.md)"
+    )
     reward_norm_samples: int = Field(256, gt=1, description="SFT samples used to fit the gain/bias")
     reward_scaling: bool = Field(False, description="divide scores by their running std")
     reward_clip: float | None = Field(None, gt=0, description="clamp scores to [-c, c]; null: off")
     whiten_rewards: bool = Field(False, description="whiten per-token rewards over the batch (scale only)")
     missing_eos_penalty: float | None = Field(
-        1.0, ge=0, description="subtracted from the score of responses with no EOS; null: off"
+        None, ge=0, description="subtracted from the score of responses with no EOS; null: off"
     )
     response_mode: Literal["eos", "fixed"] = Field(
         "eos", description="eos: stop at EOS; fixed: always max_new_tokens tokens (EOS suppressed)"

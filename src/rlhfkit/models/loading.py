@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import (
@@ -16,6 +17,12 @@ from transformers import (
 
 from rlhfkit.models.tokenizer import ensure_pad_token
 
+if TYPE_CHECKING:
+    from rlhfkit.config import RunConfig
+
+# Sub-folder of a saved LoRA model that holds the adapter alone.
+ADAPTER_DIR = "adapter"
+
 
 def tiny_causal_lm(
     tokenizer: PreTrainedTokenizerBase,
@@ -27,24 +34,40 @@ def tiny_causal_lm(
     max_positions: int = 256,
     seed: int = 0,
 ) -> PreTrainedModel:
-    """A randomly initialised Llama- or Qwen2-style causal LM sized for a CPU."""
-    model_type = {"llama": "llama", "qwen2": "qwen2"}.get(arch)
-    if model_type is None:
-        raise ValueError(f"model.arch must be 'llama' or 'qwen2', got {arch!r}")
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    """A randomly initialised Llama-, Qwen2- or GPT-2-style causal LM sized for a CPU."""
+    if arch not in ("llama", "qwen2", "gpt2"):
+        raise ValueError(f"model.arch must be 'llama', 'qwen2' or 'gpt2', got {arch!r}")
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if arch == "gpt2":
+        # GPT-2 names its sizes differently and has learned absolute positions, no KV groups.
+        config = AutoConfig.for_model(
+            "gpt2",
+            vocab_size=len(tokenizer),
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_positions,
+            tie_word_embeddings=True,
+            **special,
+        )
+    else:
+        config = AutoConfig.for_model(
+            arch,
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+            **special,
+        )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
@@ -62,6 +85,37 @@ def load_causal_lm(path: str | Path) -> PreTrainedModel:
     return model
 
 
+def make_trainable(
+    model: PreTrainedModel, config: RunConfig, task: Literal["causal_lm", "reward"] = "causal_lm"
+) -> PreTrainedModel:
+    """The model a stage trains: gradient checkpointing and LoRA adapters as `config` asks."""
+    if config.model.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and needs no input grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if config.lora.enabled:
+        from rlhfkit.models.lora import apply_lora
+
+        model = apply_lora(model, config.lora, task)
+    return model
+
+
+def dropout_off(model: torch.nn.Module) -> torch.nn.Module:
+    """Zero every dropout and put the model in train mode.
+
+    RL losses compare log-probs of the same function at rollout and update, so dropout must be
+    off; doing it this way instead of eval() keeps gradient checkpointing active (transformers
+    checkpoints only in train mode).
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        # Llama/Qwen2 attention applies dropout functionally, from a float on the module.
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model.train()
+
+
 def load_reward_model(path: str | Path, pad_token_id: int) -> PreTrainedModel:
     """A sequence-classification model with one output: the reward.
 
@@ -75,8 +129,17 @@ def load_reward_model(path: str | Path, pad_token_id: int) -> PreTrainedModel:
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
-    """save_pretrained for the model and its tokenizer, into one folder."""
+    """save_pretrained for the model and its tokenizer, into one folder.
+
+    A LoRA model is saved merged (a plain transformers checkpoint) with its adapter alone
+    in `out_dir/adapter` (peft's format, loadable onto the base with PeftModel).
+    """
+    from rlhfkit.models.lora import is_lora, merged_copy
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if is_lora(model):
+        model.save_pretrained(str(out_dir / ADAPTER_DIR))
+        model = merged_copy(model)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))

@@ -17,7 +17,8 @@ import torch
 
 from rlhfkit.algos.dpo import dpo_loss, sequence_logprob
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model
+from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, make_trainable, save_model
+from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import join_prompt_response
 from rlhfkit.rollout.logprobs import response_logprobs
@@ -73,7 +74,7 @@ def run_dpo(
     if not pairs:
         raise ValueError("dpo: no preference pairs (is the preference file empty?)")
     watch = Stopwatch()
-    accelerator = make_accelerator(config.seed)
+    accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
     tokenizer = load_tokenizer(policy_path)
     pad = tokenizer.pad_token_id
@@ -82,18 +83,20 @@ def run_dpo(
     # IPO regresses the margin to a fixed target, so it is defined on length-averaged log-probs
     # (as in its reference implementation); DPO uses sums, the sequence's real probability.
     average = cfg.loss_type == "ipo"
-    reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
+    policy = make_trainable(load_causal_lm(policy_path), config)
+    # LoRA: the reference is the policy with its adapter off, not a second copy.
+    reference = None if config.lora.enabled else load_causal_lm(policy_path).to(device).eval()
     ref_chosen = ref_rejected = None
     if cfg.precompute_reference:
-        ref_chosen = precompute_logprobs(reference, chosen, pad, device, average)
-        ref_rejected = precompute_logprobs(reference, rejected, pad, device, average)
+        with reference_of(policy.to(device) if reference is None else reference) as ref:
+            ref_chosen = precompute_logprobs(ref, chosen, pad, device, average)
+            ref_rejected = precompute_logprobs(ref, rejected, pad, device, average)
         reference = None  # one model fewer in memory for the whole run
-    policy = load_causal_lm(policy_path)
     total = max(1, round(cfg.epochs * math.ceil(len(pairs) / cfg.batch_size)))
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     # Dropout off: the implicit reward compares policy and reference as the same function.
-    policy.eval()
+    dropout_off(policy)
     gen = torch.Generator().manual_seed(config.seed)
     batches = ShuffledBatches(len(pairs), cfg.batch_size, gen)
     log = MetricsLog(out_dir / "metrics.jsonl")
@@ -103,11 +106,12 @@ def run_dpo(
             idx = batches.next()
             both = [chosen[i] for i in idx] + [rejected[i] for i in idx]
             logp = sequence_logprobs(policy, both, pad, device, average)
-            if reference is None:
+            if ref_chosen is not None:
                 ref_c, ref_r = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
             else:
-                with torch.no_grad():
-                    ref = sequence_logprobs(reference, both, pad, device, average)
+                live = accelerator.unwrap_model(policy) if reference is None else reference
+                with reference_of(live) as ref_model:
+                    ref = sequence_logprobs(ref_model, both, pad, device, average)
                 ref_c, ref_r = ref[: len(idx)], ref[len(idx) :]
             loss, stats = dpo_loss(
                 logp[: len(idx)], logp[len(idx) :], ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing

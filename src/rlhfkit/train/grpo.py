@@ -24,7 +24,8 @@ from rlhfkit.algos.grpo import (
 from rlhfkit.algos.kl import kl_estimate
 from rlhfkit.algos.masked import masked_mean
 from rlhfkit.config import GRPOConfig, RLOOConfig, RunConfig
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model
+from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, make_trainable, save_model
+from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
 from rlhfkit.rollout.generate import sample_responses
@@ -84,13 +85,14 @@ def run_critic_free(
         raise ValueError(f"{section}: no prompts to train on")
     name = advantage_name(cfg)
     watch = Stopwatch()
-    accelerator = make_accelerator(config.seed)
+    accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
     tokenizer = load_tokenizer(policy_path)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    policy = load_causal_lm(policy_path)
-    reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
-    policy.eval()  # dropout off: sampling and training log-probs must be the same function
+    policy = make_trainable(load_causal_lm(policy_path), config)
+    # LoRA: the reference is the policy with its adapter off, not a second copy.
+    reference = None if config.lora.enabled else load_causal_lm(policy_path).to(device).eval()
+    dropout_off(policy)  # sampling and training log-probs must be the same function
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, cfg.steps, 0, schedule="linear")
     policy, optimizer = accelerator.prepare(policy, optimizer)
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
@@ -113,6 +115,7 @@ def run_critic_free(
                 pad_id=pad,
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,
+                batch_size=config.rollout.batch_size,
             )
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             score_list, term_means = combined_rewards(reward_terms, group_prompts, texts)
@@ -129,9 +132,9 @@ def run_critic_free(
                 old_logp = response_logprobs(
                     policy, batch.input_ids, batch.attention_mask, R, cfg.temperature
                 )
-                ref_logp = response_logprobs(
-                    reference, batch.input_ids, batch.attention_mask, R, cfg.temperature
-                )
+            with reference_of(accelerator.unwrap_model(policy) if reference is None else reference) as ref:
+                ref_logp = response_logprobs(ref, batch.input_ids, batch.attention_mask, R, cfg.temperature)
+            with torch.no_grad():
                 advantages, kl = critic_free_advantages(cfg, scores, old_logp, ref_logp, mask)
 
             # 3. Clipped updates on mini-batches of responses.

@@ -15,12 +15,18 @@ from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import get_scheduler
 
+MIXED_PRECISION = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
 
-def make_accelerator(seed: int) -> Accelerator:
-    """An Accelerator (CPU here; GPUs and several processes under `accelerate launch`), seeded."""
+
+def make_accelerator(seed: int, dtype: str = "float32") -> Accelerator:
+    """An Accelerator (CPU here; GPUs and several processes under `accelerate launch`), seeded.
+
+    `dtype` (model.dtype) other than float32 turns on accelerate's mixed precision; float32
+    leaves the choice to `accelerate launch --mixed_precision` / its config file.
+    """
     set_seed(seed)
     # The run directory is our logger; no trackers unless a user asks for one.
-    return Accelerator(log_with=None)
+    return Accelerator(log_with=None, mixed_precision=MIXED_PRECISION[dtype])
 
 
 def make_optimizer(
@@ -69,24 +75,42 @@ class ShuffledBatches:
         return batch
 
 
-class MetricsLog:
-    """Appends one JSON object per logged step to `metrics.jsonl` (the run's own record)."""
+def tensorboard_writer(log_dir: Path) -> Any | None:
+    """A TensorBoard SummaryWriter on `log_dir`, or None when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None  # TensorBoard is optional: metrics.jsonl is the record either way
+    return SummaryWriter(log_dir=str(log_dir))
 
-    def __init__(self, path: Path, resume: bool = False):
+
+class MetricsLog:
+    """Appends one JSON object per logged step to `metrics.jsonl` (the run's own record).
+
+    When TensorBoard is installed the same scalars also go to `<stage>/tensorboard/`
+    (`tensorboard --logdir RUN` shows every stage).
+    """
+
+    def __init__(self, path: Path, resume: bool = False, tensorboard: bool = True):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._file = path.open("a" if resume else "w", encoding="utf-8")
+        self._tb = tensorboard_writer(path.parent / "tensorboard") if tensorboard else None
 
     def log(self, step: int, **metrics: float) -> None:
         row = {"step": step}
         for k, v in metrics.items():
             v = float(v)
             row[k] = v if math.isfinite(v) else None
+            if self._tb is not None and row[k] is not None:
+                self._tb.add_scalar(k, v, step)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def progress_bar(description: str, total: int, enabled: bool = True) -> Progress:

@@ -13,8 +13,9 @@ import torch
 
 from rlhfkit.algos.reward import bradley_terry_loss, soft_label_terms
 from rlhfkit.config import RunConfig
-from rlhfkit.models.heads import sequence_scores
-from rlhfkit.models.loading import load_reward_model, load_tokenizer, save_model
+from rlhfkit.models.heads import TokenValues, sequence_scores
+from rlhfkit.models.loading import load_reward_model, load_tokenizer, make_trainable, save_model
+from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
 from rlhfkit.train.loop import (
@@ -91,9 +92,19 @@ def run_rm(
     """Train a reward model from `init_path` on `pairs`; saves `out_dir/model`."""
     cfg = config.rm
     watch = Stopwatch()
-    accelerator = make_accelerator(config.seed)
+    accelerator = make_accelerator(config.seed, config.model.dtype)
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % n_proc:
+        raise ValueError(f"rm.batch_size {cfg.batch_size} is not divisible by the {n_proc} processes")
     tokenizer = load_tokenizer(init_path)
-    model = load_reward_model(init_path, tokenizer.pad_token_id)
+    model = make_trainable(load_reward_model(init_path, tokenizer.pad_token_id), config, "reward")
+    print_memory_estimate(
+        [held_model("reward model", model, reads_vocab=False)],
+        2 * (cfg.batch_size // n_proc) * cfg.max_length,  # chosen and rejected in one forward
+        config.model.dtype,
+        config.model.gradient_checkpointing,
+        enabled=show_progress and accelerator.is_main_process,
+    )
     rows = tokenize_pairs(tokenizer, pairs, cfg.max_length)
     margins = pair_margins(pairs, cfg.soft_labels)
     gen = torch.Generator().manual_seed(config.seed)
@@ -106,14 +117,17 @@ def run_rm(
         raise ValueError("reward model: no training pairs (is the preference file empty?)")
     total = max(1, round(cfg.epochs * math.ceil(len(train) / cfg.batch_size)))
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Prepared inside TokenValues so DDP/FSDP see the forward that computes the scores.
+    model, optimizer, scheduler = accelerator.prepare(TokenValues(model), optimizer, scheduler)
     model.train()
-    log = MetricsLog(out_dir / "metrics.jsonl")
+    log = MetricsLog(out_dir / "metrics.jsonl") if accelerator.is_main_process else None
+    # Every process draws the same global batch (same seed) and trains on its equal share of it,
+    # so the mean of the processes' mean losses is the global batch's mean loss.
     batches = ShuffledBatches(len(train), cfg.batch_size, gen)
     eval_every = max(1, total // 8)
-    with progress_bar("reward model", total, show_progress) as bar:
+    with progress_bar("reward model", total, show_progress and accelerator.is_main_process) as bar:
         for step in range(1, total + 1):
-            picked = batches.next()
+            picked = batches.next()[rank::n_proc]
             batch = [train[i] for i in picked]
             chosen, rejected = score_pairs(model, batch, tokenizer.pad_token_id, accelerator.device)
             margin, smoothing = soft_label_terms(
@@ -122,14 +136,20 @@ def run_rm(
             loss = bradley_terry_loss(chosen, rejected, margin, smoothing)
             accelerator.backward(loss)
             apply_gradients(accelerator, model, optimizer, scheduler)
-            row = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item()}
+            both = torch.stack([loss.detach(), (chosen > rejected).float().mean()])
+            both = accelerator.reduce(both, "mean")
+            row = {"loss": both[0].item(), "accuracy": both[1].item()}
             if val and (step % eval_every == 0 or step == total):
                 row["val_accuracy"] = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device)
-            log.log(step, **row)
+            if log is not None:
+                log.log(step, **row)
             bar.update(bar.task_ids[0], advance=1, info=f"loss {row['loss']:.3f}")
-    log.close()
+    if log is not None:
+        log.close()
     val_acc = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device) if val else None
-    save_model(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model).model, tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "n_train_pairs": len(train),

@@ -9,7 +9,8 @@ import torch
 
 from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer, make_trainable, save_model
+from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
 from rlhfkit.rollout.logprobs import position_ids_from_mask
@@ -43,9 +44,19 @@ def run_sft(
     """Fine-tune the model at `init_path` on demonstrations; saves `out_dir/model`."""
     cfg = config.sft
     watch = Stopwatch()
-    accelerator = make_accelerator(config.seed)
+    accelerator = make_accelerator(config.seed, config.model.dtype)
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % n_proc:
+        raise ValueError(f"sft.batch_size {cfg.batch_size} is not divisible by the {n_proc} processes")
     tokenizer = load_tokenizer(init_path)
-    model = load_causal_lm(init_path)
+    model = make_trainable(load_causal_lm(init_path), config)
+    print_memory_estimate(
+        [held_model("policy", model, reads_vocab=True)],
+        (cfg.batch_size // n_proc) * cfg.max_length,
+        config.model.dtype,
+        config.model.gradient_checkpointing,
+        enabled=show_progress and accelerator.is_main_process,
+    )
     examples = tokenize_demonstrations(tokenizer, demos, cfg.max_length)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = max(1, round(cfg.epochs * steps_per_epoch))
@@ -53,27 +64,36 @@ def run_sft(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     gen = torch.Generator().manual_seed(config.seed)
-    log = MetricsLog(out_dir / "metrics.jsonl")
+    log = MetricsLog(out_dir / "metrics.jsonl") if accelerator.is_main_process else None
+    # Every process draws the same global batch (same seed) and trains on its own rows of it.
     batches = ShuffledBatches(len(examples), cfg.batch_size, gen)
     loss_value = float("nan")
-    with progress_bar("sft", total, show_progress) as bar:
+    with progress_bar("sft", total, show_progress and accelerator.is_main_process) as bar:
         for step in range(1, total + 1):
-            rows = [examples[i] for i in batches.next()]
+            rows = [examples[i] for i in batches.next()[rank::n_proc]]
             ids, attn = right_pad([r[0] for r in rows], tokenizer.pad_token_id)
             loss_mask, _ = right_pad([r[1] for r in rows], 0, width=ids.size(1))
             ids, attn, loss_mask = (t.to(accelerator.device) for t in (ids, attn, loss_mask))
             logits = model(
                 input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False
             ).logits
-            loss = completion_nll(logits, ids, loss_mask)
+            local_mean = completion_nll(logits, ids, loss_mask)
+            # Normalise by the global batch's completion tokens: the gradient averaged over
+            # processes is then exactly the one-process gradient of the whole batch.
+            local_tokens = loss_mask[:, 1:].sum().float()
+            global_tokens = accelerator.reduce(local_tokens.clone(), "sum").clamp(min=1.0)
+            loss = local_mean * local_tokens / global_tokens * n_proc
             accelerator.backward(loss)
             apply_gradients(accelerator, model, optimizer, scheduler)
-            loss_value = loss.item()
-            if step % 5 == 0 or step == total:
+            loss_value = accelerator.reduce(loss.detach() / n_proc, "sum").item()
+            if log is not None and (step % 5 == 0 or step == total):
                 log.log(step, loss=loss_value, lr=scheduler.get_last_lr()[0])
             bar.update(bar.task_ids[0], advance=1, info=f"loss {loss_value:.3f}")
-    log.close()
-    save_model(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+    if log is not None:
+        log.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "final_loss": round(loss_value, 4),

@@ -1,0 +1,145 @@
+"""Local 'hub' checkpoints (random-init Llama, Qwen2, GPT-2) through SFT, RM and PPO.
+
+GPT-2's tokenizer has no pad token and no chat template, as on the hub: the pad becomes EOS
+and the masks, not the token ids, say what is padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2TokenizerFast,
+)
+
+from rlhfkit.config import load_config
+from rlhfkit.models.loading import load_tokenizer, save_model, tiny_causal_lm
+from rlhfkit.models.tokenizer import train_tokenizer
+from rlhfkit.train.ppo import run_ppo
+from rlhfkit.train.rm import run_rm
+from rlhfkit.train.sft import run_sft, tokenize_demonstrations
+
+TEXTS = ["Say a colour number 3. red", "blue green red yellow", "a colour is red or blue"] * 40
+PROMPTS = [f"Say a colour number {i}." for i in range(8)]
+DEMOS = [{"prompt": p, "completion": "red"} for p in PROMPTS]
+PAIRS = [{"prompt": p, "chosen": "red", "rejected": "blue green"} for p in PROMPTS]
+SMALL = [
+    "sft.batch_size=4",
+    "sft.epochs=0.5",
+    "rm.batch_size=4",
+    "rm.epochs=0.5",
+    "rm.val_share=0",
+    "ppo.steps=1",
+    "ppo.rollout_batch=4",
+    "ppo.minibatch=2",
+    "ppo.ppo_epochs=1",
+    "ppo.max_new_tokens=5",
+    "ppo.reward_norm_samples=4",
+]
+
+
+def gpt2_style_tokenizer() -> GPT2TokenizerFast:
+    """A byte-level BPE with GPT-2's single special token: no pad, no chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TEXTS, trainer=trainer)
+    return GPT2TokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def hub_folder(request, tmp_path_factory) -> Path:
+    """A random-init checkpoint of one architecture saved the way the hub serves it."""
+    arch = request.param
+    folder = tmp_path_factory.mktemp("hub") / f"tiny-{arch}"
+    tokenizer = gpt2_style_tokenizer() if arch == "gpt2" else train_tokenizer(TEXTS, vocab_size=300)
+    model = tiny_causal_lm(
+        tokenizer,
+        arch=arch,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        max_positions=64,
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _generates(folder: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tokenizer("Say a colour", return_tensors="pt")["input_ids"]
+    out = model.generate(
+        input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_sft_rm_ppo_on_a_local_checkpoint(hub_folder, tmp_path):
+    config = load_config(overrides=SMALL)
+    assert AutoTokenizer.from_pretrained(hub_folder).pad_token is None or "gpt2" not in hub_folder.name
+
+    sft = run_sft(config, hub_folder, DEMOS, tmp_path / "sft", show_progress=False)
+    assert sft["steps"] == 1 and sft["final_loss"] > 0
+    _generates(tmp_path / "sft" / "model")
+
+    rm = run_rm(config, tmp_path / "sft" / "model", PAIRS, tmp_path / "rm", show_progress=False)
+    assert rm["n_train_pairs"] == len(PAIRS)
+    reward = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")
+    assert reward.config.num_labels == 1 and reward.config.pad_token_id is not None
+
+    ppo = run_ppo(
+        config, tmp_path / "sft" / "model", tmp_path / "rm" / "model", PROMPTS, tmp_path / "ppo", False
+    )
+    assert torch.isfinite(torch.tensor(ppo["final_score"]))
+    _generates(tmp_path / "ppo" / "model")
+    _generates(tmp_path / "ppo" / "checkpoints" / "step-1")
+
+
+def test_gpt2_pad_is_eos_and_the_loss_still_covers_eos():
+    tokenizer = gpt2_style_tokenizer()
+    assert tokenizer.pad_token is None and not tokenizer.chat_template
+    from rlhfkit.models.tokenizer import ensure_pad_token
+
+    ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    [(ids, loss_mask)] = tokenize_demonstrations(tokenizer, [{"prompt": "Say", "completion": "red"}], 64)
+    # The completion's closing EOS (== pad id) is a target the model must learn to emit.
+    assert ids[-1] == tokenizer.eos_token_id and loss_mask[-1] == 1
+    # Plain-text prompt (no chat template): the prompt tokens carry no loss.
+    n_prompt = len(tokenizer("Say\n")["input_ids"])
+    assert loss_mask[:n_prompt] == [0] * n_prompt and sum(loss_mask) == len(ids) - n_prompt
+
+
+def test_load_tokenizer_gives_gpt2_a_pad(tmp_path):
+    gpt2_style_tokenizer().save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_saved_model_round_trips_with_its_chat_template(tmp_path):
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    save_model(model, tokenizer, tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.chat_template == tokenizer.chat_template
+    text = loaded.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert text.endswith("<|assistant|>\n")
