@@ -21,7 +21,6 @@ from rlhfkit.loop import (
     PASSWORD_ENV,
     ROUND_KEYS,
     LabelTimeout,
-    add_loop_section,
     open_feedback,
     pick_prompts,
     round_fingerprint,
@@ -325,24 +324,28 @@ def test_votes_from_raw_leaves_out_golden_items():
     assert list(items) == [1] and items[1].responses == ["a", "b"]
 
 
-def test_loop_section_goes_before_the_stage_timings():
-    page = '<body><h2 id="eval">E</h2>\n<h2 id="stages">Stage timings</h2><footer>f</footer></body>'
+def test_report_html_shows_the_rounds_before_the_stage_timings(tmp_path):
+    from rlhfkit.eval.report import write_html_report
+
     rounds = [
         {
-            "round": 1,
-            "n_labels_total": 10,
-            "n_pairs_total": 7,
+            "round": k,
+            "n_labels_total": 10 * k,
+            "n_pairs_total": 7 * k,
             "rm_heldout_accuracy": 0.625,
-            "gold_reward": 0.1,
+            "gold_reward": 0.1 * k,
             "proxy_reward": 0.2,
             "kl_from_sft": 1.5,
             "win_rate_vs_sft": {"rate": 0.6, "ci95": [0.4, 0.75], "n": 20},
         }
+        for k in (1, 2)
     ]
-    out = add_loop_section(page, rounds)
+    report = {"task": "t", "loop": {"rounds": rounds}, "stages": {"sft": {"wall_seconds": 1.0}}}
+    # Any later write of the report (eval, demo) keeps the section: it is part of the template.
+    out = write_html_report(tmp_path, report).read_text()
     assert out.index('<h2 id="loop">') < out.index('<h2 id="stages">')
     assert "0.6 [0.4, 0.75]" in out and '<td class="num">0.625</td>' in out
-    assert out.count("data:image/png;base64,") == 1
+    assert out.count('alt="gold reward and win rate per round"') == 1
 
 
 def test_loop_config_errors_name_the_key():

@@ -25,7 +25,6 @@ one that runs again makes the rounds after it run again too.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import math
 import os
@@ -579,96 +578,5 @@ def record_rounds(run: Run, rounds: Sequence[Mapping[str, Any]]) -> dict[str, An
         if s["round"] > 1  # round 1's time is in the feedback, rm and ppo stages
     }
     report = run.update_report({"loop": {"rounds": entries}, "stages": stages})
-    path = write_html_report(run.dir, report)
-    path.write_text(add_loop_section(path.read_text(encoding="utf-8"), entries), encoding="utf-8")
+    write_html_report(run.dir, report)
     return report
-
-
-def rounds_png(rounds: Sequence[Mapping[str, Any]]) -> str | None:
-    """Gold reward and win rate vs SFT (with its 95% CI) per round, as a base64 PNG."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    from rlhfkit.eval.report import png_base64
-
-    shown = [r for r in rounds if r.get("win_rate_vs_sft")]
-    if not shown:
-        return None
-    x = [r["round"] for r in shown]
-    fig = Figure(figsize=(9.2, 3.0), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    gold = [r.get("gold_reward") for r in shown]
-    if all(g is not None for g in gold):
-        left.plot(x, gold, marker="o", color="tab:green", label="gold reward")
-    proxy = [r.get("proxy_reward") for r in shown]
-    if all(p is not None for p in proxy):
-        left.plot(x, proxy, marker="s", color="tab:orange", label="proxy reward (round's RM)")
-    left.set_title("Reward of each round's policy", fontsize=10)
-    left.legend(fontsize=8)
-    rates = np.array([r["win_rate_vs_sft"]["rate"] for r in shown])
-    ci = np.array([r["win_rate_vs_sft"].get("ci95") or (r["win_rate_vs_sft"]["rate"],) * 2 for r in shown])
-    yerr = np.clip([rates - ci[:, 0], ci[:, 1] - rates], 0.0, None)
-    right.errorbar(x, rates, yerr=yerr, marker="o", color="tab:purple", capsize=4)
-    right.axhline(0.5, color="0.3", linestyle="--", linewidth=0.8)
-    right.set_ylim(0.0, 1.0)
-    right.set_title("Win rate vs SFT (95% CI)", fontsize=10)
-    for ax in (left, right):
-        ax.set_xlabel("round", fontsize=8)
-        ax.set_xticks(x)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-    return png_base64(fig)
-
-
-def _cell(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return html.escape(str(value))
-
-
-def add_loop_section(page: str, rounds: Sequence[Mapping[str, Any]]) -> str:
-    """`page` (report.html) with an "Iterated RLHF" section before the stage timings (or the footer)."""
-    rows = []
-    for r in rounds:
-        win = r.get("win_rate_vs_sft") or {}
-        ci = win.get("ci95") or [None, None]
-        rows.append(
-            "<tr>"
-            + "".join(
-                f'<td class="num">{_cell(v)}</td>'
-                for v in (
-                    r["round"],
-                    r.get("n_labels_total"),
-                    r.get("n_pairs_total"),
-                    r.get("rm_heldout_accuracy"),
-                    r.get("gold_reward"),
-                    r.get("proxy_reward"),
-                    r.get("kl_from_sft"),
-                )
-            )
-            + f'<td class="num">{_cell(win.get("rate"), 3)} [{_cell(ci[0], 3)}, {_cell(ci[1], 3)}]</td>'
-            + f'<td class="num">{_cell(win.get("n"))}</td></tr>'
-        )
-    png = rounds_png(rounds)
-    section = (
-        '<h2 id="loop">Iterated RLHF</h2>\n'
-        '<p class="note">One row per round of <code>rlhfkit loop</code>: labels collected so far, the '
-        "reward model retrained on all pairs so far (accuracy on gold-labelled pairs of SFT samples), and "
-        "that round's PPO policy against SFT on held-out prompts (KL reference: SFT).</p>\n"
-        "<table>\n  <thead><tr><th>round</th><th>labels so far</th><th>pairs so far</th>"
-        "<th>RM held-out accuracy</th><th>gold reward</th><th>proxy reward</th><th>KL from SFT</th>"
-        "<th>win rate vs SFT [95% CI]</th><th>n</th></tr></thead>\n  <tbody>\n  "
-        + "\n  ".join(rows)
-        + "\n  </tbody>\n</table>\n"
-        + (
-            f'<img src="data:image/png;base64,{png}" alt="gold reward and win rate per round">\n'
-            if png
-            else ""
-        )
-    )
-    for anchor in ('<h2 id="stages">', "<footer"):
-        if anchor in page:
-            return page.replace(anchor, section + "\n" + anchor, 1)
-    return page.replace("</body>", section + "</body>", 1)

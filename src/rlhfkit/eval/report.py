@@ -477,6 +477,8 @@ def write_html_report(run_dir: Path, report: dict) -> Path:
         ),
         "sample_policies": sample_policies,
         "samples": samples,
+        "loop_rounds": list(_mapping(report.get("loop")).get("rounds") or []),
+        "loop_png": loop_rounds_png(list(_mapping(report.get("loop")).get("rounds") or [])),
     }
     source = files("rlhfkit.eval").joinpath("templates/report.html.j2").read_text("utf-8")
     html = _environment().from_string(source).render(**context)
@@ -512,3 +514,37 @@ def summary_table(report: dict) -> Table:
             Text("-" if name == reference else _fmt_winrate(win_rates.get(name))),
         )
     return table
+
+
+def loop_rounds_png(rounds: Sequence[Mapping[str, Any]]) -> str | None:
+    """Gold reward and win rate vs SFT (with its 95% CI) per round, as a base64 PNG."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    shown = [r for r in rounds if r.get("win_rate_vs_sft")]
+    if not shown:
+        return None
+    x = [r["round"] for r in shown]
+    fig = Figure(figsize=(9.2, 3.0), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    gold = [r.get("gold_reward") for r in shown]
+    if all(g is not None for g in gold):
+        left.plot(x, gold, marker="o", color="tab:green", label="gold reward")
+    proxy = [r.get("proxy_reward") for r in shown]
+    if all(p is not None for p in proxy):
+        left.plot(x, proxy, marker="s", color="tab:orange", label="proxy reward (round's RM)")
+    left.set_title("Reward of each round's policy", fontsize=10)
+    left.legend(fontsize=8)
+    rates = np.array([r["win_rate_vs_sft"]["rate"] for r in shown])
+    ci = np.array([r["win_rate_vs_sft"].get("ci95") or (r["win_rate_vs_sft"]["rate"],) * 2 for r in shown])
+    yerr = np.clip([rates - ci[:, 0], ci[:, 1] - rates], 0.0, None)
+    right.errorbar(x, rates, yerr=yerr, marker="o", color="tab:purple", capsize=4)
+    right.axhline(0.5, color="0.3", linestyle="--", linewidth=0.8)
+    right.set_ylim(0.0, 1.0)
+    right.set_title("Win rate vs SFT (95% CI)", fontsize=10)
+    for ax in (left, right):
+        ax.set_xlabel("round", fontsize=8)
+        ax.set_xticks(x)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    return png_base64(fig)
