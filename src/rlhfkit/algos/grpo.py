@@ -25,7 +25,7 @@ import torch
 
 from rlhfkit.algos.kl import kl_estimate
 from rlhfkit.algos.masked import masked_mean, masked_whiten
-from rlhfkit.algos.ppo import kl_penalised_rewards
+from rlhfkit.algos.ppo import clipped_surrogate, kl_penalised_rewards
 
 LOSS_NORMALISATIONS = ("sequence", "token", "constant")
 
@@ -91,25 +91,8 @@ def clipped_policy_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token clipped surrogate max(-A ratio, -A clip(ratio)), [batch, T]; advantages broadcast.
-
-    Per-sequence advantages ([batch]) are spread over every token of their response.
-    """
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(1)
-    # Clamp the log-ratio before exp: a token whose probability collapsed must not give inf.
-    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    per_token = torch.maximum(unclipped, clipped)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-            # k3 estimate of KL(old || new) on samples from old: the early-stopping signal.
-            "approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
-        }
-    return per_token, stats
+    """PPO's per-token clipped surrogate, [batch, T]; per-sequence advantages spread over tokens."""
+    return clipped_surrogate(logp, old_logp, advantages, mask, clip_eps)
 
 
 def aggregate_token_loss(

@@ -153,21 +153,24 @@ def gae(
 # --- 4. Losses --------------------------------------------------------------------------------
 
 
-def policy_loss(
+def clipped_surrogate(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     dual_clip: float | None = None,
-    n_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate: mean over tokens of max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps)).
+    """Per-token clipped surrogate max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps)), [batch, T].
 
     dual_clip = c > 1 (Ye et al. 2020) also caps the loss of a negative-advantage token at
-    -c * A, so one token whose ratio exploded cannot dominate the update.
+    -c * A, so one token whose ratio exploded cannot dominate the update. Advantages of shape
+    [batch] (one per sequence, as in GRPO) are spread over every token of the response.
     """
-    log_ratio = logp - old_logp
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    # Clamp the log-ratio before exp: a token whose probability collapsed must not give inf.
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
@@ -177,14 +180,27 @@ def policy_loss(
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         capped = torch.minimum(losses, -dual_clip * advantages)
         losses = torch.where(advantages < 0, capped, losses)
-    loss = _token_mean(losses, mask, n_tokens)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+            "clipfrac": masked_mean((clipped > unclipped).float().expand_as(mask), mask).item(),
             # k3 estimate of KL(old || new): the early-stopping signal, >= 0 and low variance.
             "approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
         }
-    return loss, stats
+    return losses, stats
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    dual_clip: float | None = None,
+    n_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped surrogate averaged over valid tokens (or summed over `n_tokens`)."""
+    losses, stats = clipped_surrogate(logp, old_logp, advantages, mask, clip_eps, dual_clip)
+    return _token_mean(losses, mask, n_tokens), stats
 
 
 def a2c_policy_loss(
