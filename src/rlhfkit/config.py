@@ -95,10 +95,12 @@ class SFTConfig(Section):
 class FeedbackConfig(Section):
     db: str | None = Field(None, description="database URL; unset = RUN/feedback.db (SQLite)")
     project: str = "top5-comparisons"
-    n_prompts: int = Field(1500, gt=0, description="prompts sent for comparison")
+    n_prompts: int = Field(800, gt=0, description="prompts sent for comparison")
     completions_per_prompt: int = Field(2, ge=2)
     overlap: int = Field(3, ge=1, description="annotators per item on the overlapped share")
-    overlap_share: float = Field(0.3, ge=0, le=1)
+    overlap_share: float = Field(
+        1.0, ge=0, le=1, description="share of items labelled by `overlap` annotators (the rest by one)"
+    )
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(48, gt=0)
     pool: Path | None = Field(
@@ -409,7 +411,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Smaller batches, more steps: the model learns which items belong to a topic after a
         # number of updates more than a number of tokens.
         "pretrain": {"steps": 1500, "batch_size": 4},
-        "feedback": {"n_prompts": 600},
+        # Fewer labels, and the overlap of version 0.1, keep the feedback stage short.
+        "feedback": {"n_prompts": 600, "overlap_share": 0.3},
         "ppo": {"steps": 16, "rollout_batch": 48},
         "eval": {"n_prompts": 120, "heldout_pairs": 150},
     },
