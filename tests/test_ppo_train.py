@@ -141,31 +141,66 @@ def test_every_switch_runs_and_logs(variant, models, tmp_path):
         )
 
 
-def test_gradient_accumulation_equals_one_large_batch(models, tmp_path):
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_gradient_accumulation_equals_one_large_batch(critic, models):
+    """The gradient of a mini-batch is the same in one piece or as micro-batches (PPO's losses,
+    value loss, entropy bonus and KL-as-loss term included)."""
+    from types import SimpleNamespace
+
+    from rlhfkit.rollout.batch import join_prompt_response
+    from rlhfkit.train.ppo import PolicyValue, _micro_step
+
     sft, rm = models
-    weights = []
-    for accum in (1, 4):
-        cfg = load_config(
-            overrides=[
-                "ppo.steps=1",
-                "ppo.rollout_batch=4",
-                "ppo.minibatch=4",
-                "ppo.ppo_epochs=1",
-                f"ppo.grad_accum={accum}",
-                # Adam divides by sqrt(v) + eps: with a tiny eps, float noise of 1e-12 on a gradient
-                # that should be 0 (the pad embedding row) becomes a full-size step. 1e-5 (OpenAI's
-                # value) keeps such noise a noise, so the weights compare the gradients' equality.
-                "ppo.adam_eps=1e-5",
-                "ppo.max_new_tokens=6",
-                "ppo.reward_norm_samples=4",
-            ]
-        )
-        out = tmp_path / f"accum{accum}"
-        run_ppo(cfg, sft, rm, PROMPTS, out, show_progress=False)
-        weights.append(AutoModelForCausalLM.from_pretrained(out / "model").state_dict())
-        assert _metrics(out)[0]["loss/policy"] is not None
-    for key, value in weights[0].items():
-        assert torch.allclose(value, weights[1][key], atol=1e-6), key
+    cfg = load_config(
+        overrides=[f"ppo.critic={critic}", "ppo.ent_coef=0.01", "ppo.kl_mode=loss", "ppo.kl_estimator=k3"]
+    ).ppo
+    gen = torch.Generator().manual_seed(0)
+    # Eight rows of different prompt and response lengths: the token counts of micro-batches differ.
+    prompts = [torch.randint(5, 200, (3 + i % 3,), generator=gen).tolist() for i in range(8)]
+    responses = [torch.randint(5, 200, (1 + (3 * i) % 6,), generator=gen).tolist() for i in range(8)]
+    batch = join_prompt_response(prompts, responses, pad_id=0)
+    mask = batch.response_mask.float()
+    shape = mask.shape
+    old_logp, ref_logp = -torch.rand(shape, generator=gen) * 3, -torch.rand(shape, generator=gen) * 3
+    old_values, returns = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    advantages = torch.randn(shape, generator=gen)
+    n_tokens = mask.sum().item()
+
+    def gradients(pieces: int, per_micro_mean: bool = False) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        policy = AutoModelForCausalLM.from_pretrained(sft)
+        head = torch.nn.Linear(policy.config.hidden_size, 1, bias=False) if critic == "shared" else None
+        actor = PolicyValue(policy, head).eval()
+        critic_model = load_reward_model(rm, 0).eval() if critic == "separate" else None
+        accelerator = SimpleNamespace(backward=lambda loss: loss.backward())
+        for rows in torch.arange(8).tensor_split(pieces):
+            _micro_step(
+                cfg,
+                actor,
+                critic_model,
+                batch.select(rows),
+                old_logp[rows],
+                ref_logp[rows],
+                old_values[rows],
+                returns[rows],
+                advantages[rows],
+                mask[rows],
+                mask[rows].sum().item() if per_micro_mean else n_tokens,
+                0.1,
+                accelerator,
+                None,
+                0.0,
+            )
+        params = list(actor.parameters()) + (list(critic_model.parameters()) if critic_model else [])
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    whole, accumulated = gradients(1), gradients(4)
+    assert any(g.abs().sum() > 0 for g in whole)
+    for a, b in zip(whole, accumulated, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    # The check has teeth: each micro-batch averaged over its own tokens (the usual bug) differs.
+    per_micro = gradients(4, per_micro_mean=True)
+    assert not all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(whole, per_micro, strict=True))
 
 
 def test_bad_switches_are_config_errors():
