@@ -43,6 +43,16 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+def _interrupted(exc: Exception, again: str, out: Path) -> NoReturn:
+    """A run stopped by SIGINT/SIGTERM after its checkpoint: say how to continue, exit 130."""
+    err_console.print(
+        f"[yellow]{escape(str(exc))}[/yellow]\n"
+        f"continue with: rlhfkit {again} --out {out} (same --config/--set)",
+        highlight=False,
+    )
+    raise typer.Exit(code=130)
+
+
 def _load(config: Path | None, sets: list[str] | None, preset: str) -> RunConfig:
     try:
         return load_config(config, sets or [], preset)
@@ -74,13 +84,7 @@ def _run_stages(
             run_stage(run, stage_names[0], reuse=reuse)
             report = run.read_report()
     except TrainingInterrupted as exc:
-        again = "demo" if len(stage_names) > 1 else f"{exc.stage} --resume"
-        err_console.print(
-            f"[yellow]{escape(str(exc))}[/yellow]\ncontinue with: rlhfkit {again} --out {out}"
-            " (same --config/--set)",
-            highlight=False,
-        )
-        raise typer.Exit(code=130) from None
+        _interrupted(exc, "demo" if len(stage_names) > 1 else f"{exc.stage} --resume", out)
     except (DataError, StageError, ValueError) as exc:
         _fail(str(exc))
     if report.get("eval", {}).get("policies"):
@@ -291,12 +295,7 @@ def loop_command(
     try:
         report = run_loop(Run(out, cfg, show_progress=not no_progress, resume=True))
     except TrainingInterrupted as exc:
-        err_console.print(
-            f"[yellow]{escape(str(exc))}[/yellow]\ncontinue with: rlhfkit loop --out {out} "
-            "(same --config/--set)",
-            highlight=False,
-        )
-        raise typer.Exit(code=130) from None
+        _interrupted(exc, "loop", out)
     except (DataError, StageError, ValueError) as exc:
         # LabelTimeout is a StageError: its message says how far labelling got and what to do.
         _fail(str(exc))
