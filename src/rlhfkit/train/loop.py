@@ -66,12 +66,14 @@ class ShuffledBatches:
 
     def __init__(self, n: int, batch_size: int, generator: torch.Generator):
         self.n, self.batch_size, self.generator = n, batch_size, generator
-        self._order: list[int] = []
+        # Indices of the current shuffle not served yet: with the generator's state, all a
+        # checkpoint needs to continue the same sequence of batches.
+        self.pending: list[int] = []
 
     def next(self) -> list[int]:
-        while len(self._order) < self.batch_size:
-            self._order += torch.randperm(self.n, generator=self.generator).tolist()
-        batch, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        while len(self.pending) < self.batch_size:
+            self.pending += torch.randperm(self.n, generator=self.generator).tolist()
+        batch, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
         return batch
 
 

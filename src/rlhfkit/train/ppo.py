@@ -311,7 +311,7 @@ def run_ppo(
         opt_policy.load_state_dict(state["opt_policy"])
         sched_policy.load_state_dict(state["sched_policy"])
         gen.set_state(state["gen"])
-        batches._order = list(state["batch_order"])
+        batches.pending = list(state["batch_order"])
         torch.set_rng_state(state["torch_rng"])
         console.print(f"[dim]ppo: resuming from {checkpoint} (step {start_step})[/dim]")
     else:
@@ -347,7 +347,7 @@ def run_ppo(
             "opt_critic": None if opt_critic is None else opt_critic.state_dict(),
             "sched_critic": None if sched_critic is None else sched_critic.state_dict(),
             "gen": gen.get_state(),
-            "batch_order": list(batches._order),
+            "batch_order": list(batches.pending),
             "torch_rng": torch.get_rng_state(),
         }
 
