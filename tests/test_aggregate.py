@@ -170,8 +170,60 @@ def test_rankings_become_pairs_for_the_pairwise_methods():
     for row in rows:
         assert row["margin"] == pytest.approx(2 * row["confidence"] - 1, abs=1e-3)
         assert 0 < row["margin"] <= 1
-    with pytest.raises(ValueError, match="use bt or noisy_bt"):
-        aggregate(votes, "ds")
+
+
+def test_categorical_methods_aggregate_rankings_pair_by_pair():
+    responses = ["best", "middle", "worst"]
+    votes = [
+        *ranking_votes(9, "a", "q", responses, [0, 1, 2]),
+        *ranking_votes(9, "b", "q", responses, [0, 2, 1]),
+        *ranking_votes(9, "c", "q", responses, [1, 0, 2]),
+    ]
+    result = aggregate(votes, "mv")[9]
+    # Vote shares per pair: 0 beats 1 by 2/3, 0 beats 2 by 3/3 (the losing share floored at
+    # 1e-6), 1 beats 2 by 2/3; the scores are the row means of the log-odds matrix.
+    d01, d02, d12 = math.log(2), math.log(1 / 1e-6), math.log(2)
+    expected = [(d01 + d02) / 3, (-d01 + d12) / 3, (-d02 - d12) / 3]
+    assert result.scores == pytest.approx(expected, abs=1e-6)
+    assert result.winner == 0 and result.ranking == (0, 1, 2)
+    rows = preference_rows({9: Item("q", responses)}, {9: result}, "test", "mv")
+    best_middle = next(r for r in rows if (r["chosen"], r["rejected"]) == ("best", "middle"))
+    assert best_middle["confidence"] == pytest.approx(
+        1 / (1 + math.exp(-(expected[0] - expected[1]))), abs=1e-4
+    )
+    for method in ("ds", "wawa", "mace"):
+        assert aggregate(votes, method)[9].ranking == (0, 1, 2), method
+    # A level ranking has no winner.
+    level = [
+        *ranking_votes(4, "a", "q", responses, [0, 1, 2]),
+        *ranking_votes(4, "b", "q", responses, [1, 0, 2]),
+    ]
+    assert aggregate(level, "mv")[4].winner is None
+
+
+def test_dawid_skene_reads_an_adversarys_rankings_the_right_way_round():
+    """Simulated rankings of 4: DS learns the inverting annotator and beats majority vote."""
+    from rlhfkit.crowd.simulate import AnnotatorProfile, rank
+
+    pool = [AnnotatorProfile(f"honest{i}", flip_prob=0.3) for i in range(2)]
+    pool.append(AnnotatorProfile("adversary", kind="adversarial", flip_prob=0.1))
+    rng = random.Random(0)
+    items, votes = {}, []
+    for item_id in range(300):
+        values = rng.sample(range(100), 4)
+        responses = [f"r{v}" for v in values]
+        items[item_id] = Item(f"q{item_id}", responses)
+        for profile in pool:
+            ranking = rank(profile, "q", responses, lambda _p, r: int(r[1:]) / 100, rng)
+            votes += ranking_votes(item_id, profile.name, f"q{item_id}", responses, ranking)
+
+    def correct(method: str) -> int:
+        out = aggregate(votes, method)
+        return sum(
+            out[i].ranking[0] == max(range(4), key=lambda j: int(items[i].responses[j][1:])) for i in items
+        )
+
+    assert correct("ds") > correct("mv") + 30
 
 
 def test_preference_rows_skip_undecided_items_and_carry_the_margin():

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from rlhfkit.cli import app
 from rlhfkit.config import ConfigError, load_config
 from rlhfkit.crowd.aggregate import PairVote
-from rlhfkit.crowd.simulate import default_pool
+from rlhfkit.crowd.simulate import default_pool, simulate_annotation
 from rlhfkit.data.io import read_records
 from rlhfkit.feedback.store import FeedbackStore
 from rlhfkit.loop import (
@@ -375,3 +375,40 @@ def test_feedback_service_problems_are_clear_errors(tmp_path, monkeypatch):
         load_config(None, ["loop.feedback_url=localhost:8000"])
     result = CliRunner().invoke(app, ["loop", "--feedback-url", "ftp://x", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--feedback-url ftp://x" in result.output
+
+
+RANKING = ("feedback.completions_per_prompt=3", "feedback.overlap=2", "feedback.overlap_share=1")
+
+
+def test_ranking_feedback_is_sampled_ranked_over_http_and_split_into_pairs(base_model, tmp_path):
+    """feedback.completions_per_prompt=3: ranking items, labelled by the pool through the service."""
+    from rlhfkit.feedback.client import HttpAnnotators
+    from rlhfkit.tasks.top5.gold import gold_utility
+
+    config = load_config(None, _sets(base_model, *RANKING))
+    assert config.feedback.task_type == "ranking"
+    prompts = load_task("rlhfkit.tasks.top5", 0).train_prompts[:12]
+    items = comparison_items(base_model, prompts, config.feedback, 0, random.Random(0), "base")
+    assert items
+    for item in items:
+        assert 2 <= len(item["responses"]) <= 3
+        assert len(set(item["responses"])) == len(item["responses"])
+        assert all(r.strip() for r in item["responses"])
+    pool = default_pool()[:3]
+    with FeedbackStore(tmp_path / "service.db", seed=0, durable=False) as store:
+        project = store.create_project("ranks", task_type="ranking", overlap=1)
+        store.add_items(project, items)
+        passwords = {p.name: f"{p.name}-password" for p in pool}
+        for name, password in passwords.items():
+            store.add_user(name, "annotator", password)
+        with running_server(store) as url:
+            simulate_annotation(HttpAnnotators(url, passwords), project, pool, gold_utility, seed=0)
+        store.export_raw(project, tmp_path / "raw.jsonl")
+        labels = store.labels(project)
+    assert len(labels) == 2 * len(items) and {label.kind for label in labels} == {"ranking"}
+    rows = [json.loads(line) for line in (tmp_path / "raw.jsonl").read_text().splitlines()]
+    votes, by_id = votes_from_raw(rows)
+    k_of = {item_id: len(item.responses) for item_id, item in by_id.items()}
+    assert len(votes) == sum(2 * k * (k - 1) // 2 for k in k_of.values())
+    for vote in votes:
+        assert vote.left < vote.right < k_of[vote.item_id] and vote.chosen in (vote.left, vote.right)

@@ -96,7 +96,9 @@ class FeedbackConfig(Section):
     db: str | None = Field(None, description="database URL; unset = RUN/feedback.db (SQLite)")
     project: str = "top5-comparisons"
     n_prompts: int = Field(800, gt=0, description="prompts sent for comparison")
-    completions_per_prompt: int = Field(2, ge=2)
+    completions_per_prompt: int = Field(
+        2, ge=2, le=9, description="K samples per prompt: 2 = A/B comparison, 3-9 = annotators rank K"
+    )
     overlap: int = Field(3, ge=1, description="annotators per item on the overlapped share")
     overlap_share: float = Field(
         1.0, ge=0, le=1, description="share of items labelled by `overlap` annotators (the rest by one)"
@@ -132,6 +134,11 @@ class RewardSpec(Section):
     )
     weight: float = Field(1.0, allow_inf_nan=False, description="multiplies this term in the sum")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to fn")
+
+    @property
+    def task_type(self) -> str:
+        """The store's task type of the items: comparison (K = 2) or ranking."""
+        return "comparison" if self.completions_per_prompt == 2 else "ranking"
 
 
 class PPOConfig(Section):

@@ -169,16 +169,25 @@ class _Item:
 
 
 def votes_from_raw(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Any], dict[int, _Item]]:
-    """PairVotes and items from raw export rows (golden items and non-comparison labels left out)."""
-    from rlhfkit.crowd.aggregate import PairVote
+    """PairVotes and items from raw export rows: comparisons, and rankings as their C(K, 2) pairs.
+
+    Golden items and labels of other kinds are left out.
+    """
+    from rlhfkit.crowd.aggregate import PairVote, ranking_votes
 
     votes, items = [], {}
     for row in rows:
-        if row.get("golden") or row.get("kind", "comparison") != "comparison":
+        kind = row.get("kind", "comparison")
+        if row.get("golden") or kind not in ("comparison", "ranking"):
             continue
-        left, right = row["order"]
-        votes.append(PairVote(row["item_id"], row["annotator"], left, right, row["chosen"]))
-        items[row["item_id"]] = _Item(row["prompt"], list(row["responses"]))
+        item = _Item(row["prompt"], list(row["responses"]))
+        if kind == "ranking":
+            ranking = (row.get("value") or {})["ranking"]
+            votes += ranking_votes(row["item_id"], row["annotator"], item.prompt, item.responses, ranking)
+        else:
+            left, right = row["order"]
+            votes.append(PairVote(row["item_id"], row["annotator"], left, right, row["chosen"]))
+        items[row["item_id"]] = item
     return votes, items
 
 
@@ -194,9 +203,9 @@ class StoreFeedback:
         self.store = FeedbackStore(url, seed=seed, durable=run.config.loop.annotators == "human")
         self.where = self.store.url
 
-    def project(self, name: str) -> int:
-        """The id of the comparison project `name` (created if new)."""
-        return self.store.create_project(name, task_type="comparison", overlap=1)
+    def project(self, name: str, task_type: str) -> int:
+        """The id of the project `name` of `task_type` (comparison or ranking; created if new)."""
+        return self.store.create_project(name, task_type=task_type, overlap=1)
 
     def n_items(self, project_id: int) -> int:
         """Items already in the project."""
@@ -242,12 +251,12 @@ class ServiceFeedback:
         except OSError as exc:
             raise StageError(f"feedback service {url} cannot be reached: {exc}") from None
 
-    def project(self, name: str) -> int:
-        """The id of the comparison project `name` (created if new)."""
+    def project(self, name: str, task_type: str) -> int:
+        """The id of the project `name` of `task_type` (comparison or ranking; created if new)."""
         for project in self.client.projects():
             if project["name"] == name:
                 return project["id"]
-        return self.client.create_project(name, "comparison", overlap=1)["id"]
+        return self.client.create_project(name, task_type, overlap=1)["id"]
 
     def n_items(self, project_id: int) -> int:
         """Items already in the project."""
@@ -428,7 +437,7 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
     project_name = f"{fb.project}-loop{k}-{fingerprint[:8]}"
     source = open_feedback(run, k)
     try:
-        project = source.project(project_name)
+        project = source.project(project_name, fb.task_type)
         # A project that has items already was interrupted: keep its items and labels.
         if source.n_items(project) == 0:
             rng = random.Random(f"loop-{run.config.seed}-{k}")

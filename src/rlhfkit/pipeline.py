@@ -196,10 +196,12 @@ def stage_sft(run: Run) -> dict:
 def comparison_items(
     policy_path: Path, prompts: list, cfg: FeedbackConfig, seed: int, rng: random.Random, policy: str
 ) -> list[dict]:
-    """Comparison items for the store: `cfg.completions_per_prompt` samples of the policy per prompt.
+    """Items for the store: `cfg.completions_per_prompt` (K) samples of the policy per prompt.
 
-    The first two responses are compared; prompts whose samples are all identical are left out;
-    `rng` draws which items get `cfg.overlap` annotators. `policy` names the sampler in the meta.
+    K = 2 gives A/B comparisons; K > 2 gives rankings of the distinct non-empty samples
+    (an item keeps at least two; a prompt whose samples leave fewer is left out, as is a
+    comparison of two identical samples). `rng` draws which items get `cfg.overlap`
+    annotators. `policy` names the sampler in the meta.
     """
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.models.tokenizer import prompt_token_ids
@@ -225,12 +227,15 @@ def comparison_items(
     items = []
     for i, prompt in enumerate(prompts):
         responses = [s[i] for s in samples]
+        if cfg.completions_per_prompt > 2:
+            # A ranking orders distinct, non-empty texts (the store refuses an empty one).
+            responses = list(dict.fromkeys(r for r in responses if r.strip()))
         if len(set(responses)) < 2:
             continue  # identical samples: nothing to compare
         items.append(
             {
                 "prompt": prompt,
-                "responses": responses[:2],
+                "responses": responses,
                 "overlap": cfg.overlap if rng.random() < cfg.overlap_share else 1,
                 "meta": {"policy": policy},
             }
@@ -256,7 +261,7 @@ def stage_feedback(run: Run) -> dict:
     )
     try:
         project = store.create_project(
-            f"{cfg.project}-{run.fingerprint('feedback')[:8]}", task_type="comparison", overlap=1
+            f"{cfg.project}-{run.fingerprint('feedback')[:8]}", task_type=cfg.task_type, overlap=1
         )
         # A project that already has items was interrupted: keep its labels, label the rest.
         if not store.items(project):

@@ -212,35 +212,33 @@ def aggregate(
     return _aggregate_pairwise(votes, method, seed)
 
 
-def _categorical_frame(votes: Sequence[PairVote], method: str) -> Any:
-    import pandas as pd
-
-    rows = []
-    for vote in votes:
-        if {vote.left, vote.right} != {0, 1}:
-            raise ValueError(
-                f"method {method!r} aggregates A/B comparisons of responses 0 and 1; item {vote.item_id} "
-                f"has a vote on responses {vote.left} and {vote.right}: use bt or noisy_bt for rankings"
-            )
-        label = TIE_CLASS if vote.chosen is None else vote.chosen
-        rows.append((vote.item_id, vote.annotator, label))
-    return pd.DataFrame(rows, columns=["task", "worker", "label"])
-
-
-def _aggregate_categorical(votes: Sequence[PairVote], method: str, seed: int) -> dict[int, Aggregate]:
-    frame = _categorical_frame(votes, method)  # validates that every vote is on responses 0 and 1
-    if method == "mv":
-        return majority_vote(votes)
+def _class_probabilities(frame: Any, method: str, seed: int) -> Any:
+    """crowd-kit's per-task class probabilities (a DataFrame indexed by task) for a categorical method."""
     from crowdkit.aggregation import MACE, DawidSkene, MajorityVote, Wawa
 
+    if method == "mv":
+        return MajorityVote().fit(frame).probas_
     if method == "wawa":
         # Wawa's own predict goes through a scikit-learn check that fails on scikit-learn >= 1.6;
         # its prediction is this weighted vote with the skills it fitted.
-        probas = MajorityVote().fit(frame, skills=Wawa().fit(frame).skills_).probas_
-    elif method == "ds":
-        probas = DawidSkene(n_iter=100).fit_predict_proba(frame)
-    else:
-        probas = MACE(n_restarts=MACE_RESTARTS, random_state=seed).fit_predict_proba(frame)
+        return MajorityVote().fit(frame, skills=Wawa().fit(frame).skills_).probas_
+    if method == "ds":
+        return DawidSkene(n_iter=100).fit_predict_proba(frame)
+    return MACE(n_restarts=MACE_RESTARTS, random_state=seed).fit_predict_proba(frame)
+
+
+def _aggregate_categorical(votes: Sequence[PairVote], method: str, seed: int) -> dict[int, Aggregate]:
+    import pandas as pd
+
+    if any({vote.left, vote.right} != {0, 1} for vote in votes):
+        return _aggregate_categorical_pairs(votes, method, seed)
+    if method == "mv":
+        return majority_vote(votes)
+    frame = pd.DataFrame(
+        [(v.item_id, v.annotator, TIE_CLASS if v.chosen is None else v.chosen) for v in votes],
+        columns=["task", "worker", "label"],
+    )
+    probas = _class_probabilities(frame, method, seed)
     counts = _vote_counts(votes)
     result: dict[int, Aggregate] = {}
     for item_id in sorted(counts):
@@ -250,6 +248,51 @@ def _aggregate_categorical(votes: Sequence[PairVote], method: str, seed: int) ->
         leaders = [c for c, v in p.items() if v == top]
         winner = leaders[0] if len(leaders) == 1 and leaders[0] != TIE_CLASS else None
         scores = [math.log(max(p[0], _MIN_PROB)), math.log(max(p[1], _MIN_PROB))]
+        result[item_id] = _outcome(item_id, winner, *_agreement(counts[item_id], winner), scores)
+    return result
+
+
+def _aggregate_categorical_pairs(votes: Sequence[PairVote], method: str, seed: int) -> dict[int, Aggregate]:
+    """Categorical aggregation of items with more than two responses (rankings split into pairs).
+
+    Each pair (i, j), i < j, of an item is one task with the classes "i wins", "j wins" and
+    tie, so Dawid-Skene or MACE learn one confusion matrix per annotator from all pairs of
+    all items. An item's scores are then the least-squares fit of s_i - s_j to the log-odds
+    log P(i wins) / P(j wins) of its pairs: on a complete set of pairs that is the mean of
+    row i of the log-odds matrix (with zero for a pair nobody compared). The winner is the
+    top of that ranking, or none when the top two scores are level.
+    """
+    import pandas as pd
+
+    rows = []
+    for vote in votes:
+        if vote.left == vote.right:
+            raise ValueError(f"item {vote.item_id}: a vote compares response {vote.left} with itself")
+        if vote.chosen is not None and vote.chosen not in (vote.left, vote.right):
+            raise ValueError(
+                f"item {vote.item_id}: annotator {vote.annotator!r} chose response {vote.chosen}, "
+                f"which is neither of the two shown ({vote.left}, {vote.right})"
+            )
+        low, high = sorted((vote.left, vote.right))
+        label = TIE_CLASS if vote.chosen is None else int(vote.chosen == high)
+        rows.append((f"{vote.item_id}:{low}:{high}", vote.annotator, label))
+    probas = _class_probabilities(pd.DataFrame(rows, columns=["task", "worker", "label"]), method, seed)
+    log_odds: dict[int, dict[tuple[int, int], float]] = {}
+    for task, row in probas.iterrows():
+        item_id, low, high = (int(x) for x in str(task).split(":"))
+        p_low, p_high = (max(float(row.get(c, 0.0)), _MIN_PROB) for c in (0, 1))
+        log_odds.setdefault(item_id, {})[(low, high)] = math.log(p_low) - math.log(p_high)
+    counts = _vote_counts(votes)
+    result: dict[int, Aggregate] = {}
+    for item_id in sorted(counts):
+        pairs = log_odds[item_id]
+        k = 1 + max(high for _, high in pairs)
+        scores = [0.0] * k
+        for (low, high), d in pairs.items():
+            scores[low] += d / k
+            scores[high] -= d / k
+        best = sorted(range(k), key=lambda i: (-scores[i], i))
+        winner = best[0] if scores[best[0]] > scores[best[1]] else None
         result[item_id] = _outcome(item_id, winner, *_agreement(counts[item_id], winner), scores)
     return result
 

@@ -1,9 +1,10 @@
 """Simulated annotators in the style of AlpacaFarm.
 
-A simulated annotator sees only what a human sees (the prompt and the two responses
-in the presented order), judges them with a hidden utility plus noise and biases,
-and labels through the feedback store's `next_task` / `submit_comparison`, the same
-path human annotators use. The utility is the task's gold utility; it never reaches
+A simulated annotator sees only what a human sees (the prompt and the responses in
+the presented order), judges them with a hidden utility plus noise and biases, and
+labels through the feedback store's `next_task` / `submit`, the same path human
+annotators use: an A/B choice with a strength for a comparison, an order for a
+ranking of K responses. The utility is the task's gold utility; it never reaches
 the store, the labels or the exports.
 """
 
@@ -196,6 +197,52 @@ def judge(
     return choice, strength
 
 
+def rank(
+    profile: AnnotatorProfile,
+    prompt: str,
+    responses: Sequence[str],
+    utility: Utility,
+    rng: random.Random,
+) -> list[int]:
+    """The order (presented positions, best first) that `profile` gives K presented responses.
+
+    The annotator compares every pair as in `judge` (same noise and biases, the earlier
+    position shown left) and orders by wins, a tie counting half; equal counts are broken
+    at random. So a ranking of K carries the noise of C(K, 2) comparisons, partly evened
+    out by their transitivity, as when a person sorts a list by looking at two at a time.
+    A spammer shuffles (or keeps the shown order with `position_bias`).
+    """
+    k = len(responses)
+    if k < 2:
+        raise ValueError(f"a ranking shows at least 2 responses, got {k}")
+    if profile.kind == "spammer":
+        order = list(range(k))
+        if rng.random() >= profile.position_bias:
+            rng.shuffle(order)
+        return order
+    wins = [0.0] * k
+    for i in range(k):
+        for j in range(i + 1, k):
+            choice, _ = judge(profile, prompt, (responses[i], responses[j]), utility, rng)
+            if choice == "tie":
+                wins[i] += 0.5
+                wins[j] += 0.5
+            else:
+                wins[i if choice == "left" else j] += 1.0
+    draws = [rng.random() for _ in range(k)]
+    return sorted(range(k), key=lambda i: (-wins[i], draws[i]))
+
+
+def answer(profile: AnnotatorProfile, task: Any, utility: Utility, rng: random.Random) -> dict[str, Any]:
+    """The answer `profile` submits for a leased task: a comparison or a ranking."""
+    if task.task_type == "ranking":
+        return {"ranking": rank(profile, task.prompt, task.responses, utility, rng)}
+    if task.task_type != "comparison":
+        raise ValueError(f"simulated annotators answer comparisons and rankings, not {task.task_type!r}")
+    choice, strength = judge(profile, task.prompt, task.responses, utility, rng)
+    return {"choice": choice, "strength": strength}
+
+
 def simulate_annotation(
     store: FeedbackStore,
     project_id: int,
@@ -205,6 +252,9 @@ def simulate_annotation(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Let the pool label the project round-robin through the store until no one gets a task.
+
+    `store` is a FeedbackStore or anything with its add_annotator / next_task / submit
+    (`rlhfkit.feedback.client.HttpAnnotators` labels over HTTP).
 
     Deterministic for a seed (given a store opened with a fixed `seed` too, since the
     store draws the presentation order). `progress` is called after each label with
@@ -224,8 +274,8 @@ def simulate_annotation(
             task = store.next_task(project_id, ids[profile.name])
             if task is None:
                 continue
-            choice, strength = judge(profile, task.prompt, task.responses, utility, rngs[profile.name])
-            store.submit_comparison(task.token, ids[profile.name], choice, strength)
+            reply = answer(profile, task, utility, rngs[profile.name])
+            store.submit(task.token, ids[profile.name], reply, task_type=task.task_type)
             per_annotator[profile.name] += 1
             n_labels += 1
             if progress is not None:

@@ -2,7 +2,7 @@
 
 `FeedbackClient` is one logged-in user. `HttpAnnotators` gives simulated annotators
 the store-like calls that `rlhfkit.crowd.simulate.simulate_annotation` makes
-(add_annotator, next_task, submit_comparison), each annotator through its own HTTP
+(add_annotator, next_task, submit), each annotator through its own HTTP
 session: simulated labels then travel the same path as a human's clicks.
 """
 
@@ -156,6 +156,16 @@ class HttpAnnotators:
         """The annotator's next task, over HTTP."""
         return self._clients[annotator].next_task(project_id)
 
+    def submit(
+        self, token: str, annotator: int, answer: Mapping[str, Any], task_type: str | None = None
+    ) -> int:
+        """Submit an answer (in presented positions, as the store's `submit`), over HTTP.
+
+        `task_type` is accepted for the store's signature; the service checks the answer
+        against the project's type itself.
+        """
+        return self._clients[annotator].submit(token, answer)
+
     def submit_comparison(self, token: str, annotator: int, choice: str, strength: int = 1) -> int:
         """Submit a comparison answer, over HTTP."""
-        return self._clients[annotator].submit(token, {"choice": choice, "strength": strength})
+        return self.submit(token, annotator, {"choice": choice, "strength": strength})

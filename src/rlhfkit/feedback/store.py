@@ -2,8 +2,9 @@
 
 The same code runs on an embedded SQLite file (the default) and on PostgreSQL by URL.
 Humans (through the web app) and simulated annotators (`rlhfkit.crowd.simulate`) label
-through the same two calls: `next_task` leases an item, `submit_comparison` commits
-the label. Per-annotator labels are kept forever; aggregation happens on export.
+through the same two calls: `next_task` leases an item, `submit` commits the label
+(`submit_comparison` is its A/B shorthand). Per-annotator labels are kept forever;
+aggregation happens on export.
 
 Schema, designed for the annotation service to come:
 - projects: one labelling job (task type, guidelines, default overlap, settings).
