@@ -3,10 +3,12 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/rollout.py --prompts 32 --max-new-tokens 48 --repeats 3
 
 Both sides sample from the bench's tiny model (bench/vs_trl.py `prepare`) at temperature 1,
-no top-k/top-p, from the same left-padded prompt batch and the same torch seed, so they
-draw the same tokens; the rlhfkit side (`rollout.generate.sample_responses`) also cuts
-each row at EOS and returns token lists, as training uses them. Tokens/s counts
-generated tokens (up to and including EOS) per wall second; repeats alternate the order.
+no top-k/top-p, from the same left-padded prompt batch and the same torch seed. They draw
+from the same distribution but not the same tokens: `generate` samples with
+`torch.multinomial`, the rlhfkit side (`rollout.generate.sample_responses`, a KV-cache loop
+in `rollout.decode`) by inverse CDF, and it also cuts each row at EOS and returns token
+lists, as training uses them. Tokens/s counts generated tokens (up to and including EOS)
+per wall second; repeats alternate the order.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ its own virtual environment (`bench/.venv-trl-ppo`, created on first use).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -409,6 +410,10 @@ def preload(side: str, algo: str) -> None:
         import rlhfkit.train.ppo
         import rlhfkit.train.rm
         import rlhfkit.train.sft  # noqa: F401
+
+        # MetricsLog imports TensorBoard's writer when installed (about 0.3 s): import time too.
+        with contextlib.suppress(ImportError):
+            import torch.utils.tensorboard  # noqa: F401
     elif algo == "ppo":
         import trl.experimental.ppo  # noqa: F401
     else:
@@ -433,6 +438,7 @@ def worker(side: str, algo: str, work: Path, steps: int, result: Path) -> None:
     out = work / "runs" / f"{side}-{algo}"
     preload(side, algo)
     start = time.perf_counter()  # after imports: model loading, data preparation and training count
+    cpu_start = time.process_time()
     if side == "rlhfkit":
         metrics = run_rlhfkit(algo, work, steps, out)
     elif algo == "ppo":
@@ -440,9 +446,20 @@ def worker(side: str, algo: str, work: Path, steps: int, result: Path) -> None:
     else:
         metrics = run_trl(algo, work, steps, out)
     seconds = time.perf_counter() - start
+    # CPU seconds of this process (all its threads): the work done, less disturbed than wall time
+    # by other jobs on a shared machine.
+    cpu_seconds = time.process_time() - cpu_start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     result.write_text(
-        json.dumps({"seconds": seconds, "steps_per_s": steps / seconds, "peak_rss_mib": peak_mib, **metrics})
+        json.dumps(
+            {
+                "seconds": seconds,
+                "steps_per_s": steps / seconds,
+                "cpu_seconds": cpu_seconds,
+                "peak_rss_mib": peak_mib,
+                **metrics,
+            }
+        )
     )
 
 
@@ -522,11 +539,12 @@ def bench(algo: str, work: Path, steps: int, repeats: int) -> dict:
             runs[side].append(res)
             print(
                 f"  {algo} repeat {r + 1} {side:7s}: {res['steps_per_s']:.3f} steps/s, "
+                f"{res['cpu_seconds']:.2f} CPU s, "
                 f"{res['peak_rss_mib']:.0f} MiB, loss {fmt(res['loss'], '.4f')}",
                 flush=True,
             )
     med = {
-        side: {k: statistics.median(x[k] for x in rs) for k in ("steps_per_s", "peak_rss_mib")}
+        side: {k: statistics.median(x[k] for x in rs) for k in ("steps_per_s", "cpu_seconds", "peak_rss_mib")}
         | {
             "loss": rs[-1]["loss"],
             "mean_reward": statistics.median([x["mean_reward"] for x in rs])
@@ -546,6 +564,7 @@ def bench(algo: str, work: Path, steps: int, repeats: int) -> dict:
         "rlhfkit": a,
         "trl": b,
         "speed_ratio": a["steps_per_s"] / b["steps_per_s"],
+        "cpu_ratio": b["cpu_seconds"] / a["cpu_seconds"],
         "rss_ratio": a["peak_rss_mib"] / b["peak_rss_mib"],
         "loss_rel_diff": loss_diff,
         "runs": runs,
@@ -556,16 +575,18 @@ def print_table(rows: list[dict]) -> None:
     """The Markdown table that goes into bench/README.md."""
     print(
         "\n| algo | steps | rlhfkit steps/s | TRL steps/s | speed ratio "
+        "| rlhfkit CPU s | TRL CPU s | CPU ratio "
         "| rlhfkit RSS MiB | TRL RSS MiB | RSS ratio "
         "| rlhfkit loss | TRL loss | loss diff | rlhfkit mean reward | TRL mean reward |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         a, b = r["rlhfkit"], r["trl"]
         diff = "-" if r["loss_rel_diff"] is None else f"{100 * r['loss_rel_diff']:.2f}%"
         print(
             f"| {r['algo']} | {r['steps']} | {a['steps_per_s']:.3f} | {b['steps_per_s']:.3f} "
             f"| **{r['speed_ratio']:.2f}x** "
+            f"| {a['cpu_seconds']:.2f} | {b['cpu_seconds']:.2f} | {r['cpu_ratio']:.2f}x "
             f"| {a['peak_rss_mib']:.0f} | {b['peak_rss_mib']:.0f} | {r['rss_ratio']:.2f} "
             f"| {fmt(a['loss'], '.4f')} "
             f"| {fmt(b['loss'], '.4f')} | {diff} "

@@ -1,4 +1,9 @@
-"""Sampling responses with Hugging Face `generate` (the default rollout backend)."""
+"""Sampling responses from a Hugging Face model (the default rollout backend).
+
+The model runs in our own KV-cache loop (`rollout.decode`), not `generate`: the same
+pure temperature sampling (`generation_config` spells it out for `generate` and vLLM) at
+a fraction of `generate`'s per-token overhead.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from rlhfkit.rollout.batch import left_pad
+from rlhfkit.rollout.decode import decode, sample_categorical
+from rlhfkit.rollout.seeded import PerRowGumbel
 
 
 def generation_config(
@@ -49,6 +56,22 @@ def cut_at_eos(tokens: Sequence[int], eos_id: int, pad_id: int) -> list[int]:
     return out
 
 
+def token_picker(
+    temperature: float, seeds: Sequence[int] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How `decode` turns next-token logits into tokens: a sample at `temperature`, greedy at 0.
+
+    With `seeds`, row i's randomness is its own generator's Gumbel noise (argmax of
+    logits / T + Gumbel is a sample at T), so a row's tokens do not depend on its batch.
+    """
+    if seeds is not None:
+        noise = PerRowGumbel(seeds, temperature)
+        return lambda logits: noise(None, logits).argmax(-1)
+    if temperature <= 0:
+        return lambda logits: logits.argmax(-1)
+    return lambda logits: sample_categorical(logits / temperature)
+
+
 @torch.no_grad()
 def sample_responses(
     model: PreTrainedModel,
@@ -61,17 +84,34 @@ def sample_responses(
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
     min_new_tokens: int = 0,
+    seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """Sample one response per prompt (token ids, ending with EOS unless truncated)."""
+    """Sample one response per prompt (token ids, ending with EOS unless truncated).
+
+    With `seeds` (one per prompt, temperature > 0), each prompt samples from its own seed
+    (`rlhfkit.rollout.seeded`): its response no longer depends on the rest of the batch.
+    """
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"sample_responses: {len(seeds)} seeds for {len(prompts)} prompts")
     was_training = model.training
     model.eval()  # dropout off while sampling: the log-probs must match the training forward
-    config = generation_config(eos_id, pad_id, max_new_tokens, temperature, min_new_tokens)
+    device = next(model.parameters()).device
     responses: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         ids, mask = left_pad(chunk, pad_id)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        responses.extend(cut_at_eos(row.tolist(), eos_id, pad_id) for row in out[:, ids.size(1) :])
+        pick = token_picker(temperature, None if seeds is None else seeds[start : start + batch_size])
+        new = decode(
+            model,
+            ids.to(device),
+            mask.to(device),
+            pick,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+        )
+        responses.extend(cut_at_eos(row, eos_id, pad_id) for row in new.tolist())
         if on_batch:
             on_batch(len(chunk))
     model.train(was_training)

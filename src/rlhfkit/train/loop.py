@@ -29,6 +29,13 @@ def make_accelerator(seed: int, dtype: str = "float32") -> Accelerator:
     return Accelerator(log_with=None, mixed_precision=MIXED_PRECISION[dtype])
 
 
+def _mark_updated(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Bump the version counter of every parameter the step just updated (had a gradient)."""
+    torch.autograd.graph.increment_version(
+        [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    )
+
+
 def make_optimizer(
     params: Iterable[torch.nn.Parameter],
     lr: float,
@@ -39,7 +46,19 @@ def make_optimizer(
     eps: float = 1e-8,
 ) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW with linear warm-up then `schedule` decay over `total_steps`."""
-    optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, eps=eps)
+    params = list(params)
+    # Fused AdamW: one kernel over all tensors instead of about ten small ops per tensor, which
+    # on a CPU cost more than the update itself for a small model (16 ms -> 2 ms per step for
+    # the 1.4M-parameter bench model). Same update rule; plain tensors on CPU/CUDA only.
+    fused = all(
+        type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps, fused=fused or None)
+    if fused:
+        # The fused kernel writes the weights without bumping their version counters, which
+        # autograd's in-place checks and the vLLM weight sync (rollout/vllm.py) read.
+        optimizer.register_step_post_hook(_mark_updated)
     scheduler = get_scheduler(
         schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1)
     )
