@@ -57,11 +57,44 @@ class LoRAConfig(Section):
 
 
 class RolloutConfig(Section):
-    """How responses are sampled in ppo, grpo and rloo."""
+    """How responses are sampled in ppo, grpo, rloo, bon and expert_iter, and how PPO scores them."""
 
-    # Only transformers generate for now; a vLLM backend (issue 8) is not implemented yet.
-    backend: Literal["hf"] = Field("hf", description="hf: transformers generate")
-    batch_size: int = Field(64, gt=0, description="prompts per generate call (memory)")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: transformers generate; vllm: a vLLM engine colocated on the GPU, weights "
+        "synced after each update (pip install 'rlhfkit[vllm]', needs CUDA)",
+    )
+    batch_size: int = Field(64, gt=0, description="prompts per generate call (hf backend; memory)")
+    seed_per_prompt: bool = Field(
+        False,
+        description="PPO, hf backend: each prompt samples from a seed of (run seed, step, position in the "
+        "rollout batch), so responses do not depend on the number of processes or batch_size",
+    )
+    forward_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="rows per no-grad forward when PPO scores a rollout (policy, reference, critic, "
+        "reward model); unset = the whole rollout batch at once",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="share of GPU memory the vLLM engine takes (weights + KV cache); the rest is "
+        "left to training",
+    )
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="precision of the vLLM engine's weights (auto: the checkpoint's)"
+    )
+    vllm_max_model_len: int | None = Field(
+        None, gt=0, description="longest prompt + response the vLLM engine serves; unset = the model's"
+    )
+
+    @model_validator(mode="after")
+    def _check_seeds(self) -> RolloutConfig:
+        if self.seed_per_prompt and self.backend != "hf":
+            raise ValueError(f"seed_per_prompt is implemented for backend hf only, not {self.backend}")
+        return self
 
 
 class DataConfig(Section):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,3 +65,22 @@ def join_prompt_response(
     p_ids, p_mask = left_pad(prompts, pad_id)
     r_ids, r_mask = right_pad(responses, pad_id)
     return PromptResponseBatch(torch.cat([p_ids, r_ids], dim=1), torch.cat([p_mask, r_mask], dim=1), r_mask)
+
+
+def in_row_chunks(
+    fn: Callable[[PromptResponseBatch], Any], batch: PromptResponseBatch, rows: int | None
+) -> Any:
+    """fn over `rows` rows of `batch` at a time, outputs concatenated along rows (None: one call).
+
+    `fn` returns a tensor or a tuple of tensors (or None, kept as None), each with rows first.
+    Chunks keep the batch's padded width, so every row sees the same positions as in one call.
+    """
+    if rows is not None and rows <= 0:
+        raise ValueError(f"rows per chunk must be > 0, got {rows}")
+    n = batch.input_ids.size(0)
+    if rows is None or rows >= n:
+        return fn(batch)
+    parts = [fn(batch.select(slice(start, start + rows))) for start in range(0, n, rows)]
+    if isinstance(parts[0], tuple):
+        return tuple(None if p[0] is None else torch.cat(list(p)) for p in zip(*parts, strict=True))
+    return torch.cat(parts)

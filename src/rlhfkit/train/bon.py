@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from rlhfkit.algos.bon import best_of_n_kl
-from rlhfkit.config import RunConfig, SFTConfig
+from rlhfkit.config import RolloutConfig, RunConfig, SFTConfig
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.models.tokenizer import prompt_token_ids
-from rlhfkit.rollout.generate import sample_responses
+from rlhfkit.rollout import make_sampler
 from rlhfkit.train.loop import MetricsLog, Stopwatch
 from rlhfkit.train.rewards import RewardTerm, combined_rewards
 from rlhfkit.train.sft import run_sft
@@ -35,31 +35,27 @@ def sample_best_of_n(
     seed: int,
     temperature: float,
     max_new_tokens: int,
+    rollout: RolloutConfig | None = None,
 ) -> dict:
-    """n samples per prompt and the best under the rewards.
+    """n samples per prompt and the best under the rewards, sampled by `rollout.backend` (unset: hf).
 
     Returns {"candidates": [n][P] texts, "scores": [P][n], "best_index": [P], "best": [P] texts,
     "best_ids": [P] token ids}.
     Draw 0 is made right after seeding with `seed`, exactly as `evaluate_policies` samples a
-    policy, so it *is* the plain policy's sample on the same prompts.
+    policy, so it *is* the plain policy's sample on the same prompts (hf backend with the default
+    rollout.batch_size, the batch `evaluate_policies` samples in).
     """
     if n < 1:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
     tokenizer = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path).eval()
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+    sample = make_sampler(rollout or RolloutConfig(), policy, tokenizer, seed=seed)
     torch.manual_seed(seed)
     candidates: list[list[str]] = []
     candidate_ids: list[list[list[int]]] = []
     for _ in range(n):
-        responses = sample_responses(
-            policy,
-            prompt_ids,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-        )
+        responses = sample(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature)
         candidate_ids.append(responses)
         candidates.append(tokenizer.batch_decode(responses, skip_special_tokens=True))
     flat_prompts = [p for _ in range(n) for p in prompts]
@@ -132,6 +128,7 @@ def run_expert_iteration(
             seed=config.seed + k,
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
+            rollout=config.rollout,
         )
         round_dir = out_dir / f"round{k}"
         write_best_of_n_samples(round_dir / "samples.jsonl", chosen, result)

@@ -22,6 +22,7 @@ from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import join_prompt_response
 from rlhfkit.rollout.logprobs import response_logprobs
+from rlhfkit.train.distributed import gather_lists, mean_over_processes, require_divisible, shard
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
@@ -76,6 +77,10 @@ def run_dpo(
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
+    n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    # Several processes: each trains on its block of every batch (and precomputes its block of
+    # the reference log-probs); pairs weigh equally, so the mean of the blocks' means is the batch's.
+    require_divisible("dpo.batch_size", cfg.batch_size, n_proc)
     tokenizer = load_tokenizer(policy_path)
     pad = tokenizer.pad_token_id
     chosen = [tokenize_example(tokenizer, p["prompt"], p["chosen"], cfg.max_length) for p in pairs]
@@ -88,22 +93,29 @@ def run_dpo(
     reference = None if config.lora.enabled else load_causal_lm(policy_path).to(device).eval()
     ref_chosen = ref_rejected = None
     if cfg.precompute_reference:
+        own = shard(len(pairs), rank, n_proc)
         with reference_of(policy.to(device) if reference is None else reference) as ref:
-            ref_chosen = precompute_logprobs(ref, chosen, pad, device, average)
-            ref_rejected = precompute_logprobs(ref, rejected, pad, device, average)
+            ref_chosen = precompute_logprobs(ref, chosen[own], pad, device, average)
+            ref_rejected = precompute_logprobs(ref, rejected[own], pad, device, average)
+        ref_chosen, ref_rejected = (
+            torch.cat(gather_lists(accelerator, [t])) for t in (ref_chosen, ref_rejected)
+        )
         reference = None  # one model fewer in memory for the whole run
     total = max(1, round(cfg.epochs * math.ceil(len(pairs) / cfg.batch_size)))
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    # The schedule stays unprepared: accelerate would step a prepared one once per process per call
+    # (it expects per-process batches); each of our steps is already one global batch.
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     # Dropout off: the implicit reward compares policy and reference as the same function.
     dropout_off(policy)
     gen = torch.Generator().manual_seed(config.seed)
     batches = ShuffledBatches(len(pairs), cfg.batch_size, gen)
-    log = MetricsLog(out_dir / "metrics.jsonl")
+    log = MetricsLog(out_dir / "metrics.jsonl") if main else None
     last: dict[str, float] = {}
-    with progress_bar(f"dpo ({cfg.loss_type})", total, show_progress) as bar:
+    with progress_bar(f"dpo ({cfg.loss_type})", total, show_progress and main) as bar:
         for step in range(1, total + 1):
             idx = batches.next()
+            idx = idx[shard(len(idx), rank, n_proc)]
             both = [chosen[i] for i in idx] + [rejected[i] for i in idx]
             logp = sequence_logprobs(policy, both, pad, device, average)
             if ref_chosen is not None:
@@ -118,13 +130,20 @@ def run_dpo(
             )
             accelerator.backward(loss)
             apply_gradients(accelerator, policy, optimizer, scheduler)
-            last = {"loss": loss.item(), **stats, "lr": scheduler.get_last_lr()[0]}
-            log.log(step, **last)
+            last = {
+                **mean_over_processes(accelerator, {"loss": loss.item(), **stats}),
+                "lr": scheduler.get_last_lr()[0],
+            }
+            if log is not None:
+                log.log(step, **last)
             bar.update(
                 bar.task_ids[0], advance=1, info=f"loss {last['loss']:.3f} acc {last['reward/accuracy']:.2f}"
             )
-    log.close()
-    save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
+    if log is not None:
+        log.close()
+    accelerator.wait_for_everyone()
+    if main:
+        save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "steps": total,

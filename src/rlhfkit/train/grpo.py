@@ -27,9 +27,10 @@ from rlhfkit.config import GRPOConfig, RLOOConfig, RunConfig
 from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, make_trainable, save_model
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import prompt_token_ids
+from rlhfkit.rollout import make_sampler
 from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
-from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.logprobs import response_logprobs
+from rlhfkit.train.distributed import require_one_process
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
@@ -87,8 +88,9 @@ def run_critic_free(
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
+    require_one_process(accelerator, section)
     tokenizer = load_tokenizer(policy_path)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     policy = make_trainable(load_causal_lm(policy_path), config)
     # LoRA: the reference is the policy with its adapter off, not a second copy.
     reference = None if config.lora.enabled else load_causal_lm(policy_path).to(device).eval()
@@ -100,6 +102,10 @@ def run_critic_free(
     batches = ShuffledBatches(len(prompts), cfg.prompts_per_step, gen)
     log = MetricsLog(out_dir / "metrics.jsonl")
     last: dict[str, float] = {}
+    # rollout.backend: HF generate on the policy, or a vLLM engine synced to its weights.
+    sample = make_sampler(config.rollout, accelerator.unwrap_model(policy), tokenizer, seed=config.seed)
+    batch_size = cfg.prompts_per_step * cfg.group_size
+    single_update = cfg.update_epochs == 1 and cfg.minibatch >= batch_size
     with progress_bar(name, cfg.steps, show_progress) as bar:
         for step in range(1, cfg.steps + 1):
             chosen = batches.next()
@@ -108,15 +114,7 @@ def run_critic_free(
             queries = [prompt_ids[i] for i in chosen for _ in range(cfg.group_size)]
 
             # 1. Sample G responses per prompt and score the texts.
-            responses = sample_responses(
-                accelerator.unwrap_model(policy),
-                queries,
-                eos_id=eos,
-                pad_id=pad,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                batch_size=config.rollout.batch_size,
-            )
+            responses = sample(queries, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             score_list, term_means = combined_rewards(reward_terms, group_prompts, texts)
             scores = torch.tensor(score_list, device=device)
@@ -127,13 +125,22 @@ def run_critic_free(
             mask = batch.response_mask.float()
             R = batch.n_response
 
-            # 2. Old and reference log-probs, advantages.
-            with torch.no_grad():
-                old_logp = response_logprobs(
-                    policy, batch.input_ids, batch.attention_mask, R, cfg.temperature
-                )
+            # 2. Reference and old log-probs, advantages.
             with reference_of(accelerator.unwrap_model(policy) if reference is None else reference) as ref:
                 ref_logp = response_logprobs(ref, batch.input_ids, batch.attention_mask, R, cfg.temperature)
+            whole_logp = None
+            if single_update:
+                # The only gradient step sees the weights that sampled: its forward (with grad) gives
+                # the old log-probs too, and a separate no-grad forward would repeat it exactly.
+                whole_logp = response_logprobs(
+                    policy, batch.input_ids, batch.attention_mask, R, cfg.temperature
+                )
+                old_logp = whole_logp.detach()
+            else:
+                with torch.no_grad():
+                    old_logp = response_logprobs(
+                        policy, batch.input_ids, batch.attention_mask, R, cfg.temperature
+                    )
             with torch.no_grad():
                 advantages, kl = critic_free_advantages(cfg, scores, old_logp, ref_logp, mask)
 
@@ -143,8 +150,11 @@ def run_critic_free(
                 perm = torch.randperm(len(queries), generator=gen)
                 for start in range(0, len(queries), cfg.minibatch):
                     idx = perm[start : start + cfg.minibatch].to(device)
-                    mb = batch.select(idx)
-                    logp = response_logprobs(policy, mb.input_ids, mb.attention_mask, R, cfg.temperature)
+                    if whole_logp is not None:
+                        logp = whole_logp[idx]
+                    else:
+                        mb = batch.select(idx)
+                        logp = response_logprobs(policy, mb.input_ids, mb.attention_mask, R, cfg.temperature)
                     if isinstance(cfg, GRPOConfig):
                         loss, stats = grpo_loss(
                             logp,

@@ -15,6 +15,7 @@ import torch
 from rlhfkit.algos.kto import kto_loss, mismatched_partners
 from rlhfkit.config import RunConfig
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model
+from rlhfkit.train.distributed import require_one_process
 from rlhfkit.train.dpo import precompute_logprobs, sequence_logprobs, tokenize_example
 from rlhfkit.train.loop import (
     MetricsLog,
@@ -52,6 +53,7 @@ def run_kto(
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed)
     device = accelerator.device
+    require_one_process(accelerator, "kto")
     tokenizer = load_tokenizer(policy_path)
     pad = tokenizer.pad_token_id
     gen = torch.Generator().manual_seed(config.seed)

@@ -35,7 +35,7 @@ from rlhfkit.algos.ppo import (
 )
 from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import PPOConfig, RunConfig
-from rlhfkit.models.heads import sequence_scores, token_values
+from rlhfkit.models.heads import TokenValues, sequence_scores, values_of
 from rlhfkit.models.loading import (
     dropout_off,
     load_causal_lm,
@@ -47,15 +47,24 @@ from rlhfkit.models.loading import (
 from rlhfkit.models.lora import load_adapter_weights, reference_of
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import prompt_token_ids
-from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
-from rlhfkit.rollout.generate import sample_responses
+from rlhfkit.rollout import make_sampler
+from rlhfkit.rollout.batch import PromptResponseBatch, in_row_chunks, join_prompt_response
 from rlhfkit.rollout.logprobs import gather_logprobs, response_forward
+from rlhfkit.rollout.seeded import prompt_seeds
 from rlhfkit.train.checkpoint import (
     TrainingInterrupted,
     latest_resumable,
     load_state,
     save_checkpoint,
     stop_on_signals,
+)
+from rlhfkit.train.distributed import (
+    any_process,
+    gather_lists,
+    gather_rows,
+    mean_over_processes,
+    require_divisible,
+    shard,
 )
 from rlhfkit.train.loop import (
     MetricsLog,
@@ -130,9 +139,20 @@ class PolicyValue(torch.nn.Module):
         return logits, values
 
 
+def policy_logprobs_values(
+    actor: torch.nn.Module, batch: PromptResponseBatch, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of the responses under the actor's policy, and its values (shared critic)."""
+    logits, values = actor(batch, temperature)
+    return gather_logprobs(logits, batch.response_ids), values
+
+
 def critic_values(critic: torch.nn.Module, batch: PromptResponseBatch) -> torch.Tensor:
-    """V(s_t) for each response token t: a separate critic read at the token before it."""
-    values = token_values(critic, batch.input_ids, batch.attention_mask)
+    """V(s_t) for each response token t: a separate critic read at the token before it.
+
+    `critic` is a reward-model-shaped model, or one in TokenValues (possibly wrapped by DDP).
+    """
+    values = values_of(critic, batch.input_ids, batch.attention_mask)
     return values[:, -batch.n_response - 1 : -1]
 
 
@@ -172,6 +192,12 @@ def run_ppo(
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
+    n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    # Several processes (accelerate launch): each samples and scores its block of every rollout and
+    # of every mini-batch (rlhfkit.train.distributed), so both must split evenly.
+    require_divisible("ppo.rollout_batch", cfg.rollout_batch, n_proc)
+    if cfg.algorithm == "ppo":
+        require_divisible("ppo.minibatch", cfg.minibatch, n_proc)
     tokenizer = load_tokenizer(policy_path)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     ckpt_root = out_dir / "checkpoints"
@@ -184,7 +210,7 @@ def run_ppo(
                 f"{checkpoint} was made with a different config (ppo or an upstream stage changed); "
                 "rerun without --resume to start over"
             )
-    elif resume:
+    elif resume and main:
         console.print(f"[dim]ppo: no checkpoint in {ckpt_root}, starting from step 0[/dim]")
 
     lora = config.lora.enabled
@@ -231,18 +257,34 @@ def run_ppo(
         enabled=show_progress and accelerator.is_main_process,
     )
 
+    forward_rows = config.rollout.forward_batch_size
+
     def reference_logprobs(batch: PromptResponseBatch) -> torch.Tensor:
-        """Per-token log-probs of the responses under the reference (no grad)."""
+        """Per-token log-probs of the responses under the reference (no grad), chunked by rows."""
+
+        def chunked(model: torch.nn.Module) -> torch.Tensor:
+            ref = PolicyValue(model, None)
+            return in_row_chunks(
+                lambda mb: policy_logprobs_values(ref, mb, cfg.temperature)[0], batch, forward_rows
+            )
+
         if reference is None:
             with reference_of(accelerator.unwrap_model(actor).policy) as base:
-                logits = PolicyValue(base, None)(batch, cfg.temperature)[0]
-            return gather_logprobs(logits, batch.response_ids)
+                return chunked(base)
         with torch.no_grad():
+            # Offloaded: one visit to the device for all chunks, not one per chunk.
             reference.to(device)
-            logits = PolicyValue(reference, None)(batch, cfg.temperature)[0]
+            logp = chunked(reference)
             if config.model.offload_reference:
                 reference.to("cpu")
-            return gather_logprobs(logits, batch.response_ids)
+            return logp
+
+    def reward_scores(batch: PromptResponseBatch) -> torch.Tensor:
+        """The reward model's score of each whole sequence (no grad), chunked by rows."""
+        with torch.no_grad():
+            return in_row_chunks(
+                lambda mb: sequence_scores(reward_model, mb.input_ids, mb.attention_mask), batch, forward_rows
+            )
 
     trainable = [p for p in actor.parameters() if p.requires_grad]
     updates_per_step = 1 if cfg.algorithm == "a2c" else cfg.ppo_epochs * (cfg.rollout_batch // cfg.minibatch)
@@ -264,9 +306,15 @@ def run_ppo(
             schedule=cfg.lr_schedule,
             eps=cfg.adam_eps,
         )
-        actor, critic, opt_policy, opt_critic = accelerator.prepare(actor, critic, opt_policy, opt_critic)
+        # Prepared inside TokenValues so DDP/FSDP see the forward that computes the values.
+        actor, critic, opt_policy, opt_critic = accelerator.prepare(
+            actor, TokenValues(critic), opt_policy, opt_critic
+        )
     else:
         actor, opt_policy = accelerator.prepare(actor, opt_policy)
+    if n_proc > 1:
+        # Processes sample different prompts; give them different noise too, not one stream copied.
+        torch.manual_seed(config.seed + rank)
 
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     gen = torch.Generator().manual_seed(config.seed)
@@ -280,18 +328,24 @@ def run_ppo(
     # Programmable reward terms (verifiable rewards, penalties) on top of the reward model.
     extra_terms = build_reward_functions(cfg.extra_rewards, reward_path, device) if cfg.extra_rewards else []
 
-    def rollout(queries: list[list[int]]) -> PromptResponseBatch:
-        responses = sample_responses(
-            accelerator.unwrap_model(actor).policy,
-            queries,
-            eos_id=eos,
-            pad_id=pad,
+    # rollout.backend: HF generate on the policy, or a vLLM engine synced to its weights.
+    sample = make_sampler(config.rollout, accelerator.unwrap_model(actor).policy, tokenizer, seed=config.seed)
+
+    def rollout(queries: list[list[int]], step: int) -> PromptResponseBatch:
+        """The whole batch, prompts and responses; this process samples its block of the queries."""
+        own = shard(len(queries), rank, n_proc)
+        seeded: dict[str, list[int]] = {}
+        if config.rollout.seed_per_prompt:
+            # The same responses whatever the number of processes (or rollout.batch_size).
+            seeded["seeds"] = prompt_seeds(config.seed, step, len(queries))[own]
+        responses = sample(
+            queries[own],
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
-            batch_size=config.rollout.batch_size,
             min_new_tokens=min_new,
+            **seeded,
         )
-        joined = join_prompt_response(queries, responses, pad)
+        joined = join_prompt_response(queries, gather_lists(accelerator, responses), pad)
         return PromptResponseBatch(
             *(t.to(device) for t in (joined.input_ids, joined.attention_mask, joined.response_mask))
         )
@@ -305,15 +359,20 @@ def run_ppo(
         if value_head is not None:
             value_head.load_state_dict(state["value_head"])
         if critic is not None:
-            accelerator.unwrap_model(critic).load_state_dict(state["critic"])
+            accelerator.unwrap_model(critic).model.load_state_dict(state["critic"])
             opt_critic.load_state_dict(state["opt_critic"])
             sched_critic.load_state_dict(state["sched_critic"])
         opt_policy.load_state_dict(state["opt_policy"])
         sched_policy.load_state_dict(state["sched_policy"])
         gen.set_state(state["gen"])
         batches.pending = list(state["batch_order"])
-        torch.set_rng_state(state["torch_rng"])
-        console.print(f"[dim]ppo: resuming from {checkpoint} (step {start_step})[/dim]")
+        saved_rngs = state.get("torch_rng_per_process") or [state["torch_rng"]]
+        if len(saved_rngs) == n_proc:
+            torch.set_rng_state(saved_rngs[rank])
+        else:  # saved by another number of processes: distinct fresh streams, not an exact continuation
+            torch.manual_seed(config.seed + rank + n_proc * start_step)
+        if main:
+            console.print(f"[dim]ppo: resuming from {checkpoint} (step {start_step})[/dim]")
     else:
         ctl = Controllers(kl_coef=cfg.kl_coef)
         if cfg.reward_norm:
@@ -321,19 +380,20 @@ def run_ppo(
             # so its scores have mean 0 and std 1 whatever scale the reward model learned.
             norm_gen = torch.Generator().manual_seed(config.seed + 1)
             idx = torch.randint(len(prompt_ids), (cfg.reward_norm_samples,), generator=norm_gen).tolist()
-            norm_batch = rollout([prompt_ids[i] for i in idx])
-            with torch.no_grad():
-                raw = sequence_scores(reward_model, norm_batch.input_ids, norm_batch.attention_mask)
+            norm_batch = rollout([prompt_ids[i] for i in idx], step=0)
+            raw = reward_scores(norm_batch)
             ctl.reward_gain, ctl.reward_bias = reward_normalisation(raw)
-        # Starting over: a previous run's checkpoints must not be mistaken for this one's.
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        _fingerprint_file(out_dir).write_text(json.dumps({"fingerprint": fingerprint}))
+        if main:
+            # Starting over: a previous run's checkpoints must not be mistaken for this one's.
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            _fingerprint_file(out_dir).write_text(json.dumps({"fingerprint": fingerprint}))
 
     metrics_path = out_dir / "metrics.jsonl"
-    if checkpoint is not None:
+    if checkpoint is not None and main:
         _truncate_metrics(metrics_path, start_step)
-    log = MetricsLog(metrics_path, resume=checkpoint is not None)
+    # The main process alone writes the run's record: metrics, checkpoints, the model.
+    log = MetricsLog(metrics_path, resume=checkpoint is not None) if main else None
     last: dict[str, float] = {}
 
     def trainer_state(step: int) -> dict[str, Any]:
@@ -341,7 +401,7 @@ def run_ppo(
             "step": step,
             "controllers": asdict(ctl),
             "value_head": None if value_head is None else value_head.state_dict(),
-            "critic": None if critic is None else accelerator.unwrap_model(critic).state_dict(),
+            "critic": None if critic is None else accelerator.unwrap_model(critic).model.state_dict(),
             "opt_policy": opt_policy.state_dict(),
             "sched_policy": sched_policy.state_dict(),
             "opt_critic": None if opt_critic is None else opt_critic.state_dict(),
@@ -352,34 +412,54 @@ def run_ppo(
         }
 
     def checkpoint_now(step: int) -> Path:
-        return save_checkpoint(
-            ckpt_root,
-            step,
-            accelerator.unwrap_model(actor).policy,
-            tokenizer,
-            trainer_state(step),
-            cfg.keep_states,
-        )
+        """Save a checkpoint (every process calls this: their sampling RNG states are gathered)."""
+        rngs = gather_lists(accelerator, [torch.get_rng_state()]) if n_proc > 1 else None
+        path = ckpt_root / f"step-{step}"
+        if main:
+            state = trainer_state(step)
+            if rngs is not None:
+                state["torch_rng_per_process"] = rngs
+            path = save_checkpoint(
+                ckpt_root, step, accelerator.unwrap_model(actor).policy, tokenizer, state, cfg.keep_states
+            )
+        accelerator.wait_for_everyone()
+        return path
 
-    with stop_on_signals() as stop, progress_bar("ppo", cfg.steps, show_progress) as bar:
+    with stop_on_signals() as stop, progress_bar("ppo", cfg.steps, show_progress and main) as bar:
         bar.update(bar.task_ids[0], completed=start_step)
         for step in range(start_step + 1, cfg.steps + 1):
             picked = batches.next()
             queries = [prompt_ids[i] for i in picked]
 
             # 1. Rollout at the training temperature.
-            batch = rollout(queries)
+            batch = rollout(queries, step)
             mask = batch.response_mask.float()
+            # This process scores its own block of rows; the results are gathered into the batch's.
+            own = shard(len(queries), rank, n_proc)
+            mine = batch.select(own)
 
             # 2. Score: old log-probs and values, reference log-probs, reward-model score.
             with torch.no_grad():
-                old_logits, old_values = actor(batch, cfg.temperature)
-                old_logp = gather_logprobs(old_logits, batch.response_ids)
-                del old_logits
+                # rollout.forward_batch_size rows per forward: peak memory of one chunk, same numbers.
+                old_logp, old_values = in_row_chunks(
+                    lambda mb: policy_logprobs_values(actor, mb, cfg.temperature), mine, forward_rows
+                )
                 if critic is not None:
-                    old_values = critic_values(critic, batch)
-                ref_logp = reference_logprobs(batch)
-                raw_scores = sequence_scores(reward_model, batch.input_ids, batch.attention_mask)
+                    old_values = in_row_chunks(lambda mb: critic_values(critic, mb), mine, forward_rows)
+                ref_logp = reference_logprobs(mine)
+                raw_scores = reward_scores(mine)
+                term_means: dict[str, float] = {}
+                extra = None
+                if extra_terms:
+                    texts = tokenizer.batch_decode(mine.response_ids, skip_special_tokens=True)
+                    extra_list, term_means = combined_rewards(
+                        extra_terms, [prompts[i] for i in picked[own]], texts
+                    )
+                    extra = torch.tensor(extra_list, dtype=raw_scores.dtype, device=raw_scores.device)
+                    term_means = mean_over_processes(accelerator, term_means)  # equal blocks: the batch mean
+                old_logp, old_values, ref_logp, raw_scores, extra = gather_rows(
+                    accelerator, old_logp, old_values, ref_logp, raw_scores, extra
+                )
                 has_eos = (batch.response_ids == eos).any(1)
                 scores = process_scores(
                     raw_scores,
@@ -389,11 +469,8 @@ def run_ppo(
                     missing_eos_penalty=None if cfg.response_mode == "fixed" else cfg.missing_eos_penalty,
                     clip=cfg.reward_clip,
                 )
-                term_means: dict[str, float] = {}
-                if extra_terms:
-                    texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
-                    extra, term_means = combined_rewards(extra_terms, [prompts[i] for i in picked], texts)
-                    scores = scores + torch.tensor(extra, dtype=scores.dtype, device=scores.device)
+                if extra is not None:
+                    scores = scores + extra
                 if cfg.reward_scaling:
                     # Detail: reward scaling by the running std of scores (not their mean).
                     ctl.moments = running_moments_update(ctl.moments, scores)
@@ -424,11 +501,18 @@ def run_ppo(
                     if cfg.whiten_advantages == "minibatch":
                         mb_adv = masked_whiten(mb_adv, mask[idx])
                     n_tokens = mask[idx].sum().clamp(min=1.0).item()
+                    # This process's block of the mini-batch. DDP averages the processes' gradients,
+                    # so each divides its token sums by n_tokens / n_proc: the average is the
+                    # gradient of the whole mini-batch over its n_tokens tokens.
+                    mb_own = shard(len(idx), rank, n_proc)
+                    idx, mb_adv = idx[mb_own], mb_adv[mb_own]
                     starts = range(0, len(idx), micro)
                     ptx_chunks: list[torch.Tensor | None] = [None] * len(starts)
                     if ptx is not None:
                         rows = ptx[torch.randint(len(ptx), (cfg.ptx_batch,), generator=gen)].to(device)
-                        ptx_chunks = list(rows.tensor_split(len(starts)))
+                        # The mini-batch's PTX blocks are spread over every process's micro-batches.
+                        ptx_chunks = list(rows.tensor_split(len(starts) * n_proc))
+                        ptx_chunks = ptx_chunks[rank * len(starts) : (rank + 1) * len(starts)]
                     for m_start, ptx_chunk in zip(starts, ptx_chunks, strict=True):
                         sub = slice(m_start, m_start + micro)
                         m_stats = _micro_step(
@@ -442,27 +526,32 @@ def run_ppo(
                             returns[idx][sub],
                             mb_adv[sub],
                             mask[idx][sub],
-                            n_tokens,
+                            n_tokens / n_proc,
                             ctl.kl_coef,
                             accelerator,
                             ptx_chunk,
-                            ptx_share=0.0 if ptx_chunk is None else len(ptx_chunk) / cfg.ptx_batch,
+                            ptx_share=0.0 if ptx_chunk is None else len(ptx_chunk) * n_proc / cfg.ptx_batch,
                         )
                         for k, v in m_stats.items():
                             stats.setdefault(k, []).append(v)
                         epoch_kl.append(m_stats["approxkl"])
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    # Norms before clipping, of the gradient every process holds after DDP's average.
+                    norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    stats.setdefault("grad_norm", []).append(float(norm))
                     opt_policy.step()
                     sched_policy.step()
                     opt_policy.zero_grad(set_to_none=True)
                     if critic is not None:
-                        accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                        norm = accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                        stats.setdefault("grad_norm/critic", []).append(float(norm))
                         opt_critic.step()
                         sched_critic.step()
                         opt_critic.zero_grad(set_to_none=True)
                 epochs_run += 1
                 # Detail: early stopping when the policy moved too far from the rollout policy.
-                if cfg.target_kl is not None and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl:
+                # Every process takes the same decision, on the mean over all their micro-batches.
+                epoch_approxkl = mean_over_processes(accelerator, {"kl": sum(epoch_kl) / len(epoch_kl)})["kl"]
+                if cfg.target_kl is not None and epoch_approxkl > cfg.target_kl:
                     break
 
             mean_kl = kl.sum(1).mean().item()
@@ -480,26 +569,32 @@ def run_ppo(
                 "reward/total": rewards.sum(1).mean().item(),
                 "kl": mean_kl,
                 "kl_coef": kl_coef_used,
-                **{k: sum(v) / len(v) for k, v in stats.items()},
+                **mean_over_processes(accelerator, {k: sum(v) / len(v) for k, v in stats.items()}),
                 "explained_variance": explained_variance(old_values, returns, mask),
                 "response_length": mask.sum(1).mean().item(),
                 "eos_share": has_eos.float().mean().item(),
                 "epochs": epochs_run,
                 "lr": sched_policy.get_last_lr()[0],
             }
-            log.log(step, **last)
+            if log is not None:
+                log.log(step, **last)
             bar.update(
                 bar.task_ids[0],
                 advance=1,
                 info=f"score {last['reward/score']:+.3f} kl {last['kl']:.3f} ent {last['entropy']:.2f}",
             )
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stop:
+            stopping = any_process(accelerator, bool(stop))  # a signal to one process stops them all
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stopping:
                 path = checkpoint_now(step)
-                if stop and step < cfg.steps:
-                    log.close()
+                if stopping and step < cfg.steps:
+                    if log is not None:
+                        log.close()
                     raise TrainingInterrupted("ppo", step, path)
-    log.close()
-    save_model(accelerator.unwrap_model(actor).policy, tokenizer, out_dir / "model")
+    if log is not None:
+        log.close()
+    accelerator.wait_for_everyone()
+    if main:
+        save_model(accelerator.unwrap_model(actor).policy, tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "steps": cfg.steps,
@@ -528,7 +623,8 @@ def _micro_step(
     ptx_rows: torch.Tensor | None,
     ptx_share: float,
 ) -> dict[str, float]:
-    """Forward and backward of one micro-batch; losses are normalised by the mini-batch's tokens."""
+    """Forward and backward of one micro-batch; token sums are divided by `n_tokens` (the mini-batch's
+    tokens, divided by the number of processes when DDP averages their gradients)."""
     logits, values = actor(mb, cfg.temperature)
     logp = gather_logprobs(logits, mb.response_ids)
     if cfg.algorithm == "a2c":

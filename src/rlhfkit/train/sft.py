@@ -61,7 +61,9 @@ def run_sft(
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = max(1, round(cfg.epochs * steps_per_epoch))
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The schedule stays unprepared: accelerate would step a prepared one once per process per call
+    # (it expects per-process batches); each of our steps is already one global batch.
+    model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     gen = torch.Generator().manual_seed(config.seed)
     log = MetricsLog(out_dir / "metrics.jsonl") if accelerator.is_main_process else None

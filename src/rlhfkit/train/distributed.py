@@ -1,0 +1,81 @@
+"""How the RL loops split work over the processes of `accelerate launch` and put it back together.
+
+Every process draws the same global batch (same seed); process r works on one contiguous
+block of its rows (`shard`) and the results are gathered in rank order, which is the global
+order again. On one process every function here is the identity, so single-process runs do
+exactly what they did before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+
+def shard(n: int, rank: int, n_proc: int) -> slice:
+    """The contiguous block of `n` rows that process `rank` of `n_proc` owns.
+
+    Blocks differ in size by at most one (the first `n % n_proc` ranks take one more), so
+    concatenating them in rank order gives back 0..n-1.
+    """
+    if n_proc < 1 or not 0 <= rank < n_proc:
+        raise ValueError(f"shard: rank {rank} is not a process of {n_proc}")
+    if n < 0:
+        raise ValueError(f"shard: n must be >= 0, got {n}")
+    size, extra = divmod(n, n_proc)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
+def require_divisible(name: str, value: int, n_proc: int) -> None:
+    """Fail with a config-style message when `value` (the setting `name`) does not split evenly."""
+    if value % n_proc:
+        raise ValueError(f"{name} {value} is not divisible by the {n_proc} processes")
+
+
+def gather_lists(accelerator: Accelerator, items: list[Any]) -> list[Any]:
+    """Every process's list, concatenated in rank order (any picklable items; lengths may differ)."""
+    if accelerator.num_processes == 1:
+        return items
+    return gather_object(items)
+
+
+def gather_rows(accelerator: Accelerator, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor's rows from every process, concatenated in rank order (same shapes everywhere)."""
+    if accelerator.num_processes == 1:
+        return tensors
+    return tuple(None if t is None else accelerator.gather(t.contiguous()) for t in tensors)
+
+
+def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over the processes (every process must pass the same keys)."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    keys = sorted(values)  # the same order on every process, whatever order the dicts were built in
+    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    reduced = dict(zip(keys, accelerator.reduce(stacked, "mean").tolist(), strict=True))
+    return {k: reduced[k] for k in values}
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is true on at least one (e.g. a stop signal)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    raised = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(raised, "sum").item() > 0)
+
+
+def require_one_process(accelerator: Accelerator, stage: str) -> None:
+    """Refuse to run a stage whose loop does not split its batches over processes yet.
+
+    Such a loop would run the whole batch on every process (the same work N times) and every
+    process would write the same metrics and model files.
+    """
+    if accelerator.num_processes > 1:
+        raise ValueError(
+            f"{stage} does not run on several processes yet ({accelerator.num_processes} started): "
+            "launch it with one process (docs/scaling.md lists the stages that do)"
+        )

@@ -1,0 +1,122 @@
+"""Work splitting over processes (train/distributed.py) and per-prompt seeded sampling (rollout/seeded.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhfkit.models.loading import tiny_causal_lm
+from rlhfkit.models.tokenizer import train_tokenizer
+from rlhfkit.rollout.generate import sample_responses
+from rlhfkit.rollout.seeded import PerRowGumbel, prompt_seeds
+from rlhfkit.train.distributed import (
+    any_process,
+    gather_lists,
+    gather_rows,
+    mean_over_processes,
+    require_divisible,
+    require_one_process,
+    shard,
+)
+
+
+@pytest.mark.parametrize(("n", "n_proc"), [(8, 2), (5, 2), (7, 3), (2, 4), (0, 3), (9, 1)])
+def test_shards_are_contiguous_blocks_that_cover_the_batch_in_rank_order(n, n_proc):
+    blocks = [list(range(n))[shard(n, r, n_proc)] for r in range(n_proc)]
+    assert [i for block in blocks for i in block] == list(range(n))
+    sizes = [len(b) for b in blocks]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_shard_known_blocks_and_bad_input():
+    assert [shard(5, r, 2) for r in range(2)] == [slice(0, 3), slice(3, 5)]
+    assert [shard(8, r, 4) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    with pytest.raises(ValueError, match="rank 2 is not a process of 2"):
+        shard(4, 2, 2)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        shard(-1, 0, 1)
+    with pytest.raises(ValueError, match="ppo.minibatch 6 is not divisible by the 4 processes"):
+        require_divisible("ppo.minibatch", 6, 4)
+    require_divisible("ppo.minibatch", 8, 4)
+
+
+def test_one_process_helpers_are_the_identity():
+    acc = SimpleNamespace(num_processes=1)
+    items, t = [[1, 2], [3]], torch.randn(3, 2)
+    assert gather_lists(acc, items) is items
+    assert gather_rows(acc, t, None)[0] is t and gather_rows(acc, t, None)[1] is None
+    stats = {"b": 0.1 + 0.2, "a": 1e-9}
+    assert mean_over_processes(acc, stats) is stats
+    assert any_process(acc, True) is True and any_process(acc, False) is False
+
+
+def test_stages_that_do_not_split_their_batches_refuse_several_processes():
+    require_one_process(SimpleNamespace(num_processes=1), "grpo")
+    with pytest.raises(ValueError, match="grpo does not run on several processes yet \\(2 started\\)"):
+        require_one_process(SimpleNamespace(num_processes=2), "grpo")
+
+
+def test_prompt_seeds_depend_on_run_step_and_position_only():
+    seeds = prompt_seeds(0, 3, 8)
+    assert len(set(seeds)) == 8
+    assert prompt_seeds(0, 3, 4) == seeds[:4]  # a position's seed does not depend on the batch size
+    assert set(prompt_seeds(0, 4, 8)).isdisjoint(seeds)
+    assert set(prompt_seeds(1, 3, 8)).isdisjoint(seeds)
+    assert all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        prompt_seeds(0, 1, -1)
+
+
+def test_gumbel_max_samples_the_tempered_softmax():
+    """argmax(logits / T + Gumbel) over many seeded rows has the frequencies of softmax(logits / T)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    temperature, n = 0.7, 20000
+    processor = PerRowGumbel(prompt_seeds(5, 1, n), temperature)
+    picks = processor(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1).clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).float() / n
+    expected = torch.softmax(logits / temperature, -1)
+    # Binomial standard error is at most 0.0036 at n = 20000: 0.015 is over 4 of them.
+    assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
+    # A token masked to -inf (EOS before min_new_tokens) is never picked.
+    masked = logits.clone()
+    masked[0] = float("-inf")
+    picks = PerRowGumbel(prompt_seeds(5, 1, 500), temperature)(None, masked.expand(500, -1).clone()).argmax(
+        -1
+    )
+    assert not (picks == 0).any()
+
+
+def test_gumbel_noise_of_a_row_does_not_depend_on_its_batch():
+    scores = torch.randn(4, 10)
+    seeds = prompt_seeds(0, 1, 4)
+    together = PerRowGumbel(seeds, 1.0)(None, scores)
+    alone = torch.cat([PerRowGumbel([s], 1.0)(None, scores[i : i + 1]) for i, s in enumerate(seeds)])
+    assert torch.equal(together, alone)
+    with pytest.raises(ValueError, match="2 seeds for a batch of 4 rows"):
+        PerRowGumbel(seeds[:2], 1.0)(None, scores)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        PerRowGumbel(seeds, 0.0)
+
+
+def test_seeded_sampling_is_independent_of_batching_and_order():
+    tokenizer = train_tokenizer(["Say a colour number 3. red", "blue green red yellow"] * 40, vocab_size=300)
+    torch.manual_seed(0)
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    prompts = [tokenizer(f"Say a colour number {i}.")["input_ids"][: 3 + i % 4] for i in range(6)]
+    seeds = prompt_seeds(0, 1, 6)
+    kw = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "max_new_tokens": 8}
+    whole = sample_responses(model, prompts, batch_size=6, seeds=seeds, **kw)
+    assert sample_responses(model, prompts, batch_size=2, seeds=seeds, **kw) == whole
+    reversed_order = sample_responses(model, prompts[::-1], batch_size=4, seeds=seeds[::-1], **kw)
+    assert reversed_order[::-1] == whole
+    # The global RNG plays no part; other seeds give other samples.
+    torch.manual_seed(123)
+    assert sample_responses(model, prompts, batch_size=6, seeds=seeds, **kw) == whole
+    assert sample_responses(model, prompts, batch_size=6, seeds=prompt_seeds(0, 2, 6), **kw) != whole
+    # EOS suppressed until min_new_tokens still holds.
+    fixed = sample_responses(model, prompts, seeds=seeds, min_new_tokens=8, **kw)
+    assert all(len(r) == 8 and tokenizer.eos_token_id not in r for r in fixed)
+    with pytest.raises(ValueError, match="5 seeds for 6 prompts"):
+        sample_responses(model, prompts, seeds=seeds[:5], **kw)
