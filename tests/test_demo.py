@@ -55,6 +55,22 @@ def test_demo_writes_the_run_directory_contract(demo_run):
     assert (out / "feedback.db").is_file() and (out / "config.yaml").is_file()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4
+    # The label-efficiency curve: RMs on a quarter and a half of the labels, then the run's own RM.
+    curve = report["rm"]["label_curve"]
+    assert [p["fraction"] for p in curve] == [0.25, 0.5, 1.0]
+    assert (
+        curve[0]["n_labels"] < curve[1]["n_labels"] < curve[2]["n_labels"] == report["feedback"]["n_labels"]
+    )
+    assert (
+        curve[0]["n_labels"] >= 0.25 * curve[2]["n_labels"]
+        and curve[1]["n_labels"] >= 0.5 * curve[2]["n_labels"]
+    )
+    assert all(0 < p["n_train_pairs"] < p["n_pairs"] and 0.0 <= p["heldout_accuracy"] <= 1.0 for p in curve)
+    assert curve[2]["heldout_accuracy"] == report["rm"]["heldout_accuracy"]
+    assert curve[2]["n_train_pairs"] == report["rm"]["n_train_pairs"]
+    assert 'id="label-curve-table"' in html
+    assert 'alt="reward-model held-out accuracy against the number of labels"' in html
+    assert not list((out / "eval" / "label_curve").rglob("*.safetensors"))  # trained, not saved
     # The printed table: both policies and the win rate.
     assert "ppo" in stdout and "win rate" in stdout
     # The resolved config reproduces the run.

@@ -3,8 +3,11 @@
 import math
 
 import pytest
+import torch
 
 from rlhfkit.eval.rm_bench import (
+    GoldPairs,
+    benchmark_on_pairs,
     benchmark_report,
     length_bucket,
     reliability,
@@ -54,3 +57,27 @@ def test_seen_topic_subset():
     topic_of = {"films?": "film", "plants?": "plant"}.get
     subset = seen_topic_subset(topic_of, [{"prompt": "films?", "completion": "1. x"}])
     assert subset("films?") == "topic seen" and subset("plants?") == "topic unseen" and subset("?") is None
+
+
+class _LastTokenReward(torch.nn.Module):
+    """A stand-in reward model whose value at every position is the token id there."""
+
+    def forward(self, input_ids, attention_mask):
+        return input_ids.float()
+
+
+def test_benchmark_on_pairs_scores_the_judged_pairs_by_their_gold_side():
+    # The reward of a response is its last token id: 9 > 4, 2 < 7, 5 == 5 (a tied score is wrong).
+    pairs = GoldPairs(
+        prompt_ids=[[1, 1], [1], [1, 1, 1], [1]],
+        a=[[3, 9], [2], [5], [8]],
+        b=[[4], [6, 7], [5], [8]],
+        judged=[(0, True), (1, False), (2, True)],  # pair 3 was a gold tie, left out
+        subsets=[["x"], ["x"], ["y"]],
+        n_gold_ties_dropped=1,
+        pad_id=0,
+    )
+    report = benchmark_on_pairs(_LastTokenReward(), pairs)
+    assert report["accuracy"] == pytest.approx(2 / 3) and report["n_pairs"] == 3
+    assert report["subsets"] == {"x": {"accuracy": 1.0, "n": 2}, "y": {"accuracy": 0.0, "n": 1}}
+    assert report["n_gold_ties_dropped"] == 1

@@ -204,6 +204,60 @@ def test_overopt_and_bench_sections(tmp_path: Path):
     assert '"calibration"' not in html
 
 
+def _curve_point(fraction: float, n_labels: int, accuracy: float | None) -> dict:
+    return {
+        "fraction": fraction,
+        "n_items": n_labels // 2,
+        "n_labels": n_labels,
+        "n_pairs": n_labels // 3,
+        "n_train_pairs": n_labels // 4,
+        "heldout_accuracy": accuracy,
+    }
+
+
+def test_label_efficiency_curve(tmp_path: Path):
+    curve = [_curve_point(0.25, 248, 0.6125), _curve_point(0.5, 496, 0.6875), _curve_point(1.0, 986, 0.7436)]
+    report = {"rm": {"heldout_accuracy": 0.7436, "label_curve": curve}}
+    html = write_html_report(tmp_path, report).read_text()
+    table = html[
+        html.index('id="label-curve-table"') : html.index("</table>", html.index('id="label-curve-table"'))
+    ]
+    for text in ("0.25", "248", "124", "82", "62", "0.6125", "0.6875", "986", "0.7436"):
+        assert f'<td class="num">{text}</td>' in table
+    assert (
+        html.count(IMG) == 1 and 'alt="reward-model held-out accuracy against the number of labels"' in html
+    )
+    # The points are a table of their own, not a JSON blob in the reward-model table.
+    assert '"n_train_pairs"' not in html and "<th>label_curve</th>" not in html
+    # A share too small to give pairs has no accuracy: a row with '-', and no curve from one point.
+    sparse = [_curve_point(0.1, 20, None), _curve_point(1.0, 200, 0.7)]
+    html = write_html_report(tmp_path, {"rm": {"label_curve": sparse}}).read_text()
+    assert 'id="label-curve-table"' in html and IMG not in html
+
+
+def test_label_efficiency_across_loop_rounds(tmp_path: Path):
+    from rlhfkit.loop import ROUND_KEYS
+
+    rounds = [
+        {
+            **dict.fromkeys(ROUND_KEYS),
+            "round": k,
+            "n_labels_total": 300 * k,
+            "rm_heldout_accuracy": acc,
+            "win_rate_vs_sft": {"rate": 0.6, "ci95": [0.5, 0.7], "n": 40},
+        }
+        for k, acc in ((1, 0.7), (2, 0.74), (3, 0.77))
+    ]
+    html = write_html_report(tmp_path, {"loop": {"rounds": rounds}}).read_text()
+    assert 'alt="reward-model held-out accuracy against the labels so far, per round"' in html
+    assert html.count(IMG) == 2  # gold reward and win rate per round, and the curve
+    # Without RM accuracies (no gold judge) there is no curve.
+    for r in rounds:
+        r["rm_heldout_accuracy"] = None
+    html = write_html_report(tmp_path, {"loop": {"rounds": rounds}}).read_text()
+    assert "labels so far, per round" not in html and html.count(IMG) == 1
+
+
 def test_win_rate_against_another_reference(tmp_path: Path):
     report = {
         "eval": {

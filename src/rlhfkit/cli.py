@@ -432,7 +432,7 @@ def feedback_import(
     project: Annotated[str, typer.Option(help="project name (created if missing, with --task-type)")],
     file: Annotated[Path | None, typer.Option(help='JSONL of {"prompt", "completions": [...]}')] = None,
     policy: Annotated[Path | None, typer.Option(help="checkpoint to sample completions from")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="with --policy: JSONL of {\"prompt\"}")] = None,
+    prompts: Annotated[Path | None, typer.Option(help='with --policy: JSONL of {"prompt"}')] = None,
     k: Annotated[int, typer.Option("-k", help="with --policy: completions per prompt")] = 2,
     task_type: Annotated[str, typer.Option(help="task type of a new project")] = "comparison",
     overlap: Annotated[int, typer.Option(help="annotators per item of a new project")] = 1,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -145,6 +145,11 @@ class FeedbackConfig(Section):
         "ds", description="how disagreeing labels become training pairs (ds: Dawid-Skene, see docs/crowd.md)"
     )
 
+    @property
+    def task_type(self) -> str:
+        """The store's task type of the items: comparison (K = 2) or ranking."""
+        return "comparison" if self.completions_per_prompt == 2 else "ranking"
+
 
 class RMConfig(Section):
     epochs: float = Field(2.0, gt=0)
@@ -156,6 +161,24 @@ class RMConfig(Section):
     soft_labels: Literal["none", "margin", "smoothing"] = Field(
         "none", description="use a pair's margin (2*confidence-1) as a BT margin or as label smoothing"
     )
+    label_curve: list[float] = Field(
+        [0.25, 0.5],
+        description="label-efficiency curve: eval also trains RMs (not saved) on these shares of the labels "
+        "and reports their held-out accuracy; [] = off",
+    )
+
+    @field_validator("label_curve")
+    @classmethod
+    def _check_label_curve(cls, fractions: list[float]) -> list[float]:
+        for f in fractions:
+            if not 0 < f < 1:
+                raise ValueError(
+                    f"each share of the labels must be between 0 and 1 (exclusive), got {f}; "
+                    "the full set is the run's own reward model"
+                )
+        if len(set(fractions)) != len(fractions):
+            raise ValueError(f"a share is listed twice in {fractions}")
+        return sorted(fractions)
 
 
 class RewardSpec(Section):
@@ -167,11 +190,6 @@ class RewardSpec(Section):
     )
     weight: float = Field(1.0, allow_inf_nan=False, description="multiplies this term in the sum")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to fn")
-
-    @property
-    def task_type(self) -> str:
-        """The store's task type of the items: comparison (K = 2) or ranking."""
-        return "comparison" if self.completions_per_prompt == 2 else "ranking"
 
 
 class PPOConfig(Section):
@@ -211,9 +229,7 @@ class PPOConfig(Section):
         0.2, gt=0, description="value clipping range around old values; null: off"
     )
     # KL to the reference (the SFT policy)
-    kl_coef: float = Field(
-        0.1, ge=0, description="beta in r = score - beta * KL (initial value if adaptive)"
-    )
+    kl_coef: float = Field(0.1, ge=0, description="beta in r = score - beta * KL (initial value if adaptive)")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator")
     kl_mode: Literal["reward", "loss"] = Field(
         "reward", description="reward: per-token penalty in the reward; loss: a KL term in the policy loss"

@@ -34,6 +34,8 @@ _SECTIONS = {
     "ppo": ("ppo",),
     "eval": ("eval",),
 }
+# Keys of a section that only the eval stage reads: changing one re-runs eval alone.
+_EVAL_ONLY = {"rm": ("label_curve",)}
 # Method stages outside the demo (issue 4), each with the last demo stage it builds on:
 # dpo/kto need the SFT model and the feedback pairs, the online methods the reward model.
 METHOD_STAGES = {
@@ -101,7 +103,12 @@ class Run:
             sections += _SECTIONS[s]
         if stage in METHOD_STAGES:
             sections += _SECTIONS[stage]
-        blob = json.dumps({k: cfg[k] for k in sections}, sort_keys=True)
+        picked = {k: cfg[k] for k in sections}
+        if stage != "eval":
+            for section, keys in _EVAL_ONLY.items():
+                if section in picked:
+                    picked[section] = {k: v for k, v in picked[section].items() if k not in keys}
+        blob = json.dumps(picked, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def finished(self, stage: str) -> bool:
@@ -243,9 +250,36 @@ def comparison_items(
     return items
 
 
+def feedback_store_url(run: Run) -> str:
+    """The feedback store's database: feedback.db if set, else RUN/feedback.db (SQLite)."""
+    return run.config.feedback.db or f"sqlite:///{(run.dir / 'feedback.db').resolve()}"
+
+
+def feedback_project_name(run: Run) -> str:
+    """The feedback stage's project in the store: one per feedback config."""
+    return f"{run.config.feedback.project}-{run.fingerprint('feedback')[:8]}"
+
+
+def training_labels(store: Any, project: int) -> tuple[dict[int, Any], list]:
+    """A project's items by id, and the labels that become training data.
+
+    Golden items and excluded annotators stay out of training data, as in every export.
+    """
+    items = {item.item_id: item for item in store.items(project)}
+    return items, store.labels(project, include_golden=False, include_excluded=False)
+
+
+def feedback_pairs(config: RunConfig, items: dict[int, Any], labels: list) -> list[dict]:
+    """Preference rows from `labels`, aggregated by feedback.aggregate as the feedback stage does."""
+    from rlhfkit.crowd.aggregate import aggregated_pairs
+
+    cfg = config.feedback
+    rows, _ = aggregated_pairs(items, labels, cfg.aggregate, f"feedback:{cfg.project}", config.seed)
+    return rows
+
+
 def stage_feedback(run: Run) -> dict:
     """Sample from the SFT policy, collect simulated comparisons in the store, export pairs."""
-    from rlhfkit.crowd.aggregate import aggregated_pairs
     from rlhfkit.crowd.agreement import krippendorff_alpha_nominal
     from rlhfkit.crowd.simulate import default_pool, load_pool, simulate_annotation
     from rlhfkit.feedback.store import FeedbackStore
@@ -256,13 +290,9 @@ def stage_feedback(run: Run) -> dict:
     # Seeded: the left/right order shown to annotators is part of what makes a run reproducible.
     # Not fsynced per label: simulated labels survive a crash of the process, which is enough for
     # labels that can be simulated again; a human-facing server keeps the durable default.
-    store = FeedbackStore(
-        cfg.db or f"sqlite:///{(run.dir / 'feedback.db').resolve()}", seed=run.config.seed, durable=False
-    )
+    store = FeedbackStore(feedback_store_url(run), seed=run.config.seed, durable=False)
     try:
-        project = store.create_project(
-            f"{cfg.project}-{run.fingerprint('feedback')[:8]}", task_type=cfg.task_type, overlap=1
-        )
+        project = store.create_project(feedback_project_name(run), task_type=cfg.task_type, overlap=1)
         # A project that already has items was interrupted: keep its labels, label the rest.
         if not store.items(project):
             rng = random.Random(f"feedback-{run.config.seed}")
@@ -280,14 +310,7 @@ def stage_feedback(run: Run) -> dict:
         for label in labels:
             by_item.setdefault(label.item_id, []).append("tie" if label.chosen is None else label.chosen)
         alpha = krippendorff_alpha_nominal(by_item)
-        # Golden items and excluded annotators stay out of training data, as in every export.
-        rows, _ = aggregated_pairs(
-            {item.item_id: item for item in store.items(project)},
-            store.labels(project, include_golden=False, include_excluded=False),
-            cfg.aggregate,
-            f"feedback:{cfg.project}",
-            run.config.seed,
-        )
+        rows = feedback_pairs(run.config, *training_labels(store, project))
         n_pairs = write_jsonl(out / "pairs.jsonl", rows)
         store.export_raw(project, out / "raw.jsonl")
         progress = store.progress(project)
@@ -332,7 +355,8 @@ def stage_ppo(run: Run) -> dict:
 
 def stage_eval(run: Run) -> dict:
     from rlhfkit.eval import evaluate
-    from rlhfkit.eval.rm_bench import rm_benchmark, seen_topic_subset
+    from rlhfkit.eval.rm_bench import benchmark_on_pairs, gold_pairs, seen_topic_subset
+    from rlhfkit.models.loading import load_reward_model
 
     cfg, watch = run.config.eval, Stopwatch()
     prompts = _prompts(run.config.data.heldout_prompts, run.task.heldout_prompts)[: cfg.n_prompts]
@@ -362,10 +386,10 @@ def stage_eval(run: Run) -> dict:
         llm_judge=evaluate.load_llm_judge(cfg.judge_model) if cfg.judge == "llm" else None,
     )
     rm_report: dict[str, Any] = {}
+    heldout = None
     if gold is not None and cfg.heldout_pairs and rm_path is not None:
-        bench = rm_benchmark(
+        heldout = gold_pairs(
             run.model_path("sft"),
-            rm_path,
             prompts,
             gold,
             n_pairs=cfg.heldout_pairs,
@@ -374,10 +398,19 @@ def stage_eval(run: Run) -> dict:
             max_new_tokens=cfg.max_new_tokens,
             topic_subset=seen_topic_subset(topic_of, run.task.demonstrations) if topic_of else None,
         )
+        bench = benchmark_on_pairs(load_reward_model(rm_path, heldout.pad_id), heldout)
         rm_report.update(heldout_accuracy=bench["accuracy"], n_heldout_pairs=bench["n_pairs"], bench=bench)
     pairs_path = _preference_path(run)
     if gold is not None and pairs_path.is_file():
         rm_report["gold_agreement"] = evaluate.label_gold_agreement(_read_pairs(pairs_path), gold)
+    if run.config.rm.label_curve:
+        from rlhfkit.label_curve import measure_label_curve
+
+        # Last: its reward models reseed the global RNGs, which nothing after this draws from.
+        curve_watch = Stopwatch()
+        curve = measure_label_curve(run, heldout, rm_report.get("heldout_accuracy"))
+        if curve is not None:
+            rm_report.update(label_curve=curve, label_curve_seconds=curve_watch.seconds())
     (run.stage_dir("eval")).mkdir(parents=True, exist_ok=True)
     write_jsonl(run.stage_dir("eval") / "samples.jsonl", result["samples"])
     summary = {"wall_seconds": watch.seconds(), **result, "rm": rm_report}
@@ -460,6 +493,7 @@ def stage_bon(run: Run) -> dict:
         seed=run.config.seed,
         temperature=ev.temperature,
         max_new_tokens=ev.max_new_tokens,
+        rollout=run.config.rollout,
     )
     write_best_of_n_samples(run.stage_dir("bon") / "samples.jsonl", prompts, result)
     # No weights: the best-of-n policy is the SFT model plus the reward and n, written down here.

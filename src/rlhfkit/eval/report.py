@@ -268,6 +268,45 @@ def _reliability_png(calibration: Mapping[str, Any]) -> str | None:
     return png_base64(fig)
 
 
+def label_curve_png(points: Sequence[Mapping[str, Any]], title: str) -> str | None:
+    """Reward-model held-out accuracy against the number of labels it learnt from, as a base64 PNG.
+
+    `points` carry `n_labels` and `heldout_accuracy`; fewer than two usable ones are no curve.
+    """
+    shown = sorted(
+        (float(p["n_labels"]), float(p["heldout_accuracy"]))
+        for p in points
+        if _is_number(p.get("n_labels")) and _is_number(p.get("heldout_accuracy"))
+    )
+    if len(shown) < 2:
+        return None
+    xs, ys = zip(*shown, strict=True)
+    fig = Figure(figsize=(4.6, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(xs, ys, "o-", color="tab:blue", label="reward model")
+    for x, y in shown:
+        ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.axhline(0.5, color="0.5", linestyle="--", linewidth=0.8, label="chance")
+    # From zero labels, so that the spacing of the points shows how many labels each one adds.
+    ax.set_xlim(0.0, max(xs) * 1.06)
+    ax.set_ylim(min(0.45, min(ys) - 0.05), 1.02)
+    ax.set_xlabel("labels", fontsize=8)
+    ax.set_ylabel("accuracy on gold-labelled held-out pairs", fontsize=8)
+    ax.set_title(_plain(title), fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    return png_base64(fig)
+
+
+def _label_curve_context(points: Any) -> dict | None:
+    """The label-efficiency table and plot of report.json's rm.label_curve."""
+    if not isinstance(points, list) or not points:
+        return None
+    rows = [_mapping(p) for p in points]
+    return {"points": rows, "png": label_curve_png(rows, "Label efficiency")}
+
+
 def _bench_context(bench: Mapping[str, Any]) -> dict | None:
     """The RM benchmark section: overall and per-subset strict accuracy, ECE and the reliability plot."""
     if not bench:
@@ -467,10 +506,11 @@ def write_html_report(run_dir: Path, report: dict) -> Path:
         "judge": evaluation.get("judge", "gold"),
         "kl_estimator": evaluation.get("kl_estimator"),
         "rm": _scalar_items(
-            {k: v for k, v in rm_section.items() if k != "bench"},
+            {k: v for k, v in rm_section.items() if k not in ("bench", "label_curve")},
             ("heldout_accuracy", "gold_agreement", "n_train_pairs"),
         ),
         "bench": _bench_context(bench),
+        "label_curve": _label_curve_context(rm_section.get("label_curve")),
         "overopt": _overopt_context(overopt),
         "feedback": _scalar_items(
             _mapping(report.get("feedback")), ("n_labels", "n_annotators", "agreement_alpha")
@@ -479,6 +519,7 @@ def write_html_report(run_dir: Path, report: dict) -> Path:
         "samples": samples,
         "loop_rounds": list(_mapping(report.get("loop")).get("rounds") or []),
         "loop_png": loop_rounds_png(list(_mapping(report.get("loop")).get("rounds") or [])),
+        "loop_curve_png": loop_label_curve_png(list(_mapping(report.get("loop")).get("rounds") or [])),
     }
     source = files("rlhfkit.eval").joinpath("templates/report.html.j2").read_text("utf-8")
     html = _environment().from_string(source).render(**context)
@@ -548,3 +589,13 @@ def loop_rounds_png(rounds: Sequence[Mapping[str, Any]]) -> str | None:
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     return png_base64(fig)
+
+
+def loop_label_curve_png(rounds: Sequence[Mapping[str, Any]]) -> str | None:
+    """The label-efficiency curve across rounds: each round's RM accuracy against the labels so far."""
+    points = [
+        {"n_labels": r.get("n_labels_total"), "heldout_accuracy": r.get("rm_heldout_accuracy")}
+        for r in rounds
+        if isinstance(r, Mapping)
+    ]
+    return label_curve_png(points, "Reward model by labels so far (one point per round)")

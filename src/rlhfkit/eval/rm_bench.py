@@ -11,6 +11,7 @@ the gold judge agrees.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -78,7 +79,91 @@ def benchmark_report(margins: Sequence[float], subsets: Sequence[Sequence[str]])
     return out
 
 
+@dataclass(frozen=True)
+class GoldPairs:
+    """Gold-labelled pairs of two policy samples per prompt, as token ids.
+
+    Every sampled pair is kept with its prompt (`a[i]`, `b[i]` answer `prompt_ids[i]`), so
+    that a reward model scores them all in the same batches; `judged` lists the pairs the
+    gold judge decided, as (index, whether a is the better one), with their subset labels.
+    """
+
+    prompt_ids: list[list[int]]
+    a: list[list[int]]
+    b: list[list[int]]
+    judged: list[tuple[int, bool]]
+    subsets: list[list[str]]
+    n_gold_ties_dropped: int
+    pad_id: int
+
+
 @torch.no_grad()
+def gold_pairs(
+    policy_path,
+    prompts: list[str],
+    gold: Utility,
+    *,
+    n_pairs: int,
+    seed: int,
+    temperature: float,
+    max_new_tokens: int,
+    topic_subset: Callable[[str], str | None] | None = None,
+) -> GoldPairs:
+    """Sample n_pairs pairs from the policy on `prompts` and label them with the gold judge.
+
+    `topic_subset(prompt)` names a subset such as "topic seen" (None for no label).
+    """
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.models.tokenizer import prompt_token_ids
+    from rlhfkit.rollout.generate import sample_responses
+
+    tokenizer = load_tokenizer(policy_path)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    policy = load_causal_lm(policy_path).eval()
+    pair_prompts = [prompts[i % len(prompts)] for i in range(n_pairs)]
+    ids = [prompt_token_ids(tokenizer, p) for p in pair_prompts]
+    torch.manual_seed(seed + 1)
+    a, b = (
+        sample_responses(
+            policy, ids, eos_id=eos, pad_id=pad, max_new_tokens=max_new_tokens, temperature=temperature
+        )
+        for _ in range(2)
+    )
+    text_a, text_b = (tokenizer.batch_decode(r, skip_special_tokens=True) for r in (a, b))
+    judged, subsets, dropped = [], [], 0
+    for i, prompt in enumerate(pair_prompts):
+        ga, gb = gold(prompt, text_a[i]), gold(prompt, text_b[i])
+        if abs(ga - gb) < 1e-9:
+            dropped += 1
+            continue
+        judged.append((i, ga > gb))
+        labels = [length_bucket(abs(len(a[i]) - len(b[i])))]
+        topic = topic_subset(prompt) if topic_subset else None
+        if topic:
+            labels.append(topic)
+        subsets.append(labels)
+    return GoldPairs(ids, a, b, judged, subsets, dropped, pad)
+
+
+@torch.no_grad()
+def benchmark_on_pairs(reward_model, pairs: GoldPairs) -> dict:
+    """The RewardBench-style report (strict accuracy, subsets, calibration) of a reward model on `pairs`."""
+    from rlhfkit.eval.evaluate import score_with_reward_model
+
+    was_training = reward_model.training
+    reward_model.eval()
+    score_a, score_b = (
+        score_with_reward_model(reward_model, pairs.prompt_ids, r, pairs.pad_id) for r in (pairs.a, pairs.b)
+    )
+    reward_model.train(was_training)
+    margins = [
+        score_a[i] - score_b[i] if a_better else score_b[i] - score_a[i] for i, a_better in pairs.judged
+    ]
+    report = benchmark_report(margins, pairs.subsets)
+    report["n_gold_ties_dropped"] = pairs.n_gold_ties_dropped
+    return report
+
+
 def rm_benchmark(
     policy_path,
     reward_path,
@@ -91,45 +176,20 @@ def rm_benchmark(
     max_new_tokens: int,
     topic_subset: Callable[[str], str | None] | None = None,
 ) -> dict:
-    """Sample n_pairs gold-labelled pairs from the policy on `prompts` and benchmark the RM on them.
+    """Benchmark the saved reward model at `reward_path` on fresh gold-labelled pairs (`gold_pairs`)."""
+    from rlhfkit.models.loading import load_reward_model
 
-    `topic_subset(prompt)` names a subset such as "topic seen" (None for no label).
-    """
-    from rlhfkit.eval.evaluate import score_with_reward_model
-    from rlhfkit.models.loading import load_causal_lm, load_reward_model, load_tokenizer
-    from rlhfkit.models.tokenizer import prompt_token_ids
-    from rlhfkit.rollout.generate import sample_responses
-
-    tokenizer = load_tokenizer(policy_path)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    policy = load_causal_lm(policy_path).eval()
-    reward_model = load_reward_model(reward_path, pad).eval()
-    pair_prompts = [prompts[i % len(prompts)] for i in range(n_pairs)]
-    ids = [prompt_token_ids(tokenizer, p) for p in pair_prompts]
-    torch.manual_seed(seed + 1)
-    a, b = (
-        sample_responses(
-            policy, ids, eos_id=eos, pad_id=pad, max_new_tokens=max_new_tokens, temperature=temperature
-        )
-        for _ in range(2)
+    pairs = gold_pairs(
+        policy_path,
+        prompts,
+        gold,
+        n_pairs=n_pairs,
+        seed=seed,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        topic_subset=topic_subset,
     )
-    score_a, score_b = (score_with_reward_model(reward_model, ids, r, pad) for r in (a, b))
-    text_a, text_b = (tokenizer.batch_decode(r, skip_special_tokens=True) for r in (a, b))
-    margins, subsets, dropped = [], [], 0
-    for i, prompt in enumerate(pair_prompts):
-        ga, gb = gold(prompt, text_a[i]), gold(prompt, text_b[i])
-        if abs(ga - gb) < 1e-9:
-            dropped += 1
-            continue
-        margins.append(score_a[i] - score_b[i] if ga > gb else score_b[i] - score_a[i])
-        labels = [length_bucket(abs(len(a[i]) - len(b[i])))]
-        topic = topic_subset(prompt) if topic_subset else None
-        if topic:
-            labels.append(topic)
-        subsets.append(labels)
-    report = benchmark_report(margins, subsets)
-    report["n_gold_ties_dropped"] = dropped
-    return report
+    return benchmark_on_pairs(load_reward_model(reward_path, pairs.pad_id), pairs)
 
 
 def seen_topic_subset(

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.algos.reward import bradley_terry_loss, soft_label_terms
 from rlhfkit.config import RunConfig
@@ -90,6 +92,20 @@ def run_rm(
     config: RunConfig, init_path: Path | str, pairs: list[dict], out_dir: Path, show_progress: bool = True
 ) -> dict:
     """Train a reward model from `init_path` on `pairs`; saves `out_dir/model`."""
+    watch = Stopwatch()
+    model, tokenizer, summary = train_reward_model(config, init_path, pairs, out_dir, show_progress)
+    if PartialState().is_main_process:
+        save_model(model, tokenizer, out_dir / "model")
+    return {**summary, "wall_seconds": watch.seconds()}
+
+
+def train_reward_model(
+    config: RunConfig, init_path: Path | str, pairs: list[dict], out_dir: Path, show_progress: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+    """Train a reward model from `init_path` on `pairs`: (the model, its tokenizer, a summary).
+
+    Nothing is saved but `out_dir/metrics.jsonl`; `run_rm` saves the model.
+    """
     cfg = config.rm
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed, config.model.dtype)
@@ -118,7 +134,9 @@ def run_rm(
     total = max(1, round(cfg.epochs * math.ceil(len(train) / cfg.batch_size)))
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
     # Prepared inside TokenValues so DDP/FSDP see the forward that computes the scores.
-    model, optimizer, scheduler = accelerator.prepare(TokenValues(model), optimizer, scheduler)
+    # The schedule stays unprepared: accelerate would step a prepared one once per process per call
+    # (it expects per-process batches); each of our steps is already one global batch.
+    model, optimizer = accelerator.prepare(TokenValues(model), optimizer)
     model.train()
     log = MetricsLog(out_dir / "metrics.jsonl") if accelerator.is_main_process else None
     # Every process draws the same global batch (same seed) and trains on its equal share of it,
@@ -148,12 +166,11 @@ def run_rm(
         log.close()
     val_acc = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device) if val else None
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model).model, tokenizer, out_dir / "model")
-    return {
+    summary = {
         "wall_seconds": watch.seconds(),
         "n_train_pairs": len(train),
         "n_val_pairs": len(val),
         "val_accuracy": None if val_acc is None else round(val_acc, 4),
         "steps": total,
     }
+    return accelerator.unwrap_model(model).model, tokenizer, summary
