@@ -216,6 +216,9 @@ def trl_common(algo: str, steps: int, out: Path) -> dict:
         "weight_decay": 0.0,
         "seed": 0,
         "bf16": False,  # TRL defaults to bf16 mixed precision; rlhfkit trains in fp32
+        # TRL 1.x turns gradient checkpointing on by default; rlhfkit's default is off. The
+        # recompute is extra work, so both sides run without it (equal work, not equal defaults).
+        "gradient_checkpointing": False,
         "use_cpu": True,
         "logging_steps": 1,
         "save_strategy": "no",
