@@ -177,6 +177,24 @@ def test_round_two_reward_model_is_trained_on_all_pairs(loop_run):
     assert len((out / "loop" / "round-2" / "rm" / "metrics.jsonl").read_text().splitlines()) > rm_steps
 
 
+def _first_kl(metrics: Path) -> float:
+    return json.loads(metrics.read_text().splitlines()[0])["kl"]
+
+
+@pytest.mark.slow
+def test_later_rounds_restart_ppo_from_sft_or_continue_the_policy(loop_run, base_model, tmp_path):
+    out, _ = loop_run
+    # Default: round 2's PPO starts from SFT, so its first rollout has no KL from the SFT reference.
+    assert _summary(out, 2)["ppo_from"] == "sft"
+    assert _first_kl(out / "loop" / "round-2" / "ppo" / "metrics.jsonl") == pytest.approx(0.0, abs=1e-6)
+    # ppo_from=previous continues round 1's policy: KL from SFT before its first update already.
+    again = _copy_through_round_one(out, tmp_path / "run")
+    config = load_config(None, _sets(base_model, "loop.rounds=2", "loop.ppo_from=previous"))
+    run_loop(Run(again, config, show_progress=False, resume=True))
+    assert _summary(again, 2)["ppo_from"] == "previous"
+    assert _first_kl(again / "loop" / "round-2" / "ppo" / "metrics.jsonl") > 1e-3
+
+
 @pytest.mark.slow
 def test_rerun_reuses_finished_rounds_and_adds_new_ones(loop_run, base_model, tmp_path):
     out = tmp_path / "run"
@@ -198,7 +216,13 @@ def test_round_fingerprint_follows_what_a_round_computes(tmp_path):
     base = fingerprint()
     # Where labels come from and how long to wait for them do not change a finished round.
     assert fingerprint("loop.rounds=7", "loop.label_timeout=5", "loop.feedback_url=http://x:1") == base
-    for changed in ("loop.aggregate=ds", "loop.prompts_per_round=9", "eval.n_prompts=4", "rm.epochs=3"):
+    for changed in (
+        "loop.aggregate=ds",
+        "loop.prompts_per_round=9",
+        "loop.ppo_from=previous",
+        "eval.n_prompts=4",
+        "rm.epochs=3",
+    ):
         assert fingerprint(changed) != base, changed
 
 

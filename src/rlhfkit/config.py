@@ -417,6 +417,11 @@ class LoopConfig(Section):
         None, gt=0, description="prompts sampled from the current policy a round; unset = feedback.n_prompts"
     )
     ppo_steps: int | None = Field(None, ge=0, description="PPO iterations of rounds 2..N; unset = ppo.steps")
+    ppo_from: Literal["sft", "previous"] = Field(
+        "sft",
+        description="policy PPO starts from in rounds 2..N: sft (a fresh run against the new reward "
+        "model) or previous (continue the last round's policy); the KL reference is SFT either way",
+    )
     aggregate: Literal["mv", "wawa", "ds", "mace", "bt", "noisy_bt"] = Field(
         "mv", description="how each round's labels become pairs (see `rlhfkit feedback aggregate`)"
     )

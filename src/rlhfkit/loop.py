@@ -489,9 +489,14 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
     ptx = run.config.ppo.ptx_coef > 0
     if ptx and not run.task.corpus:
         raise StageError(f"ppo.ptx_coef > 0 needs a pretraining corpus; task {run.task.name!r} has none")
+    # Rounds 2..N sample new comparisons from the current policy either way; `ppo_from` says
+    # whether RL then starts again from SFT against the better reward model (Anthropic retrained
+    # its policies on all data so far) or goes on from the current policy, whose drift from SFT
+    # then adds up round after round under one KL penalty.
+    start = sft if cfg.ppo_from == "sft" else current
     ppo = run_ppo(
         config,
-        current,
+        start,
         out / "rm" / "model",
         _prompts(run.config.data.prompts, run.task.train_prompts),
         out / "ppo",
@@ -521,6 +526,7 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
         "rm_train_pairs": rm["n_train_pairs"],
         "rm_val_accuracy": rm.get("val_accuracy"),
         "ppo_steps": steps,
+        "ppo_from": cfg.ppo_from,
         "ppo_wall_seconds": ppo.get("wall_seconds"),
         **figures,
         "wall_seconds": watch.seconds(),
