@@ -186,6 +186,8 @@ def test_later_rounds_restart_ppo_from_sft_or_continue_the_policy(loop_run, base
     out, _ = loop_run
     # Default: round 2's PPO starts from SFT, so its first rollout has no KL from the SFT reference.
     assert _summary(out, 2)["ppo_from"] == "sft"
+    # loop.aggregate unset: the round's labels are aggregated as round 1's, by feedback.aggregate.
+    assert _summary(out, 2)["aggregate"] == load_config(out / "config.yaml").feedback.aggregate == "ds"
     assert _first_kl(out / "loop" / "round-2" / "ppo" / "metrics.jsonl") == pytest.approx(0.0, abs=1e-6)
     # ppo_from=previous continues round 1's policy: KL from SFT before its first update already.
     again = _copy_through_round_one(out, tmp_path / "run")

@@ -422,8 +422,10 @@ class LoopConfig(Section):
         description="policy PPO starts from in rounds 2..N: sft (a fresh run against the new reward "
         "model) or previous (continue the last round's policy); the KL reference is SFT either way",
     )
-    aggregate: Literal["mv", "wawa", "ds", "mace", "bt", "noisy_bt"] = Field(
-        "mv", description="how each round's labels become pairs (see `rlhfkit feedback aggregate`)"
+    aggregate: Literal["mv", "wawa", "ds", "mace", "bt", "noisy_bt"] | None = Field(
+        None,
+        description="how each round's labels become pairs (see `rlhfkit feedback aggregate`); "
+        "unset = feedback.aggregate, as round 1's pairs",
     )
     annotators: Literal["simulated", "human"] = Field(
         "simulated", description="simulated: the feedback.pool labels each round; human: wait for people"

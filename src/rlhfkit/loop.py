@@ -8,7 +8,7 @@ Round 1 is the demo up to the first PPO (pretrain, sft, feedback, rm, ppo). Each
 2. lets the simulated pool label them (through the store, or over HTTP with one login per
    annotator), or waits for people to label them, until `loop.min_complete` of the items have
    all their labels or `loop.label_timeout` runs out;
-3. aggregates the round's labels (`loop.aggregate`) into preference pairs;
+3. aggregates the round's labels (`loop.aggregate`, unset = `feedback.aggregate`) into pairs;
 4. trains a reward model from the SFT model on ALL pairs so far: a fresh fit weighs every
    round's pairs alike and does not depend on the order the data came in, which continuing to
    train the previous reward model would (its early pairs would be seen once per round);
@@ -475,8 +475,10 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
         source.close()
     write_jsonl(out / "raw.jsonl", raw)
     votes, items = votes_from_raw(raw)
-    aggregates = aggregate(votes, cfg.aggregate, seed=run.config.seed, items=items)
-    rows = preference_rows(items, aggregates, f"loop:round-{k}", cfg.aggregate)
+    # Every round's pairs are made the same way as round 1's unless the loop says otherwise.
+    method = cfg.aggregate or fb.aggregate
+    aggregates = aggregate(votes, method, seed=run.config.seed, items=items)
+    rows = preference_rows(items, aggregates, f"loop:round-{k}", method)
     if not rows:
         raise StageError(f"round {k}: the labels of project {project_name!r} gave no preference pair")
     write_jsonl(out / "pairs.jsonl", rows)
@@ -517,7 +519,7 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
         "pairs": str((out / "pairs.jsonl").relative_to(run.dir)),
         "source": source.where,
         "project": project_name,
-        "aggregate": cfg.aggregate,
+        "aggregate": method,
         "n_items": progress["n_items"],
         "n_labels": len(raw),
         "n_labels_total": previous["n_labels_total"] + len(raw),
