@@ -157,6 +157,7 @@ def run_rlhfkit(algo: str, work: Path, steps: int, out: Path) -> dict:
             "lr": s["lr"],
             "warmup_ratio": 0.0,
             "beta": s["beta"],
+            "label_smoothing": 0.0,  # TRL's default; rlhfkit's task default is conservative DPO
         }
         run_dpo(RunConfig(dpo=sec), work / "model", pairs, out, show_progress=False)
     elif algo in ("grpo", "rloo"):
@@ -170,6 +171,7 @@ def run_rlhfkit(algo: str, work: Path, steps: int, out: Path) -> dict:
             "lr": s["lr"],
             "max_new_tokens": s["max_new_tokens"],
             "kl_coef": s["beta"],
+            "update_epochs": 1,  # TRL's num_iterations default
         }
         terms = [RewardTerm("vowels", 1.0, vowel_reward)]
         run_critic_free(

@@ -329,14 +329,22 @@ def _reward_model_only() -> list[RewardSpec]:
 
 class DPOConfig(Section):
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid = DPO, ipo = IPO")
-    beta: float = Field(0.1, gt=0, description="inverse temperature of the implicit reward")
+    beta: float = Field(
+        0.3,
+        gt=0,
+        description="inverse temperature of the implicit reward (top-5 task: 0.3, see docs/algorithms.md)",
+    )
     label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="assumed label-flip rate: > 0 is conservative DPO (sigmoid only)"
+        0.2,
+        ge=0,
+        lt=0.5,
+        description="assumed label-flip rate: > 0 is conservative DPO (sigmoid only); 0.2 for crowd labels "
+        "that disagree with the truth about one time in four",
     )
     precompute_reference: bool = Field(
         True, description="reference log-probs computed once before training (else live each batch)"
     )
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(5.0, gt=0)
     batch_size: int = Field(16, gt=0, description="pairs per step")
     lr: float = Field(1e-4, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -344,13 +352,13 @@ class DPOConfig(Section):
 
 
 class KTOConfig(Section):
-    beta: float = Field(0.1, gt=0, description="inverse temperature of the implicit reward")
+    beta: float = Field(0.3, gt=0, description="inverse temperature of the implicit reward")
     desirable_weight: float = Field(1.0, gt=0, description="lambda_D, weight of thumbs-up examples")
     undesirable_weight: float = Field(1.0, gt=0, description="lambda_U, weight of thumbs-down examples")
     precompute_reference: bool = Field(
         True, description="reference log-probs computed once before training (else live each batch)"
     )
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(3.0, gt=0)
     batch_size: int = Field(16, gt=0, description="examples per step (>= 2: KL uses mismatched pairs)")
     lr: float = Field(1e-4, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -360,10 +368,10 @@ class KTOConfig(Section):
 class CriticFreeConfig(Section):
     """What GRPO, RLOO and REINFORCE++ share: sampling G responses per prompt, clipped updates."""
 
-    steps: int = Field(40, ge=0, description="sample/update iterations")
-    prompts_per_step: int = Field(8, gt=0)
+    steps: int = Field(60, ge=0, description="sample/update iterations")
+    prompts_per_step: int = Field(16, gt=0)
     group_size: int = Field(4, ge=2, description="G: responses sampled per prompt")
-    update_epochs: int = Field(1, gt=0, description="passes over each batch of samples")
+    update_epochs: int = Field(2, gt=0, description="passes over each batch of samples")
     minibatch: int = Field(16, gt=0, description="responses per gradient step")
     lr: float = Field(5e-5, gt=0)
     clip_eps: float = Field(0.2, gt=0)
@@ -376,7 +384,7 @@ class CriticFreeConfig(Section):
 
 
 class GRPOConfig(CriticFreeConfig):
-    kl_coef: float = Field(0.04, ge=0, description="beta of the k3 KL loss term")
+    kl_coef: float = Field(0.2, ge=0, description="beta of the k3 KL loss term")
     scale_rewards: bool = Field(True, description="divide by the group std (false: Dr. GRPO)")
     loss_normalisation: Literal["sequence", "token", "constant"] = Field(
         "sequence", description="sequence = GRPO, token = DAPO, constant = Dr. GRPO (sum / max_new_tokens)"
@@ -388,6 +396,7 @@ class RLOOConfig(CriticFreeConfig):
         "rloo", description="rloo = leave-one-out baseline; reinforce_pp = REINFORCE++ (batch-whitened)"
     )
     kl_coef: float = Field(0.05, ge=0, description="beta of the KL penalty inside the reward")
+    lr: float = Field(1e-4, gt=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
 
 
@@ -399,12 +408,12 @@ class BestOfNConfig(Section):
 class ExpertIterConfig(Section):
     rounds: int = Field(2, ge=1, description="sample best-of-n, fine-tune, repeat")
     n: int = Field(8, ge=2, description="samples per prompt")
-    n_prompts: int = Field(256, gt=0, description="training prompts sampled per round")
+    n_prompts: int = Field(512, gt=0, description="training prompts sampled per round")
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(48, gt=0)
     epochs: float = Field(1.0, gt=0, description="fine-tuning epochs over each round's best samples")
     batch_size: int = Field(16, gt=0)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(5e-5, gt=0)
     rewards: list[RewardSpec] = Field(default_factory=_reward_model_only, min_length=1)
 
 
