@@ -188,13 +188,15 @@ def test_later_rounds_restart_ppo_from_sft_or_continue_the_policy(loop_run, base
     assert _summary(out, 2)["ppo_from"] == "sft"
     # loop.aggregate unset: the round's labels are aggregated as round 1's, by feedback.aggregate.
     assert _summary(out, 2)["aggregate"] == load_config(out / "config.yaml").feedback.aggregate == "ds"
-    assert _first_kl(out / "loop" / "round-2" / "ppo" / "metrics.jsonl") == pytest.approx(0.0, abs=1e-6)
+    # (Within the log-prob invariance tolerance: the rollout and the reference score in batches
+    # laid out differently.)
+    assert _first_kl(out / "loop" / "round-2" / "ppo" / "metrics.jsonl") == pytest.approx(0.0, abs=1e-4)
     # ppo_from=previous continues round 1's policy: KL from SFT before its first update already.
     again = _copy_through_round_one(out, tmp_path / "run")
     config = load_config(None, _sets(base_model, "loop.rounds=2", "loop.ppo_from=previous"))
     run_loop(Run(again, config, show_progress=False, resume=True))
     assert _summary(again, 2)["ppo_from"] == "previous"
-    assert _first_kl(again / "loop" / "round-2" / "ppo" / "metrics.jsonl") > 1e-3
+    assert _first_kl(again / "loop" / "round-2" / "ppo" / "metrics.jsonl") > 1e-2
 
 
 @pytest.mark.slow
