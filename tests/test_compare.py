@@ -121,3 +121,18 @@ def test_compare_end_to_end_on_a_tiny_config(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     for stage in ("sft", "rm", "dpo", "grpo", "bon"):
         assert f"{stage}: reusing" in " ".join(again.stdout.split())
+
+
+def test_lora_and_rollout_settings_are_part_of_the_stages_that_use_them(tmp_path):
+    base = Run(tmp_path / "a", load_config())
+    lora = Run(tmp_path / "b", load_config(overrides=["lora.enabled=true"]))
+    # LoRA changes what SFT trains, hence everything after it; pretraining is full-weight.
+    assert base.fingerprint("pretrain") == lora.fingerprint("pretrain")
+    for stage in ("sft", "feedback", "rm", "ppo", "eval", "dpo", "kto", "grpo", "rloo", "bon", "expert_iter"):
+        assert base.fingerprint(stage) != lora.fingerprint(stage), stage
+    # How rollouts are sampled is part of the stages that sample them, not of SFT, RM or DPO.
+    rollout = Run(tmp_path / "c", load_config(overrides=["rollout.forward_batch_size=4"]))
+    for stage in ("ppo", "grpo", "rloo", "bon", "expert_iter"):
+        assert base.fingerprint(stage) != rollout.fingerprint(stage), stage
+    for stage in ("sft", "feedback", "rm", "dpo", "kto"):
+        assert base.fingerprint(stage) == rollout.fingerprint(stage), stage

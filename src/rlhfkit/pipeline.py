@@ -28,10 +28,11 @@ STAGES = ("pretrain", "sft", "feedback", "rm", "ppo", "eval")
 # Config sections each stage reads; a stage also depends on everything before it.
 _SECTIONS = {
     "pretrain": ("seed", "model", "data", "pretrain"),
-    "sft": ("sft",),
+    # LoRA changes what SFT (and every later training stage) trains, so it sits this far up.
+    "sft": ("sft", "lora"),
     "feedback": ("feedback",),
     "rm": ("rm",),
-    "ppo": ("ppo",),
+    "ppo": ("ppo", "rollout"),
     "eval": ("eval",),
 }
 # Keys of a section that only the eval stage reads: changing one re-runs eval alone.
@@ -50,10 +51,10 @@ _SECTIONS.update(
     {
         "dpo": ("dpo",),
         "kto": ("kto",),
-        "grpo": ("grpo",),
-        "rloo": ("rloo",),
-        "bon": ("bon", "eval"),  # best-of-n is judged on the eval prompts with the eval settings
-        "expert_iter": ("expert_iter",),
+        "grpo": ("grpo", "rollout"),
+        "rloo": ("rloo", "rollout"),
+        "bon": ("bon", "eval", "rollout"),  # best-of-n is judged on the eval prompts with the eval settings
+        "expert_iter": ("expert_iter", "rollout"),
     }
 )
 
