@@ -182,6 +182,24 @@ def test_aggregate_token_loss_normalisations():
         aggregate_token_loss(per_token, mask, "batch")
 
 
+def test_aggregate_token_loss_of_blocks_averages_to_the_whole_batch():
+    """Two processes' blocks with the batch's counts / 2: their mean (DDP's average) is the batch's loss."""
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [5.0, 7.0, 0.0], [2.0, 2.0, 2.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    n_rows, n_tokens = 4 / 2, 6 / 2
+    for normalisation, whole in [
+        ("sequence", (2.0 + 4.0 + 6.0 + 0.0) / 4),
+        ("token", (6.0 + 4.0 + 12.0) / 6),  # a per-block token mean would give (10/4 + 12/2) / 2
+        ("constant", (6.0 + 4.0 + 12.0) / 3 / 4),
+    ]:
+        blocks = [
+            aggregate_token_loss(per_token[rows], mask[rows], normalisation, 3.0, n_rows, n_tokens)
+            for rows in (slice(0, 2), slice(2, 4))
+        ]
+        assert aggregate_token_loss(per_token, mask, normalisation, 3.0).item() == pytest.approx(whole)
+        assert ((blocks[0] + blocks[1]) / 2).item() == pytest.approx(whole), normalisation
+
+
 def test_clipped_policy_loss_hand_computed():
     old = torch.zeros(1, 3)
     new = torch.tensor([[0.5, -0.5, 0.0]])

@@ -17,7 +17,6 @@ from rlhfkit.train.distributed import (
     gather_rows,
     mean_over_processes,
     require_divisible,
-    require_one_process,
     shard,
 )
 
@@ -50,12 +49,6 @@ def test_one_process_helpers_are_the_identity():
     stats = {"b": 0.1 + 0.2, "a": 1e-9}
     assert mean_over_processes(acc, stats) is stats
     assert any_process(acc, True) is True and any_process(acc, False) is False
-
-
-def test_stages_that_do_not_split_their_batches_refuse_several_processes():
-    require_one_process(SimpleNamespace(num_processes=1), "grpo")
-    with pytest.raises(ValueError, match="grpo does not run on several processes yet \\(2 started\\)"):
-        require_one_process(SimpleNamespace(num_processes=2), "grpo")
 
 
 def test_prompt_seeds_depend_on_run_step_and_position_only():

@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+import rlhfkit.models.loading as loading_module
 import rlhfkit.train.dpo as dpo_module
 import rlhfkit.train.ppo as ppo_module
 from rlhfkit.config import ConfigError, load_config
@@ -130,10 +131,12 @@ def test_every_stage_trains_lora_and_saves_merged(sft_folder, tmp_path, monkeypa
     loads: list[str] = []
     real_load = load_causal_lm
 
-    def counting_load(path):
+    def counting_load(path, quantization=None):
         loads.append(str(path))
-        return real_load(path)
+        return real_load(path, quantization)
 
+    # The trained policy loads through load_trainable (models.loading), a reference in the stage.
+    monkeypatch.setattr(loading_module, "load_causal_lm", counting_load)
     monkeypatch.setattr(ppo_module, "load_causal_lm", counting_load)
     monkeypatch.setattr(dpo_module, "load_causal_lm", counting_load)
     run_ppo(config, sft_folder, tmp_path / "rm" / "model", PROMPTS, tmp_path / "ppo", False)

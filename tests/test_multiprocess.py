@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) give SFT, reward-model, DPO and PPO losses equal to one process.
+"""Two CPU processes (gloo) give SFT, reward-model, DPO, PPO, GRPO/RLOO and KTO losses equal to one process.
 
 Each process takes its share of the global batch and the losses are normalised so that the
 gradient averaged by DDP is the one-process gradient; only float summation order differs,
@@ -14,6 +14,9 @@ rounding only: the rollout scored in blocks of 4 rows instead of 8, and gradient
 gloo; 1e-4 (relative, absolute below 1) leaves room for that noise carried through three
 steps of Adam, and is far below what a wrong normalisation moves (a per-process token mean,
 or DDP's average left unscaled, changes the gradient norm by a factor near 2).
+
+GRPO/RLOO and KTO are compared with one process on the same settings (each mini-batch's loss
+is divided by the whole mini-batch's counts, so no accumulation is needed), at the same 1e-4.
 """
 
 from __future__ import annotations
@@ -230,3 +233,121 @@ def test_ppo_two_processes_match_one_with_gradient_accumulation(init_folder, rew
             tmp_path / "p2" / variant / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=False
         )
         assert len(state["torch_rng_per_process"]) == 2
+
+
+CRITIC_FREE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import rlhfkit.rollout.sampler as sampler
+    from accelerate import PartialState
+    from rlhfkit.config import load_config
+    from rlhfkit.train.grpo import run_critic_free
+    from rlhfkit.train.kto import run_kto
+    from rlhfkit.train.rewards import build_reward_functions
+
+    policy, rm, out, kto_policy = map(Path, sys.argv[1:5])
+    # Count the rows this process samples.
+    counts = {"sampled": []}
+    sample = sampler.sample_responses
+
+    def counted_sample(model, prompts, **kw):
+        counts["sampled"].append(len(prompts))
+        return sample(model, prompts, **kw)
+
+    sampler.sample_responses = counted_sample
+    prompts = [f"Say a colour number {i}." for i in range(16)]
+    # 4 prompts x 2 samples a step; a reward model and a programmable term, summed.
+    rewards = "[{fn: reward_model}, {fn: repetition_penalty, weight: 0.5}]"
+    common = ["steps=3", "prompts_per_step=4", "group_size=2", "max_new_tokens=6", "lr=1e-3",
+              f"rewards={rewards}"]
+    variants = {
+        # DAPO's token-level loss over two epochs of two mini-batches (blocks of unequal token counts).
+        "grpo": ("grpo", ["loss_normalisation=token", "update_epochs=2", "minibatch=4"]),
+        # One update on the whole batch: the scoring forward is the update's.
+        "grpo_single": ("grpo", ["update_epochs=1", "minibatch=8"]),
+        # REINFORCE++: returns whitened over the whole batch, not per group.
+        "reinforce_pp": ("rloo", ["advantage=reinforce_pp", "update_epochs=1", "minibatch=4"]),
+    }
+    for name, (section, extra) in variants.items():
+        counts["sampled"] = []
+        config = load_config(overrides=["rollout.seed_per_prompt=true"]
+                             + [f"{section}.{o}" for o in common + extra])
+        terms = build_reward_functions(getattr(config, section).rewards, rm)
+        run_critic_free(config, section, policy, terms, prompts, out / name, show_progress=False)
+        state = PartialState()
+        rank_file = out / name / f"rank{state.process_index}-of-{state.num_processes}.json"
+        rank_file.write_text(json.dumps(counts))
+    examples = [{"prompt": p, "completion": ("red " if i % 2 else "blue ") * (i % 3 + 1), "label": i % 2 == 1}
+                for i, p in enumerate(prompts[:8])]
+    kto = ["kto.batch_size=4", "kto.epochs=2", "kto.warmup_ratio=0", "kto.lr=2e-3", "kto.beta=1.0"]
+    run_kto(load_config(overrides=kto), kto_policy, examples, out / "kto", show_progress=False)
+    run_kto(load_config(overrides=kto + ["kto.precompute_reference=false"]), kto_policy, examples,
+            out / "kto_live", show_progress=False)
+    """
+)
+
+CRITIC_FREE_COMPARED = ("loss", "clipfrac", "kl", "response_length", "entropy_proxy")
+
+
+@pytest.fixture(scope="module")
+def short_answer_folder(init_folder) -> Path:
+    """The tiny policy after a little SFT on answers of 1 to 4 words.
+
+    The random-init model almost always samples up to max_new_tokens; this one stops at lengths
+    from 1 to 6, so the processes' blocks of a mini-batch hold different numbers of tokens.
+    """
+    from rlhfkit.config import load_config
+    from rlhfkit.train.sft import run_sft
+
+    demos = [{"prompt": f"Say a colour number {i}.", "completion": "red " * (i % 4 + 1)} for i in range(8)]
+    config = load_config(overrides=["sft.batch_size=4", "sft.epochs=10", "sft.lr=1e-2", "sft.warmup_ratio=0"])
+    run_sft(config, init_folder, demos, init_folder.parent / "short", show_progress=False)
+    return init_folder.parent / "short" / "model"
+
+
+KTO_COMPARED = ("loss", "kl_reference_point", "reward/desirable", "reward/undesirable", "log_value")
+
+
+@pytest.mark.slow
+def test_grpo_rloo_and_kto_two_processes_match_one(init_folder, short_answer_folder, reward_folder, tmp_path):
+    """GRPO/RLOO: each process samples and scores whole groups of its block of prompts; advantages
+    are computed on the gathered batch, and each mini-batch's loss is divided by its own counts,
+    so 2 processes equal 1 process with the same settings (no accumulation needed). KTO: equal
+    blocks of each batch, the reference point z0 from the gathered batch."""
+    script = tmp_path / "critic_free.py"
+    script.write_text(CRITIC_FREE_SCRIPT)
+    for n in (1, 2):
+        _launch(n, script, short_answer_folder, reward_folder, tmp_path / f"p{n}", init_folder)
+    for variant in ("grpo", "grpo_single", "reinforce_pp", "kto", "kto_live"):
+        one = [json.loads(x) for x in (tmp_path / "p1" / variant / "metrics.jsonl").read_text().splitlines()]
+        two = [json.loads(x) for x in (tmp_path / "p2" / variant / "metrics.jsonl").read_text().splitlines()]
+        # One record, written once (not once per process).
+        assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, len(one) + 1)), variant
+        kto = variant.startswith("kto")
+        assert len(one) == (4 if kto else 3)
+        compared = KTO_COMPARED if kto else CRITIC_FREE_COMPARED
+        for a, b in zip(one, two, strict=True):
+            keys = [k for k in compared if k in a] + [k for k in a if k.startswith("reward/")]
+            for key in keys:
+                if a[key] is None:  # a batch without thumbs-down examples has no undesirable reward
+                    assert b[key] is None, (variant, key, a, b)
+                    continue
+                assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (variant, key, a, b)
+        if kto:
+            # z0 moved off its floor of 0, so a per-block estimate would have shown (measured: it
+            # moves the later steps' rewards by up to 5e-3; the two runs differ by at most 2e-6).
+            assert max(r["kl_reference_point"] for r in one) > 1e-3, one
+        else:
+            # Responses of different lengths: the blocks' token counts differ.
+            assert min(r["response_length"] for r in one) < 5, one
+            # Each process sampled its own half (whole groups) of every step's 8 responses.
+            single = json.loads((tmp_path / "p1" / variant / "rank0-of-1.json").read_text())
+            assert single["sampled"] == [8, 8, 8]
+            for rank in (0, 1):
+                counts = json.loads((tmp_path / "p2" / variant / f"rank{rank}-of-2.json").read_text())
+                assert counts["sampled"] == [4, 4, 4], (variant, rank)
+        # The policy moved (the numbers agree because both runs trained, not because neither did).
+        w0 = load_file(str((init_folder if kto else short_answer_folder) / "model.safetensors"))
+        w2 = load_file(str(tmp_path / "p2" / variant / "model" / "model.safetensors"))
+        assert any(not torch.equal(w0[k], w2[k]) for k in w0 if k in w2)

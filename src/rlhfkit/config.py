@@ -6,6 +6,7 @@ of a silent default.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +55,34 @@ class LoRAConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names that get adapters (e.g. [q_proj, v_proj]), or all-linear"
     )
+    quantize: Literal["4bit", "8bit"] | None = Field(
+        None,
+        description="QLoRA: load the trained model's base weights quantized by bitsandbytes (the adapters "
+        "and a reward head stay float); needs enabled and pip install 'rlhfkit[qlora]'",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4bit data type: nf4 (QLoRA's NormalFloat, for normal weights) or fp4"
+    )
+    double_quant: bool = Field(
+        True, description="4bit: quantize the per-block scales too (about 0.4 bits a parameter less)"
+    )
+
+    @model_validator(mode="after")
+    def _check_quantize(self) -> LoRAConfig:
+        if self.quantize is None:
+            return self
+        if not self.enabled:
+            raise ValueError(
+                f"lora.quantize={self.quantize} needs lora.enabled=true: a quantized base is frozen, "
+                "only adapters can train on it"
+            )
+        # find_spec, not import: importing bitsandbytes costs seconds, and the run imports it anyway.
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(
+                f"lora.quantize={self.quantize} needs bitsandbytes, which is not installed: "
+                "pip install 'rlhfkit[qlora]' (or set lora.quantize=null)"
+            )
+        return self
 
 
 class RolloutConfig(Section):
@@ -67,8 +96,8 @@ class RolloutConfig(Section):
     batch_size: int = Field(64, gt=0, description="prompts per generate call (hf backend; memory)")
     seed_per_prompt: bool = Field(
         False,
-        description="PPO, hf backend: each prompt samples from a seed of (run seed, step, position in the "
-        "rollout batch), so responses do not depend on the number of processes or batch_size",
+        description="PPO, GRPO, RLOO, hf backend: each prompt samples from a seed of (run seed, step, "
+        "position in the rollout batch), so responses do not depend on the number of processes or batch_size",
     )
     forward_batch_size: int | None = Field(
         None,

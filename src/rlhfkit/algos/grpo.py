@@ -96,21 +96,33 @@ def clipped_policy_loss(
 
 
 def aggregate_token_loss(
-    per_token: torch.Tensor, mask: torch.Tensor, normalisation: str = "sequence", constant: float = 1.0
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    normalisation: str = "sequence",
+    constant: float = 1.0,
+    n_rows: float | None = None,
+    n_tokens: float | None = None,
 ) -> torch.Tensor:
     """Reduce a [batch, T] token loss to a scalar.
 
     sequence: mean over each response's tokens, then over responses (GRPO);
     token: mean over all tokens of the batch (DAPO);
     constant: sum over each response's tokens / `constant`, mean over responses (Dr. GRPO).
+
+    `n_rows` / `n_tokens` replace this batch's own counts of responses / valid tokens in those
+    means. A process that holds one block of a mini-batch passes the mini-batch's counts divided
+    by the number of processes: DDP averages the processes' gradients, so the average is then the
+    gradient of the whole mini-batch's loss (a per-block mean would weigh short blocks' tokens more).
     """
     mask = mask.to(per_token.dtype)
     if normalisation == "sequence":
-        return masked_mean(per_token, mask, dim=1).mean()
+        per_row = masked_mean(per_token, mask, dim=1)
+        return per_row.mean() if n_rows is None else per_row.sum() / n_rows
     if normalisation == "token":
-        return masked_mean(per_token, mask)
+        return masked_mean(per_token, mask) if n_tokens is None else (per_token * mask).sum() / n_tokens
     if normalisation == "constant":
-        return ((per_token * mask).sum(1) / constant).mean()
+        per_row = (per_token * mask).sum(1) / constant
+        return per_row.mean() if n_rows is None else per_row.sum() / n_rows
     raise ValueError(
         f"unknown loss normalisation {normalisation!r}; choose one of {', '.join(LOSS_NORMALISATIONS)}"
     )
@@ -126,14 +138,17 @@ def grpo_loss(
     kl_coef: float = 0.04,
     normalisation: str = "sequence",
     constant: float = 1.0,
+    n_rows: float | None = None,
+    n_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO loss: clipped surrogate + kl_coef * k3 KL(pi || pi_ref) per token, aggregated.
 
     k3 is unbiased and never negative per token, so the penalty cannot turn into a bonus.
+    `n_rows` / `n_tokens`: the counts to divide by, as in `aggregate_token_loss`.
     """
     per_token, stats = clipped_policy_loss(logp, old_logp, advantages, mask, clip_eps)
     kl = kl_estimate(logp, ref_logp, "k3")
-    loss = aggregate_token_loss(per_token + kl_coef * kl, mask, normalisation, constant)
+    loss = aggregate_token_loss(per_token + kl_coef * kl, mask, normalisation, constant, n_rows, n_tokens)
     with torch.no_grad():
         stats["kl"] = masked_mean(kl, mask).item()
     return loss, stats

@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -79,23 +80,69 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(path: str | Path) -> PreTrainedModel:
-    """A causal LM from a hub id or a local folder (any architecture transformers knows)."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return model
+def _quantized_loading(quantization: BitsAndBytesConfig | None) -> dict:
+    """from_pretrained arguments that quantize the weights as they load (none without quantization)."""
+    if quantization is None:
+        return {}
+    from accelerate import PartialState
+
+    # Quantized weights are placed where they are quantized: this process's device (its own GPU
+    # under accelerate launch), not wherever transformers would guess.
+    return {"quantization_config": quantization, "device_map": {"": PartialState().device}}
+
+
+def load_causal_lm(path: str | Path, quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
+    """A causal LM from a hub id or a local folder (any architecture transformers knows).
+
+    With `quantization` (QLoRA) its linear layers load quantized by bitsandbytes; the rest stays float32.
+    """
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, **_quantized_loading(quantization)
+    )
+
+
+def load_trainable(
+    path: str | Path,
+    config: RunConfig,
+    task: Literal["causal_lm", "reward"] = "causal_lm",
+    pad_token_id: int | None = None,
+) -> PreTrainedModel:
+    """The model a stage trains, loaded from `path`: quantized base (lora.quantize), checkpointing, LoRA.
+
+    The one place a trained model is loaded, so every stage gets QLoRA the same way. A reward
+    model (`task="reward"`) needs `pad_token_id`, as `load_reward_model`.
+    """
+    quantization = None
+    if config.lora.quantize is not None:
+        from rlhfkit.models.lora import quantization_config
+
+        quantization = quantization_config(config.lora, config.model.dtype)
+    if task == "causal_lm":
+        model = load_causal_lm(path, quantization)
+    else:
+        if pad_token_id is None:
+            raise ValueError("load_trainable: a reward model needs the tokenizer's pad_token_id")
+        model = load_reward_model(path, pad_token_id, quantization)
+    return make_trainable(model, config, task)
 
 
 def make_trainable(
     model: PreTrainedModel, config: RunConfig, task: Literal["causal_lm", "reward"] = "causal_lm"
 ) -> PreTrainedModel:
     """The model a stage trains: gradient checkpointing and LoRA adapters as `config` asks."""
+    from rlhfkit.models.lora import apply_lora, is_quantized
+
+    if is_quantized(model):
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the quantized base and keeps its float layers (norms, embeddings) in float32;
+        # checkpointing is left to the lines below, the same for quantized and float models.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.model.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and needs no input grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if config.lora.enabled:
-        from rlhfkit.models.lora import apply_lora
-
         model = apply_lora(model, config.lora, task)
     return model
 
@@ -116,13 +163,18 @@ def dropout_off(model: torch.nn.Module) -> torch.nn.Module:
     return model.train()
 
 
-def load_reward_model(path: str | Path, pad_token_id: int) -> PreTrainedModel:
+def load_reward_model(
+    path: str | Path, pad_token_id: int, quantization: BitsAndBytesConfig | None = None
+) -> PreTrainedModel:
     """A sequence-classification model with one output: the reward.
 
     Loading a causal-LM checkpoint here keeps its transformer and adds a fresh scalar
-    head, which is how a reward model starts from the SFT model.
+    head, which is how a reward model starts from the SFT model. With `quantization` the
+    transformer loads quantized; transformers leaves the head (`score`) in float.
     """
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=torch.float32, **_quantized_loading(quantization)
+    )
     # The classifier reads the last non-pad token, so it must know which id is padding.
     model.config.pad_token_id = pad_token_id
     return model

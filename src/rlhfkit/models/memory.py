@@ -1,7 +1,8 @@
 """A memory estimate printed before training, so an out-of-memory run is seen coming.
 
 The numbers are the usual rules of thumb, stated here once:
-- weights: 4 bytes a parameter (models load in float32; mixed precision keeps float32 masters);
+- weights: 4 bytes a parameter (models load in float32; mixed precision keeps float32 masters),
+  except a QLoRA base's quantized ones: 1 byte (8-bit) or half a byte (4-bit, scales not counted);
 - gradients: 4 bytes a trainable parameter; AdamW: two float32 moments, 8 bytes a trainable one;
 - activations kept for the backward pass of a trained model: about 17 values a token per layer
   per hidden unit (Korthikanti et al. 2022, without the attention-score term that fused
@@ -33,6 +34,7 @@ class HeldModel:
     vocab_size: int
     reads_vocab: bool  # a causal LM whose log-probs are computed (policy, reference)
     on_device: bool = True  # False: offloaded to the CPU
+    weight_bytes: int | None = None  # stored bytes of the weights; None: 4 a parameter (float32)
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,29 @@ def held_model(role: str, model: torch.nn.Module, reads_vocab: bool, on_device: 
     """A HeldModel read off a transformers (or peft) model."""
     config = model.config
     params = list(model.parameters())  # a tied tensor is listed once
+    stored = [_stored(p) for p in params]
     return HeldModel(
         role=role,
-        n_params=sum(p.numel() for p in params),
+        n_params=sum(n for n, _ in stored),
         n_trainable=sum(p.numel() for p in params if p.requires_grad),
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,
         vocab_size=config.vocab_size,
         reads_vocab=reads_vocab,
         on_device=on_device,
+        weight_bytes=sum(b for _, b in stored),
     )
+
+
+def _stored(param: torch.Tensor) -> tuple[int, int]:
+    """(parameters, bytes as held) of one weight tensor."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:
+        # bitsandbytes 4-bit: two parameters packed in each byte of a flat tensor; the shape is here.
+        return quant_state.shape.numel(), param.numel() * param.element_size()
+    if not param.is_floating_point():
+        return param.numel(), param.numel() * param.element_size()  # bitsandbytes 8-bit: int8
+    return param.numel(), 4 * param.numel()
 
 
 def estimate_memory(
@@ -75,7 +90,7 @@ def estimate_memory(
     for m in models:
         if not m.on_device:
             continue
-        weights += 4 * m.n_params
+        weights += 4 * m.n_params if m.weight_bytes is None else m.weight_bytes
         gradients += 4 * m.n_trainable
         optimizer += 8 * m.n_trainable
         if m.n_trainable:

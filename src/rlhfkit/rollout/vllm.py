@@ -26,7 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlhfkit.config import ConfigError, RolloutConfig
-from rlhfkit.models.lora import is_lora
+from rlhfkit.models.lora import is_lora, is_quantized
 from rlhfkit.rollout.generate import cut_at_eos
 
 INSTALL_HINT = "pip install 'rlhfkit[vllm]'"
@@ -168,6 +168,12 @@ class VLLMSampler:
         *,
         seed: int = 0,
     ):
+        if is_quantized(model):
+            # policy_weights would hand the engine bitsandbytes' packed tensors as if they were weights.
+            raise ConfigError(
+                "rollout.backend=vllm cannot sync a quantized policy (lora.quantize) into the engine "
+                "yet: use rollout.backend=hf with lora.quantize"
+            )
         vllm = import_vllm()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:

@@ -66,16 +66,3 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
         return bool(flag)
     raised = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(raised, "sum").item() > 0)
-
-
-def require_one_process(accelerator: Accelerator, stage: str) -> None:
-    """Refuse to run a stage whose loop does not split its batches over processes yet.
-
-    Such a loop would run the whole batch on every process (the same work N times) and every
-    process would write the same metrics and model files.
-    """
-    if accelerator.num_processes > 1:
-        raise ValueError(
-            f"{stage} does not run on several processes yet ({accelerator.num_processes} started): "
-            "launch it with one process (docs/scaling.md lists the stages that do)"
-        )

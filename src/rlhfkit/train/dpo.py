@@ -17,7 +17,7 @@ import torch
 
 from rlhfkit.algos.dpo import dpo_loss, sequence_logprob
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, make_trainable, save_model
+from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable, save_model
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import join_prompt_response
@@ -88,7 +88,7 @@ def run_dpo(
     # IPO regresses the margin to a fixed target, so it is defined on length-averaged log-probs
     # (as in its reference implementation); DPO uses sums, the sequence's real probability.
     average = cfg.loss_type == "ipo"
-    policy = make_trainable(load_causal_lm(policy_path), config)
+    policy = load_trainable(policy_path, config)
     # LoRA: the reference is the policy with its adapter off, not a second copy.
     reference = None if config.lora.enabled else load_causal_lm(policy_path).to(device).eval()
     ref_chosen = ref_rejected = None

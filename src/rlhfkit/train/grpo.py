@@ -24,13 +24,14 @@ from rlhfkit.algos.grpo import (
 from rlhfkit.algos.kl import kl_estimate
 from rlhfkit.algos.masked import masked_mean
 from rlhfkit.config import GRPOConfig, RLOOConfig, RunConfig
-from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, make_trainable, save_model
+from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable, save_model
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout import make_sampler
 from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
 from rlhfkit.rollout.logprobs import response_logprobs
-from rlhfkit.train.distributed import require_one_process
+from rlhfkit.rollout.seeded import prompt_seeds
+from rlhfkit.train.distributed import gather_lists, gather_rows, mean_over_processes, require_divisible, shard
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
@@ -88,70 +89,104 @@ def run_critic_free(
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
-    require_one_process(accelerator, section)
+    n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    # Several processes (accelerate launch): each samples and scores whole groups of its block of
+    # the step's prompts, and trains on its block of every mini-batch, so both must split evenly.
+    require_divisible(f"{section}.prompts_per_step", cfg.prompts_per_step, n_proc)
+    require_divisible(f"{section}.minibatch", cfg.minibatch, n_proc)
     tokenizer = load_tokenizer(policy_path)
     pad = tokenizer.pad_token_id
-    policy = make_trainable(load_causal_lm(policy_path), config)
+    policy = load_trainable(policy_path, config)
     # LoRA: the reference is the policy with its adapter off, not a second copy.
     reference = None if config.lora.enabled else load_causal_lm(policy_path).to(device).eval()
     dropout_off(policy)  # sampling and training log-probs must be the same function
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, cfg.steps, 0, schedule="linear")
+    # The schedule stays unprepared: a prepared one would step once per process at each step.
     policy, optimizer = accelerator.prepare(policy, optimizer)
+    if n_proc > 1:
+        # Processes sample different prompts; give them different noise too, not one stream copied.
+        torch.manual_seed(config.seed + rank)
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     gen = torch.Generator().manual_seed(config.seed)
     batches = ShuffledBatches(len(prompts), cfg.prompts_per_step, gen)
-    log = MetricsLog(out_dir / "metrics.jsonl")
+    log = MetricsLog(out_dir / "metrics.jsonl") if main else None
     last: dict[str, float] = {}
     # rollout.backend: HF generate on the policy, or a vLLM engine synced to its weights.
     sample = make_sampler(config.rollout, accelerator.unwrap_model(policy), tokenizer, seed=config.seed)
-    batch_size = cfg.prompts_per_step * cfg.group_size
+    g = cfg.group_size
+    batch_size = cfg.prompts_per_step * g
     single_update = cfg.update_epochs == 1 and cfg.minibatch >= batch_size
-    with progress_bar(name, cfg.steps, show_progress) as bar:
+    # This process's rows of every step's batch: whole groups, so each group's baseline is whole.
+    own_prompts = shard(cfg.prompts_per_step, rank, n_proc)
+    own = slice(own_prompts.start * g, own_prompts.stop * g)
+    with progress_bar(name, cfg.steps, show_progress and main) as bar:
         for step in range(1, cfg.steps + 1):
             chosen = batches.next()
+            # Each epoch's order of the samples, drawn up front (the generator's sequence is unchanged):
+            # with a single update, the first one says which rows each process scores with gradient.
+            perms = [torch.randperm(batch_size, generator=gen) for _ in range(cfg.update_epochs)]
             # G copies of each prompt, adjacent, so a [n_prompts, G] view groups them.
-            group_prompts = [prompts[i] for i in chosen for _ in range(cfg.group_size)]
-            queries = [prompt_ids[i] for i in chosen for _ in range(cfg.group_size)]
+            group_prompts = [prompts[i] for i in chosen for _ in range(g)]
+            queries = [prompt_ids[i] for i in chosen for _ in range(g)]
 
-            # 1. Sample G responses per prompt and score the texts.
-            responses = sample(queries, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+            # 1. This process samples G responses to each of its prompts and scores the texts; the
+            # responses and scores are gathered, so every process holds the whole batch.
+            seeded: dict[str, list[int]] = {}
+            if config.rollout.seed_per_prompt:
+                # The same responses whatever the number of processes (or rollout.batch_size).
+                seeded["seeds"] = prompt_seeds(config.seed, step, batch_size)[own]
+            responses = sample(
+                queries[own], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, **seeded
+            )
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            score_list, term_means = combined_rewards(reward_terms, group_prompts, texts)
-            scores = torch.tensor(score_list, device=device)
-            batch = join_prompt_response(queries, responses, pad)
+            own_scores, term_means = combined_rewards(reward_terms, group_prompts[own], texts)
+            term_means = mean_over_processes(accelerator, term_means)  # equal blocks: the batch mean
+            scores = torch.tensor(gather_lists(accelerator, own_scores), device=device)
+            batch = join_prompt_response(queries, gather_lists(accelerator, responses), pad)
             batch = PromptResponseBatch(
                 *(t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.response_mask))
             )
             mask = batch.response_mask.float()
             R = batch.n_response
 
-            # 2. Reference and old log-probs, advantages.
+            # 2. Reference and old log-probs: each process computes its block of rows, gathered back.
+            # With a single update its block is its share of the only mini-batch (the whole batch in
+            # the epoch's order), and the forward that gives the old log-probs is the update's own:
+            # a separate no-grad forward would repeat it exactly.
+            order = (perms[0] if single_update else torch.arange(batch_size)).to(device)
+            mine = order[shard(batch_size, rank, n_proc)]
+            rows = batch.select(mine)
             with reference_of(accelerator.unwrap_model(policy) if reference is None else reference) as ref:
-                ref_logp = response_logprobs(ref, batch.input_ids, batch.attention_mask, R, cfg.temperature)
-            whole_logp = None
+                ref_mine = response_logprobs(ref, rows.input_ids, rows.attention_mask, R, cfg.temperature)
+            logp_mine = None
             if single_update:
-                # The only gradient step sees the weights that sampled: its forward (with grad) gives
-                # the old log-probs too, and a separate no-grad forward would repeat it exactly.
-                whole_logp = response_logprobs(
-                    policy, batch.input_ids, batch.attention_mask, R, cfg.temperature
-                )
-                old_logp = whole_logp.detach()
+                logp_mine = response_logprobs(policy, rows.input_ids, rows.attention_mask, R, cfg.temperature)
+                old_mine = logp_mine.detach()
             else:
                 with torch.no_grad():
-                    old_logp = response_logprobs(
-                        policy, batch.input_ids, batch.attention_mask, R, cfg.temperature
+                    old_mine = response_logprobs(
+                        policy, rows.input_ids, rows.attention_mask, R, cfg.temperature
                     )
+            # Gathered in rank order, i.e. in `order`; put back in batch order.
+            old_all, ref_all = gather_rows(accelerator, old_mine, ref_mine)
+            old_logp, ref_logp = torch.empty_like(old_all), torch.empty_like(ref_all)
+            old_logp[order], ref_logp[order] = old_all, ref_all
             with torch.no_grad():
+                # On the whole batch, identically on every process: group baselines, batch whitening.
                 advantages, kl = critic_free_advantages(cfg, scores, old_logp, ref_logp, mask)
 
-            # 3. Clipped updates on mini-batches of responses.
+            # 3. Clipped updates on mini-batches of responses, each split in blocks over the processes.
             losses, clipfracs = [], []
-            for _ in range(cfg.update_epochs):
-                perm = torch.randperm(len(queries), generator=gen)
-                for start in range(0, len(queries), cfg.minibatch):
+            for perm in perms:
+                for start in range(0, batch_size, cfg.minibatch):
                     idx = perm[start : start + cfg.minibatch].to(device)
-                    if whole_logp is not None:
-                        logp = whole_logp[idx]
+                    # The mini-batch's counts per process (see aggregate_token_loss): DDP's average of
+                    # the blocks' gradients is then the gradient of the whole mini-batch's loss.
+                    n_rows = len(idx) / n_proc
+                    n_tokens = mask[idx].sum().clamp(min=1.0).item() / n_proc
+                    idx = idx[shard(len(idx), rank, n_proc)]
+                    if logp_mine is not None:
+                        logp = logp_mine  # idx is `mine`: the single update's rows
                     else:
                         mb = batch.select(idx)
                         logp = response_logprobs(policy, mb.input_ids, mb.attention_mask, R, cfg.temperature)
@@ -166,34 +201,44 @@ def run_critic_free(
                             cfg.kl_coef,
                             cfg.loss_normalisation,
                             constant=float(cfg.max_new_tokens),
+                            n_rows=n_rows,
+                            n_tokens=n_tokens,
                         )
                     else:
                         per_token, stats = clipped_policy_loss(
                             logp, old_logp[idx], advantages[idx], mask[idx], cfg.clip_eps
                         )
-                        loss = aggregate_token_loss(per_token, mask[idx], "token")
+                        loss = aggregate_token_loss(per_token, mask[idx], "token", n_tokens=n_tokens)
                     accelerator.backward(loss)
                     apply_gradients(accelerator, policy, optimizer, None, cfg.max_grad_norm)
                     losses.append(loss.item())
-                    clipfracs.append(stats["clipfrac"])
+                    # A token mean over this block, weighed by its share of the mini-batch's tokens:
+                    # the mean over processes is then the mini-batch's token mean.
+                    clipfracs.append(stats["clipfrac"] * mask[idx].sum().item() / n_tokens)
             scheduler.step()
 
             last = {
                 "reward/total": scores.mean().item(),
                 **term_means,
                 "kl": kl.sum(1).mean().item(),
-                "loss": sum(losses) / len(losses),
-                "clipfrac": sum(clipfracs) / len(clipfracs),
+                **mean_over_processes(
+                    accelerator,
+                    {"loss": sum(losses) / len(losses), "clipfrac": sum(clipfracs) / len(clipfracs)},
+                ),
                 "response_length": mask.sum(1).mean().item(),
                 "entropy_proxy": -masked_mean(old_logp, mask).item(),
                 "lr": scheduler.get_last_lr()[0],
             }
-            log.log(step, **last)
+            if log is not None:
+                log.log(step, **last)
             bar.update(
                 bar.task_ids[0], advance=1, info=f"reward {last['reward/total']:+.3f} kl {last['kl']:.3f}"
             )
-    log.close()
-    save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
+    if log is not None:
+        log.close()
+    accelerator.wait_for_everyone()
+    if main:
+        save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "steps": cfg.steps,

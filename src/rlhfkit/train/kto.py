@@ -15,7 +15,7 @@ import torch
 from rlhfkit.algos.kto import kto_loss, mismatched_partners
 from rlhfkit.config import RunConfig
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model
-from rlhfkit.train.distributed import require_one_process
+from rlhfkit.train.distributed import gather_lists, gather_rows, require_divisible, shard
 from rlhfkit.train.dpo import precompute_logprobs, sequence_logprobs, tokenize_example
 from rlhfkit.train.loop import (
     MetricsLog,
@@ -53,7 +53,10 @@ def run_kto(
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed)
     device = accelerator.device
-    require_one_process(accelerator, "kto")
+    n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    # Several processes: each trains on its block of every batch; the reference point z0 is a
+    # statistic of the whole batch, so the mismatched pairs' log-ratios are gathered for it.
+    require_divisible("kto.batch_size", cfg.batch_size, n_proc)
     tokenizer = load_tokenizer(policy_path)
     pad = tokenizer.pad_token_id
     gen = torch.Generator().manual_seed(config.seed)
@@ -68,20 +71,26 @@ def run_kto(
     reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
     ref_logp = ref_kl_logp = None
     if cfg.precompute_reference:
-        ref_logp = precompute_logprobs(reference, rows, pad, device)
-        ref_kl_logp = precompute_logprobs(reference, kl_rows, pad, device)
+        # Each process computes its block; gathered, every process holds them all.
+        own = shard(len(rows), rank, n_proc)
+        ref_logp, ref_kl_logp = (
+            torch.cat(gather_lists(accelerator, [precompute_logprobs(reference, part[own], pad, device)]))
+            for part in (rows, kl_rows)
+        )
         reference = None
     policy = load_causal_lm(policy_path)
     total = max(1, round(cfg.epochs * math.ceil(len(rows) / cfg.batch_size)))
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    # The schedule stays unprepared: a prepared one would step once per process at each step.
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.eval()  # dropout off, as in DPO
     batches = ShuffledBatches(len(rows), cfg.batch_size, gen)
-    log = MetricsLog(out_dir / "metrics.jsonl")
+    log = MetricsLog(out_dir / "metrics.jsonl") if main else None
     last: dict[str, float] = {}
-    with progress_bar("kto", total, show_progress) as bar:
+    with progress_bar("kto", total, show_progress and main) as bar:
         for step in range(1, total + 1):
-            idx = batches.next()
+            batch = batches.next()
+            idx = batch[shard(len(batch), rank, n_proc)]
             logp = sequence_logprobs(policy, [rows[i] for i in idx], pad, device)
             with torch.no_grad():
                 # z0 is detached inside the loss anyway; no graph needed for the KL pairs.
@@ -91,27 +100,32 @@ def run_kto(
                 else:
                     ref = sequence_logprobs(reference, [rows[i] for i in idx], pad, device)
                     ref_kl = sequence_logprobs(reference, [kl_rows[i] for i in idx], pad, device)
-            loss, stats = kto_loss(
-                logp,
-                ref,
-                labels[idx].to(device),
-                kl_logp,
-                ref_kl,
-                cfg.beta,
-                cfg.desirable_weight,
-                cfg.undesirable_weight,
-            )
+                # The whole batch's log-probs: z0 is a statistic of the batch, not of a block.
+                all_logp, all_ref, all_kl, all_ref_kl = gather_rows(
+                    accelerator, logp.detach(), ref, kl_logp, ref_kl
+                )
+            weights = (cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+            # Equal blocks: DDP's average of the blocks' mean losses is the batch's mean loss.
+            loss, _ = kto_loss(logp, ref, labels[idx].to(device), all_kl, all_ref_kl, *weights)
             accelerator.backward(loss)
             apply_gradients(accelerator, policy, optimizer, scheduler)
-            last = {"loss": loss.item(), **stats, "lr": scheduler.get_last_lr()[0]}
-            log.log(step, **last)
+            # Logged: the loss and statistics of the whole batch (on one process, the same numbers).
+            batch_loss, stats = kto_loss(
+                all_logp, all_ref, labels[batch].to(device), all_kl, all_ref_kl, *weights
+            )
+            last = {"loss": batch_loss.item(), **stats, "lr": scheduler.get_last_lr()[0]}
+            if log is not None:
+                log.log(step, **last)
             bar.update(
                 bar.task_ids[0],
                 advance=1,
                 info=f"loss {last['loss']:.3f} z0 {stats['kl_reference_point']:.3f}",
             )
-    log.close()
-    save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
+    if log is not None:
+        log.close()
+    accelerator.wait_for_everyone()
+    if main:
+        save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
     n_up = int(labels.sum())
     return {
         "wall_seconds": watch.seconds(),

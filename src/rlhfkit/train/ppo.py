@@ -41,7 +41,7 @@ from rlhfkit.models.loading import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
-    make_trainable,
+    load_trainable,
     save_model,
 )
 from rlhfkit.models.lora import load_adapter_weights, reference_of
@@ -215,7 +215,7 @@ def run_ppo(
 
     lora = config.lora.enabled
     # LoRA: the base stays the starting weights; a resumed run reloads the checkpoint's adapter.
-    policy = make_trainable(load_causal_lm(policy_path if lora else checkpoint or policy_path), config)
+    policy = load_trainable(policy_path if lora else checkpoint or policy_path, config)
     if lora and checkpoint is not None:
         load_adapter_weights(policy, checkpoint)
     reference = None  # LoRA with the starting policy as reference: the policy, adapter off

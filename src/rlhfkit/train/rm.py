@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.algos.reward import bradley_terry_loss, soft_label_terms
 from rlhfkit.config import RunConfig
 from rlhfkit.models.heads import TokenValues, sequence_scores
-from rlhfkit.models.loading import load_reward_model, load_tokenizer, make_trainable, save_model
+from rlhfkit.models.loading import load_tokenizer, load_trainable, save_model
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
@@ -113,7 +113,7 @@ def train_reward_model(
     if cfg.batch_size % n_proc:
         raise ValueError(f"rm.batch_size {cfg.batch_size} is not divisible by the {n_proc} processes")
     tokenizer = load_tokenizer(init_path)
-    model = make_trainable(load_reward_model(init_path, tokenizer.pad_token_id), config, "reward")
+    model = load_trainable(init_path, config, "reward", tokenizer.pad_token_id)
     print_memory_estimate(
         [held_model("reward model", model, reads_vocab=False)],
         2 * (cfg.batch_size // n_proc) * cfg.max_length,  # chosen and rejected in one forward

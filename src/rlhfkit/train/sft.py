@@ -9,7 +9,7 @@ import torch
 
 from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer, make_trainable, save_model
+from rlhfkit.models.loading import load_tokenizer, load_trainable, save_model
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
@@ -49,7 +49,7 @@ def run_sft(
     if cfg.batch_size % n_proc:
         raise ValueError(f"sft.batch_size {cfg.batch_size} is not divisible by the {n_proc} processes")
     tokenizer = load_tokenizer(init_path)
-    model = make_trainable(load_causal_lm(init_path), config)
+    model = load_trainable(init_path, config)
     print_memory_estimate(
         [held_model("policy", model, reads_vocab=True)],
         (cfg.batch_size // n_proc) * cfg.max_length,
