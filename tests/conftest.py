@@ -38,6 +38,19 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state() -> Iterator[None]:
+    """Every test starts from accelerate's defaults: an Accelerator's shared state outlives it, so
+    an earlier test's bf16 run would otherwise put later float32 runs under autocast."""
+    import sys
+
+    if "accelerate" in sys.modules:  # nothing to reset before accelerate is first imported
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
 def _require_postgres() -> None:
     """Skip when the test server is unreachable; under CI (CI=true) fail instead."""
     engine = create_engine(PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 5})

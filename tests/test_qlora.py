@@ -34,17 +34,6 @@ PROMPTS = [f"Say a colour number {i}." for i in range(8)]
 QLORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.quantize=4bit"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Start from accelerate's defaults: an earlier test's bf16 Accelerator would otherwise stay in
-    force (its shared state outlives it) and put these float32 runs under autocast."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_quantize_needs_lora_enabled():
     with pytest.raises(ConfigError, match=r"lora.quantize=4bit needs lora.enabled=true"):
         load_config(overrides=["lora.quantize=4bit"])
