@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from feedback_server import free_port, running_server
 from typer.testing import CliRunner
 
@@ -403,6 +404,45 @@ def test_feedback_service_problems_are_clear_errors(tmp_path, monkeypatch):
         load_config(None, ["loop.feedback_url=localhost:8000"])
     result = CliRunner().invoke(app, ["loop", "--feedback-url", "ftp://x", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--feedback-url ftp://x" in result.output
+
+
+def test_comparison_items_with_a_partner_pair_the_policy_against_it(base_model, tmp_path):
+    """loop.compare_with=sft: one response of every item is the partner's, at a drawn position."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # A second model: the base with its weights perturbed, so its samples differ from the base's.
+    partner = tmp_path / "partner"
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    save_model(model, AutoTokenizer.from_pretrained(base_model), partner)
+    config = load_config(None, _sets(base_model))
+    prompts = load_task("rlhfkit.tasks.top5", 0).train_prompts[:24]
+    mixed = comparison_items(
+        base_model, prompts, config.feedback, 5, random.Random(0), "ppo", (partner, "sft")
+    )
+    # Each model on its own with the same seed: slot 0 is the partner's draw, slot 1 the policy's.
+    alone = {
+        name: comparison_items(path, prompts, config.feedback, 5, random.Random(0), name)
+        for path, name in ((partner, "sft"), (base_model, "ppo"))
+    }
+    assert all("sampled_from" not in item["meta"] for items in alone.values() for item in items)
+    by_prompt = {name: {i["prompt"]: i["responses"] for i in items} for name, items in alone.items()}
+    assert mixed
+    positions = set()
+    for item in mixed:
+        sources = item["meta"]["sampled_from"]
+        assert sorted(sources) == ["ppo", "sft"] and item["meta"]["policy"] == "ppo"
+        position = sources.index("sft")
+        positions.add(position)
+        prompt = item["prompt"]
+        if prompt in by_prompt["sft"]:
+            assert item["responses"][position] == by_prompt["sft"][prompt][0]
+        if prompt in by_prompt["ppo"]:
+            assert item["responses"][1 - position] == by_prompt["ppo"][prompt][1]
+    assert positions == {0, 1}
 
 
 RANKING = ("feedback.completions_per_prompt=3", "feedback.overlap=2", "feedback.overlap_share=1")

@@ -460,6 +460,12 @@ class LoopConfig(Section):
         description="policy PPO starts from in rounds 2..N: sft (a fresh run against the new reward "
         "model) or previous (continue the last round's policy); the KL reference is SFT either way",
     )
+    compare_with: Literal["policy", "sft"] = Field(
+        "policy",
+        description="what the current policy's samples are compared with in rounds 2..N: policy (K samples "
+        "of it) or sft (one of the K samples is SFT's, so labels say what changed since SFT for the better "
+        "or worse, where the policy exploits the reward model)",
+    )
     aggregate: Literal["mv", "wawa", "ds", "mace", "bt", "noisy_bt"] | None = Field(
         None,
         description="how each round's labels become pairs (see `rlhfkit feedback aggregate`); "

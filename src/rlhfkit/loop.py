@@ -447,8 +447,9 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
                 cfg.prompts_per_round or fb.n_prompts,
                 rng,
             )
+            partner = (run.model_path("sft"), "sft/model") if cfg.compare_with == "sft" else None
             items = comparison_items(
-                current, prompts, fb, run.config.seed + k, rng, str(current.relative_to(run.dir))
+                current, prompts, fb, run.config.seed + k, rng, str(current.relative_to(run.dir)), partner
             )
             if not items:
                 raise StageError(f"round {k}: every prompt's samples were identical; nothing to compare")

@@ -202,26 +202,38 @@ def stage_sft(run: Run) -> dict:
 
 
 def comparison_items(
-    policy_path: Path, prompts: list, cfg: FeedbackConfig, seed: int, rng: random.Random, policy: str
+    policy_path: Path,
+    prompts: list,
+    cfg: FeedbackConfig,
+    seed: int,
+    rng: random.Random,
+    policy: str,
+    partner: tuple[Path, str] | None = None,
 ) -> list[dict]:
     """Items for the store: `cfg.completions_per_prompt` (K) samples of the policy per prompt.
 
     K = 2 gives A/B comparisons; K > 2 gives rankings of the distinct non-empty samples
     (an item keeps at least two; a prompt whose samples leave fewer is left out, as is a
     comparison of two identical samples). `rng` draws which items get `cfg.overlap`
-    annotators. `policy` names the sampler in the meta.
+    annotators. `policy` names the sampler in the meta. With `partner` (a model path and its
+    name), one of the K samples comes from the partner instead, at a position `rng` draws per
+    item (annotators have position biases), and `meta.sampled_from` names each response's model.
     """
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.models.tokenizer import prompt_token_ids
     from rlhfkit.rollout.generate import sample_responses
 
     tokenizer, model = load_tokenizer(policy_path), load_causal_lm(policy_path)
+    models = [model] * cfg.completions_per_prompt
+    names = [policy] * cfg.completions_per_prompt
+    if partner is not None:
+        models[0], names[0] = load_causal_lm(partner[0]), partner[1]
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     torch.manual_seed(seed)
     samples = [
         tokenizer.batch_decode(
             sample_responses(
-                model,
+                sampler,
                 ids,
                 eos_id=tokenizer.eos_token_id,
                 pad_id=tokenizer.pad_token_id,
@@ -230,22 +242,31 @@ def comparison_items(
             ),
             skip_special_tokens=True,
         )
-        for _ in range(cfg.completions_per_prompt)
+        for sampler in models
     ]
     items = []
     for i, prompt in enumerate(prompts):
-        responses = [s[i] for s in samples]
+        drawn = [(s[i], name) for s, name in zip(samples, names, strict=True)]
+        if partner is not None:
+            rng.shuffle(drawn)
         if cfg.completions_per_prompt > 2:
             # A ranking orders distinct, non-empty texts (the store refuses an empty one).
-            responses = list(dict.fromkeys(r for r in responses if r.strip()))
-        if len(set(responses)) < 2:
+            first: dict[str, str] = {}
+            for response, name in drawn:
+                if response.strip() and response not in first:
+                    first[response] = name
+            drawn = list(first.items())
+        if len({r for r, _ in drawn}) < 2:
             continue  # identical samples: nothing to compare
+        meta: dict[str, Any] = {"policy": policy}
+        if partner is not None:
+            meta["sampled_from"] = [n for _, n in drawn]
         items.append(
             {
                 "prompt": prompt,
-                "responses": responses,
+                "responses": [r for r, _ in drawn],
                 "overlap": cfg.overlap if rng.random() < cfg.overlap_share else 1,
-                "meta": {"policy": policy},
+                "meta": meta,
             }
         )
     return items
