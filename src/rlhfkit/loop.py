@@ -47,6 +47,7 @@ from rlhfkit.pipeline import (
     _read_pairs,
     _training_pairs,
     comparison_items,
+    feedback_store_url,
     run_stage,
 )
 from rlhfkit.tasks import resolve_gold
@@ -197,7 +198,7 @@ class StoreFeedback:
     def __init__(self, run: Run, seed: int):
         from rlhfkit.feedback.store import FeedbackStore
 
-        url = run.config.feedback.db or f"sqlite:///{(run.dir / 'feedback.db').resolve()}"
+        url = feedback_store_url(run)
         # Durable: with people labelling through `rlhfkit feedback serve` on the same database,
         # an acknowledged label must survive; simulated labels pay a little speed for it.
         self.store = FeedbackStore(url, seed=seed, durable=run.config.loop.annotators == "human")
