@@ -16,8 +16,10 @@ from rlhfkit.train.distributed import (
     gather_lists,
     gather_rows,
     mean_over_processes,
+    refuse_sharded_sampling,
     require_divisible,
     shard,
+    weights_are_sharded,
 )
 
 
@@ -49,6 +51,30 @@ def test_one_process_helpers_are_the_identity():
     stats = {"b": 0.1 + 0.2, "a": 1e-9}
     assert mean_over_processes(acc, stats) is stats
     assert any_process(acc, True) is True and any_process(acc, False) is False
+
+
+def test_sharded_weights_are_fsdp_and_zero3_and_the_sampling_stages_refuse_them():
+    from accelerate.utils import DistributedType
+
+    def deepspeed(stage: int) -> SimpleNamespace:
+        plugin = SimpleNamespace(zero_stage=stage)
+        return SimpleNamespace(
+            distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin)
+        )
+
+    launches = {
+        "fsdp": SimpleNamespace(distributed_type=DistributedType.FSDP),
+        "zero3": deepspeed(3),
+        "zero2": deepspeed(2),
+        "ddp": SimpleNamespace(distributed_type=DistributedType.MULTI_CPU),
+        "one": SimpleNamespace(distributed_type=DistributedType.NO),
+    }
+    assert {name for name, acc in launches.items() if weights_are_sharded(acc)} == {"fsdp", "zero3"}
+    for name in ("fsdp", "zero3"):
+        with pytest.raises(ValueError, match=r"grpo does not run with sharded weights .*ddp.yaml"):
+            refuse_sharded_sampling(launches[name], "grpo")
+    for name in ("zero2", "ddp", "one"):
+        refuse_sharded_sampling(launches[name], "ppo")
 
 
 def test_prompt_seeds_depend_on_run_step_and_position_only():

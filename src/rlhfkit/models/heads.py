@@ -38,6 +38,11 @@ class TokenValues(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        # Read by accelerate's FSDP auto-wrap policy: shard each transformer block as its own unit.
+        return getattr(self.model, "_no_split_modules", None)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return token_values(self.model, input_ids, attention_mask)
 

@@ -180,18 +180,31 @@ def load_reward_model(
     return model
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """save_pretrained for the model and its tokenizer, into one folder.
 
     A LoRA model is saved merged (a plain transformers checkpoint) with its adapter alone
-    in `out_dir/adapter` (peft's format, loadable onto the base with PeftModel).
+    in `out_dir/adapter` (peft's format, loadable onto the base with PeftModel). `state_dict`
+    replaces the model's own weights: the gathered whole weights of a model sharded by FSDP
+    or ZeRO-3 (`rlhfkit.train.distributed.save_trained`).
     """
     from rlhfkit.models.lora import is_lora, merged_copy
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_lora(model):
+        if state_dict is not None:
+            # Merging runs on the module's own (here sharded) weights, not on a state dict.
+            raise ValueError(
+                "saving a LoRA model whose weights are sharded (FSDP) is not supported; "
+                "train LoRA under DDP (examples/accelerate/ddp.yaml) instead"
+            )
         model.save_pretrained(str(out_dir / ADAPTER_DIR))
         model = merged_copy(model)
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), state_dict=state_dict)
     tokenizer.save_pretrained(str(out_dir))

@@ -3,16 +3,21 @@
 Every process draws the same global batch (same seed); process r works on one contiguous
 block of its rows (`shard`) and the results are gathered in rank order, which is the global
 order again. On one process every function here is the identity, so single-process runs do
-exactly what they did before.
+exactly what they did before. The last functions deal with weights sharded over the processes
+(FSDP, DeepSpeed ZeRO-3): saving them whole, and refusing them where a loop cannot work on shards.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
+from transformers import PreTrainedTokenizerBase
+
+from rlhfkit.models.loading import save_model
 
 
 def shard(n: int, rank: int, n_proc: int) -> slice:
@@ -66,3 +71,64 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
         return bool(flag)
     raised = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(raised, "sum").item() > 0)
+
+
+def weights_are_sharded(accelerator: Accelerator) -> bool:
+    """True when no process holds the whole weights of a prepared model (FSDP, DeepSpeed ZeRO-3)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+def refuse_sharded_sampling(accelerator: Accelerator, stage: str) -> None:
+    """Stop before any work when `stage` would sample from a policy whose weights are sharded.
+
+    The RL stages sample with the policy's own modules, outside the prepared forward in which
+    FSDP or ZeRO-3 gathers the shards, and their checkpoints hold one process's optimiser
+    state: neither is done for sharded weights yet, so such a launch fails here, not mid-run.
+    """
+    if weights_are_sharded(accelerator):
+        raise ValueError(
+            f"{stage} does not run with sharded weights (FSDP or DeepSpeed ZeRO-3) yet: it samples "
+            "from the policy it trains; launch it with DDP (examples/accelerate/ddp.yaml) or ZeRO-2"
+        )
+
+
+def save_trained(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    part: str = "",
+) -> None:
+    """Save a trained model whole, from the main process; every process must call this.
+
+    `model` is what `accelerator.prepare` returned, `part` the name of the submodule to save
+    when it is a wrapper (`model` of a TokenValues). Sharded weights (FSDP, ZeRO-3) are
+    gathered by accelerate (a collective, hence every process), so the folder loads with plain
+    `from_pretrained` whatever the launch.
+    """
+    inner = accelerator.unwrap_model(model)
+    inner = inner.get_submodule(part) if part else inner
+    weights = None
+    if weights_are_sharded(accelerator):
+        whole = accelerator.get_state_dict(model)  # the main process's copy; empty elsewhere
+        prefix = f"{part}." if part else ""
+        # A tied weight (input embeddings = LM head) comes back as two tensors; keep its first name
+        # only, as save_pretrained does for an unsharded model.
+        seen: set[int] = set()
+        tied = set()
+        for name, param in inner.named_parameters(remove_duplicate=False):
+            if id(param) in seen:
+                tied.add(name)
+            seen.add(id(param))
+        weights = {
+            key.removeprefix(prefix): value
+            for key, value in whole.items()
+            if key.startswith(prefix) and key.removeprefix(prefix) not in tied
+        }
+    if accelerator.is_main_process:
+        save_model(inner, tokenizer, out_dir, state_dict=weights)
+    accelerator.wait_for_everyone()

@@ -17,12 +17,18 @@ import torch
 
 from rlhfkit.algos.dpo import dpo_loss, sequence_logprob
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable, save_model
+from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import join_prompt_response
 from rlhfkit.rollout.logprobs import response_logprobs
-from rlhfkit.train.distributed import gather_lists, mean_over_processes, require_divisible, shard
+from rlhfkit.train.distributed import (
+    gather_lists,
+    mean_over_processes,
+    require_divisible,
+    save_trained,
+    shard,
+)
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
@@ -141,9 +147,7 @@ def run_dpo(
             )
     if log is not None:
         log.close()
-    accelerator.wait_for_everyone()
-    if main:
-        save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
+    save_trained(accelerator, policy, tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "steps": total,

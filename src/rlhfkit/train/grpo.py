@@ -31,7 +31,14 @@ from rlhfkit.rollout import make_sampler
 from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
 from rlhfkit.rollout.logprobs import response_logprobs
 from rlhfkit.rollout.seeded import prompt_seeds
-from rlhfkit.train.distributed import gather_lists, gather_rows, mean_over_processes, require_divisible, shard
+from rlhfkit.train.distributed import (
+    gather_lists,
+    gather_rows,
+    mean_over_processes,
+    refuse_sharded_sampling,
+    require_divisible,
+    shard,
+)
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
@@ -90,6 +97,7 @@ def run_critic_free(
     accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
     n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    refuse_sharded_sampling(accelerator, section)
     # Several processes (accelerate launch): each samples and scores whole groups of its block of
     # the step's prompts, and trains on its block of every mini-batch, so both must split evenly.
     require_divisible(f"{section}.prompts_per_step", cfg.prompts_per_step, n_proc)

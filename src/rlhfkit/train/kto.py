@@ -14,8 +14,8 @@ import torch
 
 from rlhfkit.algos.kto import kto_loss, mismatched_partners
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model
-from rlhfkit.train.distributed import gather_lists, gather_rows, require_divisible, shard
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.train.distributed import gather_lists, gather_rows, require_divisible, save_trained, shard
 from rlhfkit.train.dpo import precompute_logprobs, sequence_logprobs, tokenize_example
 from rlhfkit.train.loop import (
     MetricsLog,
@@ -123,9 +123,7 @@ def run_kto(
             )
     if log is not None:
         log.close()
-    accelerator.wait_for_everyone()
-    if main:
-        save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
+    save_trained(accelerator, policy, tokenizer, out_dir / "model")
     n_up = int(labels.sum())
     return {
         "wall_seconds": watch.seconds(),

@@ -63,6 +63,7 @@ from rlhfkit.train.distributed import (
     gather_lists,
     gather_rows,
     mean_over_processes,
+    refuse_sharded_sampling,
     require_divisible,
     shard,
 )
@@ -193,6 +194,7 @@ def run_ppo(
     accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
     n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    refuse_sharded_sampling(accelerator, "ppo")
     # Several processes (accelerate launch): each samples and scores its block of every rollout and
     # of every mini-batch (rlhfkit.train.distributed), so both must split evenly.
     require_divisible("ppo.rollout_batch", cfg.rollout_batch, n_proc)

@@ -10,16 +10,16 @@ import math
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.algos.reward import bradley_terry_loss, soft_label_terms
 from rlhfkit.config import RunConfig
 from rlhfkit.models.heads import TokenValues, sequence_scores
-from rlhfkit.models.loading import load_tokenizer, load_trainable, save_model
+from rlhfkit.models.loading import load_tokenizer, load_trainable
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
+from rlhfkit.train.distributed import save_trained
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
@@ -93,18 +93,25 @@ def run_rm(
 ) -> dict:
     """Train a reward model from `init_path` on `pairs`; saves `out_dir/model`."""
     watch = Stopwatch()
-    model, tokenizer, summary = train_reward_model(config, init_path, pairs, out_dir, show_progress)
-    if PartialState().is_main_process:
-        save_model(model, tokenizer, out_dir / "model")
+    _, _, summary = train_reward_model(
+        config, init_path, pairs, out_dir, show_progress, save_to=out_dir / "model"
+    )
     return {**summary, "wall_seconds": watch.seconds()}
 
 
 def train_reward_model(
-    config: RunConfig, init_path: Path | str, pairs: list[dict], out_dir: Path, show_progress: bool = True
+    config: RunConfig,
+    init_path: Path | str,
+    pairs: list[dict],
+    out_dir: Path,
+    show_progress: bool = True,
+    save_to: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """Train a reward model from `init_path` on `pairs`: (the model, its tokenizer, a summary).
 
-    Nothing is saved but `out_dir/metrics.jsonl`; `run_rm` saves the model.
+    Nothing is saved but `out_dir/metrics.jsonl`, and the model in `save_to` when given (saved
+    here, where its weights are gathered if FSDP or ZeRO-3 sharded them: the returned model
+    then holds this process's shards only).
     """
     cfg = config.rm
     watch = Stopwatch()
@@ -165,6 +172,8 @@ def train_reward_model(
     if log is not None:
         log.close()
     val_acc = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device) if val else None
+    if save_to is not None:
+        save_trained(accelerator, model, tokenizer, save_to, part="model")
     accelerator.wait_for_everyone()
     summary = {
         "wall_seconds": watch.seconds(),

@@ -9,11 +9,12 @@ import torch
 
 from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import load_tokenizer, load_trainable, save_model
+from rlhfkit.models.loading import load_tokenizer, load_trainable
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
 from rlhfkit.rollout.logprobs import position_ids_from_mask
+from rlhfkit.train.distributed import save_trained
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
@@ -93,9 +94,7 @@ def run_sft(
             bar.update(bar.task_ids[0], advance=1, info=f"loss {loss_value:.3f}")
     if log is not None:
         log.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+    save_trained(accelerator, model, tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "final_loss": round(loss_value, 4),
