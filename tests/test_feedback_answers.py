@@ -40,6 +40,8 @@ def test_ranking_answer_is_kept_in_original_indices():
     ("task_type", "answer", "field"),
     [
         ("comparison", {"choice": "up"}, "choice"),
+        ("comparison", {"choice": []}, "choice"),  # unhashable: found by the API fuzzer (was a 500)
+        ("comparison", {"choice": {"left": 1}}, "choice"),
         ("comparison", {"choice": "left", "strength": 4}, "strength"),
         ("comparison", {"choice": "left", "strength": True}, "strength"),
         ("ranking", {"ranking": [0, 0, 1]}, "ranking"),

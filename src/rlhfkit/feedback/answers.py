@@ -107,7 +107,7 @@ def store_answer(task_type: str, answer: Mapping[str, Any], order: Sequence[int]
         )
     if task_type == "comparison":
         choice = answer.get("choice")
-        if choice not in CHOICES:
+        if not isinstance(choice, str) or choice not in CHOICES:
             raise AnswerError("choice", f"must be one of {sorted(CHOICES)}, got {choice!r}")
         strength = answer.get("strength", 1)
         if not _is_int(strength) or not 1 <= strength <= MAX_STRENGTH:
