@@ -22,6 +22,7 @@ from rlhfkit.loop import (
     PASSWORD_ENV,
     ROUND_KEYS,
     LabelTimeout,
+    loop_config,
     open_feedback,
     pick_prompts,
     round_fingerprint,
@@ -123,6 +124,10 @@ def test_two_rounds_write_every_round_to_the_report(loop_run):
     assert rounds[1]["n_labels_total"] > rounds[0]["n_labels_total"] == report["feedback"]["n_labels"]
     assert rounds[1]["n_pairs_total"] > rounds[0]["n_pairs_total"]
     assert rounds[0]["policy"] == "ppo/model" and rounds[1]["policy"] == "loop/round-2/ppo/model"
+    # Every round compares loop.prompts_per_round prompts (16 here), round 1's feedback stage too,
+    # and the run's config.yaml says so.
+    assert load_config(out / "config.yaml").feedback.n_prompts == 16
+    assert all(0 < _summary(out, k)["n_items"] <= 16 for k in (1, 2))
     round2 = out / "loop" / "round-2"
     for path in ("pairs.jsonl", "raw.jsonl", "prompts.jsonl", "summary.json", "samples.jsonl"):
         assert (round2 / path).stat().st_size > 0
@@ -134,6 +139,14 @@ def test_two_rounds_write_every_round_to_the_report(loop_run):
     assert html.index('id="loop"') < html.index('id="stages"')
     assert "gold reward and win rate per round" in html
     assert "Iterated RLHF: each round's policy vs SFT" in " ".join(stdout.split())
+
+
+def test_loop_config_gives_round_one_the_per_round_budget():
+    config = load_config(None, ["loop.prompts_per_round=123"])
+    assert config.feedback.n_prompts == 800 and loop_config(config).feedback.n_prompts == 123
+    assert loop_config(loop_config(config)) == loop_config(config)
+    unset = config.model_copy(update={"loop": config.loop.model_copy(update={"prompts_per_round": None})})
+    assert loop_config(unset) is unset
 
 
 @pytest.mark.slow
@@ -151,14 +164,21 @@ def test_round_two_labels_are_on_samples_of_round_one_policy(loop_run):
         store.close()
     assert {item.meta["policy"] for item in items} == {"ppo/model"}
     assert {label.item_id for label in labels} == {item.item_id for item in items}
-    stored = {(item.prompt, tuple(item.responses)) for item in items}
+    # loop.compare_with=sft (the default): one response of each item is SFT's, the other the policy's.
+    assert config.loop.compare_with == "sft"
+    assert all(sorted(item.meta["sampled_from"]) == ["ppo/model", "sft/model"] for item in items)
+    stored = {(item.prompt, frozenset(item.responses)) for item in items}
     prompts = [r.prompt for r in read_records(out / "loop" / "round-2" / "prompts.jsonl", "prompt")]
+    partner = (out / "sft" / "model", "sft/model")
 
     def resample(policy: Path) -> set:
-        made = comparison_items(policy, prompts, config.feedback, config.seed + 2, random.Random(0), "x")
-        return {(item["prompt"], tuple(item["responses"])) for item in made}
+        made = comparison_items(
+            policy, prompts, config.feedback, config.seed + 2, random.Random(0), "x", partner
+        )
+        return {(item["prompt"], frozenset(item["responses"])) for item in made}
 
-    # The round-1 PPO policy reproduces the stored comparisons exactly; the SFT policy does not.
+    # Against SFT's samples, the round-1 PPO policy reproduces the stored comparisons exactly
+    # (positions are drawn per item, hence sets); the SFT policy in its place does not.
     assert resample(out / "ppo" / "model") == stored
     assert resample(out / "sft" / "model") != stored
     # No round-2 prompt was compared in round 1 while unused prompts were left.

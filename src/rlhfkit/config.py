@@ -452,7 +452,10 @@ class LoopConfig(Section):
 
     rounds: int = Field(3, ge=1, description="rounds; round 1 is the demo's feedback, rm and ppo stages")
     prompts_per_round: int | None = Field(
-        None, gt=0, description="prompts sampled from the current policy a round; unset = feedback.n_prompts"
+        400,
+        gt=0,
+        description="prompts compared in every round, round 1 (the feedback stage) included: it sets "
+        "feedback.n_prompts in a loop run; unset = feedback.n_prompts (800: the demo's one-shot budget)",
     )
     ppo_steps: int | None = Field(None, ge=0, description="PPO iterations of rounds 2..N; unset = ppo.steps")
     ppo_from: Literal["sft", "previous"] = Field(
@@ -461,7 +464,7 @@ class LoopConfig(Section):
         "model) or previous (continue the last round's policy); the KL reference is SFT either way",
     )
     compare_with: Literal["policy", "sft"] = Field(
-        "policy",
+        "sft",
         description="what the current policy's samples are compared with in rounds 2..N: policy (K samples "
         "of it) or sft (one of the K samples is SFT's, so labels say what changed since SFT for the better "
         "or worse, where the policy exploits the reward model)",

@@ -38,6 +38,7 @@ from typing import Any
 
 from rich.console import Console
 
+from rlhfkit.config import RunConfig
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.pipeline import (
     Run,
@@ -545,8 +546,19 @@ def _finished(run: Run, k: int, fingerprint: str) -> dict[str, Any] | None:
     return summary if summary.get("fingerprint") == fingerprint else None
 
 
+def loop_config(config: RunConfig) -> RunConfig:
+    """The loop's config: round 1's feedback stage collects `loop.prompts_per_round` prompts too."""
+    n = config.loop.prompts_per_round
+    if n is None or n == config.feedback.n_prompts:
+        return config
+    return config.model_copy(update={"feedback": config.feedback.model_copy(update={"n_prompts": n})})
+
+
 def run_loop(run: Run) -> dict[str, Any]:
     """The demo's stages up to the first PPO, then rounds 2..N; returns report.json's content."""
+    config = loop_config(run.config)
+    if config is not run.config:  # the run directory's config.yaml says what the loop ran
+        run = Run(run.dir, config, show_progress=run.show_progress, resume=run.resume)
     for stage in ("pretrain", "sft", "feedback", "rm", "ppo"):
         if stage == "pretrain" and run.config.model.name_or_path:
             continue
