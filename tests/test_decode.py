@@ -159,6 +159,17 @@ def test_fused_optimizer_steps_bump_parameter_versions():
     assert all(p._version > v for p, v in zip(layer.parameters(), before, strict=True))
 
 
+def test_optimizer_holds_only_trainable_parameters_and_stays_fused():
+    # A frozen part (a LoRA/QLoRA base; a quantized one holds packed integer tensors) stays out.
+    trained, frozen = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    frozen.weight = torch.nn.Parameter(torch.zeros(2, 4, dtype=torch.uint8), requires_grad=False)
+    frozen.bias.requires_grad_(False)
+    optimizer, _ = make_optimizer([*trained.parameters(), *frozen.parameters()], 1e-2, 2, 0)
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(held) == 2 and all(any(p is q for q in trained.parameters()) for p in held)
+    assert optimizer.defaults["fused"] is True
+
+
 def test_fused_optimizer_makes_the_plain_adamw_update():
     torch.manual_seed(0)
     fused_layer = torch.nn.Linear(6, 3)

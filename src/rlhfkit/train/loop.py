@@ -45,8 +45,10 @@ def make_optimizer(
     schedule: str = "cosine",
     eps: float = 1e-8,
 ) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW with linear warm-up then `schedule` decay over `total_steps`."""
-    params = list(params)
+    """AdamW with linear warm-up then `schedule` decay over `total_steps`, over the trainable `params`."""
+    # Frozen parameters (a LoRA or QLoRA base, frozen layers) never get a gradient; leaving them out
+    # changes no update and keeps a quantized base's packed tensors from switching fused AdamW off.
+    params = [p for p in params if p.requires_grad]
     # Fused AdamW: one kernel over all tensors instead of about ten small ops per tensor, which
     # on a CPU cost more than the update itself for a small model (16 ms -> 2 ms per step for
     # the 1.4M-parameter bench model). Same update rule; plain tensors on CPU/CUDA only.
