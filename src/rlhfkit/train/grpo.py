@@ -24,7 +24,7 @@ from rlhfkit.algos.grpo import (
 from rlhfkit.algos.kl import kl_estimate
 from rlhfkit.algos.masked import masked_mean
 from rlhfkit.config import GRPOConfig, RLOOConfig, RunConfig
-from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable, save_model
+from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout import make_sampler
@@ -37,6 +37,7 @@ from rlhfkit.train.distributed import (
     mean_over_processes,
     refuse_sharded_sampling,
     require_divisible,
+    save_trained,
     shard,
 )
 from rlhfkit.train.loop import (
@@ -244,9 +245,7 @@ def run_critic_free(
             )
     if log is not None:
         log.close()
-    accelerator.wait_for_everyone()
-    if main:
-        save_model(accelerator.unwrap_model(policy), tokenizer, out_dir / "model")
+    save_trained(accelerator, policy, tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "steps": cfg.steps,

@@ -42,7 +42,6 @@ from rlhfkit.models.loading import (
     load_reward_model,
     load_tokenizer,
     load_trainable,
-    save_model,
 )
 from rlhfkit.models.lora import load_adapter_weights, reference_of
 from rlhfkit.models.memory import held_model, print_memory_estimate
@@ -65,6 +64,7 @@ from rlhfkit.train.distributed import (
     mean_over_processes,
     refuse_sharded_sampling,
     require_divisible,
+    save_trained,
     shard,
 )
 from rlhfkit.train.loop import (
@@ -594,9 +594,7 @@ def run_ppo(
                     raise TrainingInterrupted("ppo", step, path)
     if log is not None:
         log.close()
-    accelerator.wait_for_everyone()
-    if main:
-        save_model(accelerator.unwrap_model(actor).policy, tokenizer, out_dir / "model")
+    save_trained(accelerator, actor, tokenizer, out_dir / "model", part="policy")
     return {
         "wall_seconds": watch.seconds(),
         "steps": cfg.steps,
