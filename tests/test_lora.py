@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import rlhfkit.models.loading as loading_module
 import rlhfkit.train.dpo as dpo_module
+import rlhfkit.train.kto as kto_module
 import rlhfkit.train.ppo as ppo_module
 from rlhfkit.config import ConfigError, load_config
 from rlhfkit.models.loading import ADAPTER_DIR, load_causal_lm, load_reward_model, save_model, tiny_causal_lm
@@ -19,6 +21,7 @@ from rlhfkit.models.tokenizer import train_tokenizer
 from rlhfkit.rollout.logprobs import response_logprobs
 from rlhfkit.train.dpo import run_dpo
 from rlhfkit.train.grpo import run_critic_free
+from rlhfkit.train.kto import run_kto
 from rlhfkit.train.ppo import run_ppo
 from rlhfkit.train.rewards import build_reward_functions
 from rlhfkit.train.rm import run_rm
@@ -27,6 +30,10 @@ from rlhfkit.train.sft import run_sft
 TEXTS = ["Say a colour number 3. red", "blue green red yellow", "a colour is red or blue"] * 40
 PROMPTS = [f"Say a colour number {i}." for i in range(8)]
 PAIRS = [{"prompt": p, "chosen": "red", "rejected": "blue green"} for p in PROMPTS]
+THUMBS = [
+    {"prompt": p, "completion": ("red " if i % 2 else "blue ") * (i % 3 + 1), "label": i % 2 == 1}
+    for i, p in enumerate(PROMPTS)
+]
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8"]
 
 
@@ -155,3 +162,71 @@ def test_every_stage_trains_lora_and_saves_merged(sft_folder, tmp_path, monkeypa
     before = AutoModelForCausalLM.from_pretrained(sft_folder).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "model").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_kto_trains_lora_with_the_adapter_off_policy_as_reference(sft_folder, tmp_path, monkeypatch):
+    kto = ["kto.batch_size=4", "kto.epochs=2", "kto.lr=2e-2", "kto.warmup_ratio=0"]
+    loads: list[str] = []
+    real_load = load_causal_lm
+
+    def counting_load(path, quantization=None):
+        loads.append(str(path))
+        return real_load(path, quantization)
+
+    trained, references = [], []
+    real_trainable = kto_module.load_trainable
+
+    def recording_trainable(path, config):
+        trained.append(real_trainable(path, config))
+        return trained[-1]
+
+    def recording_reference_of(model):
+        references.append(model)
+        return reference_of(model)
+
+    monkeypatch.setattr(loading_module, "load_causal_lm", counting_load)
+    monkeypatch.setattr(kto_module, "load_causal_lm", counting_load)
+    monkeypatch.setattr(kto_module, "load_trainable", recording_trainable)
+    monkeypatch.setattr(kto_module, "reference_of", recording_reference_of)
+    run_kto(load_config(overrides=kto), sft_folder, THUMBS, tmp_path / "full", False)
+    # Full weights: the policy and a second copy as the reference.
+    assert loads == [str(sft_folder)] * 2 and references[0] is not trained[0]
+    full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+
+    before = AutoModelForCausalLM.from_pretrained(sft_folder).state_dict()
+    curves = {}
+    for precompute in ("true", "false"):
+        loads.clear()
+        trained.clear()
+        references.clear()
+        out = tmp_path / f"lora-precompute-{precompute}"
+        config = load_config(overrides=[*LORA, *kto, f"kto.precompute_reference={precompute}"])
+        run_kto(config, sft_folder, THUMBS, out, False)
+        # One base: the trained policy is the only model loaded, and with its adapter off the reference.
+        assert loads == [str(sft_folder)]
+        (policy,) = trained
+        assert references and all(ref is policy for ref in references)
+        # Only the adapters trained: every other weight is still the SFT model's.
+        names = [name for name, p in policy.named_parameters() if p.requires_grad]
+        assert names and all("lora_" in name for name in names)
+        for name, p in policy.named_parameters():
+            if "lora_" not in name:
+                key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+                assert torch.equal(p.detach(), before[key]), name
+        assert any("lora_B" in name and p.abs().max() > 0 for name, p in policy.named_parameters())
+        _saved_merged_and_adapter(out / "model", AutoModelForCausalLM)
+        after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+        curves[precompute] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    lora = curves["true"]
+    # Step 1: B = 0, so the policy is its reference and every statistic is the full-weight run's
+    # (r = 0, z0 = 0, loss 0.5; measured equal, checked to 1e-6).
+    assert lora[0] == pytest.approx(full[0], abs=1e-6) and lora[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    # The live reference (adapter off each batch) stays the base while the adapter trains: it gives
+    # the precomputed run's numbers at every step (measured equal, checked to 1e-6).
+    assert len(lora) == 4 and all(
+        live == pytest.approx(pre, abs=1e-6) for live, pre in zip(curves["false"], lora, strict=True)
+    )
+    assert lora[-1]["loss"] < lora[0]["loss"]
+    assert lora[-1]["reward/desirable"] > lora[-1]["reward/undesirable"]

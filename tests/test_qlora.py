@@ -214,3 +214,41 @@ def test_vllm_backend_refuses_a_quantized_policy(folders):
     model = load_trainable(folders["llama"], load_config(overrides=QLORA))
     with pytest.raises(ConfigError, match="lora.quantize"):
         VLLMSampler(RolloutConfig(backend="vllm"), model, load_tokenizer(folders["llama"]))
+
+
+@needs_bitsandbytes
+def test_qlora_kto_reference_is_the_quantized_base(folders, tmp_path):
+    from rlhfkit.train.kto import run_kto
+
+    thumbs = [
+        {"prompt": p, "completion": ("red " if i % 2 else "blue ") * (i % 3 + 1), "label": i % 2 == 1}
+        for i, p in enumerate(PROMPTS)
+    ]
+    kto = ["kto.batch_size=4", "kto.epochs=2", "kto.lr=2e-2", "kto.warmup_ratio=0"]
+    runs = {
+        "full": kto,
+        "qlora": QLORA + kto,
+        "qlora-live": QLORA + kto + ["kto.precompute_reference=false"],
+    }
+    curves = {}
+    for name, overrides in runs.items():
+        run_kto(load_config(overrides=overrides), folders["llama"], thumbs, tmp_path / name, False)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        curves[name] = [json.loads(x) for x in lines]
+    qlora = curves["qlora"]
+    # Step 1: B = 0, so the policy is its reference (the quantized base, adapter off): r = 0, z0 = 0,
+    # the full-weight run's numbers (measured equal, checked to 1e-6).
+    assert qlora[0] == pytest.approx(curves["full"][0], abs=1e-6)
+    assert qlora[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    # The live reference stays the quantized base while the adapter trains (measured equal).
+    assert len(qlora) == 4 and all(
+        live == pytest.approx(pre, abs=1e-6) for live, pre in zip(curves["qlora-live"], qlora, strict=True)
+    )
+    assert qlora[-1]["reward/desirable"] > qlora[-1]["reward/undesirable"]
+    adapter = load_file(str(tmp_path / "qlora" / "model" / ADAPTER_DIR / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items())
+    # Saved as a plain float checkpoint, moved away from the base.
+    assert "quantization_config" not in json.loads((tmp_path / "qlora" / "model" / "config.json").read_text())
+    before = AutoModelForCausalLM.from_pretrained(folders["llama"]).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "qlora" / "model").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -48,7 +48,7 @@ class ModelConfig(Section):
 class LoRAConfig(Section):
     """LoRA adapters (peft) on the trained model; the reference is the same weights, adapter off."""
 
-    enabled: bool = Field(False, description="train LoRA adapters, not all weights (sft rm ppo dpo grpo)")
+    enabled: bool = Field(False, description="train LoRA adapters, not all weights (sft rm ppo dpo kto grpo)")
     r: int = Field(16, gt=0, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator: the update is (alpha / r) * B A")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")

@@ -2,7 +2,8 @@
 
 Each example i gets a fixed mismatched partner j != i (a seeded derangement); the
 log-ratio of (prompt_i, completion_j) estimates the KL reference point z0 of the batch,
-as in Ethayarajh et al. 2024. The math is `rlhfkit.algos.kto.kto_loss`.
+as in Ethayarajh et al. 2024. The math is `rlhfkit.algos.kto.kto_loss`. With LoRA (`lora.enabled`)
+the reference is the policy with its adapter off, not a second copy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from rlhfkit.algos.kto import kto_loss, mismatched_partners
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable
+from rlhfkit.models.lora import reference_of
 from rlhfkit.train.distributed import gather_lists, gather_rows, require_divisible, save_trained, shard
 from rlhfkit.train.dpo import precompute_logprobs, sequence_logprobs, tokenize_example
 from rlhfkit.train.loop import (
@@ -51,7 +53,7 @@ def run_kto(
     if cfg.batch_size < 2:
         raise ValueError("kto.batch_size must be >= 2: the KL reference point needs other examples")
     watch = Stopwatch()
-    accelerator = make_accelerator(config.seed)
+    accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
     n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     # Several processes: each trains on its block of every batch; the reference point z0 is a
@@ -68,22 +70,28 @@ def run_kto(
         tokenize_example(tokenizer, examples[i]["prompt"], examples[j]["completion"], cfg.max_length)
         for i, j in enumerate(partners.tolist())
     ]
-    reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
+    policy = load_trainable(policy_path, config)
+    # LoRA: the reference is the policy with its adapter off, not a second copy.
+    reference = None
+    if not config.lora.enabled:
+        reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
     ref_logp = ref_kl_logp = None
     if cfg.precompute_reference:
         # Each process computes its block; gathered, every process holds them all.
         own = shard(len(rows), rank, n_proc)
-        ref_logp, ref_kl_logp = (
-            torch.cat(gather_lists(accelerator, [precompute_logprobs(reference, part[own], pad, device)]))
-            for part in (rows, kl_rows)
-        )
-        reference = None
-    policy = load_causal_lm(policy_path)
+        with reference_of(policy.to(device) if reference is None else reference) as ref:
+            ref_logp, ref_kl_logp = (
+                torch.cat(gather_lists(accelerator, [precompute_logprobs(ref, part[own], pad, device)]))
+                for part in (rows, kl_rows)
+            )
+        reference = None  # one model fewer in memory for the whole run
     total = max(1, round(cfg.epochs * math.ceil(len(rows) / cfg.batch_size)))
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
     # The schedule stays unprepared: a prepared one would step once per process at each step.
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    policy.eval()  # dropout off, as in DPO
+    # Dropout off by zeroing it, as in DPO: policy and reference must be the same function, and
+    # eval() would also switch gradient checkpointing off.
+    dropout_off(policy)
     batches = ShuffledBatches(len(rows), cfg.batch_size, gen)
     log = MetricsLog(out_dir / "metrics.jsonl") if main else None
     last: dict[str, float] = {}
@@ -95,11 +103,13 @@ def run_kto(
             with torch.no_grad():
                 # z0 is detached inside the loss anyway; no graph needed for the KL pairs.
                 kl_logp = sequence_logprobs(policy, [kl_rows[i] for i in idx], pad, device)
-                if reference is None:
+                if ref_logp is not None:
                     ref, ref_kl = ref_logp[idx].to(device), ref_kl_logp[idx].to(device)
                 else:
-                    ref = sequence_logprobs(reference, [rows[i] for i in idx], pad, device)
-                    ref_kl = sequence_logprobs(reference, [kl_rows[i] for i in idx], pad, device)
+                    live = accelerator.unwrap_model(policy) if reference is None else reference
+                    with reference_of(live) as ref_model:
+                        ref = sequence_logprobs(ref_model, [rows[i] for i in idx], pad, device)
+                        ref_kl = sequence_logprobs(ref_model, [kl_rows[i] for i in idx], pad, device)
                 # The whole batch's log-probs: z0 is a statistic of the batch, not of a block.
                 all_logp, all_ref, all_kl, all_ref_kl = gather_rows(
                     accelerator, logp.detach(), ref, kl_logp, ref_kl
