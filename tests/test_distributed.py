@@ -15,11 +15,16 @@ from rlhfkit.train.distributed import (
     any_process,
     gather_lists,
     gather_rows,
+    load_optimizer_state,
     mean_over_processes,
-    refuse_sharded_sampling,
+    optimizer_state,
+    pretrained_weights,
+    refuse_unsupported_sharding,
     require_divisible,
     shard,
     weights_are_sharded,
+    whole_state_dict,
+    whole_weights,
 )
 
 
@@ -53,7 +58,30 @@ def test_one_process_helpers_are_the_identity():
     assert any_process(acc, True) is True and any_process(acc, False) is False
 
 
-def test_sharded_weights_are_fsdp_and_zero3_and_the_sampling_stages_refuse_them():
+def test_without_sharded_weights_the_state_helpers_are_the_modules_own():
+    """One process or DDP: no gathering; whole_weights changes nothing, states are the modules' own."""
+    from accelerate.utils import DistributedType
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    acc = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, unwrap_model=lambda m: m)
+    before = [p.detach().clone() for p in model.parameters()]
+    with whole_weights(model):
+        assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert whole_state_dict(acc, model, "1").keys() == {"weight", "bias"}
+    assert torch.equal(whole_state_dict(acc, model)["0.weight"], model[0].weight)
+    assert pretrained_weights(acc, model) is None
+    state = optimizer_state(acc, model, optimizer)
+    assert state.keys() == {"state", "param_groups"} and len(state["state"]) == 4
+    fresh = torch.optim.AdamW(model.parameters())
+    load_optimizer_state(acc, model, fresh, state)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+
+
+def test_sharded_weights_are_fsdp_and_zero3_and_the_rl_stages_refuse_all_but_fsdp2():
     from accelerate.utils import DistributedType
 
     def deepspeed(stage: int) -> SimpleNamespace:
@@ -63,18 +91,24 @@ def test_sharded_weights_are_fsdp_and_zero3_and_the_sampling_stages_refuse_them(
         )
 
     launches = {
-        "fsdp": SimpleNamespace(distributed_type=DistributedType.FSDP),
+        "fsdp2": SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True),
+        "fsdp1": SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False),
         "zero3": deepspeed(3),
         "zero2": deepspeed(2),
         "ddp": SimpleNamespace(distributed_type=DistributedType.MULTI_CPU),
         "one": SimpleNamespace(distributed_type=DistributedType.NO),
     }
-    assert {name for name, acc in launches.items() if weights_are_sharded(acc)} == {"fsdp", "zero3"}
-    for name in ("fsdp", "zero3"):
-        with pytest.raises(ValueError, match=r"grpo does not run with sharded weights .*ddp.yaml"):
-            refuse_sharded_sampling(launches[name], "grpo")
+    assert {name for name, acc in launches.items() if weights_are_sharded(acc)} == {"fsdp2", "fsdp1", "zero3"}
+    with pytest.raises(ValueError, match=r"grpo does not run with DeepSpeed ZeRO-3 .*fsdp.yaml.*ddp.yaml"):
+        refuse_unsupported_sharding(launches["zero3"], "grpo")
+    with pytest.raises(ValueError, match=r"ppo runs under FSDP2 only \(fsdp_version: 2"):
+        refuse_unsupported_sharding(launches["fsdp1"], "ppo")
+    with pytest.raises(ValueError, match=r"rloo with lora.enabled does not run under FSDP .*ddp.yaml"):
+        refuse_unsupported_sharding(launches["fsdp2"], "rloo", lora=True)
+    for name in ("fsdp2", "zero2", "ddp", "one"):
+        refuse_unsupported_sharding(launches[name], "ppo")
     for name in ("zero2", "ddp", "one"):
-        refuse_sharded_sampling(launches[name], "ppo")
+        refuse_unsupported_sharding(launches[name], "ppo", lora=True)
 
 
 def test_prompt_seeds_depend_on_run_step_and_position_only():

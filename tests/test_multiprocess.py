@@ -18,9 +18,10 @@ or DDP's average left unscaled, changes the gradient norm by a factor near 2).
 GRPO/RLOO and KTO are compared with one process on the same settings (each mini-batch's loss
 is divided by the whole mini-batch's counts, so no accumulation is needed), at the same 1e-4.
 
-Under FSDP (the shipped examples/accelerate/fsdp.yaml) SFT, the reward model and DPO are compared
-with one process as above and their saved models must load whole; a 2-process PPO run killed
-after a checkpoint and resumed on 2 processes must end bit-identical to an uninterrupted one.
+Under FSDP (the shipped examples/accelerate/fsdp.yaml) SFT, the reward model and DPO, then PPO, A2C,
+GRPO and RLOO are compared with one process as above and their saved models must load whole. A
+2-process PPO run killed after a checkpoint and resumed on 2 processes must end bit-identical to an
+uninterrupted one, under DDP and under FSDP.
 """
 
 from __future__ import annotations
@@ -145,21 +146,16 @@ def test_two_processes_match_one(init_folder, tmp_path):
         assert any(not torch.equal(w0[k], w2[k]) for k in w0 if k in w2)
 
 
-FSDP_SCRIPT = textwrap.dedent(
+# The start of every script launched with examples/accelerate/fsdp.yaml: real FSDP2 on the CPU gloo
+# group, and `units`, the number of FSDP units of each model accelerate prepares.
+FSDP_PRELUDE = textwrap.dedent(
     """
-    import json, os, sys
-    from pathlib import Path
+    import os
     import accelerate
     from accelerate import PartialState
     from accelerate.utils import DistributedType
     from torch.distributed.fsdp import FSDPModule
-    from rlhfkit.config import load_config
-    from rlhfkit.train.dpo import run_dpo
-    from rlhfkit.train.ppo import run_ppo
-    from rlhfkit.train.rm import run_rm
-    from rlhfkit.train.sft import run_sft
 
-    init, out = Path(sys.argv[1]), Path(sys.argv[2])
     sharded = os.environ.get("ACCELERATE_USE_FSDP") == "true"
     if sharded:
         # accelerate (1.15) turns FSDP on for accelerator devices only: on a CPU gloo group it
@@ -178,11 +174,25 @@ FSDP_SCRIPT = textwrap.dedent(
         return prepared
 
     accelerate.Accelerator.prepare = counted_prepare
+    """
+)
+
+FSDP_SCRIPT = FSDP_PRELUDE + textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from rlhfkit.config import load_config
+    from rlhfkit.train.dpo import run_dpo
+    from rlhfkit.train.ppo import run_ppo
+    from rlhfkit.train.rm import run_rm
+    from rlhfkit.train.sft import run_sft
+
+    init, out = Path(sys.argv[1]), Path(sys.argv[2])
     prompts = [f"Say a colour number {i}." for i in range(8)]
     config = load_config(overrides=["sft.batch_size=4", "sft.epochs=2", "rm.batch_size=4", "rm.epochs=2",
                                     "rm.val_share=0", "sft.warmup_ratio=0", "rm.warmup_ratio=0"])
-    # The reward model first: accelerate's FSDP plugin keeps the block class it found in the first
-    # model it wrapped, and TokenValues must name it itself.
+    # The reward model first: accelerate's FSDP plugin keeps the block class it found in the first model it
+    # wrapped, and TokenValues must name it itself.
     run_rm(config, init, [{"prompt": p, "chosen": "red", "rejected": "blue " * (i % 2 + 1)}
                           for i, p in enumerate(prompts)], out / "rm", show_progress=False)
     run_sft(config, init, [{"prompt": p, "completion": "red " * (i % 3 + 1)} for i, p in enumerate(prompts)],
@@ -194,8 +204,10 @@ FSDP_SCRIPT = textwrap.dedent(
     run_dpo(load_config(overrides=dpo), init, pairs, out / "dpo", show_progress=False)
     refused = None
     if sharded:
+        # The RL stages run under FSDP2 (test_rl_stages_under_fsdp_match_one_process...), LoRA ones do not.
         try:
-            run_ppo(load_config(), init, init, prompts, out / "ppo", show_progress=False)
+            run_ppo(load_config(overrides=["lora.enabled=true"]), init, init, prompts, out / "ppo",
+                    show_progress=False)
         except ValueError as exc:
             refused = str(exc)
     state = accelerate.state.AcceleratorState()
@@ -214,7 +226,7 @@ def test_fsdp_two_processes_match_one_and_save_whole_models(init_folder, tmp_pat
     one unit per transformer block) on 2 CPU processes give the losses of one process on the same
     global batch, within 1e-5 relative (gradients are reduce-scattered instead of all-reduced: only
     the summation order differs; measured: at most 1e-7), and save whole models that load with
-    plain from_pretrained. PPO refuses sharded weights with a clear error."""
+    plain from_pretrained. LoRA PPO refuses sharded weights with a clear error."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     script = tmp_path / "fsdp.py"
@@ -229,7 +241,7 @@ def test_fsdp_two_processes_match_one_and_save_whole_models(init_folder, tmp_pat
         # decoder blocks and the root (3 units), plus accelerate's embeddings/head group (3 more)
         # for a bare causal LM. Unwrapped blocks would leave the whole model in one unit.
         assert seen["units"] == [3, 6, 6], seen
-        assert "sharded weights" in seen["ppo"] and "ddp.yaml" in seen["ppo"], seen
+        assert "lora.enabled" in seen["ppo"] and "FSDP" in seen["ppo"] and "ddp.yaml" in seen["ppo"], seen
     w0 = load_file(str(init_folder / "model.safetensors"))
     for stage, (lr, steps) in FSDP_STAGES.items():
         one, two = (_losses(tmp_path / run / stage / "metrics.jsonl") for run in ("p1", "fsdp"))
@@ -565,3 +577,258 @@ def test_ppo_two_processes_killed_and_resumed_end_bit_identical(init_folder, rew
     )
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows == ref_rows
+
+
+RL_FSDP_SCRIPT = FSDP_PRELUDE + textwrap.dedent(
+    """
+    import json, shutil, signal, sys
+    from pathlib import Path
+    import rlhfkit.rollout.generate as generate
+    import rlhfkit.train.ppo as ppo
+    from rlhfkit.config import load_config
+    from rlhfkit.train.grpo import run_critic_free
+    from rlhfkit.train.rewards import build_reward_functions
+
+    policy, untied, rm, out = map(Path, sys.argv[1:5])
+    # The variants to run (and --resume); when none is named, all ("resume" under FSDP only).
+    only = sys.argv[5:]
+    # The number of tokens each sampling call of this process decoded.
+    decoded = []
+    decode = generate.decode
+
+    def counted_decode(*args, **kwargs):
+        new = decode(*args, **kwargs)
+        decoded.append(new.size(1))
+        return new
+
+    generate.decode = counted_decode
+    kill_at = int(os.environ.get("KILL_AFTER_STEP", "0"))
+    if kill_at:
+        # SIGKILL the launch (torchrun stops the other process) once the main process has written the
+        # checkpoint of that step: no chance to save anything more.
+        save = ppo.save_checkpoint
+
+        def save_then_die(root, step, *args, **kwargs):
+            path = save(root, step, *args, **kwargs)
+            if step == kill_at:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            return path
+
+        ppo.save_checkpoint = save_then_die
+
+    prompts = [f"Say a colour number {i}." for i in range(16)]
+    corpus = ["Say a colour number 3. red", "blue green red yellow"] * 10
+    common = ["ppo.steps=3", "ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.grad_accum=2",
+              "ppo.max_new_tokens=6", "ppo.save_every=2", "ppo.lr=1e-3", "ppo.critic_lr=1e-3",
+              "rollout.seed_per_prompt=true", "pretrain.block_size=16"]
+    ppo_variants = {
+        # Two epochs of two mini-batches; a separate critic (its own sharded model and optimiser).
+        "separate": [],
+        # A value head on the sharded policy, PTX through it, per-mini-batch whitening, KL and entropy in
+        # the loss, reward normalisation over 5 samples (blocks of 3 and 2), an extra term, early stop.
+        "shared": ["ppo.critic=shared", "ppo.whiten_advantages=minibatch", "ppo.kl_mode=loss",
+                   "ppo.kl_estimator=k3", "ppo.ent_coef=0.01", "ppo.ptx_coef=0.5", "ppo.ptx_batch=4",
+                   "ppo.reward_norm=true", "ppo.reward_norm_samples=5", "ppo.reward_scaling=true",
+                   "ppo.extra_rewards=[{fn: repetition_penalty}]", "ppo.target_kl=1e-8", "ppo.keep_states=2"],
+        # A2C: one step per rollout over micro-batches of 2 rows, on a policy with untied embeddings (as
+        # many parameters as its critic).
+        "a2c": ["ppo.algorithm=a2c", "ppo.minibatch=2"],
+        # For the kill-and-resume test: each process samples with its own RNG stream (seed + rank), so
+        # a resumed run must restore every process's stream; 4 steps, killed after the 2nd.
+        "resume": ["ppo.steps=4", "rollout.seed_per_prompt=false"],
+    }
+    rewards = "[{fn: reward_model}, {fn: repetition_penalty, weight: 0.5}]"
+    critic_free = ["steps=3", "prompts_per_step=4", "group_size=2", "max_new_tokens=6", "lr=1e-3",
+                   f"rewards={rewards}"]
+    critic_free_variants = {
+        # DAPO's token-level loss over two epochs of two mini-batches.
+        "grpo": ("grpo", ["loss_normalisation=token", "update_epochs=2", "minibatch=4"]),
+        # RLOO with a single update: the scoring forward is the update's.
+        "rloo": ("rloo", ["update_epochs=1", "minibatch=8"]),
+    }
+    seen = {}
+
+    def record(name):
+        seen[name] = {"units": list(units), "decoded": list(decoded)}
+        units.clear()
+        decoded.clear()
+
+    for name, extra in ppo_variants.items():
+        if name in only or (not only and (name != "resume" or sharded)):
+            config = load_config(overrides=common + extra)
+            ppo.run_ppo(config, untied if name == "a2c" else policy, rm, prompts, out / name,
+                        show_progress=False, ptx_corpus=corpus, resume="--resume" in only)
+            record(name)
+    if not only:
+        # The shared-critic run again from its step-2 checkpoint (value head, PTX and the optimiser states
+        # of a policy with a head): it must end as the run itself did.
+        if PartialState().is_main_process:
+            shutil.copytree(out / "shared", out / "shared_resumed")
+            shutil.rmtree(out / "shared_resumed" / "checkpoints" / "step-3")
+            shutil.rmtree(out / "shared_resumed" / "model")
+        PartialState().wait_for_everyone()
+        ppo.run_ppo(load_config(overrides=common + ppo_variants["shared"]), policy, rm, prompts,
+                    out / "shared_resumed", show_progress=False, ptx_corpus=corpus, resume=True)
+        record("shared_resumed")
+        for name, (section, extra) in critic_free_variants.items():
+            config = load_config(overrides=["rollout.seed_per_prompt=true"]
+                                 + [f"{section}.{o}" for o in critic_free + extra])
+            terms = build_reward_functions(getattr(config, section).rewards, rm)
+            run_critic_free(config, section, policy, terms, prompts, out / name, show_progress=False)
+            record(name)
+    state = accelerate.state.AcceleratorState()
+    (out / f"rank{state.process_index}-of-{state.num_processes}.json").write_text(
+        json.dumps({"distributed_type": str(state.distributed_type), **seen}))
+    """
+)
+
+FSDP_YAML = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp.yaml"
+# The runs of RL_FSDP_SCRIPT compared with one process.
+RL_FSDP_VARIANTS = ("separate", "shared", "a2c", "grpo", "rloo")
+
+
+@pytest.fixture(scope="module")
+def untied_folder(short_answer_folder) -> Path:
+    """The short-answer policy with its output embedding a separate copy of the input one."""
+    from rlhfkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(short_answer_folder)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    folder = short_answer_folder.parent / "untied"
+    save_model(model, load_tokenizer(short_answer_folder), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rl_fsdp_runs(short_answer_folder, untied_folder, reward_folder, tmp_path_factory) -> Path:
+    """The RL variants of RL_FSDP_SCRIPT on one process and under FSDP2 on two (folders p1, fsdp)."""
+    root = tmp_path_factory.mktemp("rl_fsdp")
+    script = root / "rl_fsdp.py"
+    script.write_text(RL_FSDP_SCRIPT)
+    models = (short_answer_folder, untied_folder, reward_folder)
+    _launch(1, script, *models, root / "p1")
+    _launch(2, script, *models, root / "fsdp", config_file=FSDP_YAML)
+    return root
+
+
+@pytest.mark.slow
+def test_rl_stages_under_fsdp_match_one_process_and_save_whole_models(
+    rl_fsdp_runs, short_answer_folder, untied_folder
+):
+    """PPO (separate and shared critic, A2C), GRPO and RLOO under FSDP2 (the shipped fsdp.yaml, one unit
+    per block) on 2 CPU processes log the numbers of one process at every step, within 1e-4 relative
+    (absolute below 1), and end with its weights within 1e-5.
+
+    Why they can be close: the rollout samples with per-prompt seeds from whole weights (gathered once
+    per rollout), so both runs train on the same tokens, and the losses are normalised as under DDP;
+    only float rounding differs (rows scored in blocks, gradients reduce-scattered). Measured: at most
+    8.3e-7 relative on a logged number (the explained variance) and 1.2e-7 on a weight, against weights
+    that moved by 2e-3 to 7.6e-3; a missing factor of the number of processes doubles or halves
+    `grad_norm`. The saved models load whole with plain from_pretrained, and checkpoints hold the
+    optimiser states whole. A2C trains a policy with untied embeddings, which has as many parameters
+    as its critic (accelerate's own FSDP gradient clipping fails on that)."""
+    from transformers import AutoModelForCausalLM
+
+    p1, fsdp = rl_fsdp_runs / "p1", rl_fsdp_runs / "fsdp"
+    ranks = [json.loads((fsdp / f"rank{r}-of-2.json").read_text()) for r in (0, 1)]
+    for seen in ranks:
+        assert seen["distributed_type"] == "DistributedType.FSDP", seen
+        # Each prepared model is sharded block by block: the PPO actor (policy and value head in one
+        # PolicyValue) and the separate critic (TokenValues) as 2 blocks + the root; the bare causal LM of
+        # GRPO/RLOO with accelerate's embeddings/head group on top.
+        expected_units = {"separate": [3, 3], "shared": [3], "a2c": [3, 3], "grpo": [6], "rloo": [6]}
+        assert {name: seen[name]["units"] for name in expected_units} == expected_units, seen
+    # The processes made the same number of sampling calls but decoded different numbers of tokens in
+    # some of them (each stops when its own rows have ended): a forward that gathered the shards at
+    # every token would have waited forever.
+    for name in RL_FSDP_VARIANTS:
+        widths = [ranks[r][name]["decoded"] for r in (0, 1)]
+        assert len(widths[0]) == len(widths[1]) >= 3, (name, widths)
+    assert any(ranks[0][name]["decoded"] != ranks[1][name]["decoded"] for name in RL_FSDP_VARIANTS), ranks
+
+    for name in RL_FSDP_VARIANTS:
+        w0 = load_file(str((untied_folder if name == "a2c" else short_answer_folder) / "model.safetensors"))
+        one = [json.loads(x) for x in (p1 / name / "metrics.jsonl").read_text().splitlines()]
+        two = [json.loads(x) for x in (fsdp / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3], name
+        for a, b in zip(one, two, strict=True):
+            assert a.keys() == b.keys(), (name, a, b)
+            assert a["response_length"] == b["response_length"], (name, a, b)
+            for key in a:
+                if a[key] is None:  # not finite (logged as null)
+                    assert b[key] is None, (name, key, a, b)
+                    continue
+                assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (name, key, a, b)
+        folder = fsdp / name / "model"
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+        assert not any(info.values()), (name, info)  # whole tensors under every name
+        weights = load_file(str(folder / "model.safetensors"))
+        reference = load_file(str(p1 / name / "model" / "model.safetensors"))
+        assert weights.keys() == reference.keys() == w0.keys(), name
+        for key, value in weights.items():
+            assert torch.allclose(value, reference[key], rtol=0, atol=1e-5), (name, key)
+        assert max((weights[k] - w0[k]).abs().max().item() for k in w0) > 1e-3, name  # it trained
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7]])).logits).all()
+
+    # A checkpoint written under FSDP holds the policy whole, and whole optimiser states keyed by name.
+    step2 = fsdp / "shared" / "checkpoints" / "step-2"
+    state = load_state(step2)
+    assert state["sharded"] is True and state["value_head"]["weight"].shape == (1, 32)
+    w0 = load_file(str(short_answer_folder / "model.safetensors"))
+    embed = state["opt_policy"]["state"]["policy.model.embed_tokens.weight"]
+    assert embed["exp_avg"].shape == w0["model.embed_tokens.weight"].shape
+    assert load_file(str(step2 / "model.safetensors")).keys() == w0.keys()
+    # The shared-critic run resumed from that checkpoint ends with the same bytes and numbers, on one
+    # process and under FSDP (the value head, PTX and the policy's optimiser state came back whole).
+    for run in (p1, fsdp):
+        resumed = run / "shared_resumed"
+        assert (resumed / "model" / "model.safetensors").read_bytes() == (
+            run / "shared" / "model" / "model.safetensors"
+        ).read_bytes(), run
+        assert (resumed / "metrics.jsonl").read_text() == (run / "shared" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_ppo_under_fsdp_killed_and_resumed_ends_bit_identical(
+    rl_fsdp_runs, short_answer_folder, untied_folder, reward_folder
+):
+    """PPO under FSDP2 on 2 processes (separate critic, each process sampling from its own RNG stream),
+    SIGKILLed right after its step-2 checkpoint and resumed on 2 processes, ends with the very bytes and
+    metrics of the uninterrupted run (the "resume" variant of the fixture's FSDP launch). Bit-identical,
+    as under DDP: the same operations in the same order, each process restoring its shard of the
+    optimiser states from the whole states in the checkpoint, and its own sampling RNG state."""
+    out, script = rl_fsdp_runs / "killed", rl_fsdp_runs / "rl_fsdp.py"
+    models = (short_answer_folder, untied_folder, reward_folder)
+    cmd = _launch_command(2, script, *models, out, "resume", config_file=FSDP_YAML)
+    # Its own session: whatever process group the kill reaches, it is not pytest's.
+    killed = subprocess.run(
+        cmd,
+        env={**LAUNCH_ENV, "KILL_AFTER_STEP": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    run = out / "resume"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (run / "model").exists()
+    saved = latest_resumable(run / "checkpoints")
+    assert saved is not None and saved.name == "step-2"
+    assert load_state(saved)["sharded"] is True
+
+    # Its optimiser states are keyed by parameter name: resuming it without FSDP is refused, not guessed.
+    unsharded = _launch_command(1, script, *models, out, "resume", "--resume")
+    refused = subprocess.run(unsharded, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "saved with sharded (FSDP) weights" in refused.stderr, refused.stderr
+    assert latest_resumable(run / "checkpoints") == saved and not (run / "model").exists()
+
+    resumed = subprocess.run(cmd + ["--resume"], env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = rl_fsdp_runs / "fsdp" / "resume"
+    weights = (expected / "model" / "model.safetensors").read_bytes()
+    assert (run / "model" / "model.safetensors").read_bytes() == weights
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (run / "metrics.jsonl").read_text() == (expected / "metrics.jsonl").read_text()

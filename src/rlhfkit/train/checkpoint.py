@@ -48,17 +48,25 @@ def latest_resumable(root: Path) -> Path | None:
 
 
 def save_checkpoint(
-    root: Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any], keep_states: int = 1
+    root: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    state: dict[str, Any],
+    keep_states: int = 1,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `root/step-N` atomically (a temporary folder renamed when complete).
 
-    Only the `keep_states` newest checkpoints keep their trainer state; older ones keep the
-    policy weights, which is all an evaluation sweep needs.
+    `weights` replaces the model's own (its weights gathered whole when they are sharded, see
+    `rlhfkit.train.distributed.pretrained_weights`). Only the `keep_states` newest checkpoints
+    keep their trainer state; older ones keep the policy weights, which is all an evaluation
+    sweep needs.
     """
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
+    save_model(model, tokenizer, tmp, state_dict=weights)
     torch.save(state, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -4,11 +4,14 @@ Every process draws the same global batch (same seed); process r works on one co
 block of its rows (`shard`) and the results are gathered in rank order, which is the global
 order again. On one process every function here is the identity, so single-process runs do
 exactly what they did before. The last functions deal with weights sharded over the processes
-(FSDP, DeepSpeed ZeRO-3): saving them whole, and refusing them where a loop cannot work on shards.
+(FSDP, DeepSpeed ZeRO-3): holding them whole for a rollout, gathering weights and optimiser states
+whole for saving and checkpoints, and refusing the launches a loop cannot work with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,21 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(raised, "sum").item() > 0)
 
 
+def clip_grad_norm(accelerator: Accelerator, parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip the gradients of `parameters` to a total norm of `max_norm`; their norm before clipping.
+
+    `accelerator.clip_grad_norm_`, except under FSDP2, where accelerate first looks for the prepared
+    model whose parameter list equals `parameters` by comparing the lists element by element, which
+    fails ("Boolean value of Tensor ... is ambiguous") when another prepared model has as many
+    parameters (PPO's critic next to a policy with untied embeddings). Torch clips the sharded
+    gradients itself there, as accelerate would: the norm is that of the whole gradient.
+    """
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2:
+        accelerator.unscale_gradients()
+        return float(torch.nn.utils.clip_grad_norm_(list(parameters), max_norm))
+    return float(accelerator.clip_grad_norm_(parameters, max_norm))
+
+
 def weights_are_sharded(accelerator: Accelerator) -> bool:
     """True when no process holds the whole weights of a prepared model (FSDP, DeepSpeed ZeRO-3)."""
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -82,18 +100,149 @@ def weights_are_sharded(accelerator: Accelerator) -> bool:
     return False
 
 
-def refuse_sharded_sampling(accelerator: Accelerator, stage: str) -> None:
-    """Stop before any work when `stage` would sample from a policy whose weights are sharded.
+def refuse_unsupported_sharding(accelerator: Accelerator, stage: str, lora: bool = False) -> None:
+    """Stop before any work when `stage`, an RL stage, cannot run on this launch's sharded weights.
 
-    The RL stages sample with the policy's own modules, outside the prepared forward in which
-    FSDP or ZeRO-3 gathers the shards, and their checkpoints hold one process's optimiser
-    state: neither is done for sharded weights yet, so such a launch fails here, not mid-run.
+    The RL stages sample from the policy they train. Under FSDP2 the rollout holds the whole
+    weights (`whole_weights`) and checkpoints gather weights and optimiser states whole; FSDP1 and
+    DeepSpeed ZeRO-3 gather weights in ways these loops do not drive (ZeRO-3 cannot be tested
+    here), and a LoRA policy under FSDP is not saved (merging needs whole weights). Each of these
+    fails here, not mid-run.
     """
-    if weights_are_sharded(accelerator):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and weights_are_sharded(accelerator):
         raise ValueError(
-            f"{stage} does not run with sharded weights (FSDP or DeepSpeed ZeRO-3) yet: it samples "
-            "from the policy it trains; launch it with DDP (examples/accelerate/ddp.yaml) or ZeRO-2"
+            f"{stage} does not run with DeepSpeed ZeRO-3 (sharded weights) yet: launch it with FSDP2 "
+            "(examples/accelerate/fsdp.yaml), DDP (examples/accelerate/ddp.yaml) or ZeRO-2"
         )
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if not accelerator.is_fsdp2:
+        raise ValueError(
+            f"{stage} runs under FSDP2 only (fsdp_version: 2, as in examples/accelerate/fsdp.yaml), "
+            "not FSDP1: it samples from the policy it trains through FSDP2's unshard()"
+        )
+    if lora:
+        raise ValueError(
+            f"{stage} with lora.enabled does not run under FSDP yet (a LoRA model is saved merged, "
+            "which needs whole weights): launch it with DDP (examples/accelerate/ddp.yaml)"
+        )
+
+
+@contextmanager
+def whole_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Every process holds the whole weights of the prepared `model` for the duration (FSDP2).
+
+    Sampling calls the policy once per new token, and processes stop at different lengths. Under
+    FSDP2 each call would all-gather the shards of every unit it runs (a collective), so every
+    process would have to make the same number of calls, a collective stop decision at each token.
+    Instead each unit is gathered once here and kept until the end: one all-gather per unit per
+    rollout instead of one per unit per token, and the calls inside need no collective, so each
+    process decodes at its own pace (and its own number of prompts). The price is the whole
+    weights in memory while sampling, when the gradients are freed and optimiser states stay
+    sharded. Without FSDP2 units (one process, DDP) this does nothing.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    # FSDP2 names as its root the first unit a forward runs through, and the sampler calls modules
+    # inside the prepared one (the policy in PPO's PolicyValue): set the real root up first, or a
+    # block would take that role and the next training forward would fail.
+    units[0]._get_fsdp_state()._lazy_init()
+    # A forward frees a unit's gathered weights after it (reshard after forward); inside, that would
+    # undo the gathering below and make the next call all-gather again. Each group's own setting
+    # (torch has no public getter for it) is put back afterwards.
+    groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
+    kept = [group.post_forward_mesh_info for group in groups]
+    try:
+        for group in groups:
+            group.post_forward_mesh_info = None
+        for unit in units:
+            unit.unshard()  # one all-gather per unit, the same on every process
+        yield
+    finally:
+        for group, info in zip(groups, kept, strict=True):
+            group.post_forward_mesh_info = info
+        for unit in units:
+            unit.reshard()
+
+
+def whole_state_dict(
+    accelerator: Accelerator, model: torch.nn.Module, part: str = ""
+) -> dict[str, torch.Tensor]:
+    """The state dict of the prepared `model` (of its submodule `part` when given), whole.
+
+    Sharded weights (FSDP, ZeRO-3) are gathered by accelerate, a collective: every process must
+    call this, and only the main process gets the tensors (the others an empty dict). Otherwise
+    it is the module's own `state_dict()` on every process.
+    """
+    inner = accelerator.unwrap_model(model)
+    if not weights_are_sharded(accelerator):
+        return (inner.get_submodule(part) if part else inner).state_dict()
+    whole = accelerator.get_state_dict(model)  # the main process's copy; empty elsewhere
+    prefix = f"{part}." if part else ""
+    return {key.removeprefix(prefix): value for key, value in whole.items() if key.startswith(prefix)}
+
+
+def pretrained_weights(
+    accelerator: Accelerator, model: torch.nn.Module, part: str = ""
+) -> dict[str, torch.Tensor] | None:
+    """The weights `save_model` writes for the prepared `model` (its submodule `part`).
+
+    None when every process holds them whole (save_pretrained reads the module's own). Sharded,
+    they are gathered (every process must call this; the tensors reach the main process only),
+    with a tied input/output embedding under its first name only, as save_pretrained writes it.
+    """
+    if not weights_are_sharded(accelerator):
+        return None
+    inner = accelerator.unwrap_model(model)
+    inner = inner.get_submodule(part) if part else inner
+    whole = whole_state_dict(accelerator, model, part)
+    # A tied weight comes back as two tensors; keep its first name only.
+    seen: set[int] = set()
+    tied = set()
+    for name, param in inner.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
+    return {key: value for key, value in whole.items() if key not in tied}
+
+
+def _full_state_options(**kwargs: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """What a checkpoint keeps of `optimizer` (prepared with `model`): its state dict, whole.
+
+    Sharded (FSDP2), each process holds its shard of every state: they are gathered, keyed by
+    parameter name (torch.distributed.checkpoint), a collective whose result reaches the main
+    process only. Otherwise it is `optimizer.state_dict()`, the same on every process.
+    """
+    if not weights_are_sharded(accelerator):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    # accelerate's wrapper around the torch optimiser is not what the parameter names are mapped through.
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return get_optimizer_state_dict(model, inner, options=_full_state_options(cpu_offload=True))
+
+
+def load_optimizer_state(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, state: dict[str, Any]
+) -> None:
+    """Restore what `optimizer_state` returned (every process passes the whole state, keeps its shard)."""
+    if not weights_are_sharded(accelerator):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    set_optimizer_state_dict(model, inner, state, options=_full_state_options())
 
 
 def save_trained(
@@ -107,28 +256,12 @@ def save_trained(
 
     `model` is what `accelerator.prepare` returned, `part` the name of the submodule to save
     when it is a wrapper (`model` of a TokenValues). Sharded weights (FSDP, ZeRO-3) are
-    gathered by accelerate (a collective, hence every process), so the folder loads with plain
-    `from_pretrained` whatever the launch.
+    gathered (`pretrained_weights`, a collective, hence every process), so the folder loads with
+    plain `from_pretrained` whatever the launch.
     """
     inner = accelerator.unwrap_model(model)
     inner = inner.get_submodule(part) if part else inner
-    weights = None
-    if weights_are_sharded(accelerator):
-        whole = accelerator.get_state_dict(model)  # the main process's copy; empty elsewhere
-        prefix = f"{part}." if part else ""
-        # A tied weight (input embeddings = LM head) comes back as two tensors; keep its first name
-        # only, as save_pretrained does for an unsharded model.
-        seen: set[int] = set()
-        tied = set()
-        for name, param in inner.named_parameters(remove_duplicate=False):
-            if id(param) in seen:
-                tied.add(name)
-            seen.add(id(param))
-        weights = {
-            key.removeprefix(prefix): value
-            for key, value in whole.items()
-            if key.startswith(prefix) and key.removeprefix(prefix) not in tied
-        }
+    weights = pretrained_weights(accelerator, model, part)
     if accelerator.is_main_process:
         save_model(inner, tokenizer, out_dir, state_dict=weights)
     accelerator.wait_for_everyone()

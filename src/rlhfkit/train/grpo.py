@@ -35,10 +35,11 @@ from rlhfkit.train.distributed import (
     gather_lists,
     gather_rows,
     mean_over_processes,
-    refuse_sharded_sampling,
+    refuse_unsupported_sharding,
     require_divisible,
     save_trained,
     shard,
+    whole_weights,
 )
 from rlhfkit.train.loop import (
     MetricsLog,
@@ -98,7 +99,7 @@ def run_critic_free(
     accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
     n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    refuse_sharded_sampling(accelerator, section)
+    refuse_unsupported_sharding(accelerator, section, lora=config.lora.enabled)
     # Several processes (accelerate launch): each samples and scores whole groups of its block of
     # the step's prompts, and trains on its block of every mini-batch, so both must split evenly.
     require_divisible(f"{section}.prompts_per_step", cfg.prompts_per_step, n_proc)
@@ -144,9 +145,10 @@ def run_critic_free(
             if config.rollout.seed_per_prompt:
                 # The same responses whatever the number of processes (or rollout.batch_size).
                 seeded["seeds"] = prompt_seeds(config.seed, step, batch_size)[own]
-            responses = sample(
-                queries[own], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, **seeded
-            )
+            with whole_weights(policy):  # sharded (FSDP2): gathered once for the whole rollout
+                responses = sample(
+                    queries[own], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, **seeded
+                )
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             own_scores, term_means = combined_rewards(reward_terms, group_prompts[own], texts)
             term_means = mean_over_processes(accelerator, term_means)  # equal blocks: the batch mean

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from torch.distributed.fsdp import register_fsdp_forward_method
 
 from rlhfkit.algos.masked import masked_mean, masked_whiten
 from rlhfkit.algos.ppo import (
@@ -59,13 +60,20 @@ from rlhfkit.train.checkpoint import (
 )
 from rlhfkit.train.distributed import (
     any_process,
+    clip_grad_norm,
     gather_lists,
     gather_rows,
+    load_optimizer_state,
     mean_over_processes,
-    refuse_sharded_sampling,
+    optimizer_state,
+    pretrained_weights,
+    refuse_unsupported_sharding,
     require_divisible,
     save_trained,
     shard,
+    weights_are_sharded,
+    whole_state_dict,
+    whole_weights,
 )
 from rlhfkit.train.loop import (
     MetricsLog,
@@ -122,6 +130,23 @@ class PolicyValue(torch.nn.Module):
     def __init__(self, policy: torch.nn.Module, value_head: torch.nn.Linear | None):
         super().__init__()
         self.policy, self.value_head = policy, value_head
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        # Read by accelerate's FSDP auto-wrap policy: shard each transformer block as its own unit.
+        return getattr(self.policy, "_no_split_modules", None)
+
+    def tie_weights(self) -> None:
+        """Tie the policy's input and output embeddings again (accelerate's FSDP2 set-up unties them)."""
+        self.policy.tie_weights()
+
+    def pretraining_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of whole text blocks (PTX), at every position.
+
+        Registered as a forward of this module under FSDP2 (`register_fsdp_forward_method`), so
+        the shards are gathered for it as for `forward`.
+        """
+        return self.policy(input_ids=input_ids, use_cache=False).logits
 
     def forward(
         self, batch: PromptResponseBatch, temperature: float
@@ -194,12 +219,24 @@ def run_ppo(
     accelerator = make_accelerator(config.seed, config.model.dtype)
     device = accelerator.device
     n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    refuse_sharded_sampling(accelerator, "ppo")
+    refuse_unsupported_sharding(accelerator, "ppo", lora=config.lora.enabled)
+    sharded = weights_are_sharded(accelerator)
     # Several processes (accelerate launch): each samples and scores its block of every rollout and
     # of every mini-batch (rlhfkit.train.distributed), so both must split evenly.
     require_divisible("ppo.rollout_batch", cfg.rollout_batch, n_proc)
     if cfg.algorithm == "ppo":
         require_divisible("ppo.minibatch", cfg.minibatch, n_proc)
+    if sharded and cfg.ptx_coef > 0:
+        # Sharded weights: a forward is a collective, so every process must run a PTX forward in each
+        # of its micro-batches, i.e. each of the mini-batch's micro-batch blocks gets PTX rows.
+        micro = cfg.minibatch // cfg.grad_accum if cfg.algorithm == "ppo" else cfg.minibatch
+        own_rows = (cfg.minibatch if cfg.algorithm == "ppo" else cfg.rollout_batch) // n_proc
+        blocks = -(-own_rows // micro) * n_proc
+        if cfg.ptx_batch < blocks:
+            raise ValueError(
+                f"ppo.ptx_batch {cfg.ptx_batch} leaves micro-batches without PTX rows; with sharded "
+                f"weights every process needs some in each of its micro-batches: set it to >= {blocks}"
+            )
     tokenizer = load_tokenizer(policy_path)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     ckpt_root = out_dir / "checkpoints"
@@ -214,6 +251,15 @@ def run_ppo(
             )
     elif resume and main:
         console.print(f"[dim]ppo: no checkpoint in {ckpt_root}, starting from step 0[/dim]")
+    state = load_state(checkpoint) if checkpoint is not None else None
+    if state is not None and state.get("sharded", False) != sharded:
+        # Optimiser states are saved per parameter position unsharded, and per parameter name sharded.
+        saved_as = "sharded (FSDP)" if state.get("sharded", False) else "unsharded"
+        raise ValueError(
+            f"{checkpoint} was saved with {saved_as} weights and this launch runs with"
+            f"{'' if sharded else 'out'} sharded weights; resume it with a launch like the one that "
+            "saved it, or rerun without --resume"
+        )
 
     lora = config.lora.enabled
     # LoRA: the base stays the starting weights; a resumed run reloads the checkpoint's adapter.
@@ -233,6 +279,8 @@ def run_ppo(
         # Detail: the critic starts from the reward model, which already reads response quality.
         critic = load_reward_model(reward_path, pad)
         critic.eval()
+        if state is not None:
+            critic.load_state_dict(state["critic"])
     else:
         # Detail: a value head on the policy, initialised from the reward model's scalar head
         # (same hidden size when the reward model was trained from this policy), else zeros.
@@ -240,6 +288,8 @@ def run_ppo(
         score = reward_model.score.weight
         with torch.no_grad():
             value_head.weight.copy_(score if score.shape == value_head.weight.shape else 0.0)
+        if state is not None:
+            value_head.load_state_dict(state["value_head"])
     actor = PolicyValue(policy, value_head)
     # Detail: dropout off in every model: rollout and training log-probs are the same function.
     dropout_off(actor)
@@ -298,6 +348,14 @@ def run_ppo(
         schedule=cfg.lr_schedule,
         eps=cfg.adam_eps,
     )
+    # One model per prepare call: accelerate's FSDP2 set-up shards one model (and its optimiser) per call.
+    actor, opt_policy = accelerator.prepare(actor, opt_policy)
+    # FSDP2 replaces the parameters by sharded ones: the gradients to clip are theirs.
+    trainable = [p for p in actor.parameters() if p.requires_grad]
+    # PTX runs the policy through `pretraining_logits`, not `forward`: FSDP2 then treats it as a forward
+    # of the root (its shards gathered, inputs cast for mixed precision) instead of relying on the
+    # root's weights still being gathered from the forward before it.
+    register_fsdp_forward_method(accelerator.unwrap_model(actor), "pretraining_logits")
     opt_critic = sched_critic = None
     if critic is not None:
         opt_critic, sched_critic = make_optimizer(
@@ -309,11 +367,7 @@ def run_ppo(
             eps=cfg.adam_eps,
         )
         # Prepared inside TokenValues so DDP/FSDP see the forward that computes the values.
-        actor, critic, opt_policy, opt_critic = accelerator.prepare(
-            actor, TokenValues(critic), opt_policy, opt_critic
-        )
-    else:
-        actor, opt_policy = accelerator.prepare(actor, opt_policy)
+        critic, opt_critic = accelerator.prepare(TokenValues(critic), opt_critic)
     if n_proc > 1:
         # Processes sample different prompts; give them different noise too, not one stream copied.
         torch.manual_seed(config.seed + rank)
@@ -340,31 +394,29 @@ def run_ppo(
         if config.rollout.seed_per_prompt:
             # The same responses whatever the number of processes (or rollout.batch_size).
             seeded["seeds"] = prompt_seeds(config.seed, step, len(queries))[own]
-        responses = sample(
-            queries[own],
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            min_new_tokens=min_new,
-            **seeded,
-        )
+        with whole_weights(actor):  # sharded (FSDP2): gathered once for the whole rollout
+            responses = sample(
+                queries[own],
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                min_new_tokens=min_new,
+                **seeded,
+            )
         joined = join_prompt_response(queries, gather_lists(accelerator, responses), pad)
         return PromptResponseBatch(
             *(t.to(device) for t in (joined.input_ids, joined.attention_mask, joined.response_mask))
         )
 
     start_step = 0
-    if checkpoint is not None:
-        state = load_state(checkpoint)
+    if state is not None:
+        # The weights (policy, critic, value head) were loaded before they were prepared.
         start_step = state["step"]
         ctl = Controllers(**state["controllers"])
         ctl.moments = tuple(ctl.moments)  # type: ignore[assignment]
-        if value_head is not None:
-            value_head.load_state_dict(state["value_head"])
         if critic is not None:
-            accelerator.unwrap_model(critic).model.load_state_dict(state["critic"])
-            opt_critic.load_state_dict(state["opt_critic"])
+            load_optimizer_state(accelerator, critic, opt_critic, state["opt_critic"])
             sched_critic.load_state_dict(state["sched_critic"])
-        opt_policy.load_state_dict(state["opt_policy"])
+        load_optimizer_state(accelerator, actor, opt_policy, state["opt_policy"])
         sched_policy.load_state_dict(state["sched_policy"])
         gen.set_state(state["gen"])
         batches.pending = list(state["batch_order"])
@@ -399,14 +451,17 @@ def run_ppo(
     last: dict[str, float] = {}
 
     def trainer_state(step: int) -> dict[str, Any]:
+        """Everything but the policy's weights; every process calls this (sharded, the weights and
+        optimiser states are gathered whole, which only the main process receives)."""
         return {
             "step": step,
+            "sharded": sharded,
             "controllers": asdict(ctl),
-            "value_head": None if value_head is None else value_head.state_dict(),
-            "critic": None if critic is None else accelerator.unwrap_model(critic).model.state_dict(),
-            "opt_policy": opt_policy.state_dict(),
+            "value_head": None if value_head is None else whole_state_dict(accelerator, actor, "value_head"),
+            "critic": None if critic is None else whole_state_dict(accelerator, critic, "model"),
+            "opt_policy": optimizer_state(accelerator, actor, opt_policy),
             "sched_policy": sched_policy.state_dict(),
-            "opt_critic": None if opt_critic is None else opt_critic.state_dict(),
+            "opt_critic": None if opt_critic is None else optimizer_state(accelerator, critic, opt_critic),
             "sched_critic": None if sched_critic is None else sched_critic.state_dict(),
             "gen": gen.get_state(),
             "batch_order": list(batches.pending),
@@ -414,16 +469,17 @@ def run_ppo(
         }
 
     def checkpoint_now(step: int) -> Path:
-        """Save a checkpoint (every process calls this: their sampling RNG states are gathered)."""
+        """Save a checkpoint (every process calls this: their sampling RNG states are gathered, and
+        sharded weights and optimiser states too)."""
         rngs = gather_lists(accelerator, [torch.get_rng_state()]) if n_proc > 1 else None
+        trainer = trainer_state(step)
+        weights = pretrained_weights(accelerator, actor, "policy")
         path = ckpt_root / f"step-{step}"
         if main:
-            state = trainer_state(step)
             if rngs is not None:
-                state["torch_rng_per_process"] = rngs
-            path = save_checkpoint(
-                ckpt_root, step, accelerator.unwrap_model(actor).policy, tokenizer, state, cfg.keep_states
-            )
+                trainer["torch_rng_per_process"] = rngs
+            policy = accelerator.unwrap_model(actor).policy
+            path = save_checkpoint(ckpt_root, step, policy, tokenizer, trainer, cfg.keep_states, weights)
         accelerator.wait_for_everyone()
         return path
 
@@ -538,14 +594,14 @@ def run_ppo(
                             stats.setdefault(k, []).append(v)
                         epoch_kl.append(m_stats["approxkl"])
                     # Norms before clipping, of the gradient every process holds after DDP's average.
-                    norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    stats.setdefault("grad_norm", []).append(float(norm))
+                    norm = clip_grad_norm(accelerator, trainable, cfg.max_grad_norm)
+                    stats.setdefault("grad_norm", []).append(norm)
                     opt_policy.step()
                     sched_policy.step()
                     opt_policy.zero_grad(set_to_none=True)
                     if critic is not None:
-                        norm = accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-                        stats.setdefault("grad_norm/critic", []).append(float(norm))
+                        norm = clip_grad_norm(accelerator, critic.parameters(), cfg.max_grad_norm)
+                        stats.setdefault("grad_norm/critic", []).append(norm)
                         opt_critic.step()
                         sched_critic.step()
                         opt_critic.zero_grad(set_to_none=True)
@@ -653,8 +709,7 @@ def _micro_step(
     ptx_loss = None
     if ptx_rows is not None and len(ptx_rows):
         # PPO-ptx (InstructGPT): keep the pretraining distribution's likelihood up.
-        policy = accelerator.unwrap_model(actor).policy
-        ptx_logits = policy(input_ids=ptx_rows, use_cache=False).logits
+        ptx_logits = accelerator.unwrap_model(actor).pretraining_logits(ptx_rows)
         ptx_loss = completion_nll(ptx_logits, ptx_rows, torch.ones_like(ptx_rows))
         loss = loss + cfg.ptx_coef * ptx_share * ptx_loss
     accelerator.backward(loss)
