@@ -44,6 +44,13 @@ def test_demo_writes_the_run_directory_contract(demo_run):
         assert (out / stage / "model" / "config.json").is_file()
         assert (out / stage / "metrics.jsonl").stat().st_size > 0
     assert {"heldout_accuracy", "gold_agreement", "n_train_pairs"} <= set(report["rm"])
+    # Probes: one known defect per pair, on every held-out prompt, judged by the RM and by SFT's likelihood.
+    from rlhfkit.tasks.top5.probes import KINDS
+
+    probes = report["rm"]["probes"]
+    assert set(probes) == set(KINDS)
+    for entry in probes.values():
+        assert entry["n"] > 0 and 0.0 <= entry["reward_model"] <= 1.0 and 0.0 <= entry["policy_loglik"] <= 1.0
     for policy in ("sft", "ppo"):
         entry = report["eval"]["policies"][policy]
         assert {"gold_reward", "proxy_reward", "kl_from_sft"} <= set(entry)
@@ -69,6 +76,7 @@ def test_demo_writes_the_run_directory_contract(demo_run):
     assert curve[2]["heldout_accuracy"] == report["rm"]["heldout_accuracy"]
     assert curve[2]["n_train_pairs"] == report["rm"]["n_train_pairs"]
     assert 'id="label-curve-table"' in html
+    assert 'id="probes"' in html and "duplicate_item" in html
     assert 'alt="reward-model held-out accuracy against the number of labels"' in html
     assert not list((out / "eval" / "label_curve").rglob("*.safetensors"))  # trained, not saved
     # The printed table: both policies and the win rate.

@@ -81,3 +81,48 @@ def test_benchmark_on_pairs_scores_the_judged_pairs_by_their_gold_side():
     assert report["accuracy"] == pytest.approx(2 / 3) and report["n_pairs"] == 3
     assert report["subsets"] == {"x": {"accuracy": 1.0, "n": 2}, "y": {"accuracy": 0.0, "n": 1}}
     assert report["n_gold_ties_dropped"] == 1
+
+
+def test_probe_accuracies_compare_each_pair_and_count_ties_as_wrong():
+    from rlhfkit.eval.rm_bench import probe_accuracies
+    from rlhfkit.models.loading import tiny_causal_lm
+    from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids, train_tokenizer
+    from rlhfkit.rollout.logprobs import response_logprobs
+
+    texts = [f"1. item {i}\n2. thing {i * 7}\nsome words about lists {i}" for i in range(200)]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    policy = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    triples = [
+        ("List five things.", "1. item 3\n2. thing 9", "1. item 4"),
+        ("Top 5 items?", "1. thing 12", "some words about lists 5 and more words"),
+        ("Name five.", "2. item 8", "2. item 8"),  # the same answer twice: a tie, counted as wrong
+    ]
+
+    class SumReward(torch.nn.Module):
+        """A stand-in reward model: the sum of the token ids so far (read at the last token)."""
+
+        def forward(self, input_ids, attention_mask):
+            return (input_ids * attention_mask).cumsum(1).float()
+
+    def alone(prompt: str, response: str) -> tuple[float, int]:
+        """Log-likelihood of one unpadded sequence, and its response's token-id sum (its reward)."""
+        p, r = prompt_token_ids(tokenizer, prompt), completion_token_ids(tokenizer, response)
+        ids = torch.tensor([p + r])
+        lp = response_logprobs(policy, ids, torch.ones_like(ids), len(r), 1.0)
+        return lp.sum().item(), sum(r)
+
+    expected_ll, expected_rm = [], []
+    for prompt, better, worse in triples:
+        (lb, rb), (lw, rw) = alone(prompt, better), alone(prompt, worse)
+        expected_ll.append(lb > lw)
+        expected_rm.append(rb > rw)
+    assert any(expected_ll) and any(expected_rm)  # the pairs are not all decided the same way
+    report = probe_accuracies(SumReward(), policy, tokenizer, {"kind": triples, "empty": []})
+    assert set(report) == {"kind"}
+    assert report["kind"]["n"] == 3
+    assert report["kind"]["policy_loglik"] == pytest.approx(sum(expected_ll) / 3, abs=1e-4)
+    assert report["kind"]["reward_model"] == pytest.approx(sum(expected_rm) / 3, abs=1e-4)
+    # Swapping the sides turns every right answer wrong and back, except the tie, wrong both ways.
+    swapped = probe_accuracies(SumReward(), policy, tokenizer, {"kind": [(p, w, b) for p, b, w in triples]})
+    for column in ("policy_loglik", "reward_model"):
+        assert report["kind"][column] + swapped["kind"][column] == pytest.approx(2 / 3, abs=1e-4)

@@ -31,7 +31,12 @@ def _full_report() -> dict:
             "rm": {"wall_seconds": 30.0},
             "ppo": {"wall_seconds": 122.5},
         },
-        "rm": {"heldout_accuracy": 0.8125, "gold_agreement": 0.7731, "n_train_pairs": 1200},
+        "rm": {
+            "heldout_accuracy": 0.8125,
+            "gold_agreement": 0.7731,
+            "n_train_pairs": 1200,
+            "probes": {"duplicate_item": {"n": 240, "reward_model": 0.5583, "policy_loglik": 0.5375}},
+        },
         "eval": {
             "policies": {
                 "sft": {"gold_reward": 0.4123, "proxy_reward": 0.1, "kl_from_sft": 0.0},
@@ -109,6 +114,9 @@ def test_full_report(run_dir: Path):
     for text in ("sft", "ppo", "dpo", "0.71 [0.66, 0.77]", "0.58 [0.52, 0.64]", "0.6877"):
         assert text in html
     assert "0.8125" in html and "1200" in html and "n_spammers_flagged" in html
+    # The probe table: one row per defect with both columns, not a JSON dump among the scalars.
+    assert 'id="probes"' in html and "duplicate_item" in html and "0.5583" in html and "0.5375" in html
+    assert '"duplicate_item"' not in html
     assert "top5" in html and "312.5 s" in html
     # Newlines in outputs survive as text and render through white-space: pre-wrap.
     assert "1. Pothos\n2. Snake plant" in html and "pre-wrap" in html

@@ -80,3 +80,28 @@ def test_gold_utility_known_values(response, expected):
 
 def test_gold_is_resolved_by_import_path(task):
     assert resolve_gold(task) is gold_utility
+
+
+def test_probe_pairs_differ_by_exactly_the_named_defect():
+    from rlhfkit.tasks import resolve_probes
+    from rlhfkit.tasks.top5.probes import KINDS
+
+    task = load_task("rlhfkit.tasks.top5", 0)
+    prompts = task.heldout_prompts
+    probes = resolve_probes(task)(prompts, 0)
+    assert probes == resolve_probes(task)(prompts, 0)  # seeded
+    assert set(probes) == set(KINDS) and all(len(v) == len(prompts) for v in probes.values())
+    # What each defect changes in the gold judge's parts of a perfect list, and nothing else.
+    changed = {
+        "off_topic_item": {"relevance": 0.8, "off_topic": 1},
+        "duplicate_item": {"relevance": 0.8, "duplicates": 1},
+        "six_items": {"n_items": 6},
+        "four_items": {"n_items": 4, "relevance": 0.8},
+        "trailing_line": {"other_lines": 1},
+    }
+    for kind, triples in probes.items():
+        assert [p for p, _, _ in triples] == prompts
+        for prompt, better, worse in triples:
+            assert gold_utility(prompt, better) == 1.0 and gold_utility(prompt, worse) < 1.0
+            good, bad = score_parts(prompt, better), score_parts(prompt, worse)
+            assert {k: v for k, v in bad.items() if good[k] != v} == changed[kind], (kind, worse)

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from rlhfkit.config import FeedbackConfig, RunConfig, dump_config
 from rlhfkit.data.io import read_records, write_jsonl
-from rlhfkit.tasks import Task, load_task, resolve_gold
+from rlhfkit.tasks import Task, load_task, resolve_gold, resolve_probes
 from rlhfkit.train.loop import Stopwatch
 
 STAGES = ("pretrain", "sft", "feedback", "rm", "ppo", "eval")
@@ -377,8 +377,8 @@ def stage_ppo(run: Run) -> dict:
 
 def stage_eval(run: Run) -> dict:
     from rlhfkit.eval import evaluate
-    from rlhfkit.eval.rm_bench import benchmark_on_pairs, gold_pairs, seen_topic_subset
-    from rlhfkit.models.loading import load_reward_model
+    from rlhfkit.eval.rm_bench import benchmark_on_pairs, gold_pairs, probe_accuracies, seen_topic_subset
+    from rlhfkit.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 
     cfg, watch = run.config.eval, Stopwatch()
     prompts = _prompts(run.config.data.heldout_prompts, run.task.heldout_prompts)[: cfg.n_prompts]
@@ -420,8 +420,16 @@ def stage_eval(run: Run) -> dict:
             max_new_tokens=cfg.max_new_tokens,
             topic_subset=seen_topic_subset(topic_of, run.task.demonstrations) if topic_of else None,
         )
-        bench = benchmark_on_pairs(load_reward_model(rm_path, heldout.pad_id), heldout)
+        reward_model = load_reward_model(rm_path, heldout.pad_id)
+        bench = benchmark_on_pairs(reward_model, heldout)
         rm_report.update(heldout_accuracy=bench["accuracy"], n_heldout_pairs=bench["n_pairs"], bench=bench)
+        if run.task.probes:
+            # One known defect per pair: which of the things the judge rewards the RM learned.
+            sft_path = run.model_path("sft")
+            probes = resolve_probes(run.task)(prompts, run.config.seed)
+            rm_report["probes"] = probe_accuracies(
+                reward_model, load_causal_lm(sft_path), load_tokenizer(sft_path), probes
+            )
     pairs_path = _preference_path(run)
     if gold is not None and pairs_path.is_file():
         rm_report["gold_agreement"] = evaluate.label_gold_agreement(_read_pairs(pairs_path), gold)

@@ -34,17 +34,27 @@ def score_with_reward_model(
 
 
 @torch.no_grad()
-def sequence_kl(
-    policy, reference, prompt_ids, responses, pad_id: int, temperature: float, batch_size: int = 64
+def sequence_logprobs(
+    policy, prompt_ids, responses, pad_id: int, temperature: float = 1.0, batch_size: int = 64
 ) -> list[float]:
-    """log pi(y|x) - log pi_ref(y|x) per sample: an unbiased estimate of KL(pi || pi_ref)."""
+    """log pi(y|x) of each (prompt, response token ids), summed over the response."""
     out: list[float] = []
     for s in range(0, len(responses), batch_size):
         b = join_prompt_response(prompt_ids[s : s + batch_size], responses[s : s + batch_size], pad_id)
         lp = response_logprobs(policy, b.input_ids, b.attention_mask, b.n_response, temperature)
-        ref = response_logprobs(reference, b.input_ids, b.attention_mask, b.n_response, temperature)
-        out += ((lp - ref) * b.response_mask).sum(1).tolist()
+        out += (lp * b.response_mask).sum(1).tolist()
     return out
+
+
+def sequence_kl(
+    policy, reference, prompt_ids, responses, pad_id: int, temperature: float, batch_size: int = 64
+) -> list[float]:
+    """log pi(y|x) - log pi_ref(y|x) per sample: an unbiased estimate of KL(pi || pi_ref)."""
+    lp, ref = (
+        sequence_logprobs(m, prompt_ids, responses, pad_id, temperature, batch_size)
+        for m in (policy, reference)
+    )
+    return [a - b for a, b in zip(lp, ref, strict=True)]
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -506,10 +506,11 @@ def write_html_report(run_dir: Path, report: dict) -> Path:
         "judge": evaluation.get("judge", "gold"),
         "kl_estimator": evaluation.get("kl_estimator"),
         "rm": _scalar_items(
-            {k: v for k, v in rm_section.items() if k not in ("bench", "label_curve")},
+            {k: v for k, v in rm_section.items() if k not in ("bench", "label_curve", "probes")},
             ("heldout_accuracy", "gold_agreement", "n_train_pairs"),
         ),
         "bench": _bench_context(bench),
+        "probes": [(kind, _mapping(p)) for kind, p in _mapping(rm_section.get("probes")).items()],
         "label_curve": _label_curve_context(rm_section.get("label_curve")),
         "overopt": _overopt_context(overopt),
         "feedback": _scalar_items(

@@ -206,3 +206,40 @@ def seen_topic_subset(
         return "topic seen" if topic in seen else "topic unseen"
 
     return subset
+
+
+@torch.no_grad()
+def probe_accuracies(
+    reward_model, policy, tokenizer, probes: dict[str, list[tuple[str, str, str]]], batch_size: int = 64
+) -> dict[str, dict]:
+    """Per probe kind: how often the reward model, and the policy's log-likelihood, prefer the better answer.
+
+    `probes` maps a kind to (prompt, better, worse) triples that differ in one known way. A tie
+    counts as wrong. The policy column (log pi(y|x) summed over the response) shows what the
+    model the reward model started from already tells apart without any feedback.
+    """
+    from rlhfkit.eval.evaluate import score_with_reward_model, sequence_logprobs
+    from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
+
+    pad = tokenizer.pad_token_id
+    was_training = reward_model.training, policy.training
+    reward_model.eval()
+    policy.eval()
+    report = {}
+    for kind, triples in probes.items():
+        if not triples:
+            continue
+        prompt_ids = [prompt_token_ids(tokenizer, p) for p, _, _ in triples]
+        better, worse = ([completion_token_ids(tokenizer, t[side]) for t in triples] for side in (1, 2))
+        rm_b, rm_w = (
+            score_with_reward_model(reward_model, prompt_ids, r, pad, batch_size) for r in (better, worse)
+        )
+        ll_b, ll_w = (sequence_logprobs(policy, prompt_ids, r, pad, 1.0, batch_size) for r in (better, worse))
+        report[kind] = {
+            "n": len(triples),
+            "reward_model": round(float(np.mean([b > w for b, w in zip(rm_b, rm_w, strict=True)])), 4),
+            "policy_loglik": round(float(np.mean([b > w for b, w in zip(ll_b, ll_w, strict=True)])), 4),
+        }
+    reward_model.train(was_training[0])
+    policy.train(was_training[1])
+    return report

@@ -25,6 +25,9 @@ class Task:
     demonstrations: list[dict[str, str]]
     corpus: list[str] = field(default_factory=list)
     gold: str | None = None  # "module:function" of utility(prompt, response) -> float
+    # "module:function" of probes(prompts, seed) -> {kind: [(prompt, better, worse)]}: pairs that
+    # differ in one known way, for diagnosing a reward model (evaluation only, like `gold`)
+    probes: str | None = None
 
 
 def load_task(spec: str, seed: int = 0) -> Task:
@@ -41,9 +44,20 @@ def load_task(spec: str, seed: int = 0) -> Task:
     return build(seed)
 
 
+def _resolve(spec: str) -> Callable:
+    module_name, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
 def resolve_gold(task: Task) -> GoldUtility:
     """The task's gold utility function; only for simulated annotators and evaluation."""
     if not task.gold:
         raise ValueError(f"task {task.name!r} has no gold utility")
-    module_name, _, attr = task.gold.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    return _resolve(task.gold)
+
+
+def resolve_probes(task: Task) -> Callable[[list[str], int], dict[str, list[tuple[str, str, str]]]]:
+    """The task's probe-pair builder (see `Task.probes`); only for evaluation."""
+    if not task.probes:
+        raise ValueError(f"task {task.name!r} has no probe pairs")
+    return _resolve(task.probes)

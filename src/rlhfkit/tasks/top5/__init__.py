@@ -174,4 +174,5 @@ def build(seed: int = 0) -> Task:
         demonstrations=demos,
         corpus=build_corpus(seed),
         gold="rlhfkit.tasks.top5.gold:gold_utility",
+        probes="rlhfkit.tasks.top5.probes:probe_pairs",
     )
