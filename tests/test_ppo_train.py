@@ -302,3 +302,24 @@ def test_killed_run_resumes_to_bit_identical_weights(models, tmp_path):
     )
     assert changed.returncode == 2
     assert "different config" in changed.stderr
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_reference_runs_in_the_policys_precision(models, tmp_path, lora):
+    """Under mixed precision the policy's prepared forward autocasts; the reference must too, or the
+    KL of the first rollout (policy = reference) is not 0 and its estimate can go negative."""
+    from rlhfkit.train.grpo import run_critic_free
+    from rlhfkit.train.rewards import build_reward_functions
+
+    sft, rm = models
+    common = ["model.dtype=bfloat16", f"lora.enabled={str(lora).lower()}"]
+    cfg = load_config(overrides=[*SMALL, *common, "ppo.steps=1"])
+    run_ppo(cfg, sft, rm, PROMPTS, tmp_path / "ppo", show_progress=False)
+    assert _metrics(tmp_path / "ppo")[0]["kl"] == 0.0
+    grpo = load_config(
+        overrides=[*common, "grpo.steps=1", "grpo.prompts_per_step=2", "grpo.group_size=2",
+                   "grpo.minibatch=4", "grpo.max_new_tokens=6", "grpo.update_epochs=1"]
+    )
+    terms = build_reward_functions(grpo.grpo.rewards, rm)
+    run_critic_free(grpo, "grpo", sft, terms, PROMPTS, tmp_path / "grpo", show_progress=False)
+    assert _metrics(tmp_path / "grpo")[0]["kl"] == 0.0

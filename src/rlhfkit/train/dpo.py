@@ -100,7 +100,9 @@ def run_dpo(
     ref_chosen = ref_rejected = None
     if cfg.precompute_reference:
         own = shard(len(pairs), rank, n_proc)
-        with reference_of(policy.to(device) if reference is None else reference) as ref:
+        # In the policy's precision (its prepared forward autocasts): the log-ratios start at 0.
+        frozen = policy.to(device) if reference is None else reference
+        with accelerator.autocast(), reference_of(frozen) as ref:
             ref_chosen = precompute_logprobs(ref, chosen[own], pad, device, average)
             ref_rejected = precompute_logprobs(ref, rejected[own], pad, device, average)
         ref_chosen, ref_rejected = (
@@ -128,7 +130,7 @@ def run_dpo(
                 ref_c, ref_r = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
             else:
                 live = accelerator.unwrap_model(policy) if reference is None else reference
-                with reference_of(live) as ref_model:
+                with accelerator.autocast(), reference_of(live) as ref_model:
                     ref = sequence_logprobs(ref_model, both, pad, device, average)
                 ref_c, ref_r = ref[: len(idx)], ref[len(idx) :]
             loss, stats = dpo_loss(

@@ -167,7 +167,9 @@ def run_critic_free(
             order = (perms[0] if single_update else torch.arange(batch_size)).to(device)
             mine = order[shard(batch_size, rank, n_proc)]
             rows = batch.select(mine)
-            with reference_of(accelerator.unwrap_model(policy) if reference is None else reference) as ref:
+            # In the policy's precision (its prepared forward autocasts): KL is 0 where they are equal.
+            live = accelerator.unwrap_model(policy) if reference is None else reference
+            with accelerator.autocast(), reference_of(live) as ref:
                 ref_mine = response_logprobs(ref, rows.input_ids, rows.attention_mask, R, cfg.temperature)
             logp_mine = None
             if single_update:

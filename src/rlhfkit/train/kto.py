@@ -79,7 +79,9 @@ def run_kto(
     if cfg.precompute_reference:
         # Each process computes its block; gathered, every process holds them all.
         own = shard(len(rows), rank, n_proc)
-        with reference_of(policy.to(device) if reference is None else reference) as ref:
+        # In the policy's precision (its prepared forward autocasts): the log-ratios start at 0.
+        frozen = policy.to(device) if reference is None else reference
+        with accelerator.autocast(), reference_of(frozen) as ref:
             ref_logp, ref_kl_logp = (
                 torch.cat(gather_lists(accelerator, [precompute_logprobs(ref, part[own], pad, device)]))
                 for part in (rows, kl_rows)
@@ -107,7 +109,7 @@ def run_kto(
                     ref, ref_kl = ref_logp[idx].to(device), ref_kl_logp[idx].to(device)
                 else:
                     live = accelerator.unwrap_model(policy) if reference is None else reference
-                    with reference_of(live) as ref_model:
+                    with accelerator.autocast(), reference_of(live) as ref_model:
                         ref = sequence_logprobs(ref_model, [rows[i] for i in idx], pad, device)
                         ref_kl = sequence_logprobs(ref_model, [kl_rows[i] for i in idx], pad, device)
                 # The whole batch's log-probs: z0 is a statistic of the batch, not of a block.

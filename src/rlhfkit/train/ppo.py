@@ -504,7 +504,10 @@ def run_ppo(
                 )
                 if critic is not None:
                     old_values = in_row_chunks(lambda mb: critic_values(critic, mb), mine, forward_rows)
-                ref_logp = reference_logprobs(mine)
+                # Detail: the reference runs in the policy's precision (its prepared forward autocasts
+                # under mixed precision), or KL starts off zero and its estimate can go negative.
+                with accelerator.autocast():
+                    ref_logp = reference_logprobs(mine)
                 raw_scores = reward_scores(mine)
                 term_means: dict[str, float] = {}
                 extra = None
