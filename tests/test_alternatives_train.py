@@ -217,6 +217,24 @@ def test_dpo_precomputed_and_live_reference_agree(sft_dir, pairs, tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+@pytest.mark.parametrize("precompute", [True, False])
+def test_bf16_reference_runs_in_the_policys_precision(sft_dir, pairs, tmp_path, precompute):
+    """Under mixed precision the policy's prepared forward autocasts; the reference (precomputed or
+    live) must too, or the implicit rewards start off zero (a float32 reference gave 3.5e-4)."""
+    from rlhfkit.train.dpo import run_dpo
+    from rlhfkit.train.kto import run_kto, unpaired_from_pairs
+
+    bf16 = ["model.dtype=bfloat16", "dpo.epochs=1", "kto.epochs=1"]
+    switch = [f"dpo.precompute_reference={precompute}", f"kto.precompute_reference={precompute}"]
+    cfg = load_config(overrides=[*TINY, *bf16, *switch])
+    run_dpo(cfg, sft_dir, pairs, tmp_path / "dpo", show_progress=False)
+    first = _metrics(tmp_path / "dpo" / "metrics.jsonl")[0]
+    assert (first["reward/chosen"], first["reward/rejected"]) == (0.0, 0.0)
+    run_kto(cfg, sft_dir, unpaired_from_pairs(pairs), tmp_path / "kto", show_progress=False)
+    first = _metrics(tmp_path / "kto" / "metrics.jsonl")[0]
+    assert first["loss"] == 0.5  # r = 0 and z0 = 0 exactly: lambda - lambda / 2
+
+
 def test_ipo_and_conservative_dpo_run(sft_dir, pairs, tmp_path):
     from rlhfkit.train.dpo import run_dpo
 
