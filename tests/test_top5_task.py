@@ -105,3 +105,24 @@ def test_probe_pairs_differ_by_exactly_the_named_defect():
             assert gold_utility(prompt, better) == 1.0 and gold_utility(prompt, worse) < 1.0
             good, bad = score_parts(prompt, better), score_parts(prompt, worse)
             assert {k: v for k, v in bad.items() if good[k] != v} == changed[kind], (kind, worse)
+
+
+@pytest.mark.parametrize(
+    ("field", "spec", "message"),
+    [
+        ("gold", "rlhfkit.tasks.top5.gold", "not of the form 'module:function'"),
+        ("probes", "no_such_module_xyz:probes", "cannot be imported"),
+        ("probes", "rlhfkit.tasks.top5.probes:no_such_function", "has no function 'no_such_function'"),
+        ("gold", "rlhfkit.tasks.top5.probes:KINDS", "has no function 'KINDS'"),
+    ],
+)
+def test_a_bad_judge_or_probe_path_names_the_task_and_field(field, spec, message):
+    from dataclasses import replace
+
+    from rlhfkit.tasks import resolve_probes
+
+    task = replace(load_task("rlhfkit.tasks.top5", 0), name="mine", **{field: spec})
+    resolve = resolve_gold if field == "gold" else resolve_probes
+    with pytest.raises(ValueError, match=f"task 'mine': {field} '{spec}'") as err:
+        resolve(task)
+    assert message in str(err.value)

@@ -44,20 +44,32 @@ def load_task(spec: str, seed: int = 0) -> Task:
     return build(seed)
 
 
-def _resolve(spec: str) -> Callable:
+def _resolve(task: Task, field_name: str) -> Callable:
+    """The function a task field names as "module:function", or an error naming the task and field."""
+    spec = getattr(task, field_name)
     module_name, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    where = f"task {task.name!r}: {field_name} {spec!r}"
+    if not module_name or not attr:
+        raise ValueError(f"{where} is not of the form 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{where} cannot be imported: {exc}") from exc
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise ValueError(f"{where}: module {module_name!r} has no function {attr!r}")
+    return function
 
 
 def resolve_gold(task: Task) -> GoldUtility:
     """The task's gold utility function; only for simulated annotators and evaluation."""
     if not task.gold:
         raise ValueError(f"task {task.name!r} has no gold utility")
-    return _resolve(task.gold)
+    return _resolve(task, "gold")
 
 
 def resolve_probes(task: Task) -> Callable[[list[str], int], dict[str, list[tuple[str, str, str]]]]:
     """The task's probe-pair builder (see `Task.probes`); only for evaluation."""
     if not task.probes:
         raise ValueError(f"task {task.name!r} has no probe pairs")
-    return _resolve(task.probes)
+    return _resolve(task, "probes")
