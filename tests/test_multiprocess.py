@@ -267,6 +267,29 @@ def test_fsdp_two_processes_match_one_and_save_whole_models(init_folder, tmp_pat
         assert torch.isfinite(logits).all()
 
 
+# The PPO runs both multi-process PPO scripts make (DDP and FSDP): prompts, a PTX corpus, the common
+# settings and three variants. separate: two epochs of two mini-batches with a separate critic (its
+# own DDP module or sharded model). shared: a value head on the policy, per-mini-batch whitening, KL
+# and entropy in the loss, PTX, reward normalisation over 5 samples (uneven blocks: 3 and 2), an extra
+# reward term, early stop. a2c: one step per rollout over micro-batches of 2 rows.
+PPO_RUNS = textwrap.dedent(
+    """
+    prompts = [f"Say a colour number {i}." for i in range(16)]
+    corpus = ["Say a colour number 3. red", "blue green red yellow"] * 10
+    common = ["ppo.steps=3", "ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.grad_accum=2",
+              "ppo.max_new_tokens=6", "ppo.save_every=2", "ppo.lr=1e-3", "ppo.critic_lr=1e-3",
+              "rollout.seed_per_prompt=true", "pretrain.block_size=16"]
+    variants = {
+        "separate": [],
+        "shared": ["ppo.critic=shared", "ppo.whiten_advantages=minibatch", "ppo.kl_mode=loss",
+                   "ppo.kl_estimator=k3", "ppo.ent_coef=0.01", "ppo.ptx_coef=0.5", "ppo.ptx_batch=4",
+                   "ppo.reward_norm=true", "ppo.reward_norm_samples=5", "ppo.reward_scaling=true",
+                   "ppo.extra_rewards=[{fn: repetition_penalty}]", "ppo.target_kl=1e-8"],
+        "a2c": ["ppo.algorithm=a2c", "ppo.minibatch=2"],
+    }
+    """
+)
+
 PPO_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -290,23 +313,9 @@ PPO_SCRIPT = textwrap.dedent(
         return score(model, ids, mask)
 
     sampler.sample_responses, ppo.sequence_scores = counted_sample, counted_score
-    prompts = [f"Say a colour number {i}." for i in range(16)]
-    corpus = ["Say a colour number 3. red", "blue green red yellow"] * 10
-    common = ["ppo.steps=3", "ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.grad_accum=2",
-              "ppo.max_new_tokens=6", "ppo.save_every=2", "ppo.lr=1e-3", "ppo.critic_lr=1e-3",
-              "rollout.seed_per_prompt=true", "pretrain.block_size=16"]
-    variants = {
-        # Two epochs of two mini-batches; separate critic (its own DDP module).
-        "separate": [],
-        # Shared critic, per-mini-batch whitening, KL and entropy in the loss, PTX, reward
-        # normalisation over 5 samples (uneven blocks: 3 and 2), an extra reward term, early stop.
-        "shared": ["ppo.critic=shared", "ppo.whiten_advantages=minibatch", "ppo.kl_mode=loss",
-                   "ppo.kl_estimator=k3", "ppo.ent_coef=0.01", "ppo.ptx_coef=0.5", "ppo.ptx_batch=4",
-                   "ppo.reward_norm=true", "ppo.reward_norm_samples=5", "ppo.reward_scaling=true",
-                   "ppo.extra_rewards=[{fn: repetition_penalty}]", "ppo.target_kl=1e-8"],
-        # A2C: one step per rollout over micro-batches of 2 rows.
-        "a2c": ["ppo.algorithm=a2c", "ppo.minibatch=2"],
-    }
+    """
+) + PPO_RUNS + textwrap.dedent(
+    """
     for name, extra in variants.items():
         counts = {"sampled": [], "scored": []}
         ppo.run_ppo(load_config(overrides=common + extra), policy, rm, prompts, out / name,
@@ -616,23 +625,14 @@ RL_FSDP_SCRIPT = FSDP_PRELUDE + textwrap.dedent(
 
         ppo.save_checkpoint = save_then_die
 
-    prompts = [f"Say a colour number {i}." for i in range(16)]
-    corpus = ["Say a colour number 3. red", "blue green red yellow"] * 10
-    common = ["ppo.steps=3", "ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.grad_accum=2",
-              "ppo.max_new_tokens=6", "ppo.save_every=2", "ppo.lr=1e-3", "ppo.critic_lr=1e-3",
-              "rollout.seed_per_prompt=true", "pretrain.block_size=16"]
+    """
+) + PPO_RUNS + textwrap.dedent(
+    """
+    # The runs of PPO_RUNS (a2c on a policy with untied embeddings: as many parameters as its critic).
     ppo_variants = {
-        # Two epochs of two mini-batches; a separate critic (its own sharded model and optimiser).
-        "separate": [],
-        # A value head on the sharded policy, PTX through it, per-mini-batch whitening, KL and entropy in
-        # the loss, reward normalisation over 5 samples (blocks of 3 and 2), an extra term, early stop.
-        "shared": ["ppo.critic=shared", "ppo.whiten_advantages=minibatch", "ppo.kl_mode=loss",
-                   "ppo.kl_estimator=k3", "ppo.ent_coef=0.01", "ppo.ptx_coef=0.5", "ppo.ptx_batch=4",
-                   "ppo.reward_norm=true", "ppo.reward_norm_samples=5", "ppo.reward_scaling=true",
-                   "ppo.extra_rewards=[{fn: repetition_penalty}]", "ppo.target_kl=1e-8", "ppo.keep_states=2"],
-        # A2C: one step per rollout over micro-batches of 2 rows, on a policy with untied embeddings (as
-        # many parameters as its critic).
-        "a2c": ["ppo.algorithm=a2c", "ppo.minibatch=2"],
+        **variants,
+        # Only the newest two checkpoints keep their trainer state (the resume below reads step 2).
+        "shared": variants["shared"] + ["ppo.keep_states=2"],
         # For the kill-and-resume test: each process samples with its own RNG stream (seed + rank), so
         # a resumed run must restore every process's stream; 4 steps, killed after the 2nd.
         "resume": ["ppo.steps=4", "rollout.seed_per_prompt=false"],
