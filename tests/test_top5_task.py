@@ -110,10 +110,10 @@ def test_probe_pairs_differ_by_exactly_the_named_defect():
 @pytest.mark.parametrize(
     ("field", "spec", "message"),
     [
-        ("gold", "rlhfkit.tasks.top5.gold", "not of the form 'module:function'"),
-        ("probes", "no_such_module_xyz:probes", "cannot be imported"),
-        ("probes", "rlhfkit.tasks.top5.probes:no_such_function", "has no function 'no_such_function'"),
-        ("gold", "rlhfkit.tasks.top5.probes:KINDS", "has no function 'KINDS'"),
+        ("gold", "rlhfkit.tasks.top5.gold", "import path 'module:function'"),
+        ("probes", "no_such_module_xyz:probes", "cannot import 'no_such_module_xyz'"),
+        ("probes", "rlhfkit.tasks.top5.probes:no_such_function", "has no callable 'no_such_function'"),
+        ("gold", "rlhfkit.tasks.top5.probes:KINDS", "has no callable 'KINDS'"),
     ],
 )
 def test_a_bad_judge_or_probe_path_names_the_task_and_field(field, spec, message):

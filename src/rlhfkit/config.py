@@ -6,12 +6,29 @@ of a silent default.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+def import_callable(spec: str, what: str, expected: str = "an import path 'module:function'") -> Callable:
+    """The callable a config names as "module:function"; else a ValueError naming `what` and the problem."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} {spec!r}: expected {expected}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{what} {spec!r}: {module_name} has no callable {attr!r}")
+    return fn
 
 
 class ConfigError(ValueError):

@@ -12,6 +12,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rlhfkit.config import import_callable
+
 GoldUtility = Callable[[str, str], float]
 
 
@@ -46,19 +48,7 @@ def load_task(spec: str, seed: int = 0) -> Task:
 
 def _resolve(task: Task, field_name: str) -> Callable:
     """The function a task field names as "module:function", or an error naming the task and field."""
-    spec = getattr(task, field_name)
-    module_name, _, attr = spec.partition(":")
-    where = f"task {task.name!r}: {field_name} {spec!r}"
-    if not module_name or not attr:
-        raise ValueError(f"{where} is not of the form 'module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"{where} cannot be imported: {exc}") from exc
-    function = getattr(module, attr, None)
-    if not callable(function):
-        raise ValueError(f"{where}: module {module_name!r} has no function {attr!r}")
-    return function
+    return import_callable(getattr(task, field_name), f"task {task.name!r}: {field_name}")
 
 
 def resolve_gold(task: Task) -> GoldUtility:

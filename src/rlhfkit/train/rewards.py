@@ -17,7 +17,6 @@ the hidden gold utility, which is kept away from training.
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit.config import RewardSpec
+from rlhfkit.config import RewardSpec, import_callable
 from rlhfkit.models.heads import sequence_scores
 from rlhfkit.models.loading import load_reward_model, load_tokenizer
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
@@ -107,20 +106,8 @@ BUILTINS: dict[str, RewardFunction] = {
 
 def import_reward_function(spec: str) -> RewardFunction:
     """The callable named by "module:function"; a ValueError that says what is wrong otherwise."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(
-            f"reward function {spec!r}: expected a built-in ({', '.join(['reward_model', *BUILTINS])}) "
-            "or an import path 'module:function'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward function {spec!r}: cannot import {module_name!r}: {exc}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward function {spec!r}: {module_name} has no callable {attr!r}")
-    return fn
+    expected = f"a built-in ({', '.join(['reward_model', *BUILTINS])}) or an import path 'module:function'"
+    return import_callable(spec, "reward function", expected)
 
 
 @dataclass
