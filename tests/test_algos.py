@@ -128,6 +128,17 @@ def test_value_loss_clipping():
     assert stats["vf_clipfrac"] == pytest.approx(0.5)
 
 
+def test_value_loss_counts_no_clipping_inside_the_range():
+    # |V - V_old| = 0.06 < 0.2, but V_old + (V - V_old) rounds to one ulp further from the return
+    # than V in float32, which made the clipped term the larger one (counted clipped before).
+    values, old = torch.tensor([[-0.055619169026613235]]), torch.tensor([[0.004993150010704994]])
+    returns = torch.tensor([[0.0332]])
+    assert (old + (values - old) - returns).abs() > (values - returns).abs()  # the rounding itself
+    loss, stats = value_loss(values, old, returns, torch.ones(1, 1), clip_range=0.2)
+    assert stats["vf_clipfrac"] == 0.0
+    assert loss.item() == pytest.approx(0.5 * (values - returns).item() ** 2, rel=1e-6)
+
+
 def test_completion_nll_ignores_prompt_tokens():
     torch.manual_seed(0)
     logits = torch.randn(1, 4, 5)

@@ -229,7 +229,10 @@ def value_loss(
     loss_clipped = (clipped_values - returns) ** 2
     loss = 0.5 * _token_mean(torch.maximum(loss_unclipped, loss_clipped), mask, n_tokens)
     with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask).item()}
+        # Clipped where the clipped term is the larger one and V really left the range: inside it,
+        # V_old + (V - V_old) can round away from V and make that term larger by an ulp.
+        clipped = (loss_clipped > loss_unclipped) & ((values - old_values).abs() > clip_range)
+        stats = {"vf_clipfrac": masked_mean(clipped.float(), mask).item()}
     return loss, stats
 
 
