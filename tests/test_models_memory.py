@@ -10,7 +10,7 @@ from rlhfkit.config import load_config
 from rlhfkit.models.loading import load_reward_model, save_model, tiny_causal_lm
 from rlhfkit.models.memory import HeldModel, estimate_memory, format_estimate
 from rlhfkit.models.tokenizer import train_tokenizer
-from rlhfkit.train.ppo import run_ppo
+from rlhfkit.train.ppo import decoder_blocks, run_ppo
 from rlhfkit.train.sft import run_sft
 
 POLICY = HeldModel("policy", 1000, 1000, hidden_size=8, num_layers=2, vocab_size=50, reads_vocab=True)
@@ -54,7 +54,28 @@ def folders(tmp_path_factory):
     return root
 
 
-def test_bf16_gradient_checkpointing_offload_and_micro_batched_generation_run(folders, tmp_path, capsys):
+def test_bf16_gradient_checkpointing_offload_and_micro_batched_generation_run(
+    folders, tmp_path, capsys, monkeypatch
+):
+    import transformers.modeling_utils
+
+    import rlhfkit.train.ppo as ppo
+
+    # The blocks run under activation checkpointing (transformers looks its checkpoint function up
+    # there when a model turns checkpointing on), and the models PPO loads as reward model and critic.
+    checkpointed, loaded = [], []
+    checkpoint, load = transformers.modeling_utils.checkpoint, ppo.load_reward_model
+
+    def recorded_checkpoint(forward, *args, **kwargs):
+        checkpointed.append(forward.args[0])  # forward: the block's forward bound to the block
+        return checkpoint(forward, *args, **kwargs)
+
+    def recorded_load(*args, **kwargs):
+        loaded.append(load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", recorded_checkpoint)
+    monkeypatch.setattr(ppo, "load_reward_model", recorded_load)
     config = load_config(
         overrides=[
             "model.dtype=bfloat16",
@@ -82,6 +103,12 @@ def test_bf16_gradient_checkpointing_offload_and_micro_batched_generation_run(fo
     assert ppo["steps"] == 1
     out = capsys.readouterr().out
     assert "reference" in out and "offloaded to CPU" in out and "critic" in out
+    # The separate critic is trained, so checkpointed as the policy is (it was left in eval mode,
+    # where transformers does not checkpoint), while the memory estimate counted it checkpointed.
+    reward_model, critic = loaded
+    blocks = {id(block) for block in checkpointed}  # kept alive in the list: no id reused
+    assert all(id(block) in blocks for block in decoder_blocks(critic))
+    assert not any(id(block) in blocks for block in decoder_blocks(reward_model))  # frozen
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "model")
     # Mixed precision computes in bf16 but keeps (and saves) float32 weights.
     assert next(model.parameters()).dtype == torch.float32

@@ -139,11 +139,20 @@ def make_trainable(
         # checkpointing is left to the lines below, the same for quantized and float models.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.model.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) and needs no input grads.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     if config.lora.enabled:
         model = apply_lora(model, config.lora, task)
+    return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory).
+
+    transformers checkpoints only in train mode: a trained model must stay in it (`dropout_off`).
+    """
+    # Non-reentrant checkpointing works with frozen inputs (LoRA) and needs no input grads.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
     return model
 
 

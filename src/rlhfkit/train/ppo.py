@@ -39,6 +39,7 @@ from rlhfkit.config import PPOConfig, RunConfig
 from rlhfkit.models.heads import TokenValues, sequence_scores, values_of
 from rlhfkit.models.loading import (
     dropout_off,
+    enable_gradient_checkpointing,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -278,7 +279,11 @@ def run_ppo(
     if cfg.critic == "separate":
         # Detail: the critic starts from the reward model, which already reads response quality.
         critic = load_reward_model(reward_path, pad)
-        critic.eval()
+        if config.model.gradient_checkpointing:
+            # Trained like the policy, so checkpointed like it (the memory estimate counts it so).
+            enable_gradient_checkpointing(critic)
+        # Detail: dropout off by zeroing it, not eval(), which would switch checkpointing off.
+        dropout_off(critic)
         if state is not None:
             critic.load_state_dict(state["critic"])
     else:
