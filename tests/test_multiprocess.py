@@ -18,8 +18,9 @@ or DDP's average left unscaled, changes the gradient norm by a factor near 2).
 GRPO/RLOO and KTO are compared with one process on the same settings (each mini-batch's loss
 is divided by the whole mini-batch's counts, so no accumulation is needed), at the same 1e-4.
 
-Under FSDP (the shipped examples/accelerate/fsdp.yaml) SFT, the reward model and DPO, then PPO, A2C,
-GRPO and RLOO are compared with one process as above and their saved models must load whole. A
+Under FSDP (the shipped examples/accelerate/fsdp.yaml) SFT, the reward model, DPO, IPO and KTO, then
+PPO, A2C, PPO with frozen lower layers, GRPO, RLOO and REINFORCE++ (gradient checkpointing in KTO and
+in the frozen-layer PPO) are compared with one process as above and their saved models must load whole. A
 2-process PPO run killed after a checkpoint and resumed on 2 processes must end bit-identical to an
 uninterrupted one, under DDP and under FSDP.
 """
@@ -174,6 +175,17 @@ FSDP_PRELUDE = textwrap.dedent(
         return prepared
 
     accelerate.Accelerator.prepare = counted_prepare
+    # The number of block forwards run under activation checkpointing (model.gradient_checkpointing):
+    # transformers looks its checkpoint function up here when a model turns checkpointing on.
+    import transformers.modeling_utils as modeling_utils
+    checkpointed = []
+    checkpoint = modeling_utils.checkpoint
+
+    def counted_checkpoint(*args, **kwargs):
+        checkpointed.append(1)
+        return checkpoint(*args, **kwargs)
+
+    modeling_utils.checkpoint = counted_checkpoint
     """
 )
 
@@ -183,6 +195,7 @@ FSDP_SCRIPT = FSDP_PRELUDE + textwrap.dedent(
     from pathlib import Path
     from rlhfkit.config import load_config
     from rlhfkit.train.dpo import run_dpo
+    from rlhfkit.train.kto import run_kto
     from rlhfkit.train.ppo import run_ppo
     from rlhfkit.train.rm import run_rm
     from rlhfkit.train.sft import run_sft
@@ -202,6 +215,17 @@ FSDP_SCRIPT = FSDP_PRELUDE + textwrap.dedent(
     dpo = ["dpo.batch_size=4", "dpo.epochs=2", "dpo.warmup_ratio=0", "dpo.lr=1e-3",
            "dpo.precompute_reference=false"]
     run_dpo(load_config(overrides=dpo), init, pairs, out / "dpo", show_progress=False)
+    # IPO (length-averaged log-probs) with reference log-probs precomputed in blocks and gathered.
+    run_dpo(load_config(overrides=dpo[:-1] + ["dpo.loss_type=ipo"]), init, pairs, out / "ipo",
+            show_progress=False)
+    # KTO (z0 from the gathered batch) with gradient checkpointing: the blocks' forwards run again in
+    # the backward, inside the FSDP units that gather their shards for it.
+    examples = [{"prompt": p, "completion": ("red " if i % 2 else "blue ") * (i % 3 + 1), "label": i % 2 == 1}
+                for i, p in enumerate(prompts)]
+    kto = ["kto.batch_size=4", "kto.epochs=2", "kto.warmup_ratio=0", "kto.lr=2e-3", "kto.beta=1.0",
+           "kto.precompute_reference=false", "model.gradient_checkpointing=true"]
+    before_kto = len(checkpointed)
+    run_kto(load_config(overrides=kto), init, examples, out / "kto", show_progress=False)
     refused = None
     if sharded:
         # The RL stages run under FSDP2 (test_rl_stages_under_fsdp_match_one_process...), LoRA ones do not.
@@ -211,22 +235,24 @@ FSDP_SCRIPT = FSDP_PRELUDE + textwrap.dedent(
         except ValueError as exc:
             refused = str(exc)
     state = accelerate.state.AcceleratorState()
-    (out / f"rank{state.process_index}-of-{state.num_processes}.json").write_text(
-        json.dumps({"distributed_type": str(state.distributed_type), "units": units, "ppo": refused}))
+    (out / f"rank{state.process_index}-of-{state.num_processes}.json").write_text(json.dumps(
+        {"distributed_type": str(state.distributed_type), "units": units, "ppo": refused,
+         "checkpointed": {"before_kto": before_kto, "kto": len(checkpointed) - before_kto}}))
     """
 )
 
 # Learning rate and steps of each stage in FSDP_SCRIPT: Adam moves a weight by at most about lr a step.
-FSDP_STAGES = {"sft": (5e-4, 4), "rm": (3e-4, 4), "dpo": (1e-3, 4)}
+FSDP_STAGES = {"sft": (5e-4, 4), "rm": (3e-4, 4), "dpo": (1e-3, 4), "ipo": (1e-3, 4), "kto": (2e-3, 4)}
 
 
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_save_whole_models(init_folder, tmp_path):
-    """SFT, the reward model and DPO under FSDP2 (examples/accelerate/fsdp.yaml, full sharding,
-    one unit per transformer block) on 2 CPU processes give the losses of one process on the same
-    global batch, within 1e-5 relative (gradients are reduce-scattered instead of all-reduced: only
-    the summation order differs; measured: at most 1e-7), and save whole models that load with
-    plain from_pretrained. LoRA PPO refuses sharded weights with a clear error."""
+    """SFT, the reward model, DPO (live reference), IPO (precomputed reference) and KTO (live reference,
+    gradient checkpointing) under FSDP2 (examples/accelerate/fsdp.yaml, full sharding, one unit per
+    transformer block) on 2 CPU processes give the losses of one process on the same global batch,
+    within 1e-5 relative (gradients are reduce-scattered instead of all-reduced: only the summation
+    order differs; measured: at most 3.4e-7), and save whole models that load with plain
+    from_pretrained. LoRA PPO refuses sharded weights with a clear error."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     script = tmp_path / "fsdp.py"
@@ -237,11 +263,13 @@ def test_fsdp_two_processes_match_one_and_save_whole_models(init_folder, tmp_pat
     for rank in (0, 1):
         seen = json.loads((tmp_path / "fsdp" / f"rank{rank}-of-2.json").read_text())
         assert seen["distributed_type"] == "DistributedType.FSDP", seen
-        # Every prepared model (RM inside TokenValues, SFT, DPO) is sharded block by block: the two
+        # Every prepared model (RM inside TokenValues, SFT, DPO, IPO, KTO) is sharded block by block: the two
         # decoder blocks and the root (3 units), plus accelerate's embeddings/head group (3 more)
         # for a bare causal LM. Unwrapped blocks would leave the whole model in one unit.
-        assert seen["units"] == [3, 6, 6], seen
+        assert seen["units"] == [3, 6, 6, 6, 6], seen
         assert "lora.enabled" in seen["ppo"] and "FSDP" in seen["ppo"] and "ddp.yaml" in seen["ppo"], seen
+        # Activation checkpointing ran in KTO (each block forward of the policy), and only there.
+        assert seen["checkpointed"]["before_kto"] == 0 and seen["checkpointed"]["kto"] > 0, seen
     w0 = load_file(str(init_folder / "model.safetensors"))
     for stage, (lr, steps) in FSDP_STAGES.items():
         one, two = (_losses(tmp_path / run / stage / "metrics.jsonl") for run in ("p1", "fsdp"))
@@ -633,6 +661,9 @@ RL_FSDP_SCRIPT = FSDP_PRELUDE + textwrap.dedent(
         **variants,
         # Only the newest two checkpoints keep their trainer state (the resume below reads step 2).
         "shared": variants["shared"] + ["ppo.keep_states=2"],
+        # The lower block and the (untied) input embeddings frozen, inside FSDP units whose other
+        # parameters train, with gradient checkpointing: the blocks run again in the backward.
+        "frozen": ["ppo.freeze_layers=1", "model.gradient_checkpointing=true"],
         # For the kill-and-resume test: each process samples with its own RNG stream (seed + rank), so
         # a resumed run must restore every process's stream; 4 steps, killed after the 2nd.
         "resume": ["ppo.steps=4", "rollout.seed_per_prompt=false"],
@@ -645,18 +676,21 @@ RL_FSDP_SCRIPT = FSDP_PRELUDE + textwrap.dedent(
         "grpo": ("grpo", ["loss_normalisation=token", "update_epochs=2", "minibatch=4"]),
         # RLOO with a single update: the scoring forward is the update's.
         "rloo": ("rloo", ["update_epochs=1", "minibatch=8"]),
+        # REINFORCE++: returns whitened over the whole batch; one epoch of two mini-batches.
+        "reinforce_pp": ("rloo", ["advantage=reinforce_pp", "update_epochs=1", "minibatch=4"]),
     }
     seen = {}
 
     def record(name):
-        seen[name] = {"units": list(units), "decoded": list(decoded)}
+        seen[name] = {"units": list(units), "decoded": list(decoded), "checkpointed": len(checkpointed)}
         units.clear()
         decoded.clear()
+        checkpointed.clear()
 
     for name, extra in ppo_variants.items():
         if name in only or (not only and (name != "resume" or sharded)):
             config = load_config(overrides=common + extra)
-            ppo.run_ppo(config, untied if name == "a2c" else policy, rm, prompts, out / name,
+            ppo.run_ppo(config, untied if name in ("a2c", "frozen") else policy, rm, prompts, out / name,
                         show_progress=False, ptx_corpus=corpus, resume="--resume" in only)
             record(name)
     if not only:
@@ -684,7 +718,7 @@ RL_FSDP_SCRIPT = FSDP_PRELUDE + textwrap.dedent(
 
 FSDP_YAML = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp.yaml"
 # The runs of RL_FSDP_SCRIPT compared with one process.
-RL_FSDP_VARIANTS = ("separate", "shared", "a2c", "grpo", "rloo")
+RL_FSDP_VARIANTS = ("separate", "shared", "a2c", "frozen", "grpo", "rloo", "reinforce_pp")
 
 
 @pytest.fixture(scope="module")
@@ -716,9 +750,10 @@ def rl_fsdp_runs(short_answer_folder, untied_folder, reward_folder, tmp_path_fac
 def test_rl_stages_under_fsdp_match_one_process_and_save_whole_models(
     rl_fsdp_runs, short_answer_folder, untied_folder
 ):
-    """PPO (separate and shared critic, A2C), GRPO and RLOO under FSDP2 (the shipped fsdp.yaml, one unit
-    per block) on 2 CPU processes log the numbers of one process at every step, within 1e-4 relative
-    (absolute below 1), and end with its weights within 1e-5.
+    """PPO (separate and shared critic, A2C, frozen lower layers with gradient checkpointing), GRPO, RLOO
+    and REINFORCE++ under FSDP2 (the shipped fsdp.yaml, one unit per block) on 2 CPU processes log the
+    numbers of one process at every step, within 1e-4 relative (absolute below 1), and end with its
+    weights within 1e-5.
 
     Why they can be close: the rollout samples with per-prompt seeds from whole weights (gathered once
     per rollout), so both runs train on the same tokens, and the losses are normalised as under DDP;
@@ -727,7 +762,9 @@ def test_rl_stages_under_fsdp_match_one_process_and_save_whole_models(
     that moved by 2e-3 to 7.6e-3; a missing factor of the number of processes doubles or halves
     `grad_norm`. The saved models load whole with plain from_pretrained, and checkpoints hold the
     optimiser states whole. A2C trains a policy with untied embeddings, which has as many parameters
-    as its critic (accelerate's own FSDP gradient clipping fails on that)."""
+    as its critic (accelerate's own FSDP gradient clipping fails on that). The frozen-layer run
+    (`ppo.freeze_layers=1` on the untied policy) keeps the lower block and the input embeddings frozen
+    inside FSDP units whose other parameters train: they end with their starting bytes."""
     from transformers import AutoModelForCausalLM
 
     p1, fsdp = rl_fsdp_runs / "p1", rl_fsdp_runs / "fsdp"
@@ -737,8 +774,11 @@ def test_rl_stages_under_fsdp_match_one_process_and_save_whole_models(
         # Each prepared model is sharded block by block: the PPO actor (policy and value head in one
         # PolicyValue) and the separate critic (TokenValues) as 2 blocks + the root; the bare causal LM of
         # GRPO/RLOO with accelerate's embeddings/head group on top.
-        expected_units = {"separate": [3, 3], "shared": [3], "a2c": [3, 3], "grpo": [6], "rloo": [6]}
+        expected_units = {"separate": [3, 3], "shared": [3], "a2c": [3, 3], "frozen": [3, 3], "grpo": [6],
+                          "rloo": [6], "reinforce_pp": [6]}
         assert {name: seen[name]["units"] for name in expected_units} == expected_units, seen
+        # Activation checkpointing ran where it was asked for (the policy's blocks), and only there.
+        assert all((seen[name]["checkpointed"] > 0) == (name == "frozen") for name in RL_FSDP_VARIANTS), seen
     # The processes made the same number of sampling calls but decoded different numbers of tokens in
     # some of them (each stops when its own rows have ended): a forward that gathered the shards at
     # every token would have waited forever.
@@ -748,7 +788,8 @@ def test_rl_stages_under_fsdp_match_one_process_and_save_whole_models(
     assert any(ranks[0][name]["decoded"] != ranks[1][name]["decoded"] for name in RL_FSDP_VARIANTS), ranks
 
     for name in RL_FSDP_VARIANTS:
-        w0 = load_file(str((untied_folder if name == "a2c" else short_answer_folder) / "model.safetensors"))
+        untied = name in ("a2c", "frozen")
+        w0 = load_file(str((untied_folder if untied else short_answer_folder) / "model.safetensors"))
         one = [json.loads(x) for x in (p1 / name / "metrics.jsonl").read_text().splitlines()]
         two = [json.loads(x) for x in (fsdp / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3], name
@@ -769,6 +810,11 @@ def test_rl_stages_under_fsdp_match_one_process_and_save_whole_models(
         for key, value in weights.items():
             assert torch.allclose(value, reference[key], rtol=0, atol=1e-5), (name, key)
         assert max((weights[k] - w0[k]).abs().max().item() for k in w0) > 1e-3, name  # it trained
+        if name == "frozen":
+            # The lower block and the input embeddings kept their bytes; the block above them trained.
+            frozen = [k for k in w0 if k.startswith("model.layers.0.") or k == "model.embed_tokens.weight"]
+            assert len(frozen) > 1 and all(torch.equal(weights[k], w0[k]) for k in frozen), name
+            assert max((weights[k] - w0[k]).abs().max().item() for k in w0 if "layers.1." in k) > 1e-3
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7]])).logits).all()
 
     # A checkpoint written under FSDP holds the policy whole, and whole optimiser states keyed by name.
