@@ -147,6 +147,8 @@ def test_gradient_accumulation_equals_one_large_batch(critic, models):
     value loss, entropy bonus and KL-as-loss term included)."""
     from types import SimpleNamespace
 
+    from accelerate.utils import DistributedType
+
     from rlhfkit.rollout.batch import join_prompt_response
     from rlhfkit.train.ppo import PolicyValue, _micro_step
 
@@ -172,8 +174,10 @@ def test_gradient_accumulation_equals_one_large_batch(critic, models):
         head = torch.nn.Linear(policy.config.hidden_size, 1, bias=False) if critic == "shared" else None
         actor = PolicyValue(policy, head).eval()
         critic_model = load_reward_model(rm, 0).eval() if critic == "separate" else None
-        accelerator = SimpleNamespace(backward=lambda loss: loss.backward())
-        for rows in torch.arange(8).tensor_split(pieces):
+        accelerator = SimpleNamespace(
+            backward=lambda loss: loss.backward(), distributed_type=DistributedType.NO
+        )
+        for k, rows in enumerate(torch.arange(8).tensor_split(pieces)):
             _micro_step(
                 cfg,
                 actor,
@@ -190,6 +194,7 @@ def test_gradient_accumulation_equals_one_large_batch(critic, models):
                 accelerator,
                 None,
                 0.0,
+                last=k == pieces - 1,
             )
         params = list(actor.parameters()) + (list(critic_model.parameters()) if critic_model else [])
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]

@@ -10,7 +10,7 @@ whole for saving and checkpoints, and refusing the launches a loop cannot work w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,19 +76,76 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(raised, "sum").item() > 0)
 
 
-def clip_grad_norm(accelerator: Accelerator, parameters: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Clip the gradients of `parameters` to a total norm of `max_norm`; their norm before clipping.
+def clip_grad_norm(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradients of the prepared `model` to a total norm of `max_norm`; their norm before clipping.
 
-    `accelerator.clip_grad_norm_`, except under FSDP2, where accelerate first looks for the prepared
-    model whose parameter list equals `parameters` by comparing the lists element by element, which
-    fails ("Boolean value of Tensor ... is ambiguous") when another prepared model has as many
-    parameters (PPO's critic next to a policy with untied embeddings). Torch clips the sharded
-    gradients itself there, as accelerate would: the norm is that of the whole gradient.
+    `accelerator.clip_grad_norm_`, except in two launches. Under FSDP2 accelerate first looks for the
+    prepared model whose parameter list equals the one given by comparing the lists element by
+    element, which fails ("Boolean value of Tensor ... is ambiguous") when another prepared model
+    has as many parameters (PPO's critic next to a policy with untied embeddings); torch clips the
+    sharded gradients itself there, as accelerate would: the norm is that of the whole gradient.
+    Under DeepSpeed the model's engine clipped in its step (inside `backward`): this reads that
+    engine's norm (accelerate would read the last prepared model's, whichever this is).
     """
     if accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2:
         accelerator.unscale_gradients()
-        return float(torch.nn.utils.clip_grad_norm_(list(parameters), max_norm))
-    return float(accelerator.clip_grad_norm_(parameters, max_norm))
+        return float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return float(model.get_global_grad_norm())
+    return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+
+
+def backward(accelerator: Accelerator, model: torch.nn.Module, loss: torch.Tensor, last: bool = True) -> None:
+    """`accelerator.backward(loss)` for the prepared `model`, one of several micro-batches of a step.
+
+    Under DeepSpeed each trained model has its own engine, which steps its optimiser (and clips) in
+    the backward of the step's `last` micro-batch; accelerate would send every loss to the engine of
+    the model prepared last (PPO's critic). Losses are already normalised over the whole step, so
+    the engine does not divide them by its accumulation count again.
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        accelerator.backward(loss)
+        return
+    model.set_gradient_accumulation_boundary(last)
+    model.backward(loss, scale_wrt_gas=False)
+    if last:
+        model.step()
+
+
+def optimizer_layout(accelerator: Accelerator) -> str:
+    """How `optimizer_state` lays out optimiser states on this launch (a resume needs the same)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"partitioned over {accelerator.num_processes} processes (DeepSpeed ZeRO)"
+    return "sharded (FSDP)" if weights_are_sharded(accelerator) else "whole"
+
+
+def prepare_trained(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rows_per_process: int,
+    max_grad_norm: float = 1.0,
+    micro_batches: int = 1,
+) -> tuple[Any, Any]:
+    """`accelerator.prepare(model, optimizer)` for a model the loop trains in `micro_batches` per step.
+
+    Under DeepSpeed the engine clips and steps the optimiser inside the backward of a step's last
+    micro-batch (`optimizer.step()` is then a no-op; see `backward`), so its config is filled in
+    from the loop first: the clipping norm the loop would apply, the micro-batches per step and the
+    rows each process trains on in one, which DeepSpeed needs because the loops prepare no data
+    loader. Elsewhere this is prepare.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        rows = max(1, rows_per_process)
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=rows,
+            gradient_accumulation_steps=micro_batches,
+            train_batch_size=rows * micro_batches * accelerator.num_processes,
+            gradient_clipping=max_grad_norm,
+        )
+        # accelerate would otherwise warn that its own count (from the launch config) differs.
+        accelerator.gradient_accumulation_steps = micro_batches
+    return accelerator.prepare(model, optimizer)
 
 
 def weights_are_sharded(accelerator: Accelerator) -> bool:
@@ -105,14 +162,15 @@ def refuse_unsupported_sharding(accelerator: Accelerator, stage: str, lora: bool
 
     The RL stages sample from the policy they train. Under FSDP2 the rollout holds the whole
     weights (`whole_weights`) and checkpoints gather weights and optimiser states whole; FSDP1 and
-    DeepSpeed ZeRO-3 gather weights in ways these loops do not drive (ZeRO-3 cannot be tested
-    here), and a LoRA policy under FSDP is not saved (merging needs whole weights). Each of these
-    fails here, not mid-run.
+    DeepSpeed ZeRO-3 gather weights in ways these loops do not drive (ZeRO-3 would gather each
+    layer at every decoding step, a collective), and a LoRA policy under FSDP is not saved (merging
+    needs whole weights). Each of these fails here, not mid-run. ZeRO-2 keeps the weights whole.
     """
     if accelerator.distributed_type == DistributedType.DEEPSPEED and weights_are_sharded(accelerator):
         raise ValueError(
             f"{stage} does not run with DeepSpeed ZeRO-3 (sharded weights) yet: launch it with FSDP2 "
-            "(examples/accelerate/fsdp.yaml), DDP (examples/accelerate/ddp.yaml) or ZeRO-2"
+            "(examples/accelerate/fsdp.yaml), DDP (examples/accelerate/ddp.yaml) or ZeRO-2 "
+            "(examples/accelerate/deepspeed_zero2.yaml)"
         )
     if accelerator.distributed_type != DistributedType.FSDP:
         return
@@ -169,6 +227,28 @@ def whole_weights(model: torch.nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
+@contextmanager
+def loading_whole(accelerator: Accelerator) -> Iterator[None]:
+    """Models loaded inside hold their whole weights on every process, also under DeepSpeed ZeRO-3.
+
+    With ZeRO-3's `zero3_init_flag`, transformers builds every model it loads partitioned over the
+    processes, for `prepare` to train. A frozen reference is never prepared: partitioned, its
+    forward would see empty weights. It is loaded whole instead (the price: one whole copy per process).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    # transformers partitions while accelerate's DeepSpeed config is registered with it (accelerate's
+    # own zero3_init_context_manager re-registers it unchanged, so it does not help); put it back after.
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
 def whole_state_dict(
     accelerator: Accelerator, model: torch.nn.Module, part: str = ""
 ) -> dict[str, torch.Tensor]:
@@ -181,7 +261,8 @@ def whole_state_dict(
     inner = accelerator.unwrap_model(model)
     if not weights_are_sharded(accelerator):
         return (inner.get_submodule(part) if part else inner).state_dict()
-    whole = accelerator.get_state_dict(model)  # the main process's copy; empty elsewhere
+    # The main process's copy; elsewhere empty (FSDP) or None (DeepSpeed ZeRO-3).
+    whole = accelerator.get_state_dict(model) or {}
     prefix = f"{part}." if part else ""
     return {key.removeprefix(prefix): value for key, value in whole.items() if key.startswith(prefix)}
 
@@ -221,8 +302,12 @@ def optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer:
 
     Sharded (FSDP2), each process holds its shard of every state: they are gathered, keyed by
     parameter name (torch.distributed.checkpoint), a collective whose result reaches the main
-    process only. Otherwise it is `optimizer.state_dict()`, the same on every process.
+    process only. DeepSpeed ZeRO partitions them (with the float32 master weights) over the processes:
+    every process gets the list of their state dicts in rank order. Otherwise it is
+    `optimizer.state_dict()`, the same on every process.
     """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return gather_lists(accelerator, [optimizer.state_dict()])
     if not weights_are_sharded(accelerator):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -235,8 +320,11 @@ def optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer:
 def load_optimizer_state(
     accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, state: dict[str, Any]
 ) -> None:
-    """Restore what `optimizer_state` returned (every process passes the whole state, keeps its shard)."""
-    if not weights_are_sharded(accelerator):
+    """Restore what `optimizer_state` returned (every process passes the whole state, keeps its shard).
+
+    (DeepSpeed's optimiser takes the list of every process's state dicts and loads its own.)
+    """
+    if not weights_are_sharded(accelerator) or accelerator.distributed_type == DistributedType.DEEPSPEED:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

@@ -24,7 +24,9 @@ from rlhfkit.rollout.batch import join_prompt_response
 from rlhfkit.rollout.logprobs import response_logprobs
 from rlhfkit.train.distributed import (
     gather_lists,
+    loading_whole,
     mean_over_processes,
+    prepare_trained,
     require_divisible,
     save_trained,
     shard,
@@ -96,7 +98,10 @@ def run_dpo(
     average = cfg.loss_type == "ipo"
     policy = load_trainable(policy_path, config)
     # LoRA: the reference is the policy with its adapter off, not a second copy.
-    reference = None if config.lora.enabled else load_causal_lm(policy_path).to(device).eval()
+    reference = None
+    if not config.lora.enabled:
+        with loading_whole(accelerator):  # frozen, never prepared
+            reference = load_causal_lm(policy_path).to(device).eval()
     ref_chosen = ref_rejected = None
     if cfg.precompute_reference:
         own = shard(len(pairs), rank, n_proc)
@@ -113,7 +118,7 @@ def run_dpo(
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
     # The schedule stays unprepared: accelerate would step a prepared one once per process per call
     # (it expects per-process batches); each of our steps is already one global batch.
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer = prepare_trained(accelerator, policy, optimizer, cfg.batch_size // n_proc)
     # Dropout off: the implicit reward compares policy and reference as the same function.
     dropout_off(policy)
     gen = torch.Generator().manual_seed(config.seed)

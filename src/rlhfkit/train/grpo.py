@@ -35,6 +35,7 @@ from rlhfkit.train.distributed import (
     gather_lists,
     gather_rows,
     mean_over_processes,
+    prepare_trained,
     refuse_unsupported_sharding,
     require_divisible,
     save_trained,
@@ -112,7 +113,9 @@ def run_critic_free(
     dropout_off(policy)  # sampling and training log-probs must be the same function
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, cfg.steps, 0, schedule="linear")
     # The schedule stays unprepared: a prepared one would step once per process at each step.
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer = prepare_trained(
+        accelerator, policy, optimizer, cfg.minibatch // n_proc, cfg.max_grad_norm
+    )
     if n_proc > 1:
         # Processes sample different prompts; give them different noise too, not one stream copied.
         torch.manual_seed(config.seed + rank)

@@ -17,7 +17,15 @@ from rlhfkit.algos.kto import kto_loss, mismatched_partners
 from rlhfkit.config import RunConfig
 from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable
 from rlhfkit.models.lora import reference_of
-from rlhfkit.train.distributed import gather_lists, gather_rows, require_divisible, save_trained, shard
+from rlhfkit.train.distributed import (
+    gather_lists,
+    gather_rows,
+    loading_whole,
+    prepare_trained,
+    require_divisible,
+    save_trained,
+    shard,
+)
 from rlhfkit.train.dpo import precompute_logprobs, sequence_logprobs, tokenize_example
 from rlhfkit.train.loop import (
     MetricsLog,
@@ -74,7 +82,8 @@ def run_kto(
     # LoRA: the reference is the policy with its adapter off, not a second copy.
     reference = None
     if not config.lora.enabled:
-        reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
+        with loading_whole(accelerator):  # frozen, never prepared
+            reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
     ref_logp = ref_kl_logp = None
     if cfg.precompute_reference:
         # Each process computes its block; gathered, every process holds them all.
@@ -90,7 +99,7 @@ def run_kto(
     total = max(1, round(cfg.epochs * math.ceil(len(rows) / cfg.batch_size)))
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
     # The schedule stays unprepared: a prepared one would step once per process at each step.
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer = prepare_trained(accelerator, policy, optimizer, cfg.batch_size // n_proc)
     # Dropout off by zeroing it, as in DPO: policy and reference must be the same function, and
     # eval() would also switch gradient checkpointing off.
     dropout_off(policy)

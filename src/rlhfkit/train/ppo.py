@@ -61,12 +61,15 @@ from rlhfkit.train.checkpoint import (
 )
 from rlhfkit.train.distributed import (
     any_process,
+    backward,
     clip_grad_norm,
     gather_lists,
     gather_rows,
     load_optimizer_state,
     mean_over_processes,
+    optimizer_layout,
     optimizer_state,
+    prepare_trained,
     pretrained_weights,
     refuse_unsupported_sharding,
     require_divisible,
@@ -227,12 +230,14 @@ def run_ppo(
     require_divisible("ppo.rollout_batch", cfg.rollout_batch, n_proc)
     if cfg.algorithm == "ppo":
         require_divisible("ppo.minibatch", cfg.minibatch, n_proc)
+    # Rows of a micro-batch, and the micro-batches each process runs for one optimiser step.
+    micro = cfg.minibatch // cfg.grad_accum if cfg.algorithm == "ppo" else cfg.minibatch
+    own_rows = (cfg.minibatch if cfg.algorithm == "ppo" else cfg.rollout_batch) // n_proc
+    micro_per_step = -(-own_rows // micro)
     if sharded and cfg.ptx_coef > 0:
         # Sharded weights: a forward is a collective, so every process must run a PTX forward in each
         # of its micro-batches, i.e. each of the mini-batch's micro-batch blocks gets PTX rows.
-        micro = cfg.minibatch // cfg.grad_accum if cfg.algorithm == "ppo" else cfg.minibatch
-        own_rows = (cfg.minibatch if cfg.algorithm == "ppo" else cfg.rollout_batch) // n_proc
-        blocks = -(-own_rows // micro) * n_proc
+        blocks = micro_per_step * n_proc
         if cfg.ptx_batch < blocks:
             raise ValueError(
                 f"ppo.ptx_batch {cfg.ptx_batch} leaves micro-batches without PTX rows; with sharded "
@@ -253,14 +258,16 @@ def run_ppo(
     elif resume and main:
         console.print(f"[dim]ppo: no checkpoint in {ckpt_root}, starting from step 0[/dim]")
     state = load_state(checkpoint) if checkpoint is not None else None
-    if state is not None and state.get("sharded", False) != sharded:
-        # Optimiser states are saved per parameter position unsharded, and per parameter name sharded.
-        saved_as = "sharded (FSDP)" if state.get("sharded", False) else "unsharded"
-        raise ValueError(
-            f"{checkpoint} was saved with {saved_as} weights and this launch runs with"
-            f"{'' if sharded else 'out'} sharded weights; resume it with a launch like the one that "
-            "saved it, or rerun without --resume"
-        )
+    layout = optimizer_layout(accelerator)
+    if state is not None:
+        # Optimiser states are saved per parameter position whole, per parameter name sharded, and as
+        # each process's partition under DeepSpeed. (Checkpoints from before "layout" say "sharded".)
+        saved_as = state.get("layout") or ("sharded (FSDP)" if state.get("sharded") else "whole")
+        if saved_as != layout:
+            raise ValueError(
+                f"{checkpoint} holds optimiser states {saved_as} and this launch lays them out {layout}; "
+                "resume it with a launch like the one that saved it, or rerun without --resume"
+            )
 
     lora = config.lora.enabled
     # LoRA: the base stays the starting weights; a resumed run reloads the checkpoint's adapter.
@@ -353,10 +360,11 @@ def run_ppo(
         schedule=cfg.lr_schedule,
         eps=cfg.adam_eps,
     )
-    # One model per prepare call: accelerate's FSDP2 set-up shards one model (and its optimiser) per call.
-    actor, opt_policy = accelerator.prepare(actor, opt_policy)
-    # FSDP2 replaces the parameters by sharded ones: the gradients to clip are theirs.
-    trainable = [p for p in actor.parameters() if p.requires_grad]
+    # One model per prepare call: accelerate's FSDP2 set-up shards one model (and its optimiser) per call,
+    # and DeepSpeed makes one engine per model.
+    actor, opt_policy = prepare_trained(
+        accelerator, actor, opt_policy, micro, cfg.max_grad_norm, micro_per_step
+    )
     # PTX runs the policy through `pretraining_logits`, not `forward`: FSDP2 then treats it as a forward
     # of the root (its shards gathered, inputs cast for mixed precision) instead of relying on the
     # root's weights still being gathered from the forward before it.
@@ -372,7 +380,9 @@ def run_ppo(
             eps=cfg.adam_eps,
         )
         # Prepared inside TokenValues so DDP/FSDP see the forward that computes the values.
-        critic, opt_critic = accelerator.prepare(TokenValues(critic), opt_critic)
+        critic, opt_critic = prepare_trained(
+            accelerator, TokenValues(critic), opt_critic, micro, cfg.max_grad_norm, micro_per_step
+        )
     if n_proc > 1:
         # Processes sample different prompts; give them different noise too, not one stream copied.
         torch.manual_seed(config.seed + rank)
@@ -460,7 +470,7 @@ def run_ppo(
         optimiser states are gathered whole, which only the main process receives)."""
         return {
             "step": step,
-            "sharded": sharded,
+            "layout": layout,
             "controllers": asdict(ctl),
             "value_head": None if value_head is None else whole_state_dict(accelerator, actor, "value_head"),
             "critic": None if critic is None else whole_state_dict(accelerator, critic, "model"),
@@ -556,7 +566,6 @@ def run_ppo(
             stats: dict[str, list[float]] = {}
             epochs = 1 if cfg.algorithm == "a2c" else cfg.ppo_epochs
             minibatch = len(queries) if cfg.algorithm == "a2c" else cfg.minibatch
-            micro = cfg.minibatch // cfg.grad_accum if cfg.algorithm == "ppo" else cfg.minibatch
             epochs_run = 0
             for _ in range(epochs):
                 perm = torch.randperm(len(queries), generator=gen)
@@ -579,7 +588,7 @@ def run_ppo(
                         # The mini-batch's PTX blocks are spread over every process's micro-batches.
                         ptx_chunks = list(rows.tensor_split(len(starts) * n_proc))
                         ptx_chunks = ptx_chunks[rank * len(starts) : (rank + 1) * len(starts)]
-                    for m_start, ptx_chunk in zip(starts, ptx_chunks, strict=True):
+                    for k_micro, (m_start, ptx_chunk) in enumerate(zip(starts, ptx_chunks, strict=True)):
                         sub = slice(m_start, m_start + micro)
                         m_stats = _micro_step(
                             cfg,
@@ -597,18 +606,19 @@ def run_ppo(
                             accelerator,
                             ptx_chunk,
                             ptx_share=0.0 if ptx_chunk is None else len(ptx_chunk) * n_proc / cfg.ptx_batch,
+                            last=k_micro == len(starts) - 1,
                         )
                         for k, v in m_stats.items():
                             stats.setdefault(k, []).append(v)
                         epoch_kl.append(m_stats["approxkl"])
                     # Norms before clipping, of the gradient every process holds after DDP's average.
-                    norm = clip_grad_norm(accelerator, trainable, cfg.max_grad_norm)
+                    norm = clip_grad_norm(accelerator, actor, cfg.max_grad_norm)
                     stats.setdefault("grad_norm", []).append(norm)
                     opt_policy.step()
                     sched_policy.step()
                     opt_policy.zero_grad(set_to_none=True)
                     if critic is not None:
-                        norm = clip_grad_norm(accelerator, critic.parameters(), cfg.max_grad_norm)
+                        norm = clip_grad_norm(accelerator, critic, cfg.max_grad_norm)
                         stats.setdefault("grad_norm/critic", []).append(norm)
                         opt_critic.step()
                         sched_critic.step()
@@ -686,9 +696,11 @@ def _micro_step(
     accelerator: Any,
     ptx_rows: torch.Tensor | None,
     ptx_share: float,
+    last: bool,
 ) -> dict[str, float]:
-    """Forward and backward of one micro-batch; token sums are divided by `n_tokens` (the mini-batch's
-    tokens, divided by the number of processes when DDP averages their gradients)."""
+    """Forward and backward of one micro-batch (`last`: of the optimiser step); token sums are divided
+    by `n_tokens` (the mini-batch's tokens, divided by the number of processes when DDP averages their
+    gradients)."""
     logits, values = actor(mb, cfg.temperature)
     logp = gather_logprobs(logits, mb.response_ids)
     if cfg.algorithm == "a2c":
@@ -720,11 +732,11 @@ def _micro_step(
         ptx_logits = accelerator.unwrap_model(actor).pretraining_logits(ptx_rows)
         ptx_loss = completion_nll(ptx_logits, ptx_rows, torch.ones_like(ptx_rows))
         loss = loss + cfg.ptx_coef * ptx_share * ptx_loss
-    accelerator.backward(loss)
+    backward(accelerator, actor, loss, last)
     if critic is not None:
         values = critic_values(critic, mb)
         vf_loss, vf_stats = value_loss(values, old_values, returns, mask, clip_value, n_tokens)
-        accelerator.backward(cfg.vf_coef * vf_loss)
+        backward(accelerator, critic, cfg.vf_coef * vf_loss, last)
     # Losses were divided by the mini-batch's tokens; report this micro-batch's own mean.
     to_mean = n_tokens / mask.sum().clamp(min=1.0).item()
     out = {

@@ -19,7 +19,7 @@ from rlhfkit.models.loading import load_tokenizer, load_trainable
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
-from rlhfkit.train.distributed import save_trained
+from rlhfkit.train.distributed import prepare_trained, save_trained
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
@@ -143,7 +143,7 @@ def train_reward_model(
     # Prepared inside TokenValues so DDP/FSDP see the forward that computes the scores.
     # The schedule stays unprepared: accelerate would step a prepared one once per process per call
     # (it expects per-process batches); each of our steps is already one global batch.
-    model, optimizer = accelerator.prepare(TokenValues(model), optimizer)
+    model, optimizer = prepare_trained(accelerator, TokenValues(model), optimizer, cfg.batch_size // n_proc)
     model.train()
     log = MetricsLog(out_dir / "metrics.jsonl") if accelerator.is_main_process else None
     # Every process draws the same global batch (same seed) and trains on its equal share of it,

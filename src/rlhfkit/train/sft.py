@@ -14,7 +14,7 @@ from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
 from rlhfkit.rollout.logprobs import position_ids_from_mask
-from rlhfkit.train.distributed import save_trained
+from rlhfkit.train.distributed import prepare_trained, save_trained
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
@@ -64,7 +64,7 @@ def run_sft(
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
     # The schedule stays unprepared: accelerate would step a prepared one once per process per call
     # (it expects per-process batches); each of our steps is already one global batch.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_trained(accelerator, model, optimizer, cfg.batch_size // n_proc)
     model.train()
     gen = torch.Generator().manual_seed(config.seed)
     log = MetricsLog(out_dir / "metrics.jsonl") if accelerator.is_main_process else None
