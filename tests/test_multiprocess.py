@@ -232,17 +232,23 @@ FSDP_SCRIPT = FSDP_PRELUDE + textwrap.dedent(
            "kto.precompute_reference=false", "model.gradient_checkpointing=true"]
     before_kto = len(checkpointed)
     run_kto(load_config(overrides=kto), init, examples, out / "kto", show_progress=False)
-    refused = None
+    refused = {}
     if sharded:
-        # The RL stages run under FSDP2 (test_rl_stages_under_fsdp_match_one_process...), LoRA ones do not.
-        try:
-            run_ppo(load_config(overrides=["lora.enabled=true"]), init, init, prompts, out / "ppo",
-                    show_progress=False)
-        except ValueError as exc:
-            refused = str(exc)
+        # The RL stages run under FSDP2 (test_rl_stages_under_fsdp_match_one_process...), LoRA ones do not,
+        # and no stage trains LoRA on shards (it would fail only at the save, after training).
+        lora = load_config(overrides=["lora.enabled=true"])
+        for name, run in {
+            "ppo": lambda: run_ppo(lora, init, init, prompts, out / "ppo", show_progress=False),
+            "sft": lambda: run_sft(lora, init, [{"prompt": "a", "completion": "b"}], out / "sft_lora",
+                                   show_progress=False),
+        }.items():
+            try:
+                run()
+            except ValueError as exc:
+                refused[name] = str(exc)
     state = accelerate.state.AcceleratorState()
     (out / f"rank{state.process_index}-of-{state.num_processes}.json").write_text(json.dumps(
-        {"distributed_type": str(state.distributed_type), "units": units, "ppo": refused,
+        {"distributed_type": str(state.distributed_type), "units": units, "refused": refused,
          "checkpointed": {"before_kto": before_kto, "kto": len(checkpointed) - before_kto}}))
     """
 )
@@ -274,15 +280,21 @@ DEEPSPEED_SUFFIX = textwrap.dedent(
 
     ds = AcceleratorState()
     if ds.deepspeed_plugin is not None:
-        refused = None
+        refused = {}
         if ds.deepspeed_plugin.zero_stage == 3:
-            try:
-                run_critic_free(load_config(), "grpo", init, [], prompts, out / "grpo", show_progress=False)
-            except ValueError as exc:
-                refused = str(exc)
+            lora = load_config(overrides=["lora.enabled=true"])
+            for name, run in {
+                "grpo": lambda: run_critic_free(load_config(), "grpo", init, [], prompts, out / "grpo",
+                                                show_progress=False),
+                "dpo": lambda: run_dpo(lora, init, pairs, out / "dpo_lora", show_progress=False),
+            }.items():
+                try:
+                    run()
+                except ValueError as exc:
+                    refused[name] = str(exc)
         (out / f"deepspeed-rank{ds.process_index}.json").write_text(json.dumps({
             "distributed_type": str(ds.distributed_type), "zero_stage": ds.deepspeed_plugin.zero_stage,
-            "processes": ds.num_processes, "grpo": refused}))
+            "processes": ds.num_processes, "refused": refused}))
     """
 )
 # FSDP_SCRIPT as every sharded launch (FSDP2, ZeRO-2, ZeRO-3) and its one-process baseline run it.
@@ -320,7 +332,10 @@ def test_fsdp_two_processes_match_one_and_save_whole_models(init_folder, sharded
         # decoder blocks and the root (3 units), plus accelerate's embeddings/head group (3 more)
         # for a bare causal LM. Unwrapped blocks would leave the whole model in one unit.
         assert seen["units"] == [3, 6, 6, 6, 6], seen
-        assert "lora.enabled" in seen["ppo"] and "FSDP" in seen["ppo"] and "ddp.yaml" in seen["ppo"], seen
+        for stage in ("ppo", "sft"):
+            message = seen["refused"][stage]
+            assert "lora.enabled" in message and "FSDP" in message and "ddp.yaml" in message, seen
+        assert not (sharded_runs / "fsdp" / "sft_lora").exists()
         # Activation checkpointing ran in KTO (each block forward of the policy), and only there.
         assert seen["checkpointed"]["before_kto"] == 0 and seen["checkpointed"]["kto"] > 0, seen
     w0 = load_file(str(init_folder / "model.safetensors"))
@@ -958,7 +973,10 @@ def test_deepspeed_zero2_and_zero3_match_one_process_and_save_whole_models(init_
             assert seen["distributed_type"] == "DistributedType.DEEPSPEED", seen
             assert seen["zero_stage"] == zero and seen["processes"] == 2, seen
             if zero == 3:
-                assert "ZeRO-3" in seen["grpo"] and "deepspeed_zero2.yaml" in seen["grpo"], seen
+                assert "ZeRO-3" in seen["refused"]["grpo"], seen
+                assert "deepspeed_zero2.yaml" in seen["refused"]["grpo"], seen
+                assert "lora.enabled" in seen["refused"]["dpo"] and "ZeRO-3" in seen["refused"]["dpo"], seen
+                assert not (sharded_runs / "zero3" / "dpo_lora").exists()
         for stage in FSDP_STAGES:
             one, two = (_losses(r / stage / "metrics.jsonl") for r in (sharded_runs / "p1", run))
             assert len(one) == len(two) >= 1

@@ -179,10 +179,20 @@ def refuse_unsupported_sharding(accelerator: Accelerator, stage: str, lora: bool
             f"{stage} runs under FSDP2 only (fsdp_version: 2, as in examples/accelerate/fsdp.yaml), "
             "not FSDP1: it samples from the policy it trains through FSDP2's unshard()"
         )
-    if lora:
+    refuse_sharded_lora(accelerator, stage, lora)
+
+
+def refuse_sharded_lora(accelerator: Accelerator, stage: str, lora: bool) -> None:
+    """Stop before any work when `stage` would train a LoRA model on sharded weights (FSDP, ZeRO-3).
+
+    A LoRA model is saved merged, which needs its whole weights (`save_model` refuses sharded ones):
+    without this check a run would train to the end and fail at the save.
+    """
+    if lora and weights_are_sharded(accelerator):
         raise ValueError(
-            f"{stage} with lora.enabled does not run under FSDP yet (a LoRA model is saved merged, "
-            "which needs whole weights): launch it with DDP (examples/accelerate/ddp.yaml)"
+            f"{stage} with lora.enabled does not run on sharded weights (FSDP, DeepSpeed ZeRO-3) yet: "
+            "a LoRA model is saved merged, which needs whole weights; launch it with DDP "
+            "(examples/accelerate/ddp.yaml)"
         )
 
 

@@ -27,6 +27,7 @@ from rlhfkit.train.distributed import (
     loading_whole,
     mean_over_processes,
     prepare_trained,
+    refuse_sharded_lora,
     require_divisible,
     save_trained,
     shard,
@@ -84,6 +85,7 @@ def run_dpo(
         raise ValueError("dpo: no preference pairs (is the preference file empty?)")
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed, config.model.dtype)
+    refuse_sharded_lora(accelerator, "dpo", config.lora.enabled)
     device = accelerator.device
     n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     # Several processes: each trains on its block of every batch (and precomputes its block of

@@ -22,6 +22,7 @@ from rlhfkit.train.distributed import (
     gather_rows,
     loading_whole,
     prepare_trained,
+    refuse_sharded_lora,
     require_divisible,
     save_trained,
     shard,
@@ -62,6 +63,7 @@ def run_kto(
         raise ValueError("kto.batch_size must be >= 2: the KL reference point needs other examples")
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed, config.model.dtype)
+    refuse_sharded_lora(accelerator, "kto", config.lora.enabled)
     device = accelerator.device
     n_proc, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     # Several processes: each trains on its block of every batch; the reference point z0 is a

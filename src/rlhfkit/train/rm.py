@@ -19,7 +19,7 @@ from rlhfkit.models.loading import load_tokenizer, load_trainable
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
-from rlhfkit.train.distributed import prepare_trained, save_trained
+from rlhfkit.train.distributed import prepare_trained, refuse_sharded_lora, save_trained
 from rlhfkit.train.loop import (
     MetricsLog,
     ShuffledBatches,
@@ -116,6 +116,7 @@ def train_reward_model(
     cfg = config.rm
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed, config.model.dtype)
+    refuse_sharded_lora(accelerator, "rm", config.lora.enabled)
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % n_proc:
         raise ValueError(f"rm.batch_size {cfg.batch_size} is not divisible by the {n_proc} processes")
