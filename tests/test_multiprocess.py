@@ -279,9 +279,14 @@ DEEPSPEED_SUFFIX = textwrap.dedent(
     from rlhfkit.train.grpo import run_critic_free
 
     ds = AcceleratorState()
-    if ds.deepspeed_plugin is not None:
+    zero = None if ds.deepspeed_plugin is None else ds.deepspeed_plugin.zero_stage
+    if not sharded and zero != 3:
+        # LoRA DPO, the reference the policy with its adapter off (one process, and ZeRO-2's whole weights).
+        run_dpo(load_config(overrides=dpo + ["lora.enabled=true"]), init, pairs, out / "dpo_lora",
+                show_progress=False)
+    if zero is not None:
         refused = {}
-        if ds.deepspeed_plugin.zero_stage == 3:
+        if zero == 3:
             lora = load_config(overrides=["lora.enabled=true"])
             for name, run in {
                 "grpo": lambda: run_critic_free(load_config(), "grpo", init, [], prompts, out / "grpo",
@@ -952,13 +957,14 @@ def test_ppo_under_fsdp_killed_and_resumed_ends_bit_identical(
 @pytest.mark.slow
 def test_deepspeed_zero2_and_zero3_match_one_process_and_save_whole_models(init_folder, sharded_runs):
     """SFT, the reward model, DPO (live reference), IPO (precomputed reference) and KTO (live reference,
-    gradient checkpointing) under DeepSpeed ZeRO-2 and ZeRO-3 (the shipped configs) on 2 CPU processes
-    give the losses of one process within 1e-5 relative and save whole models within 1e-5 of its
-    weights (measured: at most 1.4e-6, for weights that moved by 7.5e-4 to 5e-3). What makes it work:
-    each stage fills in the DeepSpeed config from its own settings (micro-batch, clipping; the loops
-    prepare no data loader), and under ZeRO-3 the frozen reference is loaded whole (transformers
-    would partition it, and it is never prepared). The RL stages refuse ZeRO-3 with an error naming
-    the configs that work."""
+    gradient checkpointing) under DeepSpeed ZeRO-2 and ZeRO-3 (the shipped configs), and LoRA DPO (the
+    reference: the policy with its adapter off) under ZeRO-2, on 2 CPU processes give the losses of
+    one process within 1e-5 relative and save whole models within 1e-5 of its weights (measured: at
+    most 1.4e-6, for weights that moved by 7.5e-4 to 5e-3). What makes it work: each stage fills in
+    the DeepSpeed config from its own settings (micro-batch, clipping; the loops prepare no data
+    loader), and under ZeRO-3 the frozen reference is loaded whole (transformers would partition it,
+    and it is never prepared). The RL stages refuse ZeRO-3, and LoRA refuses its sharded weights,
+    with errors naming the configs that work."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     script = sharded_runs / "train.py"
@@ -977,7 +983,7 @@ def test_deepspeed_zero2_and_zero3_match_one_process_and_save_whole_models(init_
                 assert "deepspeed_zero2.yaml" in seen["refused"]["grpo"], seen
                 assert "lora.enabled" in seen["refused"]["dpo"] and "ZeRO-3" in seen["refused"]["dpo"], seen
                 assert not (sharded_runs / "zero3" / "dpo_lora").exists()
-        for stage in FSDP_STAGES:
+        for stage in (*FSDP_STAGES, "dpo_lora") if zero == 2 else FSDP_STAGES:
             one, two = (_losses(r / stage / "metrics.jsonl") for r in (sharded_runs / "p1", run))
             assert len(one) == len(two) >= 1
             for a, b in zip(one, two, strict=True):
@@ -992,6 +998,8 @@ def test_deepspeed_zero2_and_zero3_match_one_process_and_save_whole_models(init_
                 assert torch.allclose(value, reference[key], rtol=0, atol=1e-5), (zero, stage, key)
             assert max((weights[k] - w0[k]).abs().max().item() for k in w0 if k in weights) > 5e-4, stage
             assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7]])).logits).all()
+        if zero == 2:  # saved merged, with the adapter alone beside it
+            assert (run / "dpo_lora" / "model" / "adapter" / "adapter_config.json").is_file()
 
 
 @pytest.fixture(scope="module")
