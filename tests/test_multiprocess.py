@@ -1060,3 +1060,59 @@ def test_rl_stages_under_deepspeed_zero2_match_one_process_and_resume_exactly(
     assert refused.returncode != 0, refused.stderr
     assert "partitioned over 2 processes (DeepSpeed ZeRO)" in refused.stderr, refused.stderr[-3000:]
     assert not (out / "shared" / "model").exists()
+
+
+DEEPSPEED_BF16_SCRIPT = DEEPSPEED_PRELUDE + textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from rlhfkit.config import load_config
+    from rlhfkit.train.dpo import run_dpo
+    from rlhfkit.train.grpo import run_critic_free
+    from rlhfkit.train.kto import run_kto
+    from rlhfkit.train.ppo import run_ppo
+    from rlhfkit.train.rewards import build_reward_functions
+
+    init, rm, out = map(Path, sys.argv[1:4])
+    prompts = [f"Say a colour number {i}." for i in range(16)]
+    bf16 = ["model.dtype=bfloat16", "rollout.seed_per_prompt=true"]
+    ppo = ["ppo.steps=1", "ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.max_new_tokens=6",
+           "ppo.critic=shared"]
+    run_ppo(load_config(overrides=bf16 + ppo), init, rm, prompts, out / "ppo", show_progress=False)
+    grpo = load_config(overrides=bf16 + ["grpo.steps=1", "grpo.prompts_per_step=4", "grpo.group_size=2",
+                                         "grpo.max_new_tokens=6"])
+    run_critic_free(grpo, "grpo", init, build_reward_functions(grpo.grpo.rewards, rm), prompts, out / "grpo",
+                    show_progress=False)
+    pairs = [{"prompt": p, "chosen": "red " * (i % 2 + 1), "rejected": "blue"}
+             for i, p in enumerate(prompts[:8])]
+    run_dpo(load_config(overrides=bf16 + ["dpo.batch_size=4", "dpo.epochs=1"]), init, pairs, out / "dpo",
+            show_progress=False)
+    examples = [{"prompt": p, "completion": ("red " if i % 2 else "blue ") * (i % 3 + 1), "label": i % 2 == 1}
+                for i, p in enumerate(prompts[:8])]
+    kto = ["kto.batch_size=4", "kto.epochs=1", "kto.precompute_reference=false"]
+    run_kto(load_config(overrides=bf16 + kto), init, examples, out / "kto", show_progress=False)
+    """
+)
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_reference_runs_in_the_trained_precision(init_folder, reward_folder, tmp_path):
+    """Under DeepSpeed ZeRO-2 with bf16 (the shipped config's precision) the frozen reference computes as the
+    trained policy does: at step 1, where the two are equal, PPO's and GRPO's KL are exactly 0, KTO's loss
+    exactly 0.5, DPO's implicit rewards 0 to within bf16's rounding of differently padded batches (its
+    reference log-probs are precomputed in other batches). DeepSpeed casts the trained parameters to bf16
+    and runs no autocast; with the reference left in float32 the step-1 KL was -2.1e-3 (PPO) and -3.0e-3
+    (GRPO) per response, and DPO's chosen reward 1.5e-3."""
+    script = tmp_path / "bf16.py"
+    script.write_text(DEEPSPEED_BF16_SCRIPT)
+    cmd = _launch_command(2, script, init_folder, reward_folder, tmp_path, config_file=ZERO_YAML[2])
+    cmd[cmd.index("--mixed_precision") + 1] = "bf16"
+    done = subprocess.run(cmd, env=DEEPSPEED_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = {
+        stage: json.loads((tmp_path / stage / "metrics.jsonl").read_text().splitlines()[0])
+        for stage in ("ppo", "grpo", "dpo", "kto")
+    }
+    assert first["ppo"]["kl"] == 0.0 and first["grpo"]["kl"] == 0.0, first
+    assert first["kto"]["loss"] == 0.5, first
+    assert abs(first["dpo"]["reward/chosen"]) <= 1e-4 and abs(first["dpo"]["reward/rejected"]) <= 1e-4, first

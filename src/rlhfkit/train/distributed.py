@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from transformers import PreTrainedTokenizerBase
 
-from rlhfkit.models.loading import save_model
+from rlhfkit.models.loading import load_causal_lm, save_model
 
 
 def shard(n: int, rank: int, n_proc: int) -> slice:
@@ -257,6 +257,32 @@ def loading_whole(accelerator: Accelerator) -> Iterator[None]:
         yield
     finally:
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def in_trained_precision(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (frozen, unprepared) cast to the dtype DeepSpeed gives the trained weights, if any.
+
+    Under DDP and FSDP a frozen reference gets the policy's precision from `accelerator.autocast()`.
+    DeepSpeed's mixed precision instead casts the trained model's parameters to bf16/fp16 (its
+    buffers, such as RoPE's frequencies, stay float32) and runs no autocast (accelerate's is then a
+    no-op): a float32 reference would give a KL that is not zero where policy and reference are
+    equal (-2e-3 per response at step 1 in bf16, measured). The reference is cast the same way.
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return model
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds_config.get(key, {}).get("enabled") is True:
+            for param in model.parameters():
+                param.data = param.data.to(dtype)
+    return model
+
+
+def load_reference(accelerator: Accelerator, path: str | Path, device: Any) -> torch.nn.Module:
+    """The frozen reference policy from `path` on `device`: whole on every process, in the trained dtype."""
+    with loading_whole(accelerator):  # never prepared, so never partitioned (ZeRO-3)
+        model = load_causal_lm(path)
+    return in_trained_precision(accelerator, model).to(device).eval().requires_grad_(False)
 
 
 def whole_state_dict(

@@ -17,14 +17,15 @@ import torch
 
 from rlhfkit.algos.dpo import dpo_loss, sequence_logprob
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable
+from rlhfkit.models.loading import dropout_off, load_tokenizer, load_trainable
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import join_prompt_response
 from rlhfkit.rollout.logprobs import response_logprobs
 from rlhfkit.train.distributed import (
     gather_lists,
-    loading_whole,
+    in_trained_precision,
+    load_reference,
     mean_over_processes,
     prepare_trained,
     refuse_sharded_lora,
@@ -100,15 +101,12 @@ def run_dpo(
     average = cfg.loss_type == "ipo"
     policy = load_trainable(policy_path, config)
     # LoRA: the reference is the policy with its adapter off, not a second copy.
-    reference = None
-    if not config.lora.enabled:
-        with loading_whole(accelerator):  # frozen, never prepared
-            reference = load_causal_lm(policy_path).to(device).eval()
+    reference = None if config.lora.enabled else load_reference(accelerator, policy_path, device)
     ref_chosen = ref_rejected = None
     if cfg.precompute_reference:
         own = shard(len(pairs), rank, n_proc)
         # In the policy's precision (its prepared forward autocasts): the log-ratios start at 0.
-        frozen = policy.to(device) if reference is None else reference
+        frozen = in_trained_precision(accelerator, policy.to(device)) if reference is None else reference
         with accelerator.autocast(), reference_of(frozen) as ref:
             ref_chosen = precompute_logprobs(ref, chosen[own], pad, device, average)
             ref_rejected = precompute_logprobs(ref, rejected[own], pad, device, average)

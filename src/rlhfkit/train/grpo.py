@@ -24,7 +24,7 @@ from rlhfkit.algos.grpo import (
 from rlhfkit.algos.kl import kl_estimate
 from rlhfkit.algos.masked import masked_mean
 from rlhfkit.config import GRPOConfig, RLOOConfig, RunConfig
-from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable
+from rlhfkit.models.loading import dropout_off, load_tokenizer, load_trainable
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout import make_sampler
@@ -34,6 +34,7 @@ from rlhfkit.rollout.seeded import prompt_seeds
 from rlhfkit.train.distributed import (
     gather_lists,
     gather_rows,
+    load_reference,
     mean_over_processes,
     prepare_trained,
     refuse_unsupported_sharding,
@@ -109,7 +110,7 @@ def run_critic_free(
     pad = tokenizer.pad_token_id
     policy = load_trainable(policy_path, config)
     # LoRA: the reference is the policy with its adapter off, not a second copy.
-    reference = None if config.lora.enabled else load_causal_lm(policy_path).to(device).eval()
+    reference = None if config.lora.enabled else load_reference(accelerator, policy_path, device)
     dropout_off(policy)  # sampling and training log-probs must be the same function
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg.lr, cfg.steps, 0, schedule="linear")
     # The schedule stays unprepared: a prepared one would step once per process at each step.

@@ -15,12 +15,13 @@ import torch
 
 from rlhfkit.algos.kto import kto_loss, mismatched_partners
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import dropout_off, load_causal_lm, load_tokenizer, load_trainable
+from rlhfkit.models.loading import dropout_off, load_tokenizer, load_trainable
 from rlhfkit.models.lora import reference_of
 from rlhfkit.train.distributed import (
     gather_lists,
     gather_rows,
-    loading_whole,
+    in_trained_precision,
+    load_reference,
     prepare_trained,
     refuse_sharded_lora,
     require_divisible,
@@ -82,16 +83,13 @@ def run_kto(
     ]
     policy = load_trainable(policy_path, config)
     # LoRA: the reference is the policy with its adapter off, not a second copy.
-    reference = None
-    if not config.lora.enabled:
-        with loading_whole(accelerator):  # frozen, never prepared
-            reference = load_causal_lm(policy_path).to(device).eval().requires_grad_(False)
+    reference = None if config.lora.enabled else load_reference(accelerator, policy_path, device)
     ref_logp = ref_kl_logp = None
     if cfg.precompute_reference:
         # Each process computes its block; gathered, every process holds them all.
         own = shard(len(rows), rank, n_proc)
         # In the policy's precision (its prepared forward autocasts): the log-ratios start at 0.
-        frozen = policy.to(device) if reference is None else reference
+        frozen = in_trained_precision(accelerator, policy.to(device)) if reference is None else reference
         with accelerator.autocast(), reference_of(frozen) as ref:
             ref_logp, ref_kl_logp = (
                 torch.cat(gather_lists(accelerator, [precompute_logprobs(ref, part[own], pad, device)]))

@@ -40,7 +40,6 @@ from rlhfkit.models.heads import TokenValues, sequence_scores, values_of
 from rlhfkit.models.loading import (
     dropout_off,
     enable_gradient_checkpointing,
-    load_causal_lm,
     load_reward_model,
     load_tokenizer,
     load_trainable,
@@ -66,6 +65,7 @@ from rlhfkit.train.distributed import (
     gather_lists,
     gather_rows,
     load_optimizer_state,
+    load_reference,
     mean_over_processes,
     optimizer_layout,
     optimizer_state,
@@ -278,7 +278,7 @@ def run_ppo(
     if not (lora and reference_path is None):
         # Offloaded, the reference lives on the CPU and visits the device for its forward only.
         ref_home = "cpu" if config.model.offload_reference else device
-        reference = load_causal_lm(reference_path or policy_path).to(ref_home).eval().requires_grad_(False)
+        reference = load_reference(accelerator, reference_path or policy_path, ref_home)
     reward_model = load_reward_model(reward_path, pad).to(device).eval().requires_grad_(False)
     freeze_lower_layers(policy, cfg.freeze_layers)
     critic = None
