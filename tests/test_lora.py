@@ -11,9 +11,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import rlhfkit.models.loading as loading_module
-import rlhfkit.train.dpo as dpo_module
+import rlhfkit.train.distributed as distributed_module
 import rlhfkit.train.kto as kto_module
-import rlhfkit.train.ppo as ppo_module
 from rlhfkit.config import ConfigError, load_config
 from rlhfkit.models.loading import ADAPTER_DIR, load_causal_lm, load_reward_model, save_model, tiny_causal_lm
 from rlhfkit.models.lora import adapter_disabled, apply_lora, count_parameters, merged_copy, reference_of
@@ -142,10 +141,10 @@ def test_every_stage_trains_lora_and_saves_merged(sft_folder, tmp_path, monkeypa
         loads.append(str(path))
         return real_load(path, quantization)
 
-    # The trained policy loads through load_trainable (models.loading), a reference in the stage.
+    # The trained policy loads through load_trainable (models.loading), a reference through
+    # train.distributed.load_reference.
     monkeypatch.setattr(loading_module, "load_causal_lm", counting_load)
-    monkeypatch.setattr(ppo_module, "load_causal_lm", counting_load)
-    monkeypatch.setattr(dpo_module, "load_causal_lm", counting_load)
+    monkeypatch.setattr(distributed_module, "load_causal_lm", counting_load)
     run_ppo(config, sft_folder, tmp_path / "rm" / "model", PROMPTS, tmp_path / "ppo", False)
     assert loads == [str(sft_folder)]
     _saved_merged_and_adapter(tmp_path / "ppo" / "model", AutoModelForCausalLM)
@@ -185,7 +184,7 @@ def test_kto_trains_lora_with_the_adapter_off_policy_as_reference(sft_folder, tm
         return reference_of(model)
 
     monkeypatch.setattr(loading_module, "load_causal_lm", counting_load)
-    monkeypatch.setattr(kto_module, "load_causal_lm", counting_load)
+    monkeypatch.setattr(distributed_module, "load_causal_lm", counting_load)
     monkeypatch.setattr(kto_module, "load_trainable", recording_trainable)
     monkeypatch.setattr(kto_module, "reference_of", recording_reference_of)
     run_kto(load_config(overrides=kto), sft_folder, THUMBS, tmp_path / "full", False)

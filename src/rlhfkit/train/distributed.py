@@ -160,21 +160,12 @@ def weights_are_sharded(accelerator: Accelerator) -> bool:
 def refuse_unsupported_sharding(accelerator: Accelerator, stage: str, lora: bool = False) -> None:
     """Stop before any work when `stage`, an RL stage, cannot run on this launch's sharded weights.
 
-    The RL stages sample from the policy they train. Under FSDP2 the rollout holds the whole
-    weights (`whole_weights`) and checkpoints gather weights and optimiser states whole; FSDP1 and
-    DeepSpeed ZeRO-3 gather weights in ways these loops do not drive (ZeRO-3 would gather each
-    layer at every decoding step, a collective), and a LoRA policy under FSDP is not saved (merging
-    needs whole weights). Each of these fails here, not mid-run. ZeRO-2 keeps the weights whole.
+    The RL stages sample from the policy they train. Under FSDP2 and DeepSpeed ZeRO-3 the rollout
+    holds the whole weights (`whole_weights`) and checkpoints gather weights whole; FSDP1 gathers
+    weights in a way these loops do not drive, and a LoRA policy on sharded weights is not saved
+    (merging needs whole weights). Each of these fails here, not mid-run.
     """
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and weights_are_sharded(accelerator):
-        raise ValueError(
-            f"{stage} does not run with DeepSpeed ZeRO-3 (sharded weights) yet: launch it with FSDP2 "
-            "(examples/accelerate/fsdp.yaml), DDP (examples/accelerate/ddp.yaml) or ZeRO-2 "
-            "(examples/accelerate/deepspeed_zero2.yaml)"
-        )
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return
-    if not accelerator.is_fsdp2:
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(
             f"{stage} runs under FSDP2 only (fsdp_version: 2, as in examples/accelerate/fsdp.yaml), "
             "not FSDP1: it samples from the policy it trains through FSDP2's unshard()"
@@ -211,6 +202,10 @@ def whole_weights(model: torch.nn.Module) -> Iterator[None]:
     """
     from torch.distributed.fsdp import FSDPModule
 
+    if _zero3_offload(model) is not None:
+        with _zero3_whole_weights(model):
+            yield
+        return
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not units:
         yield
@@ -237,8 +232,38 @@ def whole_weights(model: torch.nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
+def _zero3_offload(model: torch.nn.Module) -> Any | None:
+    """The ZeRO-3 parameter coordinator (hooks and all) of a prepared DeepSpeed engine, else None."""
+    optimizer = getattr(model, "optimizer", None)
+    return getattr(optimizer, "parameter_offload", None)
+
+
 @contextmanager
-def loading_whole(accelerator: Accelerator) -> Iterator[None]:
+def _zero3_whole_weights(model: torch.nn.Module) -> Iterator[None]:
+    """`whole_weights` under DeepSpeed ZeRO-3: every parameter gathered once, the per-layer hooks off.
+
+    ZeRO-3's hooks gather each layer's parameters before its forward and free them after it (a
+    collective per layer per call); with them on, decoding would need the same number of calls on
+    every process. They are taken off for the rollout and put back after it (DeepSpeed internals:
+    `parameter_offload`'s hook lists and `_register_deepspeed_module`, as of 0.19).
+    """
+    import deepspeed
+
+    offload = _zero3_offload(model)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):  # one all-gather, every process
+        for param in model.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
+@contextmanager
+def loading_whole() -> Iterator[None]:
     """Models loaded inside hold their whole weights on every process, also under DeepSpeed ZeRO-3.
 
     With ZeRO-3's `zero3_init_flag`, transformers builds every model it loads partitioned over the
@@ -252,11 +277,13 @@ def loading_whole(accelerator: Accelerator) -> Iterator[None]:
         return
     # transformers partitions while accelerate's DeepSpeed config is registered with it (accelerate's
     # own zero3_init_context_manager re-registers it unchanged, so it does not help); put it back after.
+    from accelerate.state import AcceleratorState
+
     unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+        AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()
 
 
 def in_trained_precision(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -280,7 +307,7 @@ def in_trained_precision(accelerator: Accelerator, model: torch.nn.Module) -> to
 
 def load_reference(accelerator: Accelerator, path: str | Path, device: Any) -> torch.nn.Module:
     """The frozen reference policy from `path` on `device`: whole on every process, in the trained dtype."""
-    with loading_whole(accelerator):  # never prepared, so never partitioned (ZeRO-3)
+    with loading_whole():  # never prepared, so never partitioned (ZeRO-3)
         model = load_causal_lm(path)
     return in_trained_precision(accelerator, model).to(device).eval().requires_grad_(False)
 

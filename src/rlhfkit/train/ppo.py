@@ -66,6 +66,7 @@ from rlhfkit.train.distributed import (
     gather_rows,
     load_optimizer_state,
     load_reference,
+    loading_whole,
     mean_over_processes,
     optimizer_layout,
     optimizer_state,
@@ -279,7 +280,8 @@ def run_ppo(
         # Offloaded, the reference lives on the CPU and visits the device for its forward only.
         ref_home = "cpu" if config.model.offload_reference else device
         reference = load_reference(accelerator, reference_path or policy_path, ref_home)
-    reward_model = load_reward_model(reward_path, pad).to(device).eval().requires_grad_(False)
+    with loading_whole():  # frozen, never prepared: whole on every process (ZeRO-3)
+        reward_model = load_reward_model(reward_path, pad).to(device).eval().requires_grad_(False)
     freeze_lower_layers(policy, cfg.freeze_layers)
     critic = None
     value_head = None

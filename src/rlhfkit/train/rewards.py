@@ -32,6 +32,7 @@ from rlhfkit.models.heads import sequence_scores
 from rlhfkit.models.loading import load_reward_model, load_tokenizer
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
+from rlhfkit.train.distributed import loading_whole
 
 RewardFunction = Callable[[list, list[str]], list[float]]
 
@@ -79,7 +80,8 @@ class RewardModelFunction:
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", max_length: int = 256):
         self.tokenizer = load_tokenizer(path)
-        self.model = load_reward_model(path, self.tokenizer.pad_token_id).to(device).eval()
+        with loading_whole():  # frozen, never prepared: whole on every process (ZeRO-3)
+            self.model = load_reward_model(path, self.tokenizer.pad_token_id).to(device).eval()
         self.model.requires_grad_(False)
         self.device, self.max_length = device, max_length
 
