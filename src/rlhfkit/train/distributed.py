@@ -267,8 +267,9 @@ def loading_whole() -> Iterator[None]:
     """Models loaded inside hold their whole weights on every process, also under DeepSpeed ZeRO-3.
 
     With ZeRO-3's `zero3_init_flag`, transformers builds every model it loads partitioned over the
-    processes, for `prepare` to train. A frozen reference is never prepared: partitioned, its
-    forward would see empty weights. It is loaded whole instead (the price: one whole copy per process).
+    processes, for `prepare` to train. A frozen model (a reference, a reward model) is never
+    prepared: partitioned, its forward would see empty weights. It is loaded whole instead (the
+    price: one whole copy per process).
     """
     from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
