@@ -25,8 +25,8 @@ in the frozen-layer PPO) are compared with one process as above and their saved 
 uninterrupted one, under DDP and under FSDP.
 
 Under DeepSpeed (the shipped ZeRO-2 and ZeRO-3 configs) the preference stages of the FSDP test, and under
-ZeRO-2 every RL run of the FSDP RL test, are compared with the same one-process runs; a PPO run resumed
-from a ZeRO-2 checkpoint ends bit-identical.
+ZeRO-3 every RL run of the FSDP RL test, are compared with the same one-process runs; a PPO run resumed
+from a ZeRO-3 checkpoint ends bit-identical. PPO and GRPO also run under ZeRO-2 in bf16.
 """
 
 from __future__ import annotations
@@ -272,17 +272,13 @@ DEEPSPEED_PRELUDE = textwrap.dedent(
         PartialState(backend="gloo")
     """
 )
-# After FSDP_SCRIPT: LoRA DPO (one process, ZeRO-2), its refusal of ZeRO-3, and what a DeepSpeed launch was.
+# After FSDP_SCRIPT under DeepSpeed: what the launch was, and LoRA's refusal of ZeRO-3's sharded weights.
 DEEPSPEED_SUFFIX = textwrap.dedent(
     """
     from accelerate.state import AcceleratorState
 
     ds = AcceleratorState()
     zero = None if ds.deepspeed_plugin is None else ds.deepspeed_plugin.zero_stage
-    if not sharded and zero != 3:
-        # LoRA DPO, the reference the policy with its adapter off (one process, and ZeRO-2's whole weights).
-        run_dpo(load_config(overrides=dpo + ["lora.enabled=true"]), init, pairs, out / "dpo_lora",
-                show_progress=False)
     if zero is not None:
         refused = {}
         if zero == 3:
@@ -949,112 +945,106 @@ def test_ppo_under_fsdp_killed_and_resumed_ends_bit_identical(
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_and_zero3_match_one_process_and_save_whole_models(init_folder, sharded_runs):
+def test_deepspeed_zero3_matches_one_process_and_saves_whole_models(init_folder, sharded_runs):
     """SFT, the reward model, DPO (live reference), IPO (precomputed reference) and KTO (live reference,
-    gradient checkpointing) under DeepSpeed ZeRO-2 and ZeRO-3 (the shipped configs), and LoRA DPO (the
-    reference: the policy with its adapter off) under ZeRO-2, on 2 CPU processes give the losses of
-    one process within 1e-5 relative and save whole models within 1e-5 of its weights (measured: at
-    most 1.4e-6, for weights that moved by 7.5e-4 to 5e-3). What makes it work: each stage fills in
-    the DeepSpeed config from its own settings (micro-batch, clipping; the loops prepare no data
-    loader), and under ZeRO-3 the frozen reference is loaded whole (transformers would partition it,
-    and it is never prepared). LoRA refuses ZeRO-3's sharded weights with an error naming DDP."""
+    gradient checkpointing) under DeepSpeed ZeRO-3 (the shipped config) on 2 CPU processes give the
+    losses of one process within 1e-5 relative and save whole models within 1e-5 of its weights
+    (measured: at most 1.4e-6, for weights that moved by 7.5e-4 to 5e-3). What makes it work: each
+    stage fills in the DeepSpeed config from its own settings (micro-batch, clipping; the loops
+    prepare no data loader), the frozen reference is loaded whole (transformers would partition it,
+    and it is never prepared) and saving gathers the weights. LoRA refuses ZeRO-3's sharded weights
+    with an error naming DDP. (ZeRO-2 matched as closely when checked by hand; in the suite it runs
+    in the bf16 test below.)"""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    script = sharded_runs / "train.py"
-    for zero in (2, 3):
-        out = sharded_runs / f"zero{zero}"
-        _launch(2, script, init_folder, out, config_file=ZERO_YAML[zero], env=DEEPSPEED_ENV)
+    run = sharded_runs / "zero3"
+    _launch(2, sharded_runs / "train.py", init_folder, run, config_file=ZERO_YAML[3], env=DEEPSPEED_ENV)
     w0 = load_file(str(init_folder / "model.safetensors"))
-    for zero in (2, 3):
-        run = sharded_runs / f"zero{zero}"
-        for rank in (0, 1):
-            seen = json.loads((run / f"deepspeed-rank{rank}.json").read_text())
-            assert seen["distributed_type"] == "DistributedType.DEEPSPEED", seen
-            assert seen["zero_stage"] == zero and seen["processes"] == 2, seen
-            if zero == 3:
-                assert "lora.enabled" in seen["refused"]["dpo"] and "ZeRO-3" in seen["refused"]["dpo"], seen
-                assert not (sharded_runs / "zero3" / "dpo_lora").exists()
-        for stage in (*FSDP_STAGES, "dpo_lora") if zero == 2 else FSDP_STAGES:
-            one, two = (_losses(r / stage / "metrics.jsonl") for r in (sharded_runs / "p1", run))
-            assert len(one) == len(two) >= 1
-            for a, b in zip(one, two, strict=True):
-                assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (zero, stage, one, two)
-            auto = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
-            model, info = auto.from_pretrained(run / stage / "model", output_loading_info=True)
-            assert not any(info.values()), (zero, stage, info)  # whole tensors under every name
-            weights = load_file(str(run / stage / "model" / "model.safetensors"))
-            reference = load_file(str(sharded_runs / "p1" / stage / "model" / "model.safetensors"))
-            assert weights.keys() == reference.keys(), (zero, stage)
-            for key, value in weights.items():
-                assert torch.allclose(value, reference[key], rtol=0, atol=1e-5), (zero, stage, key)
-            assert max((weights[k] - w0[k]).abs().max().item() for k in w0 if k in weights) > 5e-4, stage
-            assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7]])).logits).all()
-        if zero == 2:  # saved merged, with the adapter alone beside it
-            assert (run / "dpo_lora" / "model" / "adapter" / "adapter_config.json").is_file()
+    for rank in (0, 1):
+        seen = json.loads((run / f"deepspeed-rank{rank}.json").read_text())
+        assert seen["distributed_type"] == "DistributedType.DEEPSPEED", seen
+        assert seen["zero_stage"] == 3 and seen["processes"] == 2, seen
+        assert "lora.enabled" in seen["refused"]["dpo"] and "ZeRO-3" in seen["refused"]["dpo"], seen
+    assert not (run / "dpo_lora").exists()
+    for stage in FSDP_STAGES:
+        one, two = (_losses(r / stage / "metrics.jsonl") for r in (sharded_runs / "p1", run))
+        assert len(one) == len(two) >= 1
+        for a, b in zip(one, two, strict=True):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (stage, one, two)
+        auto = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+        model, info = auto.from_pretrained(run / stage / "model", output_loading_info=True)
+        assert not any(info.values()), (stage, info)  # whole tensors under every name
+        weights = load_file(str(run / stage / "model" / "model.safetensors"))
+        reference = load_file(str(sharded_runs / "p1" / stage / "model" / "model.safetensors"))
+        assert weights.keys() == reference.keys(), stage
+        for key, value in weights.items():
+            assert torch.allclose(value, reference[key], rtol=0, atol=1e-5), (stage, key)
+        assert max((weights[k] - w0[k]).abs().max().item() for k in w0 if k in weights) > 5e-4, stage
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7]])).logits).all()
 
 
 @pytest.fixture(scope="module")
-def rl_deepspeed_runs(rl_fsdp_runs, short_answer_folder, untied_folder, reward_folder) -> Path:
-    """RL_FSDP_SCRIPT's variants under DeepSpeed ZeRO-2 and ZeRO-3 on 2 processes (zero2, zero3 beside p1)."""
+def rl_zero3_run(rl_fsdp_runs, short_answer_folder, untied_folder, reward_folder) -> Path:
+    """RL_FSDP_SCRIPT's variants under DeepSpeed ZeRO-3 on 2 processes (folder zero3 beside p1).
+
+    ZeRO-3 only: it drives everything ZeRO-2 does (engines, accumulation, partitioned optimiser
+    states) and gathers the weights besides; ZeRO-2's RL path runs in the bf16 test below (the suite's
+    time is kept for that)."""
     script = rl_fsdp_runs / "rl_deepspeed.py"
     script.write_text(DEEPSPEED_PRELUDE + RL_FSDP_SCRIPT)
     models = (short_answer_folder, untied_folder, reward_folder)
-    for zero in (2, 3):
-        out = rl_fsdp_runs / f"zero{zero}"
-        _launch(2, script, *models, out, config_file=ZERO_YAML[zero], env=DEEPSPEED_ENV)
-    return rl_fsdp_runs
+    _launch(2, script, *models, rl_fsdp_runs / "zero3", config_file=ZERO_YAML[3], env=DEEPSPEED_ENV)
+    return rl_fsdp_runs / "zero3"
 
 
 @pytest.mark.slow
-def test_rl_stages_under_deepspeed_match_one_process_and_resume_exactly(
-    rl_deepspeed_runs, short_answer_folder, untied_folder, reward_folder
+def test_rl_stages_under_deepspeed_zero3_match_one_process_and_resume_exactly(
+    rl_fsdp_runs, rl_zero3_run, short_answer_folder, untied_folder, reward_folder
 ):
     """PPO (separate critic: two engines; shared critic with PTX; A2C; lower layers frozen with gradient
-    checkpointing), GRPO, RLOO and REINFORCE++ under DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes log
-    the numbers of one process within 1e-4 relative (absolute below 1) and end with its weights within
-    1e-5. Measured: at most 1.2e-6 relative (a gradient norm above the clipping norm: DeepSpeed clipped)
-    and 1.8e-7 on a weight. PPO accumulates its micro-batches and steps each engine once per mini-batch;
-    a loss divided again by DeepSpeed's accumulation count halves A2C's `grad_norm`. Under ZeRO-3 the
-    rollout gathers the weights once and decodes without ZeRO's per-layer hooks: the processes decode
-    different numbers of tokens in some rollouts, which per-layer gathering could not survive.
-    Checkpoints hold every process's ZeRO partition of the optimiser states: the shared-critic run
-    resumed from its step-2 checkpoint ends with the very bytes of the run itself, and resuming a
-    ZeRO-2 checkpoint on one process is refused."""
-    p1 = rl_deepspeed_runs / "p1"
-    for zero in (2, 3):
-        run = rl_deepspeed_runs / f"zero{zero}"
-        for name in (*RL_FSDP_VARIANTS, "shared_resumed"):
-            one = [json.loads(x) for x in (p1 / name / "metrics.jsonl").read_text().splitlines()]
-            two = [json.loads(x) for x in (run / name / "metrics.jsonl").read_text().splitlines()]
-            assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3], (zero, name)
-            for a, b in zip(one, two, strict=True):
-                assert a.keys() == b.keys(), (zero, name, a, b)
-                for key in a:
-                    if a[key] is None:
-                        assert b[key] is None, (zero, name, key, a, b)
-                        continue
-                    assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (zero, name, key, a, b)
-            weights = load_file(str(run / name / "model" / "model.safetensors"))
-            reference = load_file(str(p1 / name / "model" / "model.safetensors"))
-            assert weights.keys() == reference.keys(), (zero, name)
-            for key, value in weights.items():
-                assert torch.allclose(value, reference[key], rtol=0, atol=1e-5), (zero, name, key)
-        # Clipping happened inside DeepSpeed's step (the norms logged are above ppo.max_grad_norm = 1).
-        logged = [json.loads(x) for x in (run / "separate" / "metrics.jsonl").read_text().splitlines()]
-        assert max(r["grad_norm"] for r in logged) > 1.0
-        state = load_state(run / "shared" / "checkpoints" / "step-2")
-        assert state["layout"] == "partitioned over 2 processes (DeepSpeed ZeRO)"
-        assert len(state["opt_policy"]) == 2 and state["opt_policy"][0]["zero_stage"] == zero
-        resumed, whole = (run / name / "model" for name in ("shared_resumed", "shared"))
-        assert (resumed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
-    ranks = [json.loads((rl_deepspeed_runs / "zero3" / f"rank{r}-of-2.json").read_text()) for r in (0, 1)]
+    checkpointing), GRPO, RLOO and REINFORCE++ under DeepSpeed ZeRO-3 on 2 CPU processes log the numbers
+    of one process within 1e-4 relative (absolute below 1) and end with its weights within 1e-5.
+    Measured: at most 1.2e-6 relative (a gradient norm above the clipping norm: DeepSpeed clipped) and
+    1.5e-7 on a weight. PPO accumulates its micro-batches and steps each engine once per mini-batch;
+    a loss divided again by DeepSpeed's accumulation count halves A2C's `grad_norm`. The rollout gathers
+    the weights once and decodes without ZeRO-3's per-layer hooks: the processes decode different
+    numbers of tokens in some rollouts, which per-layer gathering could not survive. Checkpoints hold
+    every process's ZeRO partition of the optimiser states: the shared-critic run resumed from its
+    step-2 checkpoint ends with the very bytes of the run itself, and resuming it on one process is
+    refused."""
+    p1 = rl_fsdp_runs / "p1"
+    for name in (*RL_FSDP_VARIANTS, "shared_resumed"):
+        one = [json.loads(x) for x in (p1 / name / "metrics.jsonl").read_text().splitlines()]
+        two = [json.loads(x) for x in (rl_zero3_run / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3], name
+        for a, b in zip(one, two, strict=True):
+            assert a.keys() == b.keys(), (name, a, b)
+            for key in a:
+                if a[key] is None:
+                    assert b[key] is None, (name, key, a, b)
+                    continue
+                assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (name, key, a, b)
+        weights = load_file(str(rl_zero3_run / name / "model" / "model.safetensors"))
+        reference = load_file(str(p1 / name / "model" / "model.safetensors"))
+        assert weights.keys() == reference.keys(), name
+        for key, value in weights.items():
+            assert torch.allclose(value, reference[key], rtol=0, atol=1e-5), (name, key)
+    # Clipping happened inside DeepSpeed's step (the norms logged are above ppo.max_grad_norm = 1).
+    logged = [json.loads(x) for x in (rl_zero3_run / "separate" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["grad_norm"] for r in logged) > 1.0
+    ranks = [json.loads((rl_zero3_run / f"rank{r}-of-2.json").read_text()) for r in (0, 1)]
     assert any(ranks[0][name]["decoded"] != ranks[1][name]["decoded"] for name in RL_FSDP_VARIANTS), ranks
-    # A ZeRO-2 checkpoint resumed on one process without DeepSpeed: refused before any step.
-    out = rl_deepspeed_runs / "zero2_on_one"
-    shutil.copytree(rl_deepspeed_runs / "zero2" / "shared", out / "shared")
+    state = load_state(rl_zero3_run / "shared" / "checkpoints" / "step-2")
+    assert state["layout"] == "partitioned over 2 processes (DeepSpeed ZeRO)"
+    assert len(state["opt_policy"]) == 2 and state["opt_policy"][0]["zero_stage"] == 3
+    resumed, whole = (rl_zero3_run / name / "model" for name in ("shared_resumed", "shared"))
+    assert (resumed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    # The same checkpoint resumed on one process without DeepSpeed: refused before any step.
+    out = rl_fsdp_runs / "zero3_on_one"
+    shutil.copytree(rl_zero3_run / "shared", out / "shared")
     shutil.rmtree(out / "shared" / "model")
     models = (short_answer_folder, untied_folder, reward_folder)
-    cmd = _launch_command(1, rl_deepspeed_runs / "rl_deepspeed.py", *models, out, "shared", "--resume")
+    cmd = _launch_command(1, rl_fsdp_runs / "rl_deepspeed.py", *models, out, "shared", "--resume")
     refused = subprocess.run(cmd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0, refused.stderr
     assert "partitioned over 2 processes (DeepSpeed ZeRO)" in refused.stderr, refused.stderr[-3000:]
@@ -1084,7 +1074,10 @@ DEEPSPEED_BF16_SCRIPT = DEEPSPEED_PRELUDE + textwrap.dedent(
                     show_progress=False)
     pairs = [{"prompt": p, "chosen": "red " * (i % 2 + 1), "rejected": "blue"}
              for i, p in enumerate(prompts[:8])]
-    run_dpo(load_config(overrides=bf16 + ["dpo.batch_size=4", "dpo.epochs=1"]), init, pairs, out / "dpo",
+    dpo = bf16 + ["dpo.batch_size=4", "dpo.epochs=1"]
+    run_dpo(load_config(overrides=dpo), init, pairs, out / "dpo", show_progress=False)
+    # LoRA: the reference is the policy with its adapter off (weights whole under ZeRO-2).
+    run_dpo(load_config(overrides=dpo + ["lora.enabled=true"]), init, pairs, out / "dpo_lora",
             show_progress=False)
     examples = [{"prompt": p, "completion": ("red " if i % 2 else "blue ") * (i % 3 + 1), "label": i % 2 == 1}
                 for i, p in enumerate(prompts[:8])]
@@ -1096,12 +1089,13 @@ DEEPSPEED_BF16_SCRIPT = DEEPSPEED_PRELUDE + textwrap.dedent(
 
 @pytest.mark.slow
 def test_deepspeed_bf16_reference_runs_in_the_trained_precision(init_folder, reward_folder, tmp_path):
-    """Under DeepSpeed ZeRO-2 with bf16 (the shipped config's precision) the frozen reference computes as the
-    trained policy does: at step 1, where the two are equal, PPO's and GRPO's KL are exactly 0, KTO's loss
-    exactly 0.5, DPO's implicit rewards 0 to within bf16's rounding of differently padded batches (its
-    reference log-probs are precomputed in other batches). DeepSpeed casts the trained parameters to bf16
-    and runs no autocast; with the reference left in float32 the step-1 KL was -2.1e-3 (PPO) and -3.0e-3
-    (GRPO) per response, and DPO's chosen reward 1.5e-3."""
+    """Under DeepSpeed ZeRO-2 with bf16 (the shipped config's precision) the frozen reference computes as
+    the trained policy does: at step 1, where the two are equal, PPO's and GRPO's KL are exactly 0,
+    KTO's loss exactly 0.5, DPO's implicit rewards 0 to within bf16's rounding of differently padded
+    batches (its reference log-probs are precomputed in other batches), also with LoRA (reference: the
+    adapter off). DeepSpeed casts the trained parameters to bf16 and runs no autocast; with the
+    reference left in float32 the step-1 KL was -2.1e-3 (PPO) and -3.0e-3 (GRPO) per response, and
+    DPO's chosen reward 1.5e-3."""
     script = tmp_path / "bf16.py"
     script.write_text(DEEPSPEED_BF16_SCRIPT)
     cmd = _launch_command(2, script, init_folder, reward_folder, tmp_path, config_file=ZERO_YAML[2])
@@ -1110,8 +1104,11 @@ def test_deepspeed_bf16_reference_runs_in_the_trained_precision(init_folder, rew
     assert done.returncode == 0, done.stderr[-3000:]
     first = {
         stage: json.loads((tmp_path / stage / "metrics.jsonl").read_text().splitlines()[0])
-        for stage in ("ppo", "grpo", "dpo", "kto")
+        for stage in ("ppo", "grpo", "dpo", "dpo_lora", "kto")
     }
     assert first["ppo"]["kl"] == 0.0 and first["grpo"]["kl"] == 0.0, first
     assert first["kto"]["loss"] == 0.5, first
-    assert abs(first["dpo"]["reward/chosen"]) <= 1e-4 and abs(first["dpo"]["reward/rejected"]) <= 1e-4, first
+    for dpo in ("dpo", "dpo_lora"):
+        assert abs(first[dpo]["reward/chosen"]) <= 1e-4 and abs(first[dpo]["reward/rejected"]) <= 1e-4, first
+    # Saved merged, with the adapter alone beside it.
+    assert (tmp_path / "dpo_lora" / "model" / "adapter" / "adapter_config.json").is_file()
