@@ -91,14 +91,30 @@ def _quantized_loading(quantization: BitsAndBytesConfig | None) -> dict:
     return {"quantization_config": quantization, "device_map": {"": PartialState().device}}
 
 
+def _one_4bit_function(model: PreTrainedModel) -> PreTrainedModel:
+    """Every forward of the model's 4-bit layers computes alike, in their compute dtype.
+
+    bitsandbytes (0.50) runs a 4-bit layer's eval-mode no-grad forward on CPUs with AVX512-BF16
+    through a bf16 kernel on a repacked copy of the weight, and a training forward in the compute
+    dtype. A QLoRA stage compares the two (the adapter-off reference against the policy: KL and
+    implicit rewards are 0 at the start only if they are one function), and the repacked weight
+    no longer dequantizes to what the layer computes, which a saved (merged) model relies on.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_causal_lm(path: str | Path, quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
     """A causal LM from a hub id or a local folder (any architecture transformers knows).
 
     With `quantization` (QLoRA) its linear layers load quantized by bitsandbytes; the rest stays float32.
     """
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.float32, **_quantized_loading(quantization)
     )
+    return _one_4bit_function(model) if quantization is not None else model
 
 
 def load_trainable(
@@ -186,7 +202,7 @@ def load_reward_model(
     )
     # The classifier reads the last non-pad token, so it must know which id is padding.
     model.config.pad_token_id = pad_token_id
-    return model
+    return _one_4bit_function(model) if quantization is not None else model
 
 
 def save_model(
