@@ -1,26 +1,47 @@
 """Checkpoints that resume a run exactly, and a clean stop on SIGINT/SIGTERM.
 
-A checkpoint is a folder `checkpoints/step-N/`: the policy as a Hugging Face model
+A checkpoint is a folder `checkpoints/step-N/`: the trained model as a Hugging Face model
 folder (so any checkpoint loads with `from_pretrained`, e.g. for over-optimisation
 sweeps) plus `trainer_state.pt` with everything else a bit-identical continuation needs:
 the other models' weights, optimiser and schedule states, RNG states, controllers.
+`StageCheckpoints` is how every training stage uses them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from accelerate import Accelerator
+from rich.console import Console
 
-from rlhfkit.models.loading import save_model
+from rlhfkit.models.loading import load_trainable, save_model
+from rlhfkit.models.lora import load_adapter_weights
+from rlhfkit.train.distributed import (
+    any_process,
+    gather_lists,
+    load_optimizer_state,
+    optimizer_layout,
+    optimizer_state,
+    pretrained_weights,
+)
+from rlhfkit.train.loop import MetricsLog, ShuffledBatches
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from rlhfkit.config import RunConfig
 
 STATE_FILE = "trainer_state.pt"
+FINGERPRINT_FILE = "fingerprint.json"
+console = Console()
 
 
 class TrainingInterrupted(RuntimeError):
@@ -39,6 +60,12 @@ def checkpoint_steps(root: Path) -> list[tuple[int, Path]]:
         if suffix.isdigit() and (path / "config.json").is_file():
             found.append((int(suffix), path))
     return sorted(found)
+
+
+def made_with(out_dir: Path, fingerprint: str) -> bool:
+    """False when `out_dir/checkpoints` holds checkpoints made with a config of another fingerprint."""
+    saved = Path(out_dir) / "checkpoints" / FINGERPRINT_FILE
+    return not saved.is_file() or json.loads(saved.read_text()).get("fingerprint") == fingerprint
 
 
 def latest_resumable(root: Path) -> Path | None:
@@ -117,3 +144,185 @@ def stop_on_signals() -> Iterator[StopFlag]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class StageCheckpoints:
+    """One stage's checkpoints in `out_dir/checkpoints`: the one a resume continues from, and new ones.
+
+    Every process of a launch makes one and calls `begin` and `after_step` (saving gathers state
+    from all of them). The stage loads its trained weights with `load_trained` (before `prepare`),
+    restores the rest of its own state from `state` when resuming, and runs its steps from
+    `start_step + 1`; `after_step` saves every `settings.save_every` steps (0: never on a schedule),
+    at the last step when `at_end`, and on SIGINT/SIGTERM, where it raises `TrainingInterrupted`.
+    The `settings.keep_states` newest checkpoints keep their trainer state, older ones the weights.
+    With `resume` it continues from the newest checkpoint made with the same `fingerprint` (config).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        out_dir: Path,
+        accelerator: Accelerator,
+        settings: Any,
+        *,
+        resume: bool = False,
+        fingerprint: str = "",
+        at_end: bool = False,
+    ):
+        self.stage, self.accelerator, self.out_dir = stage, accelerator, out_dir
+        self.save_every, self.keep_states, self.at_end = settings.save_every, settings.keep_states, at_end
+        self.fingerprint = fingerprint
+        self.root = out_dir / "checkpoints"
+        self.main = accelerator.is_main_process
+        self.path = latest_resumable(self.root) if resume else None
+        if self.path is not None:
+            if fingerprint and not made_with(out_dir, fingerprint):
+                raise ValueError(
+                    f"{self.path} was made with a different config ({stage} or an upstream stage "
+                    "changed); rerun without --resume to start over"
+                )
+        elif resume and self.main:
+            console.print(f"[dim]{stage}: no checkpoint in {self.root}, starting from step 0[/dim]")
+        self.state: dict[str, Any] | None = load_state(self.path) if self.path is not None else None
+        self.layout = optimizer_layout(accelerator)
+        if self.state is not None:
+            # Optimiser states are saved per parameter position whole, per parameter name sharded, and
+            # as each process's partition under DeepSpeed. (Checkpoints from before "layout" say
+            # "sharded".)
+            legacy = "sharded (FSDP)" if self.state.get("sharded") else "whole"
+            saved_as = self.state.get("layout") or legacy
+            if saved_as != self.layout:
+                raise ValueError(
+                    f"{self.path} holds optimiser states {saved_as} and this launch lays them out "
+                    f"{self.layout}; resume it with a launch like the one that saved it, or rerun "
+                    "without --resume"
+                )
+        self.start_step: int = self.state["step"] if self.state is not None else 0
+        self._trained: tuple | None = None
+
+    def load_trained(
+        self,
+        init_path: str | Path,
+        config: RunConfig,
+        task: Literal["causal_lm", "reward"] = "causal_lm",
+        pad_token_id: int | None = None,
+    ) -> PreTrainedModel:
+        """The model the stage trains (`load_trainable`): the checkpoint's weights when resuming, else
+        `init_path`'s. Under LoRA the base always comes from `init_path` (it never changes) and a
+        resumed run puts the checkpoint's adapter onto it."""
+        lora = config.lora.enabled
+        start = self.path if self.path is not None and not lora else init_path
+        model = load_trainable(start, config, task, pad_token_id)
+        if lora and self.path is not None:
+            load_adapter_weights(model, self.path)
+        return model
+
+    def trains(
+        self,
+        tokenizer: Any,
+        model: torch.nn.Module,
+        optimizer: Any,
+        scheduler: Any,
+        gen: torch.Generator,
+        batches: ShuffledBatches | None = None,
+        part: str = "",
+    ) -> None:
+        """Name what a one-model stage's checkpoints hold besides the step and RNG states: the prepared
+        `model` (saved as its submodule `part` when given), its optimiser and schedule, the data
+        generator and the batches not served yet. Resuming, their states come back here."""
+        self._trained = (tokenizer, model, optimizer, scheduler, gen, batches, part)
+        if self.state is not None:
+            load_optimizer_state(self.accelerator, model, optimizer, self.state["optimizer"])
+            scheduler.load_state_dict(self.state["scheduler"])
+            gen.set_state(self.state["gen"])
+            if batches is not None:
+                batches.pending = list(self.state["batch_order"])
+
+    def _trained_contents(self) -> tuple[Any, Any, dict[str, torch.Tensor] | None, dict[str, Any]]:
+        if self._trained is None:
+            raise RuntimeError(f"{self.stage}: after_step needs `contents` or a call to `trains` first")
+        tokenizer, model, optimizer, scheduler, gen, batches, part = self._trained
+        unwrapped = self.accelerator.unwrap_model(model)
+        state = {
+            "optimizer": optimizer_state(self.accelerator, model, optimizer),
+            "scheduler": scheduler.state_dict(),
+            "gen": gen.get_state(),
+        }
+        if batches is not None:
+            state["batch_order"] = list(batches.pending)
+        weights = pretrained_weights(self.accelerator, model, part)
+        return getattr(unwrapped, part) if part else unwrapped, tokenizer, weights, state
+
+    def begin(self, seed: int, metrics: Path) -> MetricsLog | None:
+        """Call once the models are prepared, just before the first step; the metrics log (main
+        process only, else None).
+
+        Resuming: this process's torch RNG state comes back, and metrics logged after the checkpoint
+        are dropped. Starting over: a previous run's checkpoints are removed, so they are never
+        mistaken for this one's.
+        """
+        n_proc, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if self.state is not None:
+            saved_rngs = self.state.get("torch_rng_per_process") or [self.state["torch_rng"]]
+            if len(saved_rngs) == n_proc:
+                torch.set_rng_state(saved_rngs[rank])
+            else:
+                # Saved by another number of processes: distinct fresh streams, not an exact continuation.
+                torch.manual_seed(seed + rank + n_proc * self.start_step)
+                if self.main:
+                    console.print(
+                        f"[yellow]{self.stage}: {self.path} was saved by {len(saved_rngs)} process(es) and "
+                        f"this launch has {n_proc}: the run continues, but not bit-identically[/yellow]"
+                    )
+            if self.main:
+                _truncate_metrics(metrics, self.start_step)
+                console.print(f"[dim]{self.stage}: resuming from {self.path} (step {self.start_step})[/dim]")
+        elif self.main:
+            shutil.rmtree(self.root, ignore_errors=True)
+        return MetricsLog(metrics, resume=self.state is not None) if self.main else None
+
+    def after_step(
+        self,
+        step: int,
+        total: int,
+        stop: StopFlag,
+        log: MetricsLog | None,
+        contents: Callable[[], tuple[Any, Any, dict[str, torch.Tensor] | None, dict[str, Any]]] | None = None,
+    ) -> Path | None:
+        """Save a checkpoint when one is due; on a stop signal (to any process) save and raise.
+
+        `contents()` returns (model, tokenizer, weights, trainer state): the unwrapped trained model,
+        its gathered whole weights when sharded (else None), and the stage's own state (optimisers,
+        schedules, data order...); every process calls it, since gathering is a collective. Without
+        it, what `trains` named is saved.
+        """
+        stopping = any_process(self.accelerator, bool(stop))  # a signal to one process stops them all
+        due = (self.save_every and step % self.save_every == 0) or (self.at_end and step == total)
+        if not (due or stopping):
+            return None
+        rngs = gather_lists(self.accelerator, [torch.get_rng_state()])
+        model, tokenizer, weights, trainer = (contents or self._trained_contents)()
+        path = self.root / f"step-{step}"
+        if self.main:
+            fingerprint = self.root / FINGERPRINT_FILE
+            if not fingerprint.is_file():
+                self.root.mkdir(parents=True, exist_ok=True)
+                fingerprint.write_text(json.dumps({"fingerprint": self.fingerprint}))
+            trainer = {"step": step, "layout": self.layout, "torch_rng": torch.get_rng_state(), **trainer}
+            if len(rngs) > 1:
+                trainer["torch_rng_per_process"] = rngs
+            path = save_checkpoint(self.root, step, model, tokenizer, trainer, self.keep_states, weights)
+        self.accelerator.wait_for_everyone()
+        if stopping and step < total:
+            if log is not None:
+                log.close()
+            raise TrainingInterrupted(self.stage, step, path)
+        return path
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint a resumed run continues from."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(row + "\n" for row in rows))

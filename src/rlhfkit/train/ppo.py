@@ -9,14 +9,11 @@ models and switches the implementation details from `PPOConfig`.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch.distributed.fsdp import register_fsdp_forward_method
 
 from rlhfkit.algos.masked import masked_mean, masked_whiten
@@ -42,24 +39,16 @@ from rlhfkit.models.loading import (
     enable_gradient_checkpointing,
     load_reward_model,
     load_tokenizer,
-    load_trainable,
 )
-from rlhfkit.models.lora import load_adapter_weights, reference_of
+from rlhfkit.models.lora import reference_of
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout import make_sampler
 from rlhfkit.rollout.batch import PromptResponseBatch, in_row_chunks, join_prompt_response
 from rlhfkit.rollout.logprobs import gather_logprobs, response_forward
 from rlhfkit.rollout.seeded import prompt_seeds
-from rlhfkit.train.checkpoint import (
-    TrainingInterrupted,
-    latest_resumable,
-    load_state,
-    save_checkpoint,
-    stop_on_signals,
-)
+from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.distributed import (
-    any_process,
     backward,
     clip_grad_norm,
     gather_lists,
@@ -68,7 +57,6 @@ from rlhfkit.train.distributed import (
     load_reference,
     loading_whole,
     mean_over_processes,
-    optimizer_layout,
     optimizer_state,
     prepare_trained,
     pretrained_weights,
@@ -81,7 +69,6 @@ from rlhfkit.train.distributed import (
     whole_weights,
 )
 from rlhfkit.train.loop import (
-    MetricsLog,
     ShuffledBatches,
     Stopwatch,
     make_accelerator,
@@ -90,8 +77,6 @@ from rlhfkit.train.loop import (
 )
 from rlhfkit.train.pretrain import pack_blocks
 from rlhfkit.train.rewards import build_reward_functions, combined_rewards
-
-console = Console()
 
 
 @dataclass
@@ -194,10 +179,6 @@ def _ptx_blocks(tokenizer: Any, corpus: list[str], block_size: int) -> torch.Ten
     return pack_blocks(docs, block_size)
 
 
-def _fingerprint_file(out_dir: Path) -> Path:
-    return out_dir / "checkpoints" / "fingerprint.json"
-
-
 def run_ppo(
     config: RunConfig,
     policy_path: Path | str,
@@ -246,37 +227,14 @@ def run_ppo(
             )
     tokenizer = load_tokenizer(policy_path)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    ckpt_root = out_dir / "checkpoints"
-    checkpoint = latest_resumable(ckpt_root) if resume else None
-    if checkpoint is not None:
-        saved_file = _fingerprint_file(out_dir)
-        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
-        if fingerprint and saved.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"{checkpoint} was made with a different config (ppo or an upstream stage changed); "
-                "rerun without --resume to start over"
-            )
-    elif resume and main:
-        console.print(f"[dim]ppo: no checkpoint in {ckpt_root}, starting from step 0[/dim]")
-    state = load_state(checkpoint) if checkpoint is not None else None
-    layout = optimizer_layout(accelerator)
-    if state is not None:
-        # Optimiser states are saved per parameter position whole, per parameter name sharded, and as
-        # each process's partition under DeepSpeed. (Checkpoints from before "layout" say "sharded".)
-        saved_as = state.get("layout") or ("sharded (FSDP)" if state.get("sharded") else "whole")
-        if saved_as != layout:
-            raise ValueError(
-                f"{checkpoint} holds optimiser states {saved_as} and this launch lays them out {layout}; "
-                "resume it with a launch like the one that saved it, or rerun without --resume"
-            )
-
-    lora = config.lora.enabled
-    # LoRA: the base stays the starting weights; a resumed run reloads the checkpoint's adapter.
-    policy = load_trainable(policy_path if lora else checkpoint or policy_path, config)
-    if lora and checkpoint is not None:
-        load_adapter_weights(policy, checkpoint)
+    # Checkpoints every ppo.save_every iterations and at the end (policies for over-optimisation sweeps).
+    ckpt = StageCheckpoints(
+        "ppo", out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint, at_end=True
+    )
+    state = ckpt.state
+    policy = ckpt.load_trained(policy_path, config)
     reference = None  # LoRA with the starting policy as reference: the policy, adapter off
-    if not (lora and reference_path is None):
+    if not (config.lora.enabled and reference_path is None):
         # Offloaded, the reference lives on the CPU and visits the device for its forward only.
         ref_home = "cpu" if config.model.offload_reference else device
         reference = load_reference(accelerator, reference_path or policy_path, ref_home)
@@ -424,10 +382,8 @@ def run_ppo(
             *(t.to(device) for t in (joined.input_ids, joined.attention_mask, joined.response_mask))
         )
 
-    start_step = 0
     if state is not None:
         # The weights (policy, critic, value head) were loaded before they were prepared.
-        start_step = state["step"]
         ctl = Controllers(**state["controllers"])
         ctl.moments = tuple(ctl.moments)  # type: ignore[assignment]
         if critic is not None:
@@ -437,13 +393,6 @@ def run_ppo(
         sched_policy.load_state_dict(state["sched_policy"])
         gen.set_state(state["gen"])
         batches.pending = list(state["batch_order"])
-        saved_rngs = state.get("torch_rng_per_process") or [state["torch_rng"]]
-        if len(saved_rngs) == n_proc:
-            torch.set_rng_state(saved_rngs[rank])
-        else:  # saved by another number of processes: distinct fresh streams, not an exact continuation
-            torch.manual_seed(config.seed + rank + n_proc * start_step)
-        if main:
-            console.print(f"[dim]ppo: resuming from {checkpoint} (step {start_step})[/dim]")
     else:
         ctl = Controllers(kl_coef=cfg.kl_coef)
         if cfg.reward_norm:
@@ -454,25 +403,17 @@ def run_ppo(
             norm_batch = rollout([prompt_ids[i] for i in idx], step=0)
             raw = reward_scores(norm_batch)
             ctl.reward_gain, ctl.reward_bias = reward_normalisation(raw)
-        if main:
-            # Starting over: a previous run's checkpoints must not be mistaken for this one's.
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            _fingerprint_file(out_dir).write_text(json.dumps({"fingerprint": fingerprint}))
 
-    metrics_path = out_dir / "metrics.jsonl"
-    if checkpoint is not None and main:
-        _truncate_metrics(metrics_path, start_step)
     # The main process alone writes the run's record: metrics, checkpoints, the model.
-    log = MetricsLog(metrics_path, resume=checkpoint is not None) if main else None
+    log = ckpt.begin(config.seed, out_dir / "metrics.jsonl")
+    start_step = ckpt.start_step
     last: dict[str, float] = {}
 
-    def trainer_state(step: int) -> dict[str, Any]:
-        """Everything but the policy's weights; every process calls this (sharded, the weights and
-        optimiser states are gathered whole, which only the main process receives)."""
-        return {
-            "step": step,
-            "layout": layout,
+    def checkpoint_contents() -> tuple[Any, Any, dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """The policy and everything else a continuation needs; every process calls this (sharded,
+        the weights and optimiser states are gathered whole, which only the main process receives)."""
+        weights = pretrained_weights(accelerator, actor, "policy")
+        return accelerator.unwrap_model(actor).policy, tokenizer, weights, {
             "controllers": asdict(ctl),
             "value_head": None if value_head is None else whole_state_dict(accelerator, actor, "value_head"),
             "critic": None if critic is None else whole_state_dict(accelerator, critic, "model"),
@@ -482,23 +423,7 @@ def run_ppo(
             "sched_critic": None if sched_critic is None else sched_critic.state_dict(),
             "gen": gen.get_state(),
             "batch_order": list(batches.pending),
-            "torch_rng": torch.get_rng_state(),
         }
-
-    def checkpoint_now(step: int) -> Path:
-        """Save a checkpoint (every process calls this: their sampling RNG states are gathered, and
-        sharded weights and optimiser states too)."""
-        rngs = gather_lists(accelerator, [torch.get_rng_state()]) if n_proc > 1 else None
-        trainer = trainer_state(step)
-        weights = pretrained_weights(accelerator, actor, "policy")
-        path = ckpt_root / f"step-{step}"
-        if main:
-            if rngs is not None:
-                trainer["torch_rng_per_process"] = rngs
-            policy = accelerator.unwrap_model(actor).policy
-            path = save_checkpoint(ckpt_root, step, policy, tokenizer, trainer, cfg.keep_states, weights)
-        accelerator.wait_for_everyone()
-        return path
 
     with stop_on_signals() as stop, progress_bar("ppo", cfg.steps, show_progress and main) as bar:
         bar.update(bar.task_ids[0], completed=start_step)
@@ -661,13 +586,7 @@ def run_ppo(
                 advance=1,
                 info=f"score {last['reward/score']:+.3f} kl {last['kl']:.3f} ent {last['entropy']:.2f}",
             )
-            stopping = any_process(accelerator, bool(stop))  # a signal to one process stops them all
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stopping:
-                path = checkpoint_now(step)
-                if stopping and step < cfg.steps:
-                    if log is not None:
-                        log.close()
-                    raise TrainingInterrupted("ppo", step, path)
+            ckpt.after_step(step, cfg.steps, stop, log, checkpoint_contents)
     if log is not None:
         log.close()
     save_trained(accelerator, actor, tokenizer, out_dir / "model", part="policy")
@@ -751,11 +670,3 @@ def _micro_step(
     if ptx_loss is not None:
         out["loss/ptx"] = ptx_loss.item()
     return out
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint a resumed run continues from."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(row + "\n" for row in rows))
