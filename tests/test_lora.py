@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import rlhfkit.models.loading as loading_module
+import rlhfkit.train.checkpoint as checkpoint_module
 import rlhfkit.train.distributed as distributed_module
 import rlhfkit.train.kto as kto_module
 from rlhfkit.config import ConfigError, load_config
@@ -173,10 +174,10 @@ def test_kto_trains_lora_with_the_adapter_off_policy_as_reference(sft_folder, tm
         return real_load(path, quantization)
 
     trained, references = [], []
-    real_trainable = kto_module.load_trainable
+    real_trainable = checkpoint_module.load_trainable  # every stage loads its trained model there
 
-    def recording_trainable(path, config):
-        trained.append(real_trainable(path, config))
+    def recording_trainable(path, config, *args):
+        trained.append(real_trainable(path, config, *args))
         return trained[-1]
 
     def recording_reference_of(model):
@@ -185,7 +186,7 @@ def test_kto_trains_lora_with_the_adapter_off_policy_as_reference(sft_folder, tm
 
     monkeypatch.setattr(loading_module, "load_causal_lm", counting_load)
     monkeypatch.setattr(distributed_module, "load_causal_lm", counting_load)
-    monkeypatch.setattr(kto_module, "load_trainable", recording_trainable)
+    monkeypatch.setattr(checkpoint_module, "load_trainable", recording_trainable)
     monkeypatch.setattr(kto_module, "reference_of", recording_reference_of)
     run_kto(load_config(overrides=kto), sft_folder, THUMBS, tmp_path / "full", False)
     # Full weights: the policy and a second copy as the reference.

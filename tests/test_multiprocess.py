@@ -665,6 +665,22 @@ def test_ppo_two_processes_killed_and_resumed_end_bit_identical(init_folder, rew
     assert saved is not None and saved.name == "step-2"
     assert len(load_state(saved)["torch_rng_per_process"]) == 2
 
+    # The same checkpoint resumed by one process (a smaller launch, no accelerate) goes on, with a
+    # warning: its 2 sampling streams cannot become 1, so it is not an exact continuation.
+    one = tmp_path / "resumed_on_one"
+    shutil.copytree(run, one)
+    alone = subprocess.run(
+        [sys.executable, "-m", "rlhfkit", "ppo", "--out", one, "--no-progress", "--resume",
+         *[arg for setting in sets.split() for arg in ("--set", setting)]],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "saved by 2 process(es) and this launch has 1" in alone.stdout, alone.stdout
+    reference_rows = [json.loads(x) for x in (reference / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    one_rows = [json.loads(x) for x in (one / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in one_rows] == [1, 2, 3, 4, 5, 6]
+    assert one_rows[:2] == reference_rows[:2]
+
     resumed = ppo(["-m", "rlhfkit"], run, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout, resumed.stdout

@@ -33,7 +33,11 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: KEY=V
 PresetOpt = Annotated[str, typer.Option(help=f"base settings: {', '.join(PRESETS)}")]
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
 ResumeOpt = Annotated[
-    bool, typer.Option("--resume", help="continue from the stage's newest checkpoint (ppo) in --out")
+    bool,
+    typer.Option(
+        "--resume",
+        help="continue the training stage from its newest checkpoint in --out (made with the same config)",
+    ),
 ]
 
 
@@ -77,14 +81,15 @@ def _run_stages(
     cfg = _load(config, sets, preset)
     try:
         # The demo reuses finished stages and resumes an interrupted one.
-        run = Run(out, cfg, show_progress=not no_progress, resume=resume or reuse)
+        run = Run(out, cfg, show_progress=not no_progress, resume=resume or reuse, restart_changed=reuse)
         if len(stage_names) > 1:
             report = run_demo(run, stage_names)
         else:
             run_stage(run, stage_names[0], reuse=reuse)
             report = run.read_report()
     except TrainingInterrupted as exc:
-        _interrupted(exc, "demo" if len(stage_names) > 1 else f"{exc.stage} --resume", out)
+        # The command that was run: a stage's nested training (eval's label curves) names its own.
+        _interrupted(exc, "demo" if len(stage_names) > 1 else f"{stage_names[0]} --resume", out)
     except (DataError, StageError, ValueError) as exc:
         _fail(str(exc))
     if report.get("eval", {}).get("policies"):
@@ -293,7 +298,7 @@ def loop_command(
         except ValidationError as exc:
             _fail(f"{flag} {value}: {exc.errors()[0]['msg']}")
     try:
-        report = run_loop(Run(out, cfg, show_progress=not no_progress, resume=True))
+        report = run_loop(Run(out, cfg, show_progress=not no_progress, resume=True, restart_changed=True))
     except TrainingInterrupted as exc:
         _interrupted(exc, "loop", out)
     except (DataError, StageError, ValueError) as exc:

@@ -39,6 +39,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _save_every(default: int, unit: str = "steps") -> Any:
+    """A training stage's checkpoint interval (see rlhfkit.train.checkpoint)."""
+    return Field(
+        default,
+        ge=0,
+        description=f"checkpoint every N {unit} for --resume (0: none on a schedule; SIGINT/SIGTERM "
+        "always saves one)",
+    )
+
+
+def _keep_states() -> Any:
+    return Field(
+        1, ge=1, description="newest checkpoints keeping optimiser/RNG state; older keep only weights"
+    )
+
+
 class ModelConfig(Section):
     name_or_path: str | None = Field(
         None, description="hub id or local folder of a causal LM; unset = train a tiny one from scratch"
@@ -161,6 +177,8 @@ class PretrainConfig(Section):
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
     weight_decay: float = Field(0.01, ge=0)
+    save_every: int = _save_every(500)
+    keep_states: int = _keep_states()
 
 
 class SFTConfig(Section):
@@ -169,6 +187,8 @@ class SFTConfig(Section):
     lr: float = Field(5e-4, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_length: int = Field(128, gt=8)
+    save_every: int = _save_every(100)
+    keep_states: int = _keep_states()
 
 
 class FeedbackConfig(Section):
@@ -212,6 +232,8 @@ class RMConfig(Section):
         description="label-efficiency curve: eval also trains RMs (not saved) on these shares of the labels "
         "and reports their held-out accuracy; [] = off",
     )
+    save_every: int = _save_every(100)
+    keep_states: int = _keep_states()
 
     @field_validator("label_curve")
     @classmethod
@@ -321,10 +343,8 @@ class PPOConfig(Section):
     temperature: float = Field(1.0, gt=0, description="sampling temperature (also applied in training)")
     max_new_tokens: int = Field(48, gt=0, description="response length limit")
     # Checkpoints
-    save_every: int = Field(10, ge=0, description="checkpoint every N iterations (0: only at the end)")
-    keep_states: int = Field(
-        1, ge=1, description="newest checkpoints keeping optimiser/RNG state; older keep only weights"
-    )
+    save_every: int = _save_every(10, "iterations (and at the last)")
+    keep_states: int = _keep_states()
 
     @model_validator(mode="after")
     def _check(self) -> PPOConfig:
@@ -395,6 +415,8 @@ class DPOConfig(Section):
     lr: float = Field(1e-4, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(128, gt=8, description="prompt + response tokens")
+    save_every: int = _save_every(100)
+    keep_states: int = _keep_states()
 
 
 class KTOConfig(Section):
@@ -409,6 +431,8 @@ class KTOConfig(Section):
     lr: float = Field(1e-4, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(128, gt=8, description="prompt + response tokens")
+    save_every: int = _save_every(100)
+    keep_states: int = _keep_states()
 
 
 class CriticFreeConfig(Section):
@@ -427,6 +451,8 @@ class CriticFreeConfig(Section):
     rewards: list[RewardSpec] = Field(
         default_factory=_reward_model_only, min_length=1, description="weighted reward terms, summed"
     )
+    save_every: int = _save_every(10)
+    keep_states: int = _keep_states()
 
 
 class GRPOConfig(CriticFreeConfig):

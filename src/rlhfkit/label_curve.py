@@ -210,8 +210,10 @@ def _share_point(
     if rows:
         # Written and read back as the full set's pairs.jsonl is, so both reach the RM alike.
         write_jsonl(folder / "pairs.jsonl", rows)
+        # Not saved, so no periodic checkpoints either (a signal still stops it cleanly).
+        config = run.config.model_copy(update={"rm": run.config.rm.model_copy(update={"save_every": 0})})
         model, _, summary = train_reward_model(
-            run.config, run.model_path("sft"), _read_pairs(folder / "pairs.jsonl"), folder, run.show_progress
+            config, run.model_path("sft"), _read_pairs(folder / "pairs.jsonl"), folder, run.show_progress
         )
         point["n_train_pairs"] = summary["n_train_pairs"]
         # On the CPU, where the eval stage scores the run's own reward model.

@@ -488,7 +488,14 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
     pairs = earlier + _read_pairs(out / "pairs.jsonl")
 
     sft = run.model_path("sft")
-    rm = run_rm(run.config, sft, pairs, out / "rm", run.show_progress)
+    rm = run_rm(
+        run.config,
+        sft,
+        pairs,
+        out / "rm",
+        run.show_progress,
+        **run.checkpointing("rm", out / "rm", fingerprint),
+    )
     steps = cfg.ppo_steps if cfg.ppo_steps is not None else run.config.ppo.steps
     config = run.config.model_copy(update={"ppo": run.config.ppo.model_copy(update={"steps": steps})})
     ptx = run.config.ppo.ptx_coef > 0
@@ -507,9 +514,8 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
         out / "ppo",
         run.show_progress,
         ptx_corpus=run.task.corpus if ptx else None,
-        resume=run.resume,
-        fingerprint=fingerprint,
         reference_path=sft,
+        **run.checkpointing("ppo", out / "ppo", fingerprint),
     )
     figures = evaluate_round(run, out / "ppo" / "model", out / "rm" / "model", f"round-{k}")
     write_jsonl(out / "samples.jsonl", figures.pop("samples"))
@@ -558,7 +564,7 @@ def run_loop(run: Run) -> dict[str, Any]:
     """The demo's stages up to the first PPO, then rounds 2..N; returns report.json's content."""
     config = loop_config(run.config)
     if config is not run.config:  # the run directory's config.yaml says what the loop ran
-        run = Run(run.dir, config, show_progress=run.show_progress, resume=run.resume)
+        run = Run(run.dir, config, run.show_progress, run.resume, run.restart_changed)
     for stage in ("pretrain", "sft", "feedback", "rm", "ppo"):
         if stage == "pretrain" and run.config.model.name_or_path:
             continue

@@ -37,6 +37,8 @@ _SECTIONS = {
 }
 # Keys of a section that only the eval stage reads: changing one re-runs eval alone.
 _EVAL_ONLY = {"rm": ("label_curve",)}
+# How often a stage saves checkpoints does not change what it computes (eval sweeps PPO's).
+_CHECKPOINT_KEYS = ("save_every", "keep_states")
 # Method stages outside the demo (issue 4), each with the last demo stage it builds on:
 # dpo/kto need the SFT model and the feedback pairs, the online methods the reward model.
 METHOD_STAGES = {
@@ -68,12 +70,22 @@ class StageError(RuntimeError):
 class Run:
     """A run directory and the config it runs with."""
 
-    def __init__(self, out: Path, config: RunConfig, show_progress: bool = True, resume: bool = False):
+    def __init__(
+        self,
+        out: Path,
+        config: RunConfig,
+        show_progress: bool = True,
+        resume: bool = False,
+        restart_changed: bool = False,
+    ):
         self.dir = Path(out)
         self.config = config
         self.show_progress = show_progress
-        # Continue an interrupted stage from its newest checkpoint (stages that checkpoint: ppo).
+        # Continue an interrupted training stage from its newest checkpoint. One made with another
+        # config is refused (an explicit --resume), or with `restart_changed` (the demo and the loop,
+        # which resume by themselves) the stage starts over.
         self.resume = resume
+        self.restart_changed = restart_changed
         self._task: Task | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
@@ -106,11 +118,27 @@ class Run:
             sections += _SECTIONS[stage]
         picked = {k: cfg[k] for k in sections}
         if stage != "eval":
-            for section, keys in _EVAL_ONLY.items():
-                if section in picked:
-                    picked[section] = {k: v for k, v in picked[section].items() if k not in keys}
+            for section in picked:
+                dropped = _EVAL_ONLY.get(section, ()) + _CHECKPOINT_KEYS
+                if isinstance(picked[section], dict):
+                    picked[section] = {k: v for k, v in picked[section].items() if k not in dropped}
         blob = json.dumps(picked, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def checkpointing(
+        self, stage: str, out_dir: Path | None = None, fingerprint: str | None = None
+    ) -> dict[str, Any]:
+        """A training stage's `resume` and `fingerprint` arguments (its folder: `out_dir`, by default
+        the stage's own). A checkpoint made with another config is never continued: the stage
+        refuses it, or, with `restart_changed`, is told to start over."""
+        from rlhfkit.train.checkpoint import made_with
+
+        fingerprint = fingerprint or self.fingerprint(stage)
+        resume = self.resume
+        if resume and self.restart_changed and not made_with(out_dir or self.stage_dir(stage), fingerprint):
+            console.print(f"[dim]{stage}: its checkpoints were made with another config; starting over[/dim]")
+            resume = False
+        return {"resume": resume, "fingerprint": fingerprint}
 
     def finished(self, stage: str) -> bool:
         summary = self.stage_dir(stage) / "summary.json"
@@ -182,7 +210,13 @@ def stage_pretrain(run: Run) -> dict:
         raise StageError("model.name_or_path is set: there is nothing to pretrain, start at `sft`")
     if not run.task.corpus:
         raise StageError(f"task {run.task.name!r} has no pretraining corpus; set model.name_or_path")
-    return run_pretrain(run.config, run.task.corpus, run.stage_dir("pretrain"), run.show_progress)
+    return run_pretrain(
+        run.config,
+        run.task.corpus,
+        run.stage_dir("pretrain"),
+        run.show_progress,
+        **run.checkpointing("pretrain"),
+    )
 
 
 def stage_sft(run: Run) -> dict:
@@ -198,7 +232,9 @@ def stage_sft(run: Run) -> dict:
         demos = run.task.demonstrations
     if not demos:
         raise StageError("no demonstrations: set data.demonstrations to a JSONL file")
-    return run_sft(run.config, init, demos, run.stage_dir("sft"), run.show_progress)
+    return run_sft(
+        run.config, init, demos, run.stage_dir("sft"), run.show_progress, **run.checkpointing("sft")
+    )
 
 
 def comparison_items(
@@ -353,7 +389,14 @@ def stage_rm(run: Run) -> dict:
     from rlhfkit.train.rm import run_rm
 
     pairs = _training_pairs(run)
-    return run_rm(run.config, run.model_path("sft"), pairs, run.stage_dir("rm"), run.show_progress)
+    return run_rm(
+        run.config,
+        run.model_path("sft"),
+        pairs,
+        run.stage_dir("rm"),
+        run.show_progress,
+        **run.checkpointing("rm"),
+    )
 
 
 def stage_ppo(run: Run) -> dict:
@@ -370,8 +413,7 @@ def stage_ppo(run: Run) -> dict:
         run.stage_dir("ppo"),
         run.show_progress,
         ptx_corpus=run.task.corpus if run.config.ppo.ptx_coef > 0 else None,
-        resume=run.resume,
-        fingerprint=run.fingerprint("ppo"),
+        **run.checkpointing("ppo"),
     )
 
 
@@ -467,7 +509,14 @@ def stage_dpo(run: Run) -> dict:
     from rlhfkit.train.dpo import run_dpo
 
     pairs = _training_pairs(run)
-    return run_dpo(run.config, run.model_path("sft"), pairs, run.stage_dir("dpo"), run.show_progress)
+    return run_dpo(
+        run.config,
+        run.model_path("sft"),
+        pairs,
+        run.stage_dir("dpo"),
+        run.show_progress,
+        **run.checkpointing("dpo"),
+    )
 
 
 def stage_kto(run: Run) -> dict:
@@ -486,7 +535,14 @@ def stage_kto(run: Run) -> dict:
             "pairs (chosen = thumbs up, rejected = thumbs down)",
             highlight=False,
         )
-    summary = run_kto(run.config, run.model_path("sft"), examples, run.stage_dir("kto"), run.show_progress)
+    summary = run_kto(
+        run.config,
+        run.model_path("sft"),
+        examples,
+        run.stage_dir("kto"),
+        run.show_progress,
+        **run.checkpointing("kto"),
+    )
     return {**summary, "derived_from_pairs": not run.config.data.unpaired}
 
 
@@ -496,7 +552,14 @@ def _critic_free_stage(run: Run, section: str) -> dict:
     prompts = _prompts(run.config.data.prompts, run.task.train_prompts)
     terms = _reward_terms(run, getattr(run.config, section).rewards)
     return run_critic_free(
-        run.config, section, run.model_path("sft"), terms, prompts, run.stage_dir(section), run.show_progress
+        run.config,
+        section,
+        run.model_path("sft"),
+        terms,
+        prompts,
+        run.stage_dir(section),
+        run.show_progress,
+        **run.checkpointing(section),
     )
 
 

@@ -17,11 +17,12 @@ import torch
 
 from rlhfkit.algos.dpo import dpo_loss, sequence_logprob
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import dropout_off, load_tokenizer, load_trainable
+from rlhfkit.models.loading import dropout_off, load_tokenizer
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import join_prompt_response
 from rlhfkit.rollout.logprobs import response_logprobs
+from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.distributed import (
     gather_lists,
     in_trained_precision,
@@ -34,7 +35,6 @@ from rlhfkit.train.distributed import (
     shard,
 )
 from rlhfkit.train.loop import (
-    MetricsLog,
     ShuffledBatches,
     Stopwatch,
     apply_gradients,
@@ -78,9 +78,20 @@ def precompute_logprobs(
 
 
 def run_dpo(
-    config: RunConfig, policy_path: Path | str, pairs: list[dict], out_dir: Path, show_progress: bool = True
+    config: RunConfig,
+    policy_path: Path | str,
+    pairs: list[dict],
+    out_dir: Path,
+    show_progress: bool = True,
+    *,
+    resume: bool = False,
+    fingerprint: str = "",
 ) -> dict:
-    """Train the policy at `policy_path` on {prompt, chosen, rejected} pairs; saves `out_dir/model`."""
+    """Train the policy at `policy_path` on {prompt, chosen, rejected} pairs; saves `out_dir/model`.
+
+    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
+    `fingerprint` (config); with the same launch the result is bit-identical to an uninterrupted run.
+    """
     cfg = config.dpo
     if not pairs:
         raise ValueError("dpo: no preference pairs (is the preference file empty?)")
@@ -99,8 +110,9 @@ def run_dpo(
     # IPO regresses the margin to a fixed target, so it is defined on length-averaged log-probs
     # (as in its reference implementation); DPO uses sums, the sequence's real probability.
     average = cfg.loss_type == "ipo"
-    policy = load_trainable(policy_path, config)
-    # LoRA: the reference is the policy with its adapter off, not a second copy.
+    ckpt = StageCheckpoints("dpo", out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint)
+    policy = ckpt.load_trained(policy_path, config)
+    # LoRA: the reference is the policy with its adapter off, not a second copy (resumed, too).
     reference = None if config.lora.enabled else load_reference(accelerator, policy_path, device)
     ref_chosen = ref_rejected = None
     if cfg.precompute_reference:
@@ -123,10 +135,13 @@ def run_dpo(
     dropout_off(policy)
     gen = torch.Generator().manual_seed(config.seed)
     batches = ShuffledBatches(len(pairs), cfg.batch_size, gen)
-    log = MetricsLog(out_dir / "metrics.jsonl") if main else None
+    ckpt.trains(tokenizer, policy, optimizer, scheduler, gen, batches)
+    log = ckpt.begin(config.seed, out_dir / "metrics.jsonl")
     last: dict[str, float] = {}
-    with progress_bar(f"dpo ({cfg.loss_type})", total, show_progress and main) as bar:
-        for step in range(1, total + 1):
+    bar_name = f"dpo ({cfg.loss_type})"
+    with stop_on_signals() as stop, progress_bar(bar_name, total, show_progress and main) as bar:
+        bar.update(bar.task_ids[0], completed=ckpt.start_step)
+        for step in range(ckpt.start_step + 1, total + 1):
             idx = batches.next()
             idx = idx[shard(len(idx), rank, n_proc)]
             both = [chosen[i] for i in idx] + [rejected[i] for i in idx]
@@ -152,12 +167,14 @@ def run_dpo(
             bar.update(
                 bar.task_ids[0], advance=1, info=f"loss {last['loss']:.3f} acc {last['reward/accuracy']:.2f}"
             )
+            ckpt.after_step(step, total, stop, log)
     if log is not None:
         log.close()
     save_trained(accelerator, policy, tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "steps": total,
+        "resumed_from": ckpt.start_step or None,
         "n_pairs": len(pairs),
         "loss_type": cfg.loss_type,
         "final_loss": round(last.get("loss", float("nan")), 4),

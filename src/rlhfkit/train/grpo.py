@@ -24,13 +24,14 @@ from rlhfkit.algos.grpo import (
 from rlhfkit.algos.kl import kl_estimate
 from rlhfkit.algos.masked import masked_mean
 from rlhfkit.config import GRPOConfig, RLOOConfig, RunConfig
-from rlhfkit.models.loading import dropout_off, load_tokenizer, load_trainable
+from rlhfkit.models.loading import dropout_off, load_tokenizer
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout import make_sampler
 from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
 from rlhfkit.rollout.logprobs import response_logprobs
 from rlhfkit.rollout.seeded import prompt_seeds
+from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.distributed import (
     gather_lists,
     gather_rows,
@@ -44,7 +45,6 @@ from rlhfkit.train.distributed import (
     whole_weights,
 )
 from rlhfkit.train.loop import (
-    MetricsLog,
     ShuffledBatches,
     Stopwatch,
     apply_gradients,
@@ -91,8 +91,15 @@ def run_critic_free(
     prompts: list,
     out_dir: Path,
     show_progress: bool = True,
+    *,
+    resume: bool = False,
+    fingerprint: str = "",
 ) -> dict:
-    """Optimise the policy at `policy_path` with config section `section` ("grpo" or "rloo")."""
+    """Optimise the policy at `policy_path` with config section `section` ("grpo" or "rloo").
+
+    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
+    `fingerprint` (config); with the same launch the result is bit-identical to an uninterrupted run.
+    """
     cfg: GRPOConfig | RLOOConfig = getattr(config, section)
     if not prompts:
         raise ValueError(f"{section}: no prompts to train on")
@@ -108,7 +115,8 @@ def run_critic_free(
     require_divisible(f"{section}.minibatch", cfg.minibatch, n_proc)
     tokenizer = load_tokenizer(policy_path)
     pad = tokenizer.pad_token_id
-    policy = load_trainable(policy_path, config)
+    ckpt = StageCheckpoints(section, out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint)
+    policy = ckpt.load_trained(policy_path, config)
     # LoRA: the reference is the policy with its adapter off, not a second copy.
     reference = None if config.lora.enabled else load_reference(accelerator, policy_path, device)
     dropout_off(policy)  # sampling and training log-probs must be the same function
@@ -123,7 +131,8 @@ def run_critic_free(
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     gen = torch.Generator().manual_seed(config.seed)
     batches = ShuffledBatches(len(prompts), cfg.prompts_per_step, gen)
-    log = MetricsLog(out_dir / "metrics.jsonl") if main else None
+    ckpt.trains(tokenizer, policy, optimizer, scheduler, gen, batches)
+    log = ckpt.begin(config.seed, out_dir / "metrics.jsonl")
     last: dict[str, float] = {}
     # rollout.backend: HF generate on the policy, or a vLLM engine synced to its weights.
     sample = make_sampler(config.rollout, accelerator.unwrap_model(policy), tokenizer, seed=config.seed)
@@ -133,8 +142,9 @@ def run_critic_free(
     # This process's rows of every step's batch: whole groups, so each group's baseline is whole.
     own_prompts = shard(cfg.prompts_per_step, rank, n_proc)
     own = slice(own_prompts.start * g, own_prompts.stop * g)
-    with progress_bar(name, cfg.steps, show_progress and main) as bar:
-        for step in range(1, cfg.steps + 1):
+    with stop_on_signals() as stop, progress_bar(name, cfg.steps, show_progress and main) as bar:
+        bar.update(bar.task_ids[0], completed=ckpt.start_step)
+        for step in range(ckpt.start_step + 1, cfg.steps + 1):
             chosen = batches.next()
             # Each epoch's order of the samples, drawn up front (the generator's sequence is unchanged):
             # with a single update, the first one says which rows each process scores with gradient.
@@ -251,12 +261,14 @@ def run_critic_free(
             bar.update(
                 bar.task_ids[0], advance=1, info=f"reward {last['reward/total']:+.3f} kl {last['kl']:.3f}"
             )
+            ckpt.after_step(step, cfg.steps, stop, log)
     if log is not None:
         log.close()
     save_trained(accelerator, policy, tokenizer, out_dir / "model")
     return {
         "wall_seconds": watch.seconds(),
         "steps": cfg.steps,
+        "resumed_from": ckpt.start_step or None,
         "advantage": name,
         "samples": cfg.steps * cfg.prompts_per_step * cfg.group_size,
         "final_reward": round(last.get("reward/total", float("nan")), 4),

@@ -15,8 +15,9 @@ import torch
 
 from rlhfkit.algos.kto import kto_loss, mismatched_partners
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import dropout_off, load_tokenizer, load_trainable
+from rlhfkit.models.loading import dropout_off, load_tokenizer
 from rlhfkit.models.lora import reference_of
+from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.distributed import (
     gather_lists,
     gather_rows,
@@ -30,7 +31,6 @@ from rlhfkit.train.distributed import (
 )
 from rlhfkit.train.dpo import precompute_logprobs, sequence_logprobs, tokenize_example
 from rlhfkit.train.loop import (
-    MetricsLog,
     ShuffledBatches,
     Stopwatch,
     apply_gradients,
@@ -55,8 +55,15 @@ def run_kto(
     examples: list[dict],
     out_dir: Path,
     show_progress: bool = True,
+    *,
+    resume: bool = False,
+    fingerprint: str = "",
 ) -> dict:
-    """Train the policy on {prompt, completion, label} examples; saves `out_dir/model`."""
+    """Train the policy on {prompt, completion, label} examples; saves `out_dir/model`.
+
+    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
+    `fingerprint` (config); with the same launch the result is bit-identical to an uninterrupted run.
+    """
     cfg = config.kto
     if len(examples) < 2:
         raise ValueError(f"kto: needs at least 2 examples, got {len(examples)}")
@@ -81,8 +88,9 @@ def run_kto(
         tokenize_example(tokenizer, examples[i]["prompt"], examples[j]["completion"], cfg.max_length)
         for i, j in enumerate(partners.tolist())
     ]
-    policy = load_trainable(policy_path, config)
-    # LoRA: the reference is the policy with its adapter off, not a second copy.
+    ckpt = StageCheckpoints("kto", out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint)
+    policy = ckpt.load_trained(policy_path, config)
+    # LoRA: the reference is the policy with its adapter off, not a second copy (resumed, too).
     reference = None if config.lora.enabled else load_reference(accelerator, policy_path, device)
     ref_logp = ref_kl_logp = None
     if cfg.precompute_reference:
@@ -104,10 +112,13 @@ def run_kto(
     # eval() would also switch gradient checkpointing off.
     dropout_off(policy)
     batches = ShuffledBatches(len(rows), cfg.batch_size, gen)
-    log = MetricsLog(out_dir / "metrics.jsonl") if main else None
+    # (The mismatched partners above came first from `gen`; a resume draws them again, then restores.)
+    ckpt.trains(tokenizer, policy, optimizer, scheduler, gen, batches)
+    log = ckpt.begin(config.seed, out_dir / "metrics.jsonl")
     last: dict[str, float] = {}
-    with progress_bar("kto", total, show_progress and main) as bar:
-        for step in range(1, total + 1):
+    with stop_on_signals() as stop, progress_bar("kto", total, show_progress and main) as bar:
+        bar.update(bar.task_ids[0], completed=ckpt.start_step)
+        for step in range(ckpt.start_step + 1, total + 1):
             batch = batches.next()
             idx = batch[shard(len(batch), rank, n_proc)]
             logp = sequence_logprobs(policy, [rows[i] for i in idx], pad, device)
@@ -142,6 +153,7 @@ def run_kto(
                 advance=1,
                 info=f"loss {last['loss']:.3f} z0 {stats['kl_reference_point']:.3f}",
             )
+            ckpt.after_step(step, total, stop, log)
     if log is not None:
         log.close()
     save_trained(accelerator, policy, tokenizer, out_dir / "model")
@@ -149,6 +161,7 @@ def run_kto(
     return {
         "wall_seconds": watch.seconds(),
         "steps": total,
+        "resumed_from": ckpt.start_step or None,
         "n_examples": len(examples),
         "n_desirable": n_up,
         "n_undesirable": len(examples) - n_up,

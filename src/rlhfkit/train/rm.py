@@ -15,13 +15,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.algos.reward import bradley_terry_loss, soft_label_terms
 from rlhfkit.config import RunConfig
 from rlhfkit.models.heads import TokenValues, sequence_scores
-from rlhfkit.models.loading import load_tokenizer, load_trainable
+from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
+from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.distributed import prepare_trained, refuse_sharded_lora, save_trained
 from rlhfkit.train.loop import (
-    MetricsLog,
     ShuffledBatches,
     Stopwatch,
     apply_gradients,
@@ -89,12 +89,30 @@ def pair_accuracy(model, rows, pad_id: int, device, batch_size: int = 64) -> flo
 
 
 def run_rm(
-    config: RunConfig, init_path: Path | str, pairs: list[dict], out_dir: Path, show_progress: bool = True
+    config: RunConfig,
+    init_path: Path | str,
+    pairs: list[dict],
+    out_dir: Path,
+    show_progress: bool = True,
+    *,
+    resume: bool = False,
+    fingerprint: str = "",
 ) -> dict:
-    """Train a reward model from `init_path` on `pairs`; saves `out_dir/model`."""
+    """Train a reward model from `init_path` on `pairs`; saves `out_dir/model`.
+
+    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
+    `fingerprint` (config); with the same launch the result is bit-identical to an uninterrupted run.
+    """
     watch = Stopwatch()
     _, _, summary = train_reward_model(
-        config, init_path, pairs, out_dir, show_progress, save_to=out_dir / "model"
+        config,
+        init_path,
+        pairs,
+        out_dir,
+        show_progress,
+        save_to=out_dir / "model",
+        resume=resume,
+        fingerprint=fingerprint,
     )
     return {**summary, "wall_seconds": watch.seconds()}
 
@@ -106,12 +124,15 @@ def train_reward_model(
     out_dir: Path,
     show_progress: bool = True,
     save_to: Path | None = None,
+    *,
+    resume: bool = False,
+    fingerprint: str = "",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """Train a reward model from `init_path` on `pairs`: (the model, its tokenizer, a summary).
 
     Nothing is saved but `out_dir/metrics.jsonl`, and the model in `save_to` when given (saved
     here, where its weights are gathered if FSDP or ZeRO-3 sharded them: the returned model
-    then holds this process's shards only).
+    then holds this process's shards only). Checkpoints go to `out_dir/checkpoints` (`run_rm`).
     """
     cfg = config.rm
     watch = Stopwatch()
@@ -121,7 +142,8 @@ def train_reward_model(
     if cfg.batch_size % n_proc:
         raise ValueError(f"rm.batch_size {cfg.batch_size} is not divisible by the {n_proc} processes")
     tokenizer = load_tokenizer(init_path)
-    model = load_trainable(init_path, config, "reward", tokenizer.pad_token_id)
+    ckpt = StageCheckpoints("rm", out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint)
+    model = ckpt.load_trained(init_path, config, "reward", tokenizer.pad_token_id)
     print_memory_estimate(
         [held_model("reward model", model, reads_vocab=False)],
         2 * (cfg.batch_size // n_proc) * cfg.max_length,  # chosen and rejected in one forward
@@ -146,13 +168,18 @@ def train_reward_model(
     # (it expects per-process batches); each of our steps is already one global batch.
     model, optimizer = prepare_trained(accelerator, TokenValues(model), optimizer, cfg.batch_size // n_proc)
     model.train()
-    log = MetricsLog(out_dir / "metrics.jsonl") if accelerator.is_main_process else None
     # Every process draws the same global batch (same seed) and trains on its equal share of it,
     # so the mean of the processes' mean losses is the global batch's mean loss.
     batches = ShuffledBatches(len(train), cfg.batch_size, gen)
+    ckpt.trains(tokenizer, model, optimizer, scheduler, gen, batches, part="model")
+    log = ckpt.begin(config.seed, out_dir / "metrics.jsonl")
     eval_every = max(1, total // 8)
-    with progress_bar("reward model", total, show_progress and accelerator.is_main_process) as bar:
-        for step in range(1, total + 1):
+    with (
+        stop_on_signals() as stop,
+        progress_bar("reward model", total, show_progress and accelerator.is_main_process) as bar,
+    ):
+        bar.update(bar.task_ids[0], completed=ckpt.start_step)
+        for step in range(ckpt.start_step + 1, total + 1):
             picked = batches.next()[rank::n_proc]
             batch = [train[i] for i in picked]
             chosen, rejected = score_pairs(model, batch, tokenizer.pad_token_id, accelerator.device)
@@ -170,6 +197,7 @@ def train_reward_model(
             if log is not None:
                 log.log(step, **row)
             bar.update(bar.task_ids[0], advance=1, info=f"loss {row['loss']:.3f}")
+            ckpt.after_step(step, total, stop, log)
     if log is not None:
         log.close()
     val_acc = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device) if val else None
@@ -182,5 +210,6 @@ def train_reward_model(
         "n_val_pairs": len(val),
         "val_accuracy": None if val_acc is None else round(val_acc, 4),
         "steps": total,
+        "resumed_from": ckpt.start_step or None,
     }
     return accelerator.unwrap_model(model).model, tokenizer, summary

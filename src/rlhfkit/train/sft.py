@@ -9,14 +9,14 @@ import torch
 
 from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import load_tokenizer, load_trainable
+from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
 from rlhfkit.rollout.logprobs import position_ids_from_mask
+from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.distributed import prepare_trained, refuse_sharded_lora, save_trained
 from rlhfkit.train.loop import (
-    MetricsLog,
     ShuffledBatches,
     Stopwatch,
     apply_gradients,
@@ -40,9 +40,20 @@ def tokenize_demonstrations(
 
 
 def run_sft(
-    config: RunConfig, init_path: Path | str, demos: list[dict], out_dir: Path, show_progress: bool = True
+    config: RunConfig,
+    init_path: Path | str,
+    demos: list[dict],
+    out_dir: Path,
+    show_progress: bool = True,
+    *,
+    resume: bool = False,
+    fingerprint: str = "",
 ) -> dict:
-    """Fine-tune the model at `init_path` on demonstrations; saves `out_dir/model`."""
+    """Fine-tune the model at `init_path` on demonstrations; saves `out_dir/model`.
+
+    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
+    `fingerprint` (config); with the same launch the result is bit-identical to an uninterrupted run.
+    """
     cfg = config.sft
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed, config.model.dtype)
@@ -51,7 +62,8 @@ def run_sft(
     if cfg.batch_size % n_proc:
         raise ValueError(f"sft.batch_size {cfg.batch_size} is not divisible by the {n_proc} processes")
     tokenizer = load_tokenizer(init_path)
-    model = load_trainable(init_path, config)
+    ckpt = StageCheckpoints("sft", out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint)
+    model = ckpt.load_trained(init_path, config)
     print_memory_estimate(
         [held_model("policy", model, reads_vocab=True)],
         (cfg.batch_size // n_proc) * cfg.max_length,
@@ -68,12 +80,17 @@ def run_sft(
     model, optimizer = prepare_trained(accelerator, model, optimizer, cfg.batch_size // n_proc)
     model.train()
     gen = torch.Generator().manual_seed(config.seed)
-    log = MetricsLog(out_dir / "metrics.jsonl") if accelerator.is_main_process else None
     # Every process draws the same global batch (same seed) and trains on its own rows of it.
     batches = ShuffledBatches(len(examples), cfg.batch_size, gen)
+    ckpt.trains(tokenizer, model, optimizer, scheduler, gen, batches)
+    log = ckpt.begin(config.seed, out_dir / "metrics.jsonl")
     loss_value = float("nan")
-    with progress_bar("sft", total, show_progress and accelerator.is_main_process) as bar:
-        for step in range(1, total + 1):
+    with (
+        stop_on_signals() as stop,
+        progress_bar("sft", total, show_progress and accelerator.is_main_process) as bar,
+    ):
+        bar.update(bar.task_ids[0], completed=ckpt.start_step)
+        for step in range(ckpt.start_step + 1, total + 1):
             rows = [examples[i] for i in batches.next()[rank::n_proc]]
             ids, attn = right_pad([r[0] for r in rows], tokenizer.pad_token_id)
             loss_mask, _ = right_pad([r[1] for r in rows], 0, width=ids.size(1))
@@ -93,6 +110,7 @@ def run_sft(
             if log is not None and (step % 5 == 0 or step == total):
                 log.log(step, loss=loss_value, lr=scheduler.get_last_lr()[0])
             bar.update(bar.task_ids[0], advance=1, info=f"loss {loss_value:.3f}")
+            ckpt.after_step(step, total, stop, log)
     if log is not None:
         log.close()
     save_trained(accelerator, model, tokenizer, out_dir / "model")
@@ -101,4 +119,5 @@ def run_sft(
         "final_loss": round(loss_value, 4),
         "n_demonstrations": len(demos),
         "steps": total,
+        "resumed_from": ckpt.start_step or None,
     }
