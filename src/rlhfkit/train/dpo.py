@@ -89,8 +89,7 @@ def run_dpo(
 ) -> dict:
     """Train the policy at `policy_path` on {prompt, chosen, rejected} pairs; saves `out_dir/model`.
 
-    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
-    `fingerprint` (config); with the same launch the result is bit-identical to an uninterrupted run.
+    `resume`, `fingerprint`: see `StageCheckpoints` (an interrupted run continued exactly).
     """
     cfg = config.dpo
     if not pairs:

@@ -97,8 +97,7 @@ def run_critic_free(
 ) -> dict:
     """Optimise the policy at `policy_path` with config section `section` ("grpo" or "rloo").
 
-    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
-    `fingerprint` (config); with the same launch the result is bit-identical to an uninterrupted run.
+    `resume`, `fingerprint`: see `StageCheckpoints` (an interrupted run continued exactly).
     """
     cfg: GRPOConfig | RLOOConfig = getattr(config, section)
     if not prompts:

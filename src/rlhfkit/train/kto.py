@@ -61,8 +61,7 @@ def run_kto(
 ) -> dict:
     """Train the policy on {prompt, completion, label} examples; saves `out_dir/model`.
 
-    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
-    `fingerprint` (config); with the same launch the result is bit-identical to an uninterrupted run.
+    `resume`, `fingerprint`: see `StageCheckpoints` (an interrupted run continued exactly).
     """
     cfg = config.kto
     if len(examples) < 2:

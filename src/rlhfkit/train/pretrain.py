@@ -38,12 +38,8 @@ def run_pretrain(
     resume: bool = False,
     fingerprint: str = "",
 ) -> dict:
-    """Tokenizer + random-init model + next-token training; saves `out_dir/model`.
-
-    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
-    `fingerprint` (config), tokenizer and weights included; the result is bit-identical to an
-    uninterrupted run.
-    """
+    """Tokenizer + random-init model + next-token training; saves `out_dir/model`. `resume` and
+    `fingerprint`: see `StageCheckpoints` (a resumed run takes the checkpoint's tokenizer too)."""
     cfg, mcfg = config.pretrain, config.model
     watch = Stopwatch()
     accelerator = make_accelerator(config.seed)

@@ -100,8 +100,7 @@ def run_rm(
 ) -> dict:
     """Train a reward model from `init_path` on `pairs`; saves `out_dir/model`.
 
-    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
-    `fingerprint` (config); with the same launch the result is bit-identical to an uninterrupted run.
+    `resume`, `fingerprint`: see `StageCheckpoints` (an interrupted run continued exactly).
     """
     watch = Stopwatch()
     _, _, summary = train_reward_model(

@@ -51,8 +51,7 @@ def run_sft(
 ) -> dict:
     """Fine-tune the model at `init_path` on demonstrations; saves `out_dir/model`.
 
-    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` made with the same
-    `fingerprint` (config); with the same launch the result is bit-identical to an uninterrupted run.
+    `resume`, `fingerprint`: see `StageCheckpoints` (an interrupted run continued exactly).
     """
     cfg = config.sft
     watch = Stopwatch()
