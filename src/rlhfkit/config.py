@@ -50,6 +50,7 @@ def _save_every(default: int, unit: str = "steps") -> Any:
 
 
 def _keep_states() -> Any:
+    """How many of a training stage's newest checkpoints keep what --resume needs."""
     return Field(
         1, ge=1, description="newest checkpoints keeping optimiser/RNG state; older keep only weights"
     )
