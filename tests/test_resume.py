@@ -218,7 +218,9 @@ def test_resume_refuses_another_config_and_starts_over_without_checkpoints(model
     with pytest.raises(ValueError, match="different config"):
         run_sft(load_config(overrides=overrides), sft, DEMOS, out, False, resume=True, fingerprint="b")
     again = run_sft(load_config(overrides=overrides), sft, DEMOS, out, False, resume=True, fingerprint="a")
-    assert again["resumed_from"] == 12  # the last periodic checkpoint is the last step
+    # The newest checkpoint is step 8 of 12: none is written at the last step, the model is saved then.
+    assert again["resumed_from"] == 8
+    assert [path.name for _, path in checkpoint_steps(out / "checkpoints")] == ["step-4", "step-8"]
 
 
 def test_the_demo_and_the_loop_start_a_changed_stage_over_and_resume_refuses(tmp_path):

@@ -297,7 +297,9 @@ class StageCheckpoints:
         it, what `trains` named is saved.
         """
         stopping = any_process(self.accelerator, bool(stop))  # a signal to one process stops them all
-        due = (self.save_every and step % self.save_every == 0) or (self.at_end and step == total)
+        # The last step needs no periodic checkpoint: the stage saves its model right after it.
+        periodic = self.save_every and step % self.save_every == 0 and step < total
+        due = periodic or (self.at_end and step == total)
         if not (due or stopping):
             return None
         rngs = gather_lists(self.accelerator, [torch.get_rng_state()])
