@@ -328,18 +328,15 @@ def sharded_runs(init_folder, tmp_path_factory) -> Path:
     return root
 
 
-def _check_rm_resumed(run: Path, atol: float = 0.0) -> None:
-    """The reward model stopped after step 2 and resumed ends with the uninterrupted run's metrics and
-    weights: the same bytes (same launch: the same operations in the same order), or within `atol`."""
+def _check_rm_resumed(run: Path) -> None:
+    """The reward model stopped after step 2 and resumed ends with the uninterrupted run's bytes and
+    metrics (same launch: the same operations in the same order). Under FSDP2 this caught processes
+    updating their shards with different AdamW kernels (a resume then switched one of them)."""
     for rank in (0, 1):
         seen = json.loads((run / f"rm-resume-rank{rank}.json").read_text())
         assert seen == {"stopped": 2, "resumed_from": 2}, seen
-    assert (run / "rm_resumed" / "metrics.jsonl").read_text() == (run / "rm" / "metrics.jsonl").read_text()
-    resumed, whole = (load_file(str(run / r / "model" / "model.safetensors")) for r in ("rm_resumed", "rm"))
-    assert resumed.keys() == whole.keys()
-    for key, value in whole.items():
-        gap = (resumed[key] - value).abs().max().item()
-        assert gap <= atol, (key, gap)
+    for name in ("model/model.safetensors", "metrics.jsonl"):
+        assert (run / "rm_resumed" / name).read_bytes() == (run / "rm" / name).read_bytes(), name
 
 
 # Learning rate and steps of each stage in FSDP_SCRIPT: Adam moves a weight by at most about lr a step.
@@ -371,10 +368,7 @@ def test_fsdp_two_processes_match_one_and_save_whole_models(init_folder, sharded
         assert not (sharded_runs / "fsdp" / "sft_lora").exists()
         # Activation checkpointing ran in KTO (each block forward of the policy), and only there.
         assert seen["checkpointed"]["before_kto"] == 0 and seen["checkpointed"]["kto"] > 0, seen
-    # Under FSDP2 one element of one weight ends 1 ulp apart (2.9e-11; the same element every time,
-    # the optimiser states and the weights of the step-2 checkpoint round-trip exactly; not found why).
-    # The PPO runs of the FSDP RL test resume bit-identically.
-    _check_rm_resumed(sharded_runs / "fsdp", atol=1e-9)
+    _check_rm_resumed(sharded_runs / "fsdp")
     w0 = load_file(str(init_folder / "model.safetensors"))
     for stage, (lr, steps) in FSDP_STAGES.items():
         one, two = (_losses(sharded_runs / run / stage / "metrics.jsonl") for run in ("p1", "fsdp"))

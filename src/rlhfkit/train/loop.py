@@ -51,9 +51,13 @@ def make_optimizer(
     params = [p for p in params if p.requires_grad]
     # Fused AdamW: one kernel over all tensors instead of about ten small ops per tensor, which
     # on a CPU cost more than the update itself for a small model (16 ms -> 2 ms per step for
-    # the 1.4M-parameter bench model). Same update rule; plain tensors on CPU/CUDA only.
+    # the 1.4M-parameter bench model). Same update rule; plain tensors on CPU/CUDA only. Meta too:
+    # under FSDP's cpu_ram_efficient_loading only the main process loads weights (the others get
+    # their shards at prepare), and every process must choose the same kernel, else their shards are
+    # updated with different roundings (and a resume, which restores the main process's choice,
+    # would not continue the others exactly).
     fused = all(
-        type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda", "meta")
         for p in params
     )
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps, fused=fused or None)
