@@ -231,8 +231,12 @@ def test_the_demo_and_the_loop_start_a_changed_stage_over_and_resume_refuses(tmp
     config = load_config(overrides=["sft.epochs=3"])
     auto = Run(tmp_path, config, show_progress=False, resume=True, restart_changed=True)
     strict = Run(tmp_path, config, show_progress=False, resume=True)
+    # Nothing to continue: the demo starts quietly; --resume goes on to say it found no checkpoint.
+    assert not auto.checkpointing("sft")["resume"] and strict.checkpointing("sft")["resume"]
     checkpoints = auto.stage_dir("sft") / "checkpoints"
-    checkpoints.mkdir(parents=True)
+    (checkpoints / "step-4").mkdir(parents=True)
+    for name in ("config.json", STATE_FILE):
+        (checkpoints / "step-4" / name).write_text("{}")
     (checkpoints / "fingerprint.json").write_text(json.dumps({"fingerprint": auto.fingerprint("sft")}))
     assert auto.checkpointing("sft")["resume"] and strict.checkpointing("sft")["resume"]
     (checkpoints / "fingerprint.json").write_text(json.dumps({"fingerprint": "another config"}))

@@ -131,13 +131,18 @@ class Run:
         """A training stage's `resume` and `fingerprint` arguments (its folder: `out_dir`, by default
         the stage's own). A checkpoint made with another config is never continued: the stage
         refuses it, or, with `restart_changed`, is told to start over."""
-        from rlhfkit.train.checkpoint import made_with
+        from rlhfkit.train.checkpoint import latest_resumable, made_with
 
         fingerprint = fingerprint or self.fingerprint(stage)
+        folder = out_dir or self.stage_dir(stage)
         resume = self.resume
-        if resume and self.restart_changed and not made_with(out_dir or self.stage_dir(stage), fingerprint):
-            console.print(f"[dim]{stage}: its checkpoints were made with another config; starting over[/dim]")
-            resume = False
+        if resume and self.restart_changed:
+            # Resuming by itself: quietly start a stage that has nothing to continue.
+            if latest_resumable(folder / "checkpoints") is None:
+                resume = False
+            elif not made_with(folder, fingerprint):
+                console.print(f"[dim]{stage}: checkpoints made with another config; starting over[/dim]")
+                resume = False
         return {"resume": resume, "fingerprint": fingerprint}
 
     def finished(self, stage: str) -> bool:
