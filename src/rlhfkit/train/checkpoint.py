@@ -169,7 +169,7 @@ class StageCheckpoints:
         fingerprint: str = "",
         at_end: bool = False,
     ):
-        self.stage, self.accelerator, self.out_dir = stage, accelerator, out_dir
+        self.stage, self.accelerator = stage, accelerator
         self.save_every, self.keep_states, self.at_end = settings.save_every, settings.keep_states, at_end
         self.fingerprint = fingerprint
         self.root = out_dir / "checkpoints"
