@@ -225,6 +225,11 @@ class RMConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     val_share: float = Field(0.1, ge=0, lt=1, description="share of pairs kept for validation")
     max_length: int = Field(128, gt=8)
+    share_prompt: bool = Field(
+        True,
+        description="score chosen and rejected in one row that holds their common prefix (the prompt) once; "
+        "the same rewards for less compute (sdpa/eager attention; other kernels use two rows)",
+    )
     soft_labels: Literal["none", "margin", "smoothing"] = Field(
         "none", description="use a pair's margin (2*confidence-1) as a BT margin or as label smoothing"
     )

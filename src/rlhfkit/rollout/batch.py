@@ -84,3 +84,67 @@ def in_row_chunks(
     if isinstance(parts[0], tuple):
         return tuple(None if p[0] is None else torch.cat(list(p)) for p in zip(*parts, strict=True))
     return torch.cat(parts)
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class SharedPrefixPairs:
+    """Pairs of sequences (a, b), one pair per right-padded row: the tokens the two share at the
+    start, once, then the rest of a, then the rest of b, whose positions continue from the shared
+    part. A causal model reads each pair as the two sequences it is: b's tokens attend to the shared
+    part and to b, never to a (`allowed`). The shared part is computed once instead of twice."""
+
+    input_ids: torch.Tensor  # [B, W]
+    position_ids: torch.Tensor  # [B, W]
+    allowed: torch.Tensor  # [B, 1, W, W] bool: query (dim 2) may attend to key (dim 3)
+    last: torch.Tensor  # [B, 2]: the columns of a's and of b's last token
+
+    def attention_mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
+        """`allowed` as transformers' attention takes a ready-made mask: a bool mask for "sdpa",
+        an additive one (0 or the dtype's minimum) for "eager"."""
+        if kind == "sdpa":
+            return self.allowed
+        return torch.zeros(self.allowed.shape, dtype=dtype).masked_fill_(
+            ~self.allowed, torch.finfo(dtype).min
+        )
+
+
+def shared_prefix_pairs(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+) -> SharedPrefixPairs:
+    """Lay out each (a, b) pair in one row sharing their common prefix (see `SharedPrefixPairs`).
+
+    Either sequence may be a prefix of the other (or equal to it): its last token then lies in the
+    shared part. Padding columns attend only to themselves, so no row of the mask is empty."""
+    rows, positions, parts, last = [], [], [], []
+    for a, b in pairs:
+        if not a or not b:
+            raise ValueError("shared_prefix_pairs: a sequence of a pair is empty")
+        shared = common_prefix_length(a, b)
+        rows.append(list(a) + list(b[shared:]))
+        positions.append(list(range(len(a))) + list(range(shared, len(b))))
+        # 0: shared, 1: a's rest, 2: b's rest
+        parts.append([0] * shared + [1] * (len(a) - shared) + [2] * (len(b) - shared))
+        last.append((len(a) - 1, len(rows[-1]) - 1 if len(b) > shared else len(b) - 1))
+    ids, valid = right_pad(rows, pad_id)
+    width = ids.size(1)
+    pos = torch.zeros_like(ids)
+    part = torch.full_like(ids, -1)
+    for i, (p, s) in enumerate(zip(positions, parts, strict=True)):
+        pos[i, : len(p)] = torch.tensor(p)
+        part[i, : len(s)] = torch.tensor(s)
+    column = torch.arange(width)
+    causal = column[:, None] >= column[None, :]
+    q_part, k_part = part[:, :, None], part[:, None, :]
+    allowed = causal & (q_part >= 0) & (k_part >= 0) & ((k_part == 0) | (k_part == q_part))
+    allowed |= (valid == 0)[:, :, None] & torch.eye(width, dtype=torch.bool)
+    return SharedPrefixPairs(ids, pos, allowed.unsqueeze(1), torch.tensor(last, dtype=torch.long))

@@ -14,11 +14,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.algos.reward import bradley_terry_loss, soft_label_terms
 from rlhfkit.config import RunConfig
-from rlhfkit.models.heads import TokenValues, sequence_scores
+from rlhfkit.models.heads import TokenValues, pair_scores, sequence_scores, takes_pair_masks
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
-from rlhfkit.rollout.batch import right_pad
+from rlhfkit.rollout.batch import right_pad, shared_prefix_pairs
 from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.distributed import prepare_trained, refuse_sharded_lora, save_trained
 from rlhfkit.train.loop import (
@@ -65,16 +65,23 @@ def pair_margins(pairs: list[dict], mode: str) -> list[float]:
 
 
 def score_pairs(
-    model, rows: list[tuple[list[int], list[int]]], pad_id: int, device
+    model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, share_prompt: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of chosen and rejected, in one forward over both."""
+    """Rewards of chosen and rejected, in one forward over both.
+
+    With `share_prompt` (and a model whose attention takes ready-made masks), each pair is one row
+    whose common prefix, the prompt at least, is computed once (`shared_prefix_pairs`); otherwise
+    chosen and rejected are separate padded rows. The rewards are the same either way."""
+    if share_prompt and takes_pair_masks(model):
+        scores = pair_scores(model, shared_prefix_pairs(rows, pad_id), device)
+        return scores[:, 0], scores[:, 1]
     ids, mask = right_pad([r[0] for r in rows] + [r[1] for r in rows], pad_id)
     scores = sequence_scores(model, ids.to(device), mask.to(device))
     return scores[: len(rows)], scores[len(rows) :]
 
 
 @torch.no_grad()
-def pair_accuracy(model, rows, pad_id: int, device, batch_size: int = 64) -> float:
+def pair_accuracy(model, rows, pad_id: int, device, batch_size: int = 64, share_prompt: bool = True) -> float:
     """Share of pairs whose chosen response gets the higher reward."""
     if not rows:
         return float("nan")
@@ -82,7 +89,7 @@ def pair_accuracy(model, rows, pad_id: int, device, batch_size: int = 64) -> flo
     model.eval()
     correct = 0
     for start in range(0, len(rows), batch_size):
-        chosen, rejected = score_pairs(model, rows[start : start + batch_size], pad_id, device)
+        chosen, rejected = score_pairs(model, rows[start : start + batch_size], pad_id, device, share_prompt)
         correct += (chosen > rejected).sum().item()
     model.train(was_training)
     return correct / len(rows)
@@ -173,6 +180,12 @@ def train_reward_model(
     ckpt.trains(tokenizer, model, optimizer, scheduler, gen, batches, part="model")
     log = ckpt.begin(config.seed, out_dir / "metrics.jsonl")
     eval_every = max(1, total // 8)
+
+    def val_accuracy() -> float:
+        return pair_accuracy(
+            model, val, tokenizer.pad_token_id, accelerator.device, share_prompt=cfg.share_prompt
+        )
+
     with (
         stop_on_signals() as stop,
         progress_bar("reward model", total, show_progress and accelerator.is_main_process) as bar,
@@ -181,7 +194,9 @@ def train_reward_model(
         for step in range(ckpt.start_step + 1, total + 1):
             picked = batches.next()[rank::n_proc]
             batch = [train[i] for i in picked]
-            chosen, rejected = score_pairs(model, batch, tokenizer.pad_token_id, accelerator.device)
+            chosen, rejected = score_pairs(
+                model, batch, tokenizer.pad_token_id, accelerator.device, cfg.share_prompt
+            )
             margin, smoothing = soft_label_terms(
                 torch.tensor([train_margins[i] for i in picked], device=chosen.device), cfg.soft_labels
             )
@@ -192,14 +207,14 @@ def train_reward_model(
             both = accelerator.reduce(both, "mean")
             row = {"loss": both[0].item(), "accuracy": both[1].item()}
             if val and (step % eval_every == 0 or step == total):
-                row["val_accuracy"] = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device)
+                row["val_accuracy"] = val_accuracy()
             if log is not None:
                 log.log(step, **row)
             bar.update(bar.task_ids[0], advance=1, info=f"loss {row['loss']:.3f}")
             ckpt.after_step(step, total, stop, log)
     if log is not None:
         log.close()
-    val_acc = pair_accuracy(model, val, tokenizer.pad_token_id, accelerator.device) if val else None
+    val_acc = val_accuracy() if val else None
     if save_to is not None:
         save_trained(accelerator, model, tokenizer, save_to, part="model")
     accelerator.wait_for_everyone()

@@ -1,0 +1,205 @@
+"""Chosen and rejected in one row that holds their shared prompt once (rm.share_prompt).
+
+The layout is checked by hand on small cases; the rewards and their gradients must equal those of
+the two sequences scored separately (two padded rows), under sdpa and eager attention, through the
+TokenValues wrapper and LoRA; a model whose attention cannot take the mask uses two rows; a reward
+model trained either way ends with the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit.config import load_config
+from rlhfkit.models.heads import TokenValues, pair_scores, sequence_scores, takes_pair_masks
+from rlhfkit.models.loading import load_reward_model, save_model, tiny_causal_lm
+from rlhfkit.models.tokenizer import train_tokenizer
+from rlhfkit.rollout.batch import common_prefix_length, right_pad, shared_prefix_pairs
+from rlhfkit.train import rm as rm_module
+from rlhfkit.train.rm import run_rm, score_pairs
+
+PAD = 0
+
+
+def test_layout_by_hand() -> None:
+    # a = 1 2 3 4, b = 1 2 5: shared "1 2", then a's "3 4", then b's "5" at position 2.
+    # Second pair: b is a prefix of a (its last token is in the shared part).
+    pairs = shared_prefix_pairs([([1, 2, 3, 4], [1, 2, 5]), ([7, 8, 9], [7, 8])], PAD)
+    assert pairs.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, PAD, PAD]]
+    assert pairs.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 0, 0]]
+    assert pairs.last.tolist() == [[3, 4], [2, 1]]
+    first = [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],  # b's "5": the shared part and itself, not a's "3 4"
+    ]
+    second = [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0],  # padding: itself only, so no row of the mask is empty
+        [0, 0, 0, 0, 1],
+    ]
+    assert pairs.allowed.shape == (2, 1, 5, 5)
+    assert pairs.allowed[:, 0].int().tolist() == [first, second]
+    additive = pairs.attention_mask("eager", torch.float32)
+    assert additive.dtype == torch.float32
+    assert torch.equal(additive == 0, pairs.allowed)
+    assert (additive[~pairs.allowed] == torch.finfo(torch.float32).min).all()
+    assert pairs.attention_mask("sdpa", torch.float32) is pairs.allowed
+
+
+def test_layout_edge_cases() -> None:
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix_length([1, 2], [1, 2, 3]) == 2
+    assert common_prefix_length([4], [5]) == 0
+    # a is a prefix of b; a and b equal; nothing shared.
+    pairs = shared_prefix_pairs([([1, 2], [1, 2, 3]), ([4, 5], [4, 5]), ([6], [7, 8])], PAD)
+    assert pairs.input_ids.tolist() == [[1, 2, 3], [4, 5, PAD], [6, 7, 8]]
+    assert pairs.position_ids.tolist() == [[0, 1, 2], [0, 1, 0], [0, 0, 1]]
+    assert pairs.last.tolist() == [[1, 2], [1, 1], [0, 2]]
+    # Nothing shared: b's tokens see only b.
+    assert pairs.allowed[2, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    with pytest.raises(ValueError, match="empty"):
+        shared_prefix_pairs([([1], [])], PAD)
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory) -> Path:
+    tokenizer = train_tokenizer([f"item {i} and item {i + 1}" for i in range(50)], vocab_size=300)
+    root = tmp_path_factory.mktemp("rm")
+    save_model(
+        tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        tokenizer,
+        root,
+    )
+    return root
+
+
+def _random_pairs(seed: int, n: int = 12) -> list[tuple[list[int], list[int]]]:
+    """Pairs with prompts of varied length, responses that share a start or not, one response a
+    prefix of the other, and equal responses."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randint(1, 12))]
+        a = prompt + [rng.randrange(3, 300) for _ in range(rng.randint(1, 15))]
+        b = prompt + [rng.randrange(3, 300) for _ in range(rng.randint(1, 15))]
+        if i % 4 == 1:
+            b = a[: len(prompt) + 1]
+        elif i % 4 == 2:
+            b = list(a)
+        elif i % 4 == 3:
+            b = a[: len(prompt)] + a[len(prompt) : len(prompt) + 2] + b[len(prompt) :]
+        pairs.append((a, b))
+    return pairs
+
+
+def _separately(model, pairs) -> torch.Tensor:
+    ids, mask = right_pad([a for a, _ in pairs] + [b for _, b in pairs], PAD)
+    scores = sequence_scores(model, ids, mask)
+    return torch.stack([scores[: len(pairs)], scores[len(pairs) :]], dim=1)
+
+
+def _bt_grads(model, score) -> list[torch.Tensor]:
+    model.zero_grad()
+    scores = score()
+    (-torch.nn.functional.logsigmoid(scores[:, 0] - scores[:, 1])).mean().backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_scores_and_gradients_equal_two_rows(reward_model_dir: Path, attention: str) -> None:
+    torch.manual_seed(0)
+    model = load_reward_model(reward_model_dir, PAD)
+    model.set_attn_implementation(attention)
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # a head that is not zero, so the scores differ
+    assert takes_pair_masks(model)
+    pairs = _random_pairs(0)
+    together = shared_prefix_pairs(pairs, PAD)
+    assert together.input_ids.numel() < 2 * len(pairs) * max(len(s) for p in pairs for s in p)
+    with torch.no_grad():
+        expected = _separately(model, pairs)
+        got = pair_scores(model, together, torch.device("cpu"))
+    assert expected.std() > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Equal responses get equal rewards; so does a response and the same response in the wrapper.
+    assert torch.equal(got[2, 0], got[2, 1])
+    with torch.no_grad():
+        wrapped = pair_scores(TokenValues(model), together, torch.device("cpu"))
+    assert torch.equal(wrapped, got)
+    model.train()
+    grads_two_rows = _bt_grads(model, lambda: _separately(model, pairs))
+    grads_one_row = _bt_grads(model, lambda: pair_scores(model, together, torch.device("cpu")))
+    assert len(grads_one_row) == len(grads_two_rows) > 0
+    for g1, g2 in zip(grads_one_row, grads_two_rows, strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_model_scores_equal(reward_model_dir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = load_reward_model(reward_model_dir, PAD)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"], init_lora_weights=False
+        ),
+    )
+    assert takes_pair_masks(model)
+    pairs = _random_pairs(1)
+    with torch.no_grad():
+        expected = _separately(model, pairs)
+        got = pair_scores(model, shared_prefix_pairs(pairs, PAD), torch.device("cpu"))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_other_attention_kernels_use_two_rows(reward_model_dir: Path, monkeypatch) -> None:
+    model = load_reward_model(reward_model_dir, PAD)
+    model.set_attn_implementation("flex_attention")
+    assert not takes_pair_masks(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pair_scores called for a model that cannot take the mask")
+
+    monkeypatch.setattr(rm_module, "pair_scores", refuse)
+    pairs = _random_pairs(2, n=4)
+    with torch.no_grad():
+        chosen, rejected = score_pairs(model, pairs, PAD, torch.device("cpu"))
+        model.set_attn_implementation("sdpa")
+        expected = _separately(model, pairs)
+    torch.testing.assert_close(torch.stack([chosen, rejected], 1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_training_either_way_gives_the_same_losses(reward_model_dir: Path, tmp_path: Path) -> None:
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "item", "and"]
+    pairs = [
+        {
+            "prompt": f"Question {i}: name some things.",
+            "chosen": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))),
+            "rejected": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))),
+        }
+        for i in range(24)
+    ]
+    losses = {}
+    for share in (True, False):
+        config = load_config(
+            overrides=[f"rm.share_prompt={str(share).lower()}", "rm.epochs=3", "rm.batch_size=8"]
+        )
+        out = tmp_path / str(share)
+        summary = run_rm(config, reward_model_dir, pairs, out, False)
+        losses[share] = [
+            json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert summary["steps"] == len(losses[share]) == 9
+    assert losses[True][-1] < losses[True][0]  # it learns
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
