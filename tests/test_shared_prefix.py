@@ -1,9 +1,11 @@
-"""Chosen and rejected in one row that holds their shared prompt once (rm.share_prompt).
+"""Chosen and rejected in one row that holds their shared prompt once (rm.share_prompt), and the
+last block's MLP only where the rewards are read (ReadPositions).
 
 The layout is checked by hand on small cases; the rewards and their gradients must equal those of
-the two sequences scored separately (two padded rows), under sdpa and eager attention, through the
-TokenValues wrapper and LoRA; a model whose attention cannot take the mask uses two rows; a reward
-model trained either way ends with the same losses.
+the two sequences scored separately (two padded rows), under sdpa and eager attention, for each
+tiny architecture, through the TokenValues wrapper and LoRA; a model whose attention cannot take
+the mask uses two rows; a reward model trained either way (with gradient checkpointing too) ends
+with the same losses.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import pytest
 import torch
 
 from rlhfkit.config import load_config
-from rlhfkit.models.heads import TokenValues, pair_scores, sequence_scores, takes_pair_masks
+from rlhfkit.models.heads import (
+    ReadPositions,
+    TokenValues,
+    last_block_mlp,
+    pair_scores,
+    sequence_scores,
+    takes_pair_masks,
+    token_values,
+)
 from rlhfkit.models.loading import load_reward_model, save_model, tiny_causal_lm
 from rlhfkit.models.tokenizer import train_tokenizer
 from rlhfkit.rollout.batch import common_prefix_length, right_pad, shared_prefix_pairs
@@ -72,15 +82,22 @@ def test_layout_edge_cases() -> None:
 
 
 @pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory) -> Path:
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny causal LMs of each architecture the tiny model comes in, saved to load as reward models."""
     tokenizer = train_tokenizer([f"item {i} and item {i + 1}" for i in range(50)], vocab_size=300)
-    root = tmp_path_factory.mktemp("rm")
-    save_model(
-        tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-        tokenizer,
-        root,
-    )
-    return root
+    dirs = {}
+    for arch in ("llama", "qwen2", "gpt2"):
+        dirs[arch] = tmp_path_factory.mktemp(arch)
+        model = tiny_causal_lm(
+            tokenizer, arch, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+        )
+        save_model(model, tokenizer, dirs[arch])
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(model_dirs: dict[str, Path]) -> Path:
+    return model_dirs["llama"]
 
 
 def _random_pairs(seed: int, n: int = 12) -> list[tuple[list[int], list[int]]]:
@@ -115,10 +132,13 @@ def _bt_grads(model, score) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_scores_and_gradients_equal_two_rows(reward_model_dir: Path, attention: str) -> None:
+@pytest.mark.parametrize(
+    "arch, attention",
+    [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("gpt2", "sdpa"), ("gpt2", "eager")],
+)
+def test_scores_and_gradients_equal_two_rows(model_dirs: dict[str, Path], arch: str, attention: str) -> None:
     torch.manual_seed(0)
-    model = load_reward_model(reward_model_dir, PAD)
+    model = load_reward_model(model_dirs[arch], PAD)
     model.set_attn_implementation(attention)
     torch.nn.init.normal_(model.score.weight, std=1.0)  # a head that is not zero, so the scores differ
     assert takes_pair_masks(model)
@@ -135,12 +155,40 @@ def test_scores_and_gradients_equal_two_rows(reward_model_dir: Path, attention: 
     with torch.no_grad():
         wrapped = pair_scores(TokenValues(model), together, torch.device("cpu"))
     assert torch.equal(wrapped, got)
-    model.train()
+    # Gradients in eval mode: GPT-2 has dropout, which would make the two forwards different draws.
     grads_two_rows = _bt_grads(model, lambda: _separately(model, pairs))
     grads_one_row = _bt_grads(model, lambda: pair_scores(model, together, torch.device("cpu")))
     assert len(grads_one_row) == len(grads_two_rows) > 0
     for g1, g2 in zip(grads_one_row, grads_two_rows, strict=True):
         torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+    # The last block's MLP only at the read positions: the same scores and gradients, and the MLP
+    # really saw only those positions (each once, though equal responses are read at one token).
+    ids, mask = right_pad([a for a, _ in pairs], PAD)
+    with torch.no_grad():
+        whole = token_values(model, ids, mask)
+    mlp = last_block_mlp(model)
+    seen = []
+    with ReadPositions(model) as reads:
+        assert reads.active
+        # Registered after the gathering hook, so it sees what the MLP computes on.
+        counting = mlp.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+        grads_read = _bt_grads(model, lambda: pair_scores(model, together, torch.device("cpu"), reads))
+        with torch.no_grad():
+            read = pair_scores(model, together, torch.device("cpu"), reads)
+            # A forward of another shape in between runs the MLP whole.
+            assert torch.equal(token_values(model, ids, mask), whole)
+    counting.remove()
+    torch.testing.assert_close(read, expected, atol=1e-5, rtol=1e-5)
+    for g1, g2 in zip(grads_read, grads_two_rows, strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+    n_read = sum(len(set(columns)) for columns in together.last.tolist())
+    assert n_read < 2 * len(pairs)
+    assert [shape[:2] for shape in seen] == [(1, n_read), (1, n_read), tuple(ids.shape)]
+    # Left whole afterwards: the hooks are gone and every position's value is right again.
+    assert not mlp._forward_hooks and not mlp._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(token_values(model, ids, mask), whole)
 
 
 def test_lora_model_scores_equal(reward_model_dir: Path) -> None:
@@ -179,7 +227,17 @@ def test_other_attention_kernels_use_two_rows(reward_model_dir: Path, monkeypatc
     torch.testing.assert_close(torch.stack([chosen, rejected], 1), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_training_either_way_gives_the_same_losses(reward_model_dir: Path, tmp_path: Path) -> None:
+def test_model_without_a_block_mlp_is_left_whole() -> None:
+    plain = torch.nn.Linear(4, 1)
+    assert last_block_mlp(plain) is None
+    with ReadPositions(plain) as reads:
+        assert not reads.active
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_either_way_gives_the_same_losses(
+    reward_model_dir: Path, tmp_path: Path, checkpointing: bool
+) -> None:
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "item", "and"]
     pairs = [
@@ -190,10 +248,16 @@ def test_training_either_way_gives_the_same_losses(reward_model_dir: Path, tmp_p
         }
         for i in range(24)
     ]
+    pairs[3]["rejected"] = pairs[3]["chosen"]  # equal responses: one read position
     losses = {}
     for share in (True, False):
         config = load_config(
-            overrides=[f"rm.share_prompt={str(share).lower()}", "rm.epochs=3", "rm.batch_size=8"]
+            overrides=[
+                f"rm.share_prompt={str(share).lower()}",
+                f"model.gradient_checkpointing={str(checkpointing).lower()}",
+                "rm.epochs=3",
+                "rm.batch_size=8",
+            ]
         )
         out = tmp_path / str(share)
         summary = run_rm(config, reward_model_dir, pairs, out, False)

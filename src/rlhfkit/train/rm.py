@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.algos.reward import bradley_terry_loss, soft_label_terms
 from rlhfkit.config import RunConfig
-from rlhfkit.models.heads import TokenValues, pair_scores, sequence_scores, takes_pair_masks
+from rlhfkit.models.heads import ReadPositions, TokenValues, pair_scores, sequence_scores, takes_pair_masks
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
@@ -65,15 +65,21 @@ def pair_margins(pairs: list[dict], mode: str) -> list[float]:
 
 
 def score_pairs(
-    model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, share_prompt: bool = True
+    model,
+    rows: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    device,
+    share_prompt: bool = True,
+    reads: ReadPositions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected, in one forward over both.
 
     With `share_prompt` (and a model whose attention takes ready-made masks), each pair is one row
     whose common prefix, the prompt at least, is computed once (`shared_prefix_pairs`); otherwise
-    chosen and rejected are separate padded rows. The rewards are the same either way."""
+    chosen and rejected are separate padded rows. The rewards are the same either way. `reads`:
+    see `ReadPositions` (the last block's MLP only where the rewards are read; shared rows only)."""
     if share_prompt and takes_pair_masks(model):
-        scores = pair_scores(model, shared_prefix_pairs(rows, pad_id), device)
+        scores = pair_scores(model, shared_prefix_pairs(rows, pad_id), device, reads)
         return scores[:, 0], scores[:, 1]
     ids, mask = right_pad([r[0] for r in rows] + [r[1] for r in rows], pad_id)
     scores = sequence_scores(model, ids.to(device), mask.to(device))
@@ -81,7 +87,15 @@ def score_pairs(
 
 
 @torch.no_grad()
-def pair_accuracy(model, rows, pad_id: int, device, batch_size: int = 64, share_prompt: bool = True) -> float:
+def pair_accuracy(
+    model,
+    rows,
+    pad_id: int,
+    device,
+    batch_size: int = 64,
+    share_prompt: bool = True,
+    reads: ReadPositions | None = None,
+) -> float:
     """Share of pairs whose chosen response gets the higher reward."""
     if not rows:
         return float("nan")
@@ -89,7 +103,9 @@ def pair_accuracy(model, rows, pad_id: int, device, batch_size: int = 64, share_
     model.eval()
     correct = 0
     for start in range(0, len(rows), batch_size):
-        chosen, rejected = score_pairs(model, rows[start : start + batch_size], pad_id, device, share_prompt)
+        chosen, rejected = score_pairs(
+            model, rows[start : start + batch_size], pad_id, device, share_prompt, reads
+        )
         correct += (chosen > rejected).sum().item()
     model.train(was_training)
     return correct / len(rows)
@@ -181,21 +197,22 @@ def train_reward_model(
     log = ckpt.begin(config.seed, out_dir / "metrics.jsonl")
     eval_every = max(1, total // 8)
 
-    def val_accuracy() -> float:
+    def val_accuracy(reads: ReadPositions | None = None) -> float:
         return pair_accuracy(
-            model, val, tokenizer.pad_token_id, accelerator.device, share_prompt=cfg.share_prompt
+            model, val, tokenizer.pad_token_id, accelerator.device, share_prompt=cfg.share_prompt, reads=reads
         )
 
     with (
         stop_on_signals() as stop,
         progress_bar("reward model", total, show_progress and accelerator.is_main_process) as bar,
+        ReadPositions(model) as reads,
     ):
         bar.update(bar.task_ids[0], completed=ckpt.start_step)
         for step in range(ckpt.start_step + 1, total + 1):
             picked = batches.next()[rank::n_proc]
             batch = [train[i] for i in picked]
             chosen, rejected = score_pairs(
-                model, batch, tokenizer.pad_token_id, accelerator.device, cfg.share_prompt
+                model, batch, tokenizer.pad_token_id, accelerator.device, cfg.share_prompt, reads
             )
             margin, smoothing = soft_label_terms(
                 torch.tensor([train_margins[i] for i in picked], device=chosen.device), cfg.soft_labels
@@ -207,7 +224,7 @@ def train_reward_model(
             both = accelerator.reduce(both, "mean")
             row = {"loss": both[0].item(), "accuracy": both[1].item()}
             if val and (step % eval_every == 0 or step == total):
-                row["val_accuracy"] = val_accuracy()
+                row["val_accuracy"] = val_accuracy(reads)
             if log is not None:
                 log.log(step, **row)
             bar.update(bar.task_ids[0], advance=1, info=f"loss {row['loss']:.3f}")
