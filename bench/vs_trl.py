@@ -409,6 +409,10 @@ def run_trl_ppo(work: Path, steps: int, out: Path) -> dict:
 
 def preload(side: str, algo: str) -> None:
     """Import the side's training code before the clock starts: import time is not training time."""
+    # Both sides' runs import DeepSpeed when it is installed (accelerate's `unwrap_model` checks for
+    # its engine class; about 0.2 s): import time too, so it is imported here on both sides.
+    with contextlib.suppress(ImportError):
+        import deepspeed  # noqa: F401
     if side == "rlhfkit":
         import rlhfkit.train.dpo
         import rlhfkit.train.grpo
