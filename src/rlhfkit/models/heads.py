@@ -65,6 +65,8 @@ def values_of(
     """Token values of a transformers/peft model, or of a TokenValues (possibly wrapped by DDP)."""
     if hasattr(model, "base_model_prefix"):
         return token_values(model, input_ids, attention_mask, position_ids)
+    if position_ids is None:  # a module taking only these two (a TokenValues takes positions too)
+        return model(input_ids=input_ids, attention_mask=attention_mask)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
 
