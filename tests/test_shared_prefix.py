@@ -1,5 +1,5 @@
-"""Chosen and rejected in one row that holds their shared prompt once (rm.share_prompt), and the
-last block's MLP only where the rewards are read (ReadPositions).
+"""Chosen and rejected in one row that holds their shared prompt once (rm.share_prompt and
+dpo.share_prompt), and the last block's MLP only where the rewards are read (ReadPositions).
 
 The layout is checked by hand on small cases; the rewards and their gradients must equal those of
 the two sequences scored separately (two padded rows), under sdpa and eager attention, for each
@@ -27,10 +27,11 @@ from rlhfkit.models.heads import (
     takes_pair_masks,
     token_values,
 )
-from rlhfkit.models.loading import load_reward_model, save_model, tiny_causal_lm
+from rlhfkit.models.loading import load_causal_lm, load_reward_model, save_model, tiny_causal_lm
 from rlhfkit.models.tokenizer import train_tokenizer
 from rlhfkit.rollout.batch import common_prefix_length, right_pad, shared_prefix_pairs
 from rlhfkit.train import rm as rm_module
+from rlhfkit.train.dpo import pair_logprobs, run_dpo, sequence_logprobs
 from rlhfkit.train.rm import run_rm, score_pairs
 
 PAD = 0
@@ -64,6 +65,25 @@ def test_layout_by_hand() -> None:
     assert torch.equal(additive == 0, pairs.allowed)
     assert (additive[~pairs.allowed] == torch.finfo(torch.float32).min).all()
     assert pairs.attention_mask("sdpa", torch.float32) is pairs.allowed
+
+
+def test_layout_with_leading_padding() -> None:
+    # Two leading pad columns, then a = 1 2 3 and b = 1 4; b's "4" sits after a's rest.
+    pairs = shared_prefix_pairs([([1, 2, 3], [1, 4]), ([5, 6, 7], [5, 6, 7, 8])], PAD, lead=[2, 0])
+    assert pairs.input_ids.tolist() == [[PAD, PAD, 1, 2, 3, 4], [5, 6, 7, 8, PAD, PAD]]
+    assert pairs.position_ids.tolist() == [[0, 0, 0, 1, 2, 1], [0, 1, 2, 3, 0, 0]]
+    assert pairs.last.tolist() == [[4, 5], [2, 3]]
+    assert pairs.allowed[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 1, 0, 0, 1],
+    ]
+    positions = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    assert pairs.columns(0, positions).tolist() == [[2, 3, 4], [0, 1, 2]]
+    assert pairs.columns(1, torch.tensor([[0, 1], [2, 3]])).tolist() == [[2, 5], [2, 3]]
 
 
 def test_layout_edge_cases() -> None:
@@ -225,6 +245,102 @@ def test_other_attention_kernels_use_two_rows(reward_model_dir: Path, monkeypatc
         model.set_attn_implementation("sdpa")
         expected = _separately(model, pairs)
     torch.testing.assert_close(torch.stack([chosen, rejected], 1), expected, atol=1e-5, rtol=1e-5)
+
+
+def _dpo_examples(seed: int, n: int = 10) -> tuple[list, list]:
+    """(prompt, response) examples of chosen and rejected: prompts of varied length, responses
+    that share a start or not, one a prefix of the other, equal ones."""
+    rng = random.Random(seed)
+    chosen, rejected = [], []
+    for i in range(n):
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randint(1, 12))]
+        a = [rng.randrange(3, 300) for _ in range(rng.randint(1, 15))]
+        b = [rng.randrange(3, 300) for _ in range(rng.randint(1, 15))]
+        if i % 4 == 1:
+            b = a[:1]
+        elif i % 4 == 2:
+            b = list(a)
+        elif i % 4 == 3:
+            b = a[:2] + b
+        chosen.append((prompt, a))
+        rejected.append((prompt, b))
+    return chosen, rejected
+
+
+@pytest.mark.parametrize("arch, attention", [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa")])
+@pytest.mark.parametrize("average", [False, True])
+def test_dpo_logprobs_and_gradients_equal_two_rows(
+    model_dirs: dict[str, Path], arch: str, attention: str, average: bool
+) -> None:
+    policy = load_causal_lm(model_dirs[arch])
+    policy.set_attn_implementation(attention)
+    policy.eval()  # GPT-2's dropout would make the two forwards different draws
+    chosen, rejected = _dpo_examples(0)
+    cpu = torch.device("cpu")
+
+    def two_rows():
+        logp = sequence_logprobs(policy, chosen + rejected, PAD, cpu, average)
+        return logp[: len(chosen)], logp[len(chosen) :]
+
+    def one_row():
+        return pair_logprobs(policy, chosen, rejected, PAD, cpu, average)
+
+    grads = []
+    for compute in (two_rows, one_row):
+        policy.zero_grad()
+        c, r = compute()
+        (c - 0.5 * r).sum().backward()
+        grads.append(
+            ([c.detach(), r.detach()], [p.grad.clone() for p in policy.parameters() if p.grad is not None])
+        )
+    (expected, expected_grads), (got, got_grads) = grads
+    assert expected[0].abs().min() > 1.0  # real log-probs, not zeros
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+    assert torch.equal(got[0][2], got[1][2])  # equal responses: equal log-probs
+    assert len(got_grads) == len(expected_grads) > 0
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_dpo_pairs_need_one_prompt(model_dirs: dict[str, Path]) -> None:
+    policy = load_causal_lm(model_dirs["llama"])
+    with pytest.raises(ValueError, match="different prompts"):
+        pair_logprobs(policy, [([5, 6], [7])], [([5], [7])], PAD, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_dpo_trained_either_way_gives_the_same_losses(
+    reward_model_dir: Path, tmp_path: Path, precompute: bool
+) -> None:
+    rng = random.Random(1)
+    words = ["alpha", "beta", "gamma", "delta", "item", "and"]
+    pairs = [
+        {
+            "prompt": f"Question {i}: name some things.",
+            "chosen": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))),
+            "rejected": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))),
+        }
+        for i in range(16)
+    ]
+    losses = {}
+    for share in (True, False):
+        config = load_config(
+            overrides=[
+                f"dpo.share_prompt={str(share).lower()}",
+                f"dpo.precompute_reference={str(precompute).lower()}",
+                "dpo.epochs=3",
+                "dpo.batch_size=8",
+            ]
+        )
+        out = tmp_path / str(share)
+        run_dpo(config, reward_model_dir, pairs, out, False)
+        losses[share] = [
+            json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+        ]
+    assert len(losses[True]) == 6
+    assert losses[True][-1] < losses[True][0]  # it learns
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
 
 
 def test_model_without_a_block_mlp_is_left_whole() -> None:

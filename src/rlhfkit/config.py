@@ -421,6 +421,11 @@ class DPOConfig(Section):
     lr: float = Field(1e-4, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(128, gt=8, description="prompt + response tokens")
+    share_prompt: bool = Field(
+        True,
+        description="chosen and rejected in one row that holds the prompt once (as rm.share_prompt); "
+        "the same log-probs for less compute",
+    )
     save_every: int = _save_every(100)
     keep_states: int = _keep_states()
 

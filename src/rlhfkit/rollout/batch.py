@@ -98,15 +98,18 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 @dataclass
 class SharedPrefixPairs:
-    """Pairs of sequences (a, b), one pair per right-padded row: the tokens the two share at the
-    start, once, then the rest of a, then the rest of b, whose positions continue from the shared
-    part. A causal model reads each pair as the two sequences it is: b's tokens attend to the shared
-    part and to b, never to a (`allowed`). The shared part is computed once instead of twice."""
+    """Pairs of sequences (a, b), one pair per padded row: the tokens the two share at the start,
+    once, then the rest of a, then the rest of b, whose positions continue from the shared part.
+    A causal model reads each pair as the two sequences it is: b's tokens attend to the shared part
+    and to b, never to a (`allowed`). The shared part is computed once instead of twice."""
 
     input_ids: torch.Tensor  # [B, W]
     position_ids: torch.Tensor  # [B, W]
     allowed: torch.Tensor  # [B, 1, W, W] bool: query (dim 2) may attend to key (dim 3)
     last: torch.Tensor  # [B, 2]: the columns of a's and of b's last token
+    lead: torch.Tensor  # [B]: padding columns before each row's tokens
+    shared: torch.Tensor  # [B]: how many tokens a and b share at the start
+    a_length: torch.Tensor  # [B]
 
     def attention_mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
         """`allowed` as transformers' attention takes a ready-made mask: a bool mask for "sdpa",
@@ -117,25 +120,38 @@ class SharedPrefixPairs:
             ~self.allowed, torch.finfo(dtype).min
         )
 
+    def columns(self, which: int, positions: torch.Tensor) -> torch.Tensor:
+        """The columns holding the tokens at `positions` ([B, n], positions within each row's
+        sequence) of a (`which` 0) or of b (`which` 1)."""
+        lead, shared, a_length = self.lead[:, None], self.shared[:, None], self.a_length[:, None]
+        if which == 0:
+            return lead + positions
+        return lead + torch.where(positions < shared, positions, a_length + positions - shared)
+
 
 def shared_prefix_pairs(
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, lead: Sequence[int] | None = None
 ) -> SharedPrefixPairs:
-    """Lay out each (a, b) pair in one row sharing their common prefix (see `SharedPrefixPairs`).
+    """Lay out each (a, b) pair in one row sharing their common prefix (see `SharedPrefixPairs`),
+    after `lead[i]` padding columns (none by default) and padded on the right to one width.
 
     Either sequence may be a prefix of the other (or equal to it): its last token then lies in the
     shared part. Padding columns attend only to themselves, so no row of the mask is empty."""
-    rows, positions, parts, last = [], [], [], []
-    for a, b in pairs:
+    lead = [0] * len(pairs) if lead is None else list(lead)
+    rows, positions, parts, last, shared_lengths = [], [], [], [], []
+    for (a, b), pad_before in zip(pairs, lead, strict=True):
         if not a or not b:
             raise ValueError("shared_prefix_pairs: a sequence of a pair is empty")
         shared = common_prefix_length(a, b)
-        rows.append(list(a) + list(b[shared:]))
-        positions.append(list(range(len(a))) + list(range(shared, len(b))))
-        # 0: shared, 1: a's rest, 2: b's rest
-        parts.append([0] * shared + [1] * (len(a) - shared) + [2] * (len(b) - shared))
-        last.append((len(a) - 1, len(rows[-1]) - 1 if len(b) > shared else len(b) - 1))
-    ids, valid = right_pad(rows, pad_id)
+        shared_lengths.append(shared)
+        rows.append([pad_id] * pad_before + list(a) + list(b[shared:]))
+        positions.append([0] * pad_before + list(range(len(a))) + list(range(shared, len(b))))
+        # -1: padding, 0: shared, 1: a's rest, 2: b's rest
+        parts.append([-1] * pad_before + [0] * shared + [1] * (len(a) - shared) + [2] * (len(b) - shared))
+        last.append(
+            (pad_before + len(a) - 1, len(rows[-1]) - 1 if len(b) > shared else pad_before + len(b) - 1)
+        )
+    ids, _ = right_pad(rows, pad_id)
     width = ids.size(1)
     pos = torch.zeros_like(ids)
     part = torch.full_like(ids, -1)
@@ -146,5 +162,13 @@ def shared_prefix_pairs(
     causal = column[:, None] >= column[None, :]
     q_part, k_part = part[:, :, None], part[:, None, :]
     allowed = causal & (q_part >= 0) & (k_part >= 0) & ((k_part == 0) | (k_part == q_part))
-    allowed |= (valid == 0)[:, :, None] & torch.eye(width, dtype=torch.bool)
-    return SharedPrefixPairs(ids, pos, allowed.unsqueeze(1), torch.tensor(last, dtype=torch.long))
+    allowed |= (part < 0)[:, :, None] & torch.eye(width, dtype=torch.bool)
+    return SharedPrefixPairs(
+        ids,
+        pos,
+        allowed.unsqueeze(1),
+        torch.tensor(last, dtype=torch.long),
+        torch.tensor(lead, dtype=torch.long),
+        torch.tensor(shared_lengths, dtype=torch.long),
+        torch.tensor([len(a) for a, _ in pairs], dtype=torch.long),
+    )

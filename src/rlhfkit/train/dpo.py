@@ -17,11 +17,12 @@ import torch
 
 from rlhfkit.algos.dpo import dpo_loss, sequence_logprob
 from rlhfkit.config import RunConfig
+from rlhfkit.models.heads import inner_model, takes_pair_masks
 from rlhfkit.models.loading import dropout_off, load_tokenizer
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
-from rlhfkit.rollout.batch import join_prompt_response
-from rlhfkit.rollout.logprobs import response_logprobs
+from rlhfkit.rollout.batch import join_prompt_response, right_pad, shared_prefix_pairs
+from rlhfkit.rollout.logprobs import accepts_logits_to_keep, response_logprobs
 from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.distributed import (
     gather_lists,
@@ -65,6 +66,58 @@ def sequence_logprobs(
     return sequence_logprob(token_logp, mask, average)
 
 
+def pair_logprobs(
+    model,
+    chosen: Sequence[Example],
+    rejected: Sequence[Example],
+    pad_id: int,
+    device,
+    average: bool = False,
+    share_prompt: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logprobs` of the chosen and of the rejected examples of each pair: ([n], [n]).
+
+    With `share_prompt` (and a model whose attention takes ready-made masks) in one forward over
+    one row per pair that holds the prompt, and any start the two responses share, once
+    (`shared_prefix_pairs`), prompts aligned on their last column so the LM head runs only from
+    there on; otherwise over two rows per pair. The log-probs are the same either way."""
+    if not (share_prompt and takes_pair_masks(model)):
+        logp = sequence_logprobs(model, list(chosen) + list(rejected), pad_id, device, average)
+        return logp[: len(chosen)], logp[len(chosen) :]
+    prompts = [c[0] for c in chosen]
+    if any(list(c[0]) != list(r[0]) for c, r in zip(chosen, rejected, strict=True)):
+        raise ValueError("pair_logprobs: the chosen and rejected examples of a pair have different prompts")
+    start = max(len(p) for p in prompts)  # every prompt ends at column start - 1
+    layout = shared_prefix_pairs(
+        [(c[0] + c[1], r[0] + r[1]) for c, r in zip(chosen, rejected, strict=True)],
+        pad_id,
+        lead=[start - len(p) for p in prompts],
+    )
+    inner = inner_model(model)
+    width = layout.input_ids.size(1)
+    # Column start - 1 predicts the first response token; the LM head runs from there on.
+    keep = {"logits_to_keep": width - start + 1} if accepts_logits_to_keep(model) else {}
+    out = model(
+        input_ids=layout.input_ids.to(device),
+        attention_mask=layout.attention_mask(inner.config._attn_implementation, inner.dtype).to(device),
+        position_ids=layout.position_ids.to(device),
+        use_cache=False,
+        **keep,
+    )
+    logits = out.logits[:, start - 1 - width :].float()
+    normaliser = torch.logsumexp(logits, dim=-1)
+    rows = torch.arange(len(prompts), device=device)[:, None]
+    result = []
+    for which, examples in ((0, chosen), (1, rejected)):
+        tokens, valid = right_pad([e[1] for e in examples], pad_id)
+        # The token at position len(prompt) + k is predicted at the column of position len(prompt) + k - 1.
+        before = torch.tensor([len(p) for p in prompts])[:, None] + torch.arange(tokens.size(1)) - 1
+        at = (layout.columns(which, before) - (start - 1)).clamp(0, logits.size(1) - 1).to(device)
+        token_logp = logits[rows, at, tokens.to(device)] - normaliser.gather(1, at)
+        result.append(sequence_logprob(token_logp, valid.to(device), average))
+    return result[0], result[1]
+
+
 @torch.no_grad()
 def precompute_logprobs(
     model, examples: Sequence[Example], pad_id: int, device, average: bool = False, batch_size: int = 32
@@ -75,6 +128,35 @@ def precompute_logprobs(
         for s in range(0, len(examples), batch_size)
     ]
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def precompute_pair_logprobs(
+    model,
+    chosen: Sequence[Example],
+    rejected: Sequence[Example],
+    pad_id: int,
+    device,
+    average: bool = False,
+    share_prompt: bool = True,
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pair_logprobs` of every pair under a frozen model, in batches: ([n], [n]) on the CPU."""
+    parts = [
+        pair_logprobs(
+            model,
+            chosen[s : s + batch_size],
+            rejected[s : s + batch_size],
+            pad_id,
+            device,
+            average,
+            share_prompt,
+        )
+        for s in range(0, len(chosen), batch_size)
+    ]
+    if not parts:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat([c.cpu() for c, _ in parts]), torch.cat([r.cpu() for _, r in parts])
 
 
 def run_dpo(
@@ -119,8 +201,9 @@ def run_dpo(
         # In the policy's precision (its prepared forward autocasts): the log-ratios start at 0.
         frozen = in_trained_precision(accelerator, policy.to(device)) if reference is None else reference
         with accelerator.autocast(), reference_of(frozen) as ref:
-            ref_chosen = precompute_logprobs(ref, chosen[own], pad, device, average)
-            ref_rejected = precompute_logprobs(ref, rejected[own], pad, device, average)
+            ref_chosen, ref_rejected = precompute_pair_logprobs(
+                ref, chosen[own], rejected[own], pad, device, average, cfg.share_prompt
+            )
         ref_chosen, ref_rejected = (
             torch.cat(gather_lists(accelerator, [t])) for t in (ref_chosen, ref_rejected)
         )
@@ -143,18 +226,19 @@ def run_dpo(
         for step in range(ckpt.start_step + 1, total + 1):
             idx = batches.next()
             idx = idx[shard(len(idx), rank, n_proc)]
-            both = [chosen[i] for i in idx] + [rejected[i] for i in idx]
-            logp = sequence_logprobs(policy, both, pad, device, average)
+            batch_chosen, batch_rejected = [chosen[i] for i in idx], [rejected[i] for i in idx]
+            logp_c, logp_r = pair_logprobs(
+                policy, batch_chosen, batch_rejected, pad, device, average, cfg.share_prompt
+            )
             if ref_chosen is not None:
                 ref_c, ref_r = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
             else:
                 live = accelerator.unwrap_model(policy) if reference is None else reference
                 with accelerator.autocast(), reference_of(live) as ref_model:
-                    ref = sequence_logprobs(ref_model, both, pad, device, average)
-                ref_c, ref_r = ref[: len(idx)], ref[len(idx) :]
-            loss, stats = dpo_loss(
-                logp[: len(idx)], logp[len(idx) :], ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing
-            )
+                    ref_c, ref_r = pair_logprobs(
+                        ref_model, batch_chosen, batch_rejected, pad, device, average, cfg.share_prompt
+                    )
+            loss, stats = dpo_loss(logp_c, logp_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)
             accelerator.backward(loss)
             apply_gradients(accelerator, policy, optimizer, scheduler)
             last = {
