@@ -247,6 +247,20 @@ def test_other_attention_kernels_use_two_rows(reward_model_dir: Path, monkeypatc
     torch.testing.assert_close(torch.stack([chosen, rejected], 1), expected, atol=1e-5, rtol=1e-5)
 
 
+def _text_pairs(seed: int, n: int) -> list[dict]:
+    """{prompt, chosen, rejected} pairs of random words, as the stages read them."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "item", "and"]
+
+    def answer() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(2, 8)))
+
+    return [
+        {"prompt": f"Question {i}: name some things.", "chosen": answer(), "rejected": answer()}
+        for i in range(n)
+    ]
+
+
 def _dpo_examples(seed: int, n: int = 10) -> tuple[list, list]:
     """(prompt, response) examples of chosen and rejected: prompts of varied length, responses
     that share a start or not, one a prefix of the other, equal ones."""
@@ -313,16 +327,7 @@ def test_dpo_pairs_need_one_prompt(model_dirs: dict[str, Path]) -> None:
 def test_dpo_trained_either_way_gives_the_same_losses(
     reward_model_dir: Path, tmp_path: Path, precompute: bool
 ) -> None:
-    rng = random.Random(1)
-    words = ["alpha", "beta", "gamma", "delta", "item", "and"]
-    pairs = [
-        {
-            "prompt": f"Question {i}: name some things.",
-            "chosen": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))),
-            "rejected": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))),
-        }
-        for i in range(16)
-    ]
+    pairs = _text_pairs(1, 16)
     losses = {}
     for share in (True, False):
         config = load_config(
@@ -354,16 +359,7 @@ def test_model_without_a_block_mlp_is_left_whole() -> None:
 def test_training_either_way_gives_the_same_losses(
     reward_model_dir: Path, tmp_path: Path, checkpointing: bool
 ) -> None:
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "item", "and"]
-    pairs = [
-        {
-            "prompt": f"Question {i}: name some things.",
-            "chosen": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))),
-            "rejected": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))),
-        }
-        for i in range(24)
-    ]
+    pairs = _text_pairs(0, 24)
     pairs[3]["rejected"] = pairs[3]["chosen"]  # equal responses: one read position
     losses = {}
     for share in (True, False):
