@@ -106,10 +106,10 @@ class SharedPrefixPairs:
     input_ids: torch.Tensor  # [B, W]
     position_ids: torch.Tensor  # [B, W]
     allowed: torch.Tensor  # [B, 1, W, W] bool: query (dim 2) may attend to key (dim 3)
-    last: torch.Tensor  # [B, 2]: the columns of a's and of b's last token
     lead: torch.Tensor  # [B]: padding columns before each row's tokens
     shared: torch.Tensor  # [B]: how many tokens a and b share at the start
     a_length: torch.Tensor  # [B]
+    b_length: torch.Tensor  # [B]
 
     def attention_mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
         """`allowed` as transformers' attention takes a ready-made mask: a bool mask for "sdpa",
@@ -128,6 +128,13 @@ class SharedPrefixPairs:
             return lead + positions
         return lead + torch.where(positions < shared, positions, a_length + positions - shared)
 
+    @property
+    def last(self) -> torch.Tensor:
+        """[B, 2]: the columns of a's and of b's last token."""
+        return torch.cat(
+            [self.columns(0, self.a_length[:, None] - 1), self.columns(1, self.b_length[:, None] - 1)], dim=1
+        )
+
 
 def shared_prefix_pairs(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, lead: Sequence[int] | None = None
@@ -138,7 +145,7 @@ def shared_prefix_pairs(
     Either sequence may be a prefix of the other (or equal to it): its last token then lies in the
     shared part. Padding columns attend only to themselves, so no row of the mask is empty."""
     lead = [0] * len(pairs) if lead is None else list(lead)
-    rows, positions, parts, last, shared_lengths = [], [], [], [], []
+    rows, positions, parts, shared_lengths = [], [], [], []
     for (a, b), pad_before in zip(pairs, lead, strict=True):
         if not a or not b:
             raise ValueError("shared_prefix_pairs: a sequence of a pair is empty")
@@ -148,9 +155,6 @@ def shared_prefix_pairs(
         positions.append([0] * pad_before + list(range(len(a))) + list(range(shared, len(b))))
         # -1: padding, 0: shared, 1: a's rest, 2: b's rest
         parts.append([-1] * pad_before + [0] * shared + [1] * (len(a) - shared) + [2] * (len(b) - shared))
-        last.append(
-            (pad_before + len(a) - 1, len(rows[-1]) - 1 if len(b) > shared else pad_before + len(b) - 1)
-        )
     ids, _ = right_pad(rows, pad_id)
     width = ids.size(1)
     pos = torch.zeros_like(ids)
@@ -167,8 +171,8 @@ def shared_prefix_pairs(
         ids,
         pos,
         allowed.unsqueeze(1),
-        torch.tensor(last, dtype=torch.long),
         torch.tensor(lead, dtype=torch.long),
         torch.tensor(shared_lengths, dtype=torch.long),
         torch.tensor([len(a) for a, _ in pairs], dtype=torch.long),
+        torch.tensor([len(b) for _, b in pairs], dtype=torch.long),
     )
