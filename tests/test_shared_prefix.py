@@ -5,7 +5,7 @@ The layout is checked by hand on small cases; the rewards and their gradients mu
 the two sequences scored separately (two padded rows), under sdpa and eager attention, for each
 tiny architecture, through the TokenValues wrapper and LoRA; a model whose attention cannot take
 the mask uses two rows; a reward model trained either way (with gradient checkpointing too) ends
-with the same losses.
+with the same losses. A scoring forward builds no KV cache.
 """
 
 from __future__ import annotations
@@ -209,6 +209,22 @@ def test_scores_and_gradients_equal_two_rows(model_dirs: dict[str, Path], arch: 
     assert not mlp._forward_hooks and not mlp._forward_pre_hooks
     with torch.no_grad():
         assert torch.equal(token_values(model, ids, mask), whole)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_scoring_builds_no_kv_cache(model_dirs: dict[str, Path], arch: str) -> None:
+    # The configs ask for a cache (use_cache: true, as saved checkpoints usually do); a scoring
+    # forward must not build one: nothing decodes after it.
+    model = load_reward_model(model_dirs[arch], PAD)
+    assert model.config.use_cache
+    backbone = getattr(model, model.base_model_prefix)
+    caches = []
+    hook = backbone.register_forward_hook(lambda module, args, out: caches.append(out.past_key_values))
+    ids, mask = right_pad([[1, 2, 3], [4, 5]], PAD)
+    token_values(model, ids, mask)
+    pair_scores(model, shared_prefix_pairs(_random_pairs(3, n=2), PAD), torch.device("cpu"))
+    hook.remove()
+    assert caches == [None, None]
 
 
 def test_lora_model_scores_equal(reward_model_dir: Path) -> None:

@@ -30,6 +30,9 @@ def token_values(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask) if position_ids is None else position_ids,
+        # No KV cache: nothing decodes after a scoring forward, and building one costs a copy of
+        # every block's keys and values (about 4% of a reward-model step on the bench model).
+        use_cache=False,
     ).last_hidden_state
     return model.score(hidden).squeeze(-1).float()
 
