@@ -29,9 +29,18 @@ from rlhfkit.models.heads import (
 )
 from rlhfkit.models.loading import load_causal_lm, load_reward_model, save_model, tiny_causal_lm
 from rlhfkit.models.tokenizer import train_tokenizer
-from rlhfkit.rollout.batch import common_prefix_length, right_pad, shared_prefix_pairs
+from rlhfkit.rollout.batch import (
+    PromptResponseBatch,
+    common_prefix_length,
+    join_prompt_response,
+    right_pad,
+    shared_prefix_pairs,
+    shared_prompt_groups,
+)
+from rlhfkit.rollout.logprobs import response_logprobs
 from rlhfkit.train import rm as rm_module
 from rlhfkit.train.dpo import pair_logprobs, run_dpo, sequence_logprobs
+from rlhfkit.train.grpo import batch_logprobs
 from rlhfkit.train.rm import run_rm, score_pairs
 
 PAD = 0
@@ -395,3 +404,147 @@ def test_training_either_way_gives_the_same_losses(
         assert summary["steps"] == len(losses[share]) == 9
     assert losses[True][-1] < losses[True][0]  # it learns
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+
+
+# ---- GRPO/RLOO: the responses to one prompt in one row ------------------------------------------
+
+
+def test_group_layout_by_hand() -> None:
+    # Rows 0 and 2 share the prompt "5 6"; row 1 has its own, "7". Responses: "1 2", "3", "4 9 8".
+    batch = join_prompt_response([[5, 6], [7], [5, 6]], [[1, 2], [3], [4, 9, 8]], PAD)
+    layout = shared_prompt_groups(batch)
+    assert layout.group.tolist() == [0, 1, 0] and layout.slot.tolist() == [0, 0, 1]
+    # The prompt's two columns, then two slots of three columns (the longest response).
+    assert layout.input_ids.tolist() == [[5, 6, 1, 2, PAD, 4, 9, 8], [PAD, 7, 3, PAD, PAD, PAD, PAD, PAD]]
+    real = [[1, 1, 1, 1, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0, 0, 0]]
+    positions = [[0, 1, 2, 3, None, 2, 3, 4], [None, 0, 1, None, None, None, None, None]]
+    for row, flags, expected in zip(layout.position_ids.tolist(), real, positions, strict=True):
+        assert [p for p, f in zip(row, flags, strict=True) if f] == [p for p in expected if p is not None]
+    assert layout.allowed.shape == (2, 1, 8, 8)
+    assert layout.allowed[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0],  # response padding: itself only
+        [1, 1, 0, 0, 0, 1, 0, 0],  # the second response: the prompt and itself, not the first
+        [1, 1, 0, 0, 0, 1, 1, 0],
+        [1, 1, 0, 0, 0, 1, 1, 1],
+    ]
+    assert layout.allowed[1, 0, 2].int().tolist() == [0, 1, 1, 0, 0, 0, 0, 0]  # not the pad column
+
+
+def test_group_layout_needs_a_prompt() -> None:
+    batch = join_prompt_response([[5, 6], []], [[1], [2]], PAD)
+    with pytest.raises(ValueError, match="needs a prompt"):
+        shared_prompt_groups(batch)
+
+
+def test_groups_only_where_attention_at_most_doubles(reward_model_dir: Path, monkeypatch) -> None:
+    import rlhfkit.train.grpo as grpo_module
+
+    built = []
+    lay_out = grpo_module.shared_prompt_groups
+    monkeypatch.setattr(grpo_module, "shared_prompt_groups", lambda *a: built.append(1) or lay_out(*a))
+    policy = load_causal_lm(reward_model_dir)
+    # One-token prompt, four responses of 20: 4 rows of 21 (1,764 scores) against one row of 81
+    # (6,561 > twice 1,764): the rows are kept.
+    long = join_prompt_response([[5]] * 4, [list(range(3, 23))] * 4, PAD)
+    with torch.no_grad():
+        batch_logprobs(policy, long)
+    assert built == []
+    # Eight-token prompt, four responses of 4: 4 rows of 12 (576) against one of 24 (576).
+    short = join_prompt_response([list(range(3, 11))] * 4, [[11, 12, 13, 14]] * 4, PAD)
+    with torch.no_grad():
+        batch_logprobs(policy, short)
+    assert built == [1]
+
+
+def _random_groups(seed: int) -> PromptResponseBatch:
+    """Three prompts of different lengths, with 3, 1 and 2 responses, rows interleaved; responses
+    of 1 to 6 tokens (right padding), one empty."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (4, 7, 2)]
+    order = [0, 1, 0, 2, 0, 2]
+    responses = [[rng.randrange(3, 300) for _ in range(rng.randint(1, 6))] for _ in order]
+    responses[3] = []
+    return join_prompt_response([prompts[i] for i in order], responses, PAD)
+
+
+@pytest.mark.parametrize(
+    "arch, attention, temperature", [("llama", "sdpa", 1.0), ("qwen2", "eager", 0.7), ("gpt2", "sdpa", 0.7)]
+)
+def test_group_logprobs_and_gradients_equal_rows(
+    model_dirs: dict[str, Path], arch: str, attention: str, temperature: float
+) -> None:
+    torch.manual_seed(0)
+    policy = load_causal_lm(model_dirs[arch]).eval()  # eval: GPT-2's dropout would draw differently
+    policy.set_attn_implementation(attention)
+    batch = _random_groups(0)
+    mask = batch.response_mask.bool()
+    assert shared_prompt_groups(batch).input_ids.numel() < batch.input_ids.numel()
+
+    def grads(share: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        policy.zero_grad()
+        logp = batch_logprobs(policy, batch, temperature, share)
+        (logp * mask).sum().backward()
+        return logp.detach(), [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+
+    rows, rows_grads = grads(False)
+    grouped, grouped_grads = grads(True)
+    torch.testing.assert_close(
+        rows, response_logprobs(policy, batch.input_ids, batch.attention_mask, batch.n_response, temperature)
+    )
+    torch.testing.assert_close(grouped[mask], rows[mask], atol=1e-5, rtol=1e-5)
+    assert len(grouped_grads) == len(rows_grads) > 0
+    for g1, g2 in zip(grouped_grads, rows_grads, strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "section, extra", [("grpo", ["grpo.update_epochs=2", "grpo.minibatch=4"]), ("rloo", ["rloo.minibatch=8"])]
+)
+def test_critic_free_trained_either_way_gives_the_same_losses(
+    reward_model_dir: Path, tmp_path: Path, monkeypatch, section: str, extra: list[str]
+) -> None:
+    from rlhfkit.train.grpo import run_critic_free
+    from rlhfkit.train.rewards import RewardTerm
+
+    def item_count(prompts, completions, **kwargs):
+        return [float(c.count("item")) for c in completions]
+
+    prompts = [f"item {i} and" for i in range(6)]
+    import rlhfkit.train.grpo as grpo_module
+
+    layouts = []
+    lay_out = grpo_module.shared_prompt_groups
+
+    def spy(*args):
+        layouts.append(lay_out(*args))
+        return layouts[-1]
+
+    monkeypatch.setattr(grpo_module, "shared_prompt_groups", spy)
+    losses = {}
+    for share in (True, False):
+        config = load_config(
+            overrides=[
+                *extra,
+                f"{section}.share_prompt={str(share).lower()}",
+                f"{section}.steps=3",
+                f"{section}.prompts_per_step=2",
+                f"{section}.group_size=4",
+                f"{section}.max_new_tokens=6",
+            ]
+        )
+        out = tmp_path / str(share)
+        terms = [RewardTerm("items", 1.0, item_count)]
+        run_critic_free(config, section, reward_model_dir, terms, prompts, out, show_progress=False)
+        losses[share] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if share:  # the shared rows were used: fewer rows than responses
+            assert any(len(set(layout.group.tolist())) < len(layout.group) for layout in layouts)
+    assert len(losses[True]) == 3
+    assert any(row["loss"] != 0 for row in losses[True])
+    for shared, rows in zip(losses[True], losses[False], strict=True):
+        assert shared["reward/total"] == rows["reward/total"]  # the same samples
+        assert shared["loss"] == pytest.approx(rows["loss"], rel=1e-4, abs=1e-6)
+        assert shared["kl"] == pytest.approx(rows["kl"], rel=1e-4, abs=1e-6)

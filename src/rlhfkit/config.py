@@ -459,6 +459,11 @@ class CriticFreeConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(48, gt=0)
+    share_prompt: bool = Field(
+        True,
+        description="the responses to one prompt in one row that holds the prompt once, in the policy's "
+        "and the reference's forwards; the same log-probs for less compute (sdpa/eager attention)",
+    )
     rewards: list[RewardSpec] = Field(
         default_factory=_reward_model_only, min_length=1, description="weighted reward terms, summed"
     )

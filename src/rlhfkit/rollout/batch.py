@@ -112,13 +112,8 @@ class SharedPrefixPairs:
     b_length: torch.Tensor  # [B]
 
     def attention_mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
-        """`allowed` as transformers' attention takes a ready-made mask: a bool mask for "sdpa",
-        an additive one (0 or the dtype's minimum) for "eager"."""
-        if kind == "sdpa":
-            return self.allowed
-        return torch.zeros(self.allowed.shape, dtype=dtype).masked_fill_(
-            ~self.allowed, torch.finfo(dtype).min
-        )
+        """`allowed` as transformers' attention `kind` takes a ready-made mask."""
+        return ready_made_mask(self.allowed, kind, dtype)
 
     def columns(self, which: int, positions: torch.Tensor) -> torch.Tensor:
         """The columns holding the tokens at `positions` ([B, n], positions within each row's
@@ -156,23 +151,104 @@ def shared_prefix_pairs(
         # -1: padding, 0: shared, 1: a's rest, 2: b's rest
         parts.append([-1] * pad_before + [0] * shared + [1] * (len(a) - shared) + [2] * (len(b) - shared))
     ids, _ = right_pad(rows, pad_id)
-    width = ids.size(1)
     pos = torch.zeros_like(ids)
     part = torch.full_like(ids, -1)
     for i, (p, s) in enumerate(zip(positions, parts, strict=True)):
         pos[i, : len(p)] = torch.tensor(p)
         part[i, : len(s)] = torch.tensor(s)
-    column = torch.arange(width)
-    causal = column[:, None] >= column[None, :]
-    q_part, k_part = part[:, :, None], part[:, None, :]
-    allowed = causal & (q_part >= 0) & (k_part >= 0) & ((k_part == 0) | (k_part == q_part))
-    allowed |= (part < 0)[:, :, None] & torch.eye(width, dtype=torch.bool)
     return SharedPrefixPairs(
         ids,
         pos,
-        allowed.unsqueeze(1),
+        allowed_by_part(part),
         torch.tensor(lead, dtype=torch.long),
         torch.tensor(shared_lengths, dtype=torch.long),
         torch.tensor([len(a) for a, _ in pairs], dtype=torch.long),
         torch.tensor([len(b) for _, b in pairs], dtype=torch.long),
     )
+
+
+def ready_made_mask(allowed: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as transformers' attention `kind` takes a ready-made one: as it is for "sdpa",
+    additive (0 or the dtype's minimum) for "eager"."""
+    if kind == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def allowed_by_part(part: torch.Tensor) -> torch.Tensor:
+    """[B, 1, W, W] bool attention mask of rows whose columns belong to parts ([B, W]): -1 padding,
+    0 the shared start, k > 0 the rest of the k-th sequence. A token attends, causally, to the
+    shared start and to its own sequence; padding attends only to itself, so no row is empty."""
+    width = part.size(1)
+    column = torch.arange(width, device=part.device)
+    causal = column[:, None] >= column[None, :]
+    q_part, k_part = part[:, :, None], part[:, None, :]
+    allowed = causal & (q_part >= 0) & (k_part >= 0) & ((k_part == 0) | (k_part == q_part))
+    allowed |= (part < 0)[:, :, None] & torch.eye(width, dtype=torch.bool, device=part.device)
+    return allowed.unsqueeze(1)
+
+
+@dataclass
+class SharedPromptGroups:
+    """The rows of a `PromptResponseBatch` that share a prompt, as one row per prompt: the prompt
+    once (its columns as in the batch), then each row's response in a slot of `n_response`
+    columns, positions continuing from the prompt. Each response attends to the prompt and to
+    itself (`allowed`), so every response token sees what it sees in its own row, and the prompt
+    is computed once instead of once per response."""
+
+    input_ids: torch.Tensor  # [G, P + K * R]: P prompt columns, K slots of R columns
+    position_ids: torch.Tensor  # [G, P + K * R]
+    allowed: torch.Tensor  # [G, 1, W, W] bool
+    group: torch.Tensor  # [B]: the grouped row holding each batch row
+    slot: torch.Tensor  # [B]: which slot of it
+
+    def attention_mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
+        """`allowed` as transformers' attention `kind` takes a ready-made mask."""
+        return ready_made_mask(self.allowed, kind, dtype)
+
+
+def prompt_groups(batch: PromptResponseBatch) -> list[list[int]]:
+    """The rows of `batch` grouped by their prompt's tokens, in order of first appearance."""
+    P = batch.input_ids.size(1) - batch.n_response
+    prompt_mask = batch.attention_mask[:, :P]
+    if P == 0 or not bool(prompt_mask[:, -1].all()):
+        raise ValueError("prompt_groups: every row needs a prompt, left-padded to the response")
+    members: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, mask) in enumerate(zip(batch.input_ids[:, :P].tolist(), prompt_mask.tolist(), strict=True)):
+        members.setdefault(tuple(t for t, m in zip(ids, mask, strict=True) if m), []).append(i)
+    return list(members.values())
+
+
+def shared_prompt_groups(
+    batch: PromptResponseBatch, groups: list[list[int]] | None = None
+) -> SharedPromptGroups:
+    """Lay out `batch` with one row per distinct prompt (see `SharedPromptGroups`); `groups`:
+    `prompt_groups(batch)`, computed when not given."""
+    groups = prompt_groups(batch) if groups is None else groups
+    R = batch.n_response
+    P = batch.input_ids.size(1) - R
+    prompt_mask = batch.attention_mask[:, :P]
+    k_max = max(len(rows) for rows in groups)
+    device = batch.input_ids.device
+    first = torch.tensor([rows[0] for rows in groups], device=device)
+    # Each batch row's grouped row and slot, listed group by group, then put in batch order.
+    listed = torch.tensor([i for rows in groups for i in rows], device=device)
+    group, slot = torch.empty_like(listed), torch.empty_like(listed)
+    group[listed] = torch.tensor([g for g, rows in enumerate(groups) for _ in rows], device=device)
+    slot[listed] = torch.tensor([k for rows in groups for k in range(len(rows))], device=device)
+    positions = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    # Padding columns hold any id (0): they attend only to themselves and are never read.
+    ids = batch.input_ids.new_zeros((len(groups), P + k_max * R))
+    pos = torch.zeros_like(ids)
+    part = torch.full_like(ids, -1)
+    ids[:, :P] = batch.input_ids[first, :P]
+    pos[:, :P] = positions[first, :P]
+    part[:, :P] = torch.where(prompt_mask[first].bool(), 0, -1)
+    columns = P + slot[:, None] * R + torch.arange(R, device=device)  # [B, R]: each response's columns
+    rows = group[:, None].expand(-1, R)
+    ids[rows, columns] = batch.input_ids[:, P:]
+    pos[rows, columns] = positions[:, P:]
+    part[rows, columns] = torch.where(batch.response_mask.bool(), slot[:, None] + 1, -1)
+    return SharedPromptGroups(ids, pos, allowed_by_part(part), group, slot)

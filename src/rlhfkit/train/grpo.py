@@ -24,12 +24,18 @@ from rlhfkit.algos.grpo import (
 from rlhfkit.algos.kl import kl_estimate
 from rlhfkit.algos.masked import masked_mean
 from rlhfkit.config import GRPOConfig, RLOOConfig, RunConfig
+from rlhfkit.models.heads import inner_model, takes_pair_masks
 from rlhfkit.models.loading import dropout_off, load_tokenizer
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout import make_sampler
-from rlhfkit.rollout.batch import PromptResponseBatch, join_prompt_response
-from rlhfkit.rollout.logprobs import response_logprobs
+from rlhfkit.rollout.batch import (
+    PromptResponseBatch,
+    join_prompt_response,
+    prompt_groups,
+    shared_prompt_groups,
+)
+from rlhfkit.rollout.logprobs import accepts_logits_to_keep, gather_logprobs, response_logprobs
 from rlhfkit.rollout.seeded import prompt_seeds
 from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.distributed import (
@@ -60,6 +66,45 @@ def advantage_name(cfg: GRPOConfig | RLOOConfig) -> str:
     if isinstance(cfg, GRPOConfig):
         return "grpo" if cfg.scale_rewards else "dr_grpo"
     return cfg.advantage
+
+
+def batch_logprobs(
+    model, batch: PromptResponseBatch, temperature: float = 1.0, share_prompt: bool = True
+) -> torch.Tensor:
+    """`response_logprobs` of each row of `batch`: [B, R] (masked positions unspecified).
+
+    With `share_prompt` (and a model whose attention takes ready-made masks), rows that share a
+    prompt are one row holding the prompt once and each response after it (`shared_prompt_groups`),
+    the LM head only from the prompt's last column on. The log-probs are the same either way."""
+    R = batch.n_response
+    if share_prompt and takes_pair_masks(model):
+        groups = prompt_groups(batch)
+        P = batch.input_ids.size(1) - R
+        width = P + max(len(rows) for rows in groups) * R
+        # Fewer rows, and at most twice the attention scores (a width x width square per row): long
+        # responses with short prompts would cost more attention (and mask memory) than they save.
+        n, rows_width = batch.input_ids.shape
+        if len(groups) < n and len(groups) * width**2 <= 2 * n * rows_width**2:
+            layout = shared_prompt_groups(batch, groups)
+            inner = inner_model(model)
+            mask = layout.attention_mask(inner.config._attn_implementation, inner.dtype)
+            keep = {"logits_to_keep": width - P + 1} if accepts_logits_to_keep(model) else {}
+            out = model(
+                input_ids=layout.input_ids,  # on the batch's device, as is the layout
+                attention_mask=mask,
+                position_ids=layout.position_ids,
+                use_cache=False,
+                **keep,
+            )
+            logits = out.logits[:, P - 1 - width :].float()  # from column P - 1 on
+            if temperature != 1.0:
+                logits = logits / temperature
+            # A response's first token is predicted at the prompt's last column (0 here), its
+            # token t > 0 at the column of token t - 1 in the row's slot.
+            t = torch.arange(R, device=batch.input_ids.device)
+            at = torch.where(t == 0, 0, layout.slot[:, None] * R + t)
+            return gather_logprobs(logits[layout.group[:, None], at], batch.response_ids)
+    return response_logprobs(model, batch.input_ids, batch.attention_mask, R, temperature)
 
 
 def critic_free_advantages(
@@ -171,7 +216,6 @@ def run_critic_free(
                 *(t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.response_mask))
             )
             mask = batch.response_mask.float()
-            R = batch.n_response
 
             # 2. Reference and old log-probs: each process computes its block of rows, gathered back.
             # With a single update its block is its share of the only mini-batch (the whole batch in
@@ -183,16 +227,14 @@ def run_critic_free(
             # In the policy's precision (its prepared forward autocasts): KL is 0 where they are equal.
             live = accelerator.unwrap_model(policy) if reference is None else reference
             with accelerator.autocast(), reference_of(live) as ref:
-                ref_mine = response_logprobs(ref, rows.input_ids, rows.attention_mask, R, cfg.temperature)
+                ref_mine = batch_logprobs(ref, rows, cfg.temperature, cfg.share_prompt)
             logp_mine = None
             if single_update:
-                logp_mine = response_logprobs(policy, rows.input_ids, rows.attention_mask, R, cfg.temperature)
+                logp_mine = batch_logprobs(policy, rows, cfg.temperature, cfg.share_prompt)
                 old_mine = logp_mine.detach()
             else:
                 with torch.no_grad():
-                    old_mine = response_logprobs(
-                        policy, rows.input_ids, rows.attention_mask, R, cfg.temperature
-                    )
+                    old_mine = batch_logprobs(policy, rows, cfg.temperature, cfg.share_prompt)
             # Gathered in rank order, i.e. in `order`; put back in batch order.
             old_all, ref_all = gather_rows(accelerator, old_mine, ref_mine)
             old_logp, ref_logp = torch.empty_like(old_all), torch.empty_like(ref_all)
@@ -214,8 +256,7 @@ def run_critic_free(
                     if logp_mine is not None:
                         logp = logp_mine  # idx is `mine`: the single update's rows
                     else:
-                        mb = batch.select(idx)
-                        logp = response_logprobs(policy, mb.input_ids, mb.attention_mask, R, cfg.temperature)
+                        logp = batch_logprobs(policy, batch.select(idx), cfg.temperature, cfg.share_prompt)
                     if isinstance(cfg, GRPOConfig):
                         loss, stats = grpo_loss(
                             logp,
