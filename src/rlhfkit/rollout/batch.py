@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from rlhfkit.rollout.logprobs import position_ids_from_mask
+
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and attention mask: generation continues from the right edge."""
@@ -198,9 +200,9 @@ class SharedPromptGroups:
     itself (`allowed`), so every response token sees what it sees in its own row, and the prompt
     is computed once instead of once per response."""
 
-    input_ids: torch.Tensor  # [G, P + K * R]: P prompt columns, K slots of R columns
-    position_ids: torch.Tensor  # [G, P + K * R]
-    allowed: torch.Tensor  # [G, 1, W, W] bool
+    input_ids: torch.Tensor  # [N, W]: N prompts; W = P prompt columns + K slots of R columns
+    position_ids: torch.Tensor  # [N, W]
+    allowed: torch.Tensor  # [N, 1, W, W] bool
     group: torch.Tensor  # [B]: the grouped row holding each batch row
     slot: torch.Tensor  # [B]: which slot of it
 
@@ -238,7 +240,7 @@ def shared_prompt_groups(
     group, slot = torch.empty_like(listed), torch.empty_like(listed)
     group[listed] = torch.tensor([g for g, rows in enumerate(groups) for _ in rows], device=device)
     slot[listed] = torch.tensor([k for rows in groups for k in range(len(rows))], device=device)
-    positions = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(batch.attention_mask)
     # Padding columns hold any id (0): they attend only to themselves and are never read.
     ids = batch.input_ids.new_zeros((len(groups), P + k_max * R))
     pos = torch.zeros_like(ids)
