@@ -6,6 +6,10 @@ the two sequences scored separately (two padded rows), under sdpa and eager atte
 tiny architecture, through the TokenValues wrapper and LoRA; a model whose attention cannot take
 the mask uses two rows; a reward model trained either way (with gradient checkpointing too) ends
 with the same losses. A scoring forward builds no KV cache.
+
+GRPO/RLOO's groups (grpo.share_prompt, rloo.share_prompt): the G responses to a prompt in one row
+that holds the prompt once; the layout by hand, log-probs and gradients equal to G rows, rows kept
+where grouping would more than double the attention, and runs either way with the same losses.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from rlhfkit.rollout.batch import (
     shared_prompt_groups,
 )
 from rlhfkit.rollout.logprobs import response_logprobs
+from rlhfkit.train import grpo as grpo_module
 from rlhfkit.train import rm as rm_module
 from rlhfkit.train.dpo import pair_logprobs, run_dpo, sequence_logprobs
 from rlhfkit.train.grpo import batch_logprobs
@@ -440,24 +445,33 @@ def test_group_layout_needs_a_prompt() -> None:
         shared_prompt_groups(batch)
 
 
-def test_groups_only_where_attention_at_most_doubles(reward_model_dir: Path, monkeypatch) -> None:
-    import rlhfkit.train.grpo as grpo_module
-
+@pytest.fixture
+def built_layouts(monkeypatch) -> list:
+    """Every `SharedPromptGroups` the GRPO/RLOO log-probs build while the test runs."""
     built = []
     lay_out = grpo_module.shared_prompt_groups
-    monkeypatch.setattr(grpo_module, "shared_prompt_groups", lambda *a: built.append(1) or lay_out(*a))
+
+    def spy(*args):
+        built.append(lay_out(*args))
+        return built[-1]
+
+    monkeypatch.setattr(grpo_module, "shared_prompt_groups", spy)
+    return built
+
+
+def test_groups_only_where_attention_at_most_doubles(reward_model_dir: Path, built_layouts: list) -> None:
     policy = load_causal_lm(reward_model_dir)
     # One-token prompt, four responses of 20: 4 rows of 21 (1,764 scores) against one row of 81
     # (6,561 > twice 1,764): the rows are kept.
     long = join_prompt_response([[5]] * 4, [list(range(3, 23))] * 4, PAD)
     with torch.no_grad():
         batch_logprobs(policy, long)
-    assert built == []
+    assert built_layouts == []
     # Eight-token prompt, four responses of 4: 4 rows of 12 (576) against one of 24 (576).
     short = join_prompt_response([list(range(3, 11))] * 4, [[11, 12, 13, 14]] * 4, PAD)
     with torch.no_grad():
         batch_logprobs(policy, short)
-    assert built == [1]
+    assert len(built_layouts) == 1
 
 
 def _random_groups(seed: int) -> PromptResponseBatch:
@@ -505,7 +519,7 @@ def test_group_logprobs_and_gradients_equal_rows(
     "section, extra", [("grpo", ["grpo.update_epochs=2", "grpo.minibatch=4"]), ("rloo", ["rloo.minibatch=8"])]
 )
 def test_critic_free_trained_either_way_gives_the_same_losses(
-    reward_model_dir: Path, tmp_path: Path, monkeypatch, section: str, extra: list[str]
+    reward_model_dir: Path, tmp_path: Path, built_layouts: list, section: str, extra: list[str]
 ) -> None:
     from rlhfkit.train.grpo import run_critic_free
     from rlhfkit.train.rewards import RewardTerm
@@ -514,16 +528,6 @@ def test_critic_free_trained_either_way_gives_the_same_losses(
         return [float(c.count("item")) for c in completions]
 
     prompts = [f"item {i} and" for i in range(6)]
-    import rlhfkit.train.grpo as grpo_module
-
-    layouts = []
-    lay_out = grpo_module.shared_prompt_groups
-
-    def spy(*args):
-        layouts.append(lay_out(*args))
-        return layouts[-1]
-
-    monkeypatch.setattr(grpo_module, "shared_prompt_groups", spy)
     losses = {}
     for share in (True, False):
         config = load_config(
@@ -541,7 +545,7 @@ def test_critic_free_trained_either_way_gives_the_same_losses(
         run_critic_free(config, section, reward_model_dir, terms, prompts, out, show_progress=False)
         losses[share] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         if share:  # the shared rows were used: fewer rows than responses
-            assert any(len(set(layout.group.tolist())) < len(layout.group) for layout in layouts)
+            assert any(len(set(layout.group.tolist())) < len(layout.group) for layout in built_layouts)
     assert len(losses[True]) == 3
     assert any(row["loss"] != 0 for row in losses[True])
     for shared, rows in zip(losses[True], losses[False], strict=True):
