@@ -467,6 +467,14 @@ def test_groups_only_where_attention_at_most_doubles(reward_model_dir: Path, bui
     with torch.no_grad():
         batch_logprobs(policy, long)
     assert built_layouts == []
+    # A row without a prompt: rows, as before (the layout itself refuses it).
+    no_prompt = join_prompt_response([[5, 6], [], [5, 6]], [[1], [2], [3]], PAD)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            batch_logprobs(policy, no_prompt),
+            response_logprobs(policy, no_prompt.input_ids, no_prompt.attention_mask, 1),
+        )
+    assert built_layouts == []
     # Eight-token prompt, four responses of 4: 4 rows of 12 (576) against one of 24 (576).
     short = join_prompt_response([list(range(3, 11))] * 4, [[11, 12, 13, 14]] * 4, PAD)
     with torch.no_grad():

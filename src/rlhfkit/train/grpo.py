@@ -77,9 +77,10 @@ def batch_logprobs(
     prompt are one row holding the prompt once and each response after it (`shared_prompt_groups`),
     the LM head only from the prompt's last column on. The log-probs are the same either way."""
     R = batch.n_response
-    if share_prompt and takes_pair_masks(model):
+    P = batch.input_ids.size(1) - R
+    # Every row needs a prompt token to read its first response token from (`prompt_groups`).
+    if share_prompt and takes_pair_masks(model) and P > 0 and bool(batch.attention_mask[:, P - 1].all()):
         groups = prompt_groups(batch)
-        P = batch.input_ids.size(1) - R
         width = P + max(len(rows) for rows in groups) * R
         # Fewer rows, and at most twice the attention scores (a width x width square per row): long
         # responses with short prompts would cost more attention (and mask memory) than they save.
