@@ -211,12 +211,18 @@ class SharedPromptGroups:
         return ready_made_mask(self.allowed, kind, dtype)
 
 
+def every_row_has_a_prompt(batch: PromptResponseBatch) -> bool:
+    """Whether each row holds at least one prompt token (its last prompt column is real)."""
+    P = batch.input_ids.size(1) - batch.n_response
+    return P > 0 and bool(batch.attention_mask[:, P - 1].all())
+
+
 def prompt_groups(batch: PromptResponseBatch) -> list[list[int]]:
     """The rows of `batch` grouped by their prompt's tokens, in order of first appearance."""
+    if not every_row_has_a_prompt(batch):
+        raise ValueError("prompt_groups: every row needs a prompt, left-padded to the response")
     P = batch.input_ids.size(1) - batch.n_response
     prompt_mask = batch.attention_mask[:, :P]
-    if P == 0 or not bool(prompt_mask[:, -1].all()):
-        raise ValueError("prompt_groups: every row needs a prompt, left-padded to the response")
     members: dict[tuple[int, ...], list[int]] = {}
     for i, (ids, mask) in enumerate(zip(batch.input_ids[:, :P].tolist(), prompt_mask.tolist(), strict=True)):
         members.setdefault(tuple(t for t, m in zip(ids, mask, strict=True) if m), []).append(i)

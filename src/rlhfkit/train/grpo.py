@@ -31,6 +31,7 @@ from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout import make_sampler
 from rlhfkit.rollout.batch import (
     PromptResponseBatch,
+    every_row_has_a_prompt,
     join_prompt_response,
     prompt_groups,
     shared_prompt_groups,
@@ -78,8 +79,8 @@ def batch_logprobs(
     the LM head only from the prompt's last column on. The log-probs are the same either way."""
     R = batch.n_response
     P = batch.input_ids.size(1) - R
-    # Every row needs a prompt token to read its first response token from (`prompt_groups`).
-    if share_prompt and takes_pair_masks(model) and P > 0 and bool(batch.attention_mask[:, P - 1].all()):
+    # Every row needs a prompt token to read its first response token from.
+    if share_prompt and takes_pair_masks(model) and every_row_has_a_prompt(batch):
         groups = prompt_groups(batch)
         width = P + max(len(rows) for rows in groups) * R
         # Fewer rows, and at most twice the attention scores (a width x width square per row): long
