@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from fastapi.testclient import TestClient
@@ -205,6 +206,28 @@ def test_model_output_with_markup_is_data_and_sql_text_is_stored_verbatim(servic
     assert "<script>" not in annotate.replace('<script src="/static/annotate.js"></script>', "")
     script = root.get("/static/annotate.js").text
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+
+
+def test_export_names_only_the_download_after_the_project_and_leaves_no_files(service, tmp_path, monkeypatch):
+    store, app, _ = service
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    victim = tmp_path / "victim-raw.jsonl"
+    victim.write_text("keep me\n")
+    root, csrf = login(app, "root")
+    headers = {"X-CSRF-Token": csrf}
+    # A project name is free text: a path in it must neither write nor delete a file there.
+    for name in ["../" * 12 + str(victim)[1:].removesuffix("-raw.jsonl"), "films/2024"]:
+        pid = root.post("/api/projects", json={"name": name}, headers=headers).json()["id"]
+        exported = root.get(f"/api/projects/{pid}/export", params={"format": "raw"})
+        assert exported.status_code == 200
+        disposition = exported.headers["content-disposition"]
+        assert "/" not in disposition and disposition.endswith('-raw.jsonl"')
+    assert victim.read_text() == "keep me\n"
+    # A refused export (no SFT rows from a comparison project) leaves no folder behind either.
+    refused = root.get(f"/api/projects/{pid}/export", params={"format": "sft"})
+    assert refused.status_code == 400
+    assert list((tmp_path / "temp").iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ tasks and labels only; everything else is for admins.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -364,16 +365,20 @@ def export(
     """Download an export as JSONL (admin)."""
     project = _project_out(store, project_id, True)
     folder = Path(tempfile.mkdtemp(prefix="rlhfkit-export-"))
-    path = folder / f"{project.name}-{format}.jsonl"
-    store.export(project_id, path, format)
-
-    def cleanup() -> None:
-        path.unlink(missing_ok=True)
-        folder.rmdir()
-
-    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.name)
+    # A fixed file name on disk: the project's name is free text ("../x", "films/2024") and only
+    # names the download.
+    path = folder / "export.jsonl"
+    try:
+        store.export(project_id, path, format)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    download = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{project.name}-{format}.jsonl")
     return FileResponse(
-        path, media_type="application/x-ndjson", filename=safe_name, background=BackgroundTask(cleanup)
+        path,
+        media_type="application/x-ndjson",
+        filename=download,
+        background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True),
     )
 
 
