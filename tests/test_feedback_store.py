@@ -529,6 +529,41 @@ def test_users_sessions_and_invites(open_store, clock):
     assert store.invite_role(late) is None
 
 
+def test_one_invite_makes_one_account_when_two_sign_up_at_once(open_store, monkeypatch):
+    store = open_store()
+    admin = store.add_user("root", "admin", "root-password")
+    invite = store.create_invite("admin", admin)
+    # Both sign-ups find the invite unused before either claims it: the race, made certain.
+    both_checked = threading.Barrier(2, timeout=30)
+    check = store.invite_role
+
+    def checked_together(token):
+        role = check(token)
+        both_checked.wait()
+        return role
+
+    monkeypatch.setattr(store, "invite_role", checked_together)
+    outcomes = {}
+
+    def sign_up(name):
+        try:
+            outcomes[name] = store.accept_invite(invite, name, "mallory-password")
+        except PermissionError as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=sign_up, args=(name,)) for name in ("mallory1", "mallory2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    refused = [name for name, out in outcomes.items() if isinstance(out, PermissionError)]
+    assert len(outcomes) == 2 and len(refused) == 1
+    assert "used at the same time" in str(outcomes[refused[0]])
+    (accepted,) = set(outcomes) - set(refused)
+    assert [u.name for u in store.users()] == ["root", accepted]
+    assert store.authenticate(refused[0], "mallory-password") is None
+
+
 def test_migrations_head_and_legacy_database(tmp_path):
     from alembic.config import Config
     from alembic.script import ScriptDirectory

@@ -33,8 +33,8 @@ import random
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -897,13 +897,19 @@ class FeedbackStore:
         """Create a user (and the annotator of the same name); return the user id."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        with self._new_user(name, role, password) as (conn, user_id):
+            return user_id
+
+    @contextmanager
+    def _new_user(self, name: str, role: str, password: str) -> Iterator[tuple[Connection, int]]:
+        """Insert a user in a write transaction that the block may still roll back by raising."""
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise ValueError("user name must be a non-empty string of at most 200 characters")
-        password_hash = hash_password(password)
+        password_hash = hash_password(password)  # slow by design: before the transaction opens
         annotator_id = self.add_annotator(name, "human")
         try:
             with self._transaction("write") as conn:
-                return conn.scalar(
+                user_id = conn.scalar(
                     insert(User).returning(User.id),
                     {
                         "name": name,
@@ -913,6 +919,7 @@ class FeedbackStore:
                         "created_at": self._now(),
                     },
                 )
+                yield conn, user_id
         except IntegrityError:
             raise ValueError(f"a user named {name!r} already exists") from None
 
@@ -1023,15 +1030,20 @@ class FeedbackStore:
         role = self.invite_role(token)
         if role is None:
             raise PermissionError("this invite link is unknown, used or expired")
-        user_id = self.add_user(name, role, password)
-        with self._transaction("write") as conn:
-            used = conn.execute(
+        # The user and the claim on the invite commit together or not at all: of two sign-ups on
+        # one link at the same time, the one whose claim finds the invite used leaves no account.
+        with self._new_user(name, role, password) as (conn, user_id):
+            claimed = conn.execute(
                 update(Invite)
-                .where(Invite.token_hash == token_digest(token), Invite.used_by.is_(None))
+                .where(
+                    Invite.token_hash == token_digest(token),
+                    Invite.used_by.is_(None),
+                    Invite.expires_at > self._now(),
+                )
                 .values(used_by=user_id)
             ).rowcount
-        if not used:
-            raise PermissionError("this invite link was used at the same time by someone else")
+            if not claimed:
+                raise PermissionError("this invite link was used at the same time by someone else")
         return user_id
 
     # -- the annotation loop -----------------------------------------------------------
