@@ -157,6 +157,23 @@ def test_lease_blocks_others_until_it_expires(open_store, clock):
     assert sorted(label.annotator for label in store.labels(project)) == ["alice", "bob"]
 
 
+def test_an_item_is_labelled_once_per_annotator_and_the_refusal_names_no_item(open_store, clock):
+    store = open_store()
+    project = store.create_project("p")
+    store.add_items(project, _items(1))
+    alice = store.add_annotator("alice")
+    expired = store.next_task(project, alice, lease_seconds=60)
+    clock.advance(61)
+    again = store.next_task(project, alice, lease_seconds=60)
+    assert again.item_id == expired.item_id and again.token != expired.token
+    label = store.submit_comparison(again.token, alice, "left")
+    # Annotators never see an item id (it would single out golden items), errors included.
+    with pytest.raises(ValueError) as refused:
+        store.submit_comparison(expired.token, alice, "left")
+    assert str(refused.value) == f"this annotator already labelled this task's item (label {label})"
+    assert len(store.labels(project)) == 1
+
+
 def test_submit_is_idempotent(open_store):
     store = open_store()
     project = store.create_project("p")

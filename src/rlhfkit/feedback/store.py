@@ -1173,9 +1173,8 @@ class FeedbackStore:
             item = conn.execute(_LOCK_ITEM, {"item_id": lease.item_id}).one()
             twice = conn.scalar(_LABEL_BY_ANNOTATOR, {"item_id": lease.item_id, "annotator_id": annotator_id})
             if twice is not None:
-                raise ValueError(
-                    f"annotator {annotator_id} already labelled item {lease.item_id} (label {twice})"
-                )
+                # No item id: annotators never see one (it would single out golden items).
+                raise ValueError(f"this annotator already labelled this task's item (label {twice})")
             now = self._now()
             label_id = conn.scalar(
                 _INSERT_LABEL,
