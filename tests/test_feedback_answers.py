@@ -164,3 +164,18 @@ def test_login_rate_limiter_window():
     limiter.failed("name:a")
     limiter.succeeded("name:a")
     assert limiter.retry_after("name:a") == 0
+
+
+def test_login_rate_limiter_memory_holds_only_the_window():
+    now = [0.0]
+    limiter = LoginRateLimiter(attempts=3, window=60, clock=lambda: now[0])
+    limiter.failed("addr:1", "name:a")
+    limiter.failed("addr:1", "name:b")
+    # Asking about ever new names (refused logins do only that) keeps nothing.
+    for i in range(100):
+        assert limiter.retry_after(f"name:n{i}", "addr:1") == 0
+    assert limiter.n_keys() == 3
+    now[0] = 61
+    limiter.failed("addr:2", "name:c")  # the old failures left the window: their keys go
+    assert limiter.n_keys() == 2
+    assert limiter.retry_after("addr:1", "name:a", "name:b") == 0

@@ -89,28 +89,43 @@ class LoginRateLimiter:
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def _recent(self, key: str) -> deque[float]:
-        failures = self._failures.setdefault(key, deque())
+    def n_keys(self) -> int:
+        """The number of keys with failures kept (what the limiter holds in memory)."""
+        return len(self._failures)
+
+    def _recent(self, key: str) -> deque[float] | None:
+        """The key's failures within the window; a key with none left is forgotten."""
+        failures = self._failures.get(key)
+        if failures is None:
+            return None
         cutoff = self._clock() - self.window
         while failures and failures[0] <= cutoff:
             failures.popleft()
+        if not failures:
+            del self._failures[key]
+            return None
         return failures
 
     def retry_after(self, *keys: str) -> float:
         """Seconds until a login under these keys is allowed again (0: allowed now)."""
         with self._lock:
+            # Asking adds no key: refused attempts under ever new names must not grow the memory.
             waits = [
                 failures[0] + self.window - self._clock()
                 for key in keys
-                if len(failures := self._recent(key)) >= self.attempts
+                if (failures := self._recent(key)) is not None and len(failures) >= self.attempts
             ]
         return max(waits, default=0.0)
 
     def failed(self, *keys: str) -> None:
         """Record a failed login under each key."""
         with self._lock:
+            # Forget keys whose failures all left the window, so memory holds only the failures of
+            # the last `window` seconds (a refused attempt records none).
+            for key in list(self._failures):
+                self._recent(key)
             for key in keys:
-                self._recent(key).append(self._clock())
+                self._failures.setdefault(key, deque()).append(self._clock())
 
     def succeeded(self, *keys: str) -> None:
         """Forget the failures of these keys."""
