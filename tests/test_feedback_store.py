@@ -517,6 +517,12 @@ def test_users_sessions_and_invites(open_store, clock):
         store.add_user("root", "annotator", "another-password")
     with pytest.raises(ValueError, match="at least 8"):
         store.add_user("weak", "annotator", "short")
+    # Names go into URLs and sit beside other names: no "/", no look-alikes of "root", no "..".
+    for bad in ["spam/mer", "root ", " root", "root\u200b", "r\u043eot", "..", ".", "-x", "", "a" * 201]:
+        with pytest.raises(ValueError, match="is not allowed"):
+            store.add_user(bad, "annotator", "good-password")
+    assert [u.name for u in store.users()] == ["root"]
+    store.add_user("jo.smith@lab-1_a", "annotator", "good-password")
     assert store.authenticate("root", "root-password").role == "admin"
     assert store.authenticate("root", "wrong-password") is None
     assert store.authenticate("nobody", "root-password") is None

@@ -83,6 +83,10 @@ from rlhfkit.feedback.answers import (
 from rlhfkit.feedback.auth import hash_password, new_token, token_digest, verify_password
 from rlhfkit.feedback.migrate import upgrade_database
 
+# A login name: it appears in URLs (the dashboard's exclude form) and beside other names, so no
+# "/", no look-alikes of another name (spaces, invisible or non-ASCII characters), no "." or "..".
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,199}")
+
 TASK_TYPES = ("comparison", "ranking", "likert", "binary", "edit", "demonstration")
 # How many responses an item of each task type shows: (fewest, most).
 RESPONSES_PER_TYPE: dict[str, tuple[int, int]] = {
@@ -903,8 +907,11 @@ class FeedbackStore:
     @contextmanager
     def _new_user(self, name: str, role: str, password: str) -> Iterator[tuple[Connection, int]]:
         """Insert a user in a write transaction that the block may still roll back by raising."""
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise ValueError("user name must be a non-empty string of at most 200 characters")
+        if not isinstance(name, str) or not USER_NAME.fullmatch(name):
+            raise ValueError(
+                f"user name {name!r} is not allowed: 1 to 200 characters, ASCII letters, digits and "
+                "_ . @ -, starting with a letter or a digit"
+            )
         password_hash = hash_password(password)  # slow by design: before the transaction opens
         annotator_id = self.add_annotator(name, "human")
         try:
