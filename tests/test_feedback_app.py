@@ -231,6 +231,47 @@ def test_export_names_only_the_download_after_the_project_and_leaves_no_files(se
 
 
 @pytest.mark.parametrize(
+    ("path", "body", "loc", "problem"),
+    [
+        ("/api/projects", b'{"name": "n", "golden_rate": NaN}', ["body", "golden_rate"], "finite number"),
+        ("/api/projects", b'{"name": "n", "overlap": 1e400}', ["body", "overlap"], "finite"),
+        ("/api/projects", b'{"name": "n\\ud800"}', ["body", "name"], "unicode string"),
+        (
+            "/api/projects/PID/items",
+            b'{"items": [{"prompt": "q", "responses": ["a"], "meta": {"x": NaN}}]}',
+            ["body", "items", 0, "meta"],
+            "not a JSON number",
+        ),
+        (
+            "/api/projects/PID/items",
+            b'{"items": [{"prompt": "q", "responses": ["a\\udfff b"]}]}',
+            ["body", "items", 0, "responses"],
+            "lone surrogate",
+        ),
+        (
+            "/api/submit",
+            b'{"token": "t", "answer": {"rating": Infinity}}',
+            ["body", "answer"],
+            "not a JSON number",
+        ),
+    ],
+)
+def test_nan_infinity_and_lone_surrogates_are_refused_naming_the_field(service, path, body, loc, problem):
+    store, app, project = service
+    root, csrf = login(app, "root")
+    n_items = len(store.items(project))
+    response = root.post(
+        path.replace("PID", str(project)),
+        content=body,
+        headers={"X-CSRF-Token": csrf, "content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == loc and problem in error["msg"]
+    assert len(store.items(project)) == n_items
+
+
+@pytest.mark.parametrize(
     ("answer", "field"),
     [
         ({"choice": "sideways"}, "choice"),

@@ -57,6 +57,7 @@ def test_add_items_validation_names_index_and_field(open_store):
         ({"prompt": "q", "responses": ["a", "b", "c"]}, "'responses' needs exactly 2"),
         ({"prompt": "q", "responses": ["a", "b"], "overlap": 0}, "'overlap'"),
         ({"prompt": "q", "responses": ["a", "b"], "meta": {"x": object()}}, "'meta'"),
+        ({"prompt": "q", "responses": ["a", "b"], "meta": {"x": float("nan")}}, "'meta'"),
         ({"prompt": "q", "responses": ["a", "b"], "gold": 1.0}, "'gold'"),
     ]
     for bad, field in cases:

@@ -7,6 +7,7 @@ tasks and labels only; everything else is for admins.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.background import BackgroundTask
 
 from rlhfkit.feedback.session import (
@@ -35,8 +36,41 @@ ExportFormat = Literal["trl-preference", "trl-unpaired", "sft", "raw"]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
+def json_problem(value: Any) -> str | None:
+    """What keeps `value` from being JSON text, if anything: NaN or infinity, or a lone surrogate.
+
+    Python's json reads both (`NaN`, `"\\ud800"`), but no JSON reader after us would, and the
+    database cannot store a lone surrogate."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"holds {value}, which is not a JSON number"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"holds {value[exc.start]!r} at character {exc.start}, a lone surrogate (not Unicode text)"
+        return None
+    if isinstance(value, BaseModel):
+        return None  # a nested request model checked its own fields
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        if isinstance(key, str) and (problem := json_problem(key)) is not None:
+            return problem
+        if (problem := json_problem(inner)) is not None:
+            return problem
+    return None
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Typed numbers refuse NaN and infinity with pydantic's own message; the check below covers
+    # what typing does not (free-form meta, answers, golden keys) and text.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _json_text_only(cls, value: Any) -> Any:
+        if (problem := json_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
 
 
 class LoginRequest(_Model):

@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -105,6 +107,17 @@ async def _too_large(max_bytes: int, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _json_safe(value: Any) -> Any:
+    """`value` with every part that JSON cannot hold (see `api.json_problem`) as its repr."""
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float | str) and api.json_problem(value) is not None:
+        return repr(value)
+    return value
+
+
 def create_app(
     store: FeedbackStore,
     *,
@@ -126,6 +139,13 @@ def create_app(
     app.include_router(api.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # pydantic's errors echo the input, which may be what was wrong with it (NaN, a lone
+        # surrogate) and cannot be written as JSON: such an input is sent back as its repr.
+        errors = jsonable_encoder(exc.errors())
+        return JSONResponse({"detail": _json_safe(errors)}, status_code=422)
 
     @app.exception_handler(AnswerError)
     async def _answer_error(request: Request, exc: AnswerError) -> JSONResponse:

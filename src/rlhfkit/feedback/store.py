@@ -473,7 +473,7 @@ def validate_item(index: int, raw: Any, default_overlap: int, task_type: str) ->
     if not isinstance(meta, Mapping):
         raise bad("meta", f"must be a mapping, got {type(meta).__name__}")
     try:
-        meta = json.loads(json.dumps(dict(meta)))
+        meta = json.loads(json.dumps(dict(meta), allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise bad("meta", f"must be JSON-serialisable: {exc}") from exc
     return {
