@@ -391,6 +391,16 @@ def test_dashboard_excludes_an_annotator_with_a_csrf_protected_form(service):
     assert back.status_code == 200 and store.excluded_annotators() == []  # followed to the dashboard
     unknown = root.post("/admin/annotators/nobody/exclude", data={"csrf_token": csrf})
     assert unknown.status_code == 404
+    # Annotators not made by sign-up (imported workers, simulated pools) may have a "/" in the name.
+    worker = store.add_annotator("team/7", "simulated")
+    store.submit_comparison(store.next_task(project, worker).token, worker, "left")
+    assert 'action="/admin/annotators/team/7/exclude"' in root.get("/admin").text
+    assert root.post("/admin/annotators/team/7/exclude", data={"csrf_token": csrf}).status_code == 200
+    assert store.excluded_annotators() == ["team/7"]
+    again = root.post(
+        "/api/annotators/team%2F7/exclude", json={"excluded": False}, headers={"X-CSRF-Token": csrf}
+    )
+    assert again.status_code == 204 and store.excluded_annotators() == []
 
 
 def test_invite_link_signs_up_an_annotator(service):

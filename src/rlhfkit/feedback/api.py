@@ -423,7 +423,7 @@ def create_invite(body: InviteIn, request: Request, caller: AdminDep, store: Sto
     return InviteOut(url=str(request.url_for("signup_page")) + f"?invite={token}")
 
 
-@router.post("/annotators/{name}/exclude", status_code=204, dependencies=[Depends(check_csrf)])
+@router.post("/annotators/{name:path}/exclude", status_code=204, dependencies=[Depends(check_csrf)])
 def exclude(name: str, body: ExcludeIn, caller: AdminDep, store: StoreDep) -> Response:
     """Leave an annotator's labels out of exports, or take them back in (admin)."""
     try:

@@ -285,7 +285,7 @@ def invite_form(
     return _page(request, "invite.html", caller, url=url, role=role)
 
 
-@router.post("/admin/annotators/{name}/exclude", dependencies=[Depends(check_csrf)])
+@router.post("/admin/annotators/{name:path}/exclude", dependencies=[Depends(check_csrf)])
 def exclude_form(
     request: Request,
     name: str,
