@@ -104,9 +104,15 @@ def test_config_show_ppo_is_commented_yaml_of_the_defaults():
 
 
 def test_feedback_export_unknown_project_and_format(tmp_path):
+    from rlhfkit.feedback.store import FeedbackStore
+
     db = f"sqlite:///{tmp_path / 'f.db'}"
+    store = FeedbackStore(db)
+    store.create_project("films")
+    store.close()
     result = _run("feedback", "export", "--db", db, "--project", "nope", "--out", str(tmp_path / "x.jsonl"))
-    assert result.exit_code != 0 and "nope" in _flat(result.output)
+    assert result.exit_code == 2
+    assert "no feedback project named 'nope' (the projects here: 'films')" in _flat(result.output)
     result = _run(
         "feedback",
         "export",
@@ -120,3 +126,77 @@ def test_feedback_export_unknown_project_and_format(tmp_path):
         "csv",
     )
     assert result.exit_code != 0 and "--format 'csv'" in _flat(result.output)
+
+
+def test_a_refused_command_leaves_the_run_as_it_was(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "rm").mkdir(parents=True)
+    finished = '{"n_train_pairs": 3, "fingerprint": "abc"}'
+    (run_dir / "rm" / "summary.json").write_text(finished)
+    (run_dir / "config.yaml").write_text("seed: 7\n")
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a"}\n')
+    result = _run("rm", "--set", f"data.preferences={bad}", "--out", str(run_dir))
+    assert result.exit_code == 2 and "field 'rejected'" in _flat(result.output)
+    # The finished stage stays finished, and config.yaml still holds the command that made it.
+    assert (run_dir / "rm" / "summary.json").read_text() == finished
+    assert (run_dir / "config.yaml").read_text() == "seed: 7\n"
+    refused = _run("eval", "--out", str(run_dir), "--judge", "rm", "--reference", "ppo", "--policies", "sft")
+    assert refused.exit_code == 2 and "error:" in _flat(refused.output)
+    assert (run_dir / "config.yaml").read_text() == "seed: 7\n"
+
+
+def test_out_that_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a run")
+    result = _run("sft", "--out", str(afile))
+    assert result.exit_code == 2
+    assert f"--out {afile}: that is a file, not a run directory" in _flat(result.output)
+    assert afile.read_text() == "not a run"
+
+
+def test_config_files_that_are_not_a_config(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"\xff\xfeppo: {}\n")
+    result = _run("config", "show", "-c", str(latin))
+    assert result.exit_code == 2 and f"{latin}: not UTF-8 text (byte 0" in _flat(result.output)
+    result = _run("config", "show", "-c", str(tmp_path))
+    assert result.exit_code == 2 and f"{tmp_path}: a directory, not a config file" in _flat(result.output)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("ppo: 5\n")
+    result = _run("config", "show", "-c", str(scalar), "--set", "ppo.kl_coef=1")
+    assert result.exit_code == 2
+    assert "--set ppo.kl_coef: ppo is a section, but the config file gives it the value 5" in _flat(
+        result.output
+    )
+
+
+def test_an_empty_section_is_empty_and_set_values_are_named(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("ppo:\n")
+    result = _run("config", "show", "ppo", "-c", str(empty), "--set", "ppo.kl_coef=0.3")
+    assert result.exit_code == 0 and "kl_coef: 0.3" in result.output
+    result = _run("config", "show", "--set", "ppo.kl_coef=abc")
+    assert result.exit_code == 2
+    assert "ppo.kl_coef: Input should be a valid number" in _flat(result.output)
+    assert "(from --set ppo.kl_coef=abc)" in _flat(result.output)
+
+
+def test_feedback_commands_that_read_create_no_database_and_refuse_a_folder_as_out(tmp_path):
+    missing = tmp_path / "nothere.db"
+    for command in (
+        ["export", "--project", "p", "--out", str(tmp_path / "x.jsonl")],
+        ["aggregate", "--project", "p", "--out", str(tmp_path / "x.jsonl")],
+        ["quality", "--project", "p"],
+    ):
+        for db in (str(missing), str(tmp_path)):
+            result = _run("feedback", command[0], "--db", db, *command[1:])
+            assert result.exit_code == 2, result.output
+            assert f"--db '{db}': cannot open the feedback database: no SQLite database file" in _flat(
+                result.output
+            )
+    assert not missing.exists()
+    for command in ("export", "aggregate"):
+        result = _run("feedback", command, "--db", str(missing), "--project", "p", "--out", str(tmp_path))
+        assert result.exit_code == 2
+        assert f"--out {tmp_path}: a directory; give the path of the file to write" in _flat(result.output)

@@ -246,6 +246,7 @@ def overopt(
         result["wall_seconds"] = watch.seconds()
         timing = {"overopt": {"wall_seconds": result["wall_seconds"]}}
         report = run.update_report({"overopt": result, "stages": timing})
+        run.record_config()
         write_html_report(run.dir, report)
     except (DataError, StageError, ValueError) as exc:
         _fail(str(exc))
@@ -333,16 +334,23 @@ def feedback_simulate(
     _run_stages(("feedback",), out, config, set_, preset, True, reuse=False)
 
 
-def _open_store(db: str, durable: bool = True):
-    """A FeedbackStore on `db`, or a CLI error naming the problem."""
+def _open_store(db: str, durable: bool = True, existing: bool = False):
+    """A FeedbackStore on `db`, or a CLI error naming the problem. `existing`: a command that only
+    reads refuses a SQLite file that is not there, instead of creating an empty database."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from rlhfkit.feedback.store import FeedbackStore
 
     try:
-        return FeedbackStore(db, durable=durable)
-    except (SQLAlchemyError, ValueError) as exc:
+        return FeedbackStore(db, durable=durable, create=not existing)
+    except (SQLAlchemyError, ValueError, OSError) as exc:
         _fail(f"--db {db!r}: cannot open the feedback database: {str(exc).splitlines()[0]}")
+
+
+def _out_file(out: Path) -> None:
+    """Refuse an --out that cannot be written as a file, before any work."""
+    if out.is_dir():
+        _fail(f"--out {out}: a directory; give the path of the file to write")
 
 
 DbOpt = Annotated[str, typer.Option(help="database URL (postgresql://...) or SQLite file")]
@@ -362,7 +370,8 @@ def feedback_export(
 
     if format_ not in EXPORT_FORMATS:
         _fail(f"--format {format_!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-    store = _open_store(db)
+    _out_file(out)
+    store = _open_store(db, existing=True)
     try:
         n = store.export(store.project_id(project), out, format_)
     except KeyError as exc:
@@ -496,11 +505,11 @@ def feedback_aggregate(
     """Aggregate a project's labels into TRL pairs with a margin (2 * confidence - 1)."""
     from rlhfkit.crowd.aggregate import METHODS, aggregated_pairs
     from rlhfkit.data.io import write_jsonl
-    from rlhfkit.feedback.store import FeedbackStore
 
     if method not in METHODS:
         _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    store = FeedbackStore(db)
+    _out_file(out)
+    store = _open_store(db, existing=True)
     try:
         pid = store.project_id(project)
         items = {item.item_id: item for item in store.items(pid)}
@@ -537,13 +546,12 @@ def feedback_quality(
 
     from rlhfkit.crowd.aggregate import METHODS, aggregate
     from rlhfkit.crowd.quality import agreement_by_level, annotator_quality, mace_spam_probability
-    from rlhfkit.feedback.store import FeedbackStore
 
     if not 0.0 <= threshold <= 1.0:
         _fail(f"--threshold {threshold}: must be in [0, 1]")
     if method not in METHODS:
         _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    store = FeedbackStore(db)
+    store = _open_store(db, existing=True)
     try:
         pid = store.project_id(project)
         task_type = store.project(pid).task_type

@@ -573,6 +573,13 @@ class RunConfig(Section):
     loop: LoopConfig = LoopConfig()
 
 
+# The top-level keys that are sections (all but `seed`).
+_SECTION_NAMES = frozenset(
+    name
+    for name, field in RunConfig.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+)
+
 # Sized so `rlhfkit demo --preset fast` finishes in about three minutes on 2 CPU cores.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -639,15 +646,24 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             raise ConfigError(f"unknown config key {'.'.join(path)!r}: {part!r} is not a section")
         model = annotation
-        node = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}
+        elif not isinstance(node[part], dict):
+            raise ConfigError(
+                f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is a section, but the config file "
+                f"gives it the value {node[part]!r}"
+            )
+        node = node[part]
 
 
-def _format_validation(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+def _format_validation(exc: ValidationError, source: str, set_by: dict[str, str]) -> str:
+    """The errors, one per line; a value that came from `--set` says so (`set_by`: key -> text)."""
+    lines = [f"invalid config ({source}{' and --set' if set_by else ''}):"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"  {loc}: {msg}")
+        origin = next((text for key, text in set_by.items() if loc == key or loc.startswith(key + ".")), None)
+        lines.append(f"  {loc}: {msg}" + (f" (from --set {origin})" if origin else ""))
     return "\n".join(lines)
 
 
@@ -661,23 +677,31 @@ def load_config(
     source = f"preset {preset}"
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: a directory, not a config file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        # A section written with nothing under it (`ppo:`) is an empty section, not null.
+        loaded = {k: {} if v is None and k in _SECTION_NAMES else v for k, v in loaded.items()}
         tree = _merge(tree, loaded)
         source = str(path)
+    set_by: dict[str, str] = {}
     for text in overrides or []:
         keys, value = parse_override(text)
         _apply_override(tree, keys, value)
+        set_by[".".join(keys)] = text
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, source)) from None
+        raise ConfigError(_format_validation(exc, source, set_by)) from None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -87,8 +87,17 @@ class Run:
         self.resume = resume
         self.restart_changed = restart_changed
         self._task: Task | None = None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        if self.dir.exists() and not self.dir.is_dir():
+            raise StageError(f"--out {self.dir}: that is a file, not a run directory")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StageError(f"--out {self.dir}: cannot create the run directory ({exc.strerror})") from None
+
+    def record_config(self) -> None:
+        """Write config.yaml: the config of the last command whose stage ran (or was reused). Not
+        before: a command refused for bad input leaves the run's config.yaml as it was."""
+        (self.dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
 
     @property
     def task(self) -> Task:
@@ -671,6 +680,7 @@ def _report_patch(run: Run, stage: str, summary: dict) -> dict:
 def run_stage(run: Run, stage: str, reuse: bool = False) -> dict:
     """Run one stage (or reuse its finished result), record it in report.json and report.html."""
     from rlhfkit.eval.report import write_html_report
+    from rlhfkit.train.checkpoint import TrainingInterrupted
 
     out = run.stage_dir(stage)
     if reuse and run.finished(stage):
@@ -678,8 +688,21 @@ def run_stage(run: Run, stage: str, reuse: bool = False) -> dict:
         console.print(f"[dim]{stage}: reusing the finished stage in {out}[/dim]")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").unlink(missing_ok=True)
-        summary = STAGE_FUNCTIONS[stage](run)
+        # The stage is not finished while it runs again. Input errors (a bad data file, a missing
+        # upstream model, a bad pool) come before a stage replaces its outputs (models and data
+        # files are written at its end), so then the previous result is whole and stays finished.
+        marker = out / "summary.json"
+        previous = marker.read_bytes() if marker.is_file() else None
+        marker.unlink(missing_ok=True)
+        try:
+            summary = STAGE_FUNCTIONS[stage](run)
+        except (StageError, ValueError):  # DataError is a ValueError
+            if previous is not None:
+                marker.write_bytes(previous)
+            raise
+        except TrainingInterrupted:
+            run.record_config()  # its checkpoint was made with this config
+            raise
         summary["fingerprint"] = run.fingerprint(stage)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         shown = {k: v for k, v in summary.items() if isinstance(v, int | float) and k != "wall_seconds"}
@@ -689,6 +712,7 @@ def run_stage(run: Run, stage: str, reuse: bool = False) -> dict:
             highlight=False,
         )
     report = run.update_report(_report_patch(run, stage, summary))
+    run.record_config()
     if stage == "eval":
         write_html_report(run.dir, report)
     return summary

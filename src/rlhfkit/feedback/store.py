@@ -641,6 +641,7 @@ class FeedbackStore:
         seed: int | None = None,
         clock: Callable[[], datetime] | None = None,
         durable: bool = True,
+        create: bool = True,
     ):
         """Open a store, creating its tables if needed.
 
@@ -651,7 +652,8 @@ class FeedbackStore:
         `durable`: labels and items are on disk when a call returns, even if the
         machine loses power next (leases never wait for the disk: losing one is
         harmless); False trades that for speed, for simulations, keeping them safe
-        against a crash of the process only.
+        against a crash of the process only. `create=False`: an SQLite file that is not
+        there is a FileNotFoundError, not a new empty database (for commands that only read).
         """
         sa_url = _database_url(url)
         backend = sa_url.get_backend_name()
@@ -668,6 +670,8 @@ class FeedbackStore:
                 # One shared connection, or every checkout would see its own empty database.
                 kwargs["poolclass"] = StaticPool
             elif not database.startswith("file:"):
+                if not create and not Path(database).is_file():
+                    raise FileNotFoundError(f"no SQLite database file at {database}")
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         engine = create_engine(sa_url, **kwargs)
@@ -795,8 +799,13 @@ class FeedbackStore:
         """The id of the project called `name`; KeyError if there is none."""
         with self._transaction() as conn:
             found = conn.scalar(select(Project.id).where(Project.name == name))
+            if found is None:
+                names = conn.scalars(select(Project.name).order_by(Project.id)).all()
         if found is None:
-            raise KeyError(f"no feedback project named {name!r}; create it with create_project")
+            have = (
+                f"the projects here: {', '.join(map(repr, names))}" if names else "there are no projects here"
+            )
+            raise KeyError(f"no feedback project named {name!r} ({have})")
         return found
 
     def project(self, project_id: int) -> ProjectRecord:
