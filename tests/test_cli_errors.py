@@ -200,3 +200,27 @@ def test_feedback_commands_that_read_create_no_database_and_refuse_a_folder_as_o
         result = _run("feedback", command, "--db", str(missing), "--project", "p", "--out", str(tmp_path))
         assert result.exit_code == 2
         assert f"--out {tmp_path}: a directory; give the path of the file to write" in _flat(result.output)
+
+
+def test_a_refused_import_creates_no_project(tmp_path):
+    from rlhfkit.feedback.store import FeedbackStore
+
+    db = str(tmp_path / "f.db")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"prompt": "q", "completions": ["a", "b", "c"]}\n{"prompt": "", "completions": ["a", "b"]}\n'
+    )
+    result = _run("feedback", "import", "--db", db, "--project", "p3", "--file", str(bad))
+    assert result.exit_code == 2 and "bad.jsonl:1: field 'completions': needs exactly 2" in _flat(
+        result.output
+    )
+    store = FeedbackStore(db)
+    assert store.projects() == []
+    store.close()
+    # So a retry with the right task type makes the project of that type.
+    good = tmp_path / "rank.jsonl"
+    good.write_text('{"prompt": "q", "completions": ["a", "b", "c"]}\n')
+    result = _run(
+        "feedback", "import", "--db", db, "--project", "p3", "--file", str(good), "--task-type", "ranking"
+    )
+    assert result.exit_code == 0 and "imported 1 items into project 'p3' (ranking)" in _flat(result.output)

@@ -469,11 +469,10 @@ def feedback_import(
     store = _open_store(db)
     try:
         try:
-            pid = store.project_id(project)
+            pid: int | None = store.project_id(project)
+            kind = store.project(pid).task_type
         except KeyError:
-            text = guidelines.read_text(encoding="utf-8") if guidelines else ""
-            pid = store.create_project(project, task_type, text, overlap)
-        kind = store.project(pid).task_type
+            pid, kind = None, task_type  # created once its items are read and valid
         if file is not None:
             items = read_import_file(file, kind, overlap)
         else:
@@ -486,6 +485,9 @@ def feedback_import(
                 items.extend(line_to_items(row, kind))
             for index, item in enumerate(items):
                 validate_item(index, item, overlap, kind)
+        if pid is None:
+            text = guidelines.read_text(encoding="utf-8") if guidelines else ""
+            pid = store.create_project(project, task_type, text, overlap)
         ids = store.add_items(pid, items)
     except (DataError, ItemError, ValueError) as exc:
         _fail(str(exc))
