@@ -1,5 +1,6 @@
 """Bad input at the command line fails with a message that names what is wrong, exit code != 0."""
 
+import pytest
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
@@ -224,3 +225,19 @@ def test_a_refused_import_creates_no_project(tmp_path):
         "feedback", "import", "--db", db, "--project", "p3", "--file", str(good), "--task-type", "ranking"
     )
     assert result.exit_code == 0 and "imported 1 items into project 'p3' (ranking)" in _flat(result.output)
+
+
+def test_a_model_folder_that_is_missing_or_empty_is_named(tmp_path):
+    from rlhfkit.models.loading import model_source
+
+    missing = tmp_path / "does" / "not" / "exist"
+    result = _run("sft", "--out", str(tmp_path / "run"), "--set", f"model.name_or_path={missing}")
+    assert result.exit_code == 2 and f"model {missing}: no such folder" in _flat(result.output)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _run("sft", "--out", str(tmp_path / "run"), "--set", f"model.name_or_path={empty}")
+    assert result.exit_code == 2 and f"model {empty}: no tokenizer in that folder" in _flat(result.output)
+    # Hub ids pass through to transformers as they are.
+    assert model_source("Qwen/Qwen2-0.5B") == "Qwen/Qwen2-0.5B" and model_source("gpt2") == "gpt2"
+    with pytest.raises(ValueError, match="no saved model in that folder"):
+        model_source(empty)

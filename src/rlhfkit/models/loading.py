@@ -73,9 +73,31 @@ def tiny_causal_lm(
     return AutoModelForCausalLM.from_config(config)
 
 
+# What AutoTokenizer reads from a folder: a fast tokenizer, or the config naming a slow one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def model_source(path: str | Path, model: bool = True) -> str:
+    """`path` as from_pretrained takes it, once it is known not to be a missing local folder.
+
+    A hub id is "name" or "org/name"; anything else (absolute, ./ or ~/, or deeper) is a folder
+    here, and a missing one is a ValueError naming it, instead of transformers' complaint that it
+    is no valid repo id. With `model`, a folder without a model's config.json is refused too."""
+    text = str(path)
+    folder = Path(text).expanduser()
+    local = folder.exists() or text.startswith((".", "~", "/")) or text.count("/") > 1
+    if local and not folder.is_dir():
+        raise ValueError(f"model {text}: no such folder")
+    if local and model and not (folder / "config.json").is_file():
+        raise ValueError(f"model {text}: no saved model in that folder (no config.json)")
+    if local and not model and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"model {text}: no tokenizer in that folder (none of {', '.join(TOKENIZER_FILES)})")
+    return text
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """A tokenizer from a hub id or local folder, with a pad token guaranteed."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(model_source(path, model=False))
     ensure_pad_token(tokenizer)
     return tokenizer
 
@@ -112,7 +134,7 @@ def load_causal_lm(path: str | Path, quantization: BitsAndBytesConfig | None = N
     With `quantization` (QLoRA) its linear layers load quantized by bitsandbytes; the rest stays float32.
     """
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float32, **_quantized_loading(quantization)
+        model_source(path), dtype=torch.float32, **_quantized_loading(quantization)
     )
     return _one_4bit_function(model) if quantization is not None else model
 
@@ -198,7 +220,7 @@ def load_reward_model(
     transformer loads quantized; transformers leaves the head (`score`) in float.
     """
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=torch.float32, **_quantized_loading(quantization)
+        model_source(path), num_labels=1, dtype=torch.float32, **_quantized_loading(quantization)
     )
     # The classifier reads the last non-pad token, so it must know which id is padding.
     model.config.pad_token_id = pad_token_id
