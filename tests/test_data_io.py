@@ -105,6 +105,33 @@ def test_json_list_error_names_item(tmp_path: Path) -> None:
     assert (err.line, err.field, err.unit) == (2, "chosen", "item")
 
 
+def test_parquet_file(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pairs.parquet"
+    chat = [{"role": "user", "content": "Top 5 fruits?"}]
+    rows = [{**PAIR, "margin": 0.5}, {**PAIR, "prompt": None, "chosen": "Pear", "margin": None}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    err = read_error(path)  # row 2 has a null prompt: a missing field, named by row
+    assert str(err) == f"{path}: item 2: field 'prompt': missing required field"
+    pq.write_table(
+        pa.Table.from_pylist([{**PAIR, "margin": 0.5}, {**PAIR, "chosen": "Pear", "margin": None}]), path
+    )
+    records = read_records(path, "preference")
+    assert [(r.chosen, r.margin) for r in records] == [("Apple", 0.5), ("Pear", None)]
+    demos = tmp_path / "demos.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": chat, "completion": "1. Fig"}]), demos)
+    (demo,) = read_records(demos, "demonstration")
+    assert demo.prompt[0].content == "Top 5 fruits?"
+    broken = tmp_path / "broken.parquet"
+    broken.write_text("not parquet", encoding="utf-8")
+    assert str(read_error(broken)).startswith(f"{broken}: not a readable Parquet file")
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("prompt", pa.string())])), empty)
+    assert str(read_error(empty)) == f"{empty}: file is empty"
+
+
 # --- errors name file, line and field -----------------------------------------------
 
 

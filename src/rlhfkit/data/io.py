@@ -1,4 +1,4 @@
-"""Read and write record files (JSON Lines and JSON lists) with precise errors.
+"""Read and write record files (JSON Lines, JSON lists; Parquet read) with precise errors.
 
 Every problem in an input file is reported as a :class:`DataError` that names the file,
 the line (or list item) and the field, e.g.::
@@ -26,6 +26,7 @@ __all__ = ["DataError", "iter_jsonl", "read_jsonl", "read_records", "write_jsonl
 
 JSONL_SUFFIXES = (".jsonl",)
 JSON_SUFFIXES = (".json",)
+PARQUET_SUFFIXES = (".parquet",)
 
 # Collecting every problem in a file helps fixing it in one go, but a file that is wrong
 # throughout (say, the wrong kind) should not build a million error objects.
@@ -179,12 +180,31 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [value for _, value in iter_jsonl(path)]
 
 
+def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
+    """The rows of a Parquet file as (row number from 1, dict) pairs; a column per field."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises its own error types (ArrowInvalid, OSError, ...)
+        raise DataError(path, f"not a readable Parquet file: {str(exc).splitlines()[0]}") from None
+    if table.num_rows == 0:
+        raise DataError(path, "file is empty")
+    # A null cell is a missing field, as an absent key is in a JSON line (Parquet has no absent).
+    rows = ({k: v for k, v in row.items() if v is not None} for row in table.to_pylist())
+    return list(enumerate(rows, start=1))
+
+
 def _load_items(path: Path) -> tuple[list[tuple[int, Any]], Literal["line", "item"]]:
-    """Parse a .jsonl or .json file into (location, value) pairs, checking its shape."""
+    """Parse a .jsonl, .json or .parquet file into (location, value) pairs, checking its shape."""
     suffix = path.suffix.lower()
-    if suffix not in JSONL_SUFFIXES + JSON_SUFFIXES:
-        expected = ", ".join(JSONL_SUFFIXES + JSON_SUFFIXES)
+    if suffix not in JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES:
+        expected = ", ".join(JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)
         raise DataError(path, f"unsupported file extension '{path.suffix}' (expected one of {expected})")
+    if suffix in PARQUET_SUFFIXES:
+        return _parquet_rows(path), "item"
     text = _read_text(path)
     if not text.strip():
         raise DataError(path, "file is empty")
@@ -200,7 +220,8 @@ def _load_items(path: Path) -> tuple[list[tuple[int, Any]], Literal["line", "ite
 
 
 def read_records(path: str | os.PathLike[str], kind: str) -> list[BaseModel]:
-    """Read and validate every record of ``kind`` (a key of ``KINDS``) from a .jsonl or .json file.
+    """Read and validate every record of ``kind`` (a key of ``KINDS``) from a .jsonl, .json or
+    .parquet file (one column per field; a row's number is its item number in errors).
 
     Raises DataError naming file, line (or item) and field for the first problem found;
     its ``errors`` attribute lists all problems (up to a cap). Nothing is returned
