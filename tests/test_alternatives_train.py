@@ -154,6 +154,17 @@ def test_bad_reward_specs_name_the_problem(spec, message):
         build_reward_functions([RewardSpec(fn=spec)])
 
 
+def test_reward_kwargs_the_function_does_not_take_are_refused_when_built(rm_dir):
+    with pytest.raises(
+        ValueError, match=r"'length_penalty': kwargs \{'bogus': 1\}: .*unexpected keyword .*max_words"
+    ):
+        build_reward_functions([RewardSpec(fn="length_penalty", kwargs={"bogus": 1})])
+    with pytest.raises(ValueError, match=r"'reward_model': kwargs \{'bogus': 1\}: .*max_length"):
+        build_reward_functions([RewardSpec(fn="reward_model", kwargs={"bogus": 1})], rm_dir)
+    (term,) = build_reward_functions([RewardSpec(fn="length_penalty", kwargs={"max_words": 3})])
+    assert term.fn(["p"], ["one two three four five"]) != term.fn(["p"], ["one"])
+
+
 def test_reward_model_term_needs_a_reward_model():
     with pytest.raises(ValueError, match="rlhfkit rm"):
         build_reward_functions([RewardSpec(fn="reward_model")], None)

@@ -17,6 +17,7 @@ the hidden gold utility, which is kept away from training.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -132,11 +133,26 @@ def build_reward_functions(
                 raise ValueError(
                     "reward function 'reward_model' needs a trained reward model (run `rlhfkit rm`)"
                 )
+            _check_kwargs(spec, RewardModelFunction, reward_model_path, device)
             fn: RewardFunction = RewardModelFunction(reward_model_path, device, **spec.kwargs)
         else:
-            fn = partial(BUILTINS.get(spec.fn) or import_reward_function(spec.fn), **spec.kwargs)
+            function = BUILTINS.get(spec.fn) or import_reward_function(spec.fn)
+            _check_kwargs(spec, function, [], [])
+            fn = partial(function, **spec.kwargs)
         terms.append(RewardTerm(spec.fn, spec.weight, fn))
     return terms
+
+
+def _check_kwargs(spec: RewardSpec, function: Callable, *args: Any) -> None:
+    """Refuse `kwargs` that `function` does not take, when the stage starts rather than at its
+    first reward."""
+    signature = inspect.signature(function)
+    try:
+        signature.bind(*args, **spec.kwargs)
+    except TypeError as exc:
+        raise ValueError(
+            f"reward function {spec.fn!r}: kwargs {spec.kwargs}: {exc} (it takes {signature})"
+        ) from None
 
 
 def needs_reward_model(specs: Sequence[RewardSpec]) -> bool:
