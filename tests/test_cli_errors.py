@@ -241,3 +241,15 @@ def test_a_model_folder_that_is_missing_or_empty_is_named(tmp_path):
     assert model_source("Qwen/Qwen2-0.5B") == "Qwen/Qwen2-0.5B" and model_source("gpt2") == "gpt2"
     with pytest.raises(ValueError, match="no saved model in that folder"):
         model_source(empty)
+
+
+def test_a_bad_pool_is_refused_before_any_sampling(tmp_path):
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("annotators: []\n")
+    run_dir = tmp_path / "run"
+    # No SFT model in the run: the pool is refused first, not the missing model after sampling.
+    result = _run("feedback", "simulate", "--out", str(run_dir), "--set", f"feedback.pool={pool}")
+    assert result.exit_code == 2 and f"{pool}: expected a mapping with a non-empty list" in _flat(
+        result.output
+    )
+    assert not (run_dir / "feedback.db").exists()

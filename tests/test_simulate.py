@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -232,3 +233,10 @@ def test_simulated_pool_ranks_through_the_store(open_store):
     assert len(rows) > 300
     agree = sum(_score("", row["chosen"]) > _score("", row["rejected"]) for row in rows)
     assert agree / len(rows) > 0.65
+
+
+def test_pool_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "pool.yaml"
+    path.write_bytes(b"\xff\xfeannotators: []\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 0"):
+        load_pool(path)

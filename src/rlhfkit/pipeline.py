@@ -362,6 +362,8 @@ def stage_feedback(run: Run) -> dict:
     # Seeded: the left/right order shown to annotators is part of what makes a run reproducible.
     # Not fsynced per label: simulated labels survive a crash of the process, which is enough for
     # labels that can be simulated again; a human-facing server keeps the durable default.
+    # The pool is read first: a bad pool file is refused before minutes of sampling.
+    annotators = load_pool(cfg.pool) if cfg.pool is not None else default_pool()
     store = FeedbackStore(feedback_store_url(run), seed=run.config.seed, durable=False)
     try:
         project = store.create_project(feedback_project_name(run), task_type=cfg.task_type, overlap=1)
@@ -375,7 +377,6 @@ def stage_feedback(run: Run) -> dict:
             items = comparison_items(run.model_path("sft"), prompts, cfg, run.config.seed, rng, "sft")
             store.add_items(project, items)
         gold = resolve_gold(run.task)
-        annotators = load_pool(cfg.pool) if cfg.pool is not None else default_pool()
         stats = simulate_annotation(store, project, annotators, gold, seed=run.config.seed)
         labels = store.labels(project)
         by_item: dict[int, list] = {}

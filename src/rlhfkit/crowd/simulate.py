@@ -98,7 +98,10 @@ def load_pool(source: str | Path) -> list[AnnotatorProfile]:
         where = str(path)
         if not path.is_file():
             raise ValueError(f"{where}: pool file not found (shipped pools: {', '.join(SHIPPED_POOLS)})")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{where}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
