@@ -163,6 +163,12 @@ def test_parquet_file(tmp_path: Path) -> None:
             "missing required field",
         ),
         (
+            "demonstration",
+            {"prompt": None, "completion": "A"},
+            "prompt",
+            "expected a string or a list of chat messages, got null",
+        ),
+        (
             "unpaired",
             {"prompt": "Q", "completion": "A", "label": 1},
             "label",

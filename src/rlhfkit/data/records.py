@@ -209,7 +209,9 @@ class Demonstration(_Record):
         for name in ("prompt", "completion"):
             if getattr(self, name) is None:
                 if name in self.model_fields_set:
-                    raise record_error(name, "text_type", "expected a string or a list of chat messages")
+                    raise record_error(
+                        name, "null_text", "expected a string or a list of chat messages, got null"
+                    )
                 raise record_error(
                     name,
                     "missing",
