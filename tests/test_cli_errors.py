@@ -253,3 +253,15 @@ def test_a_bad_pool_is_refused_before_any_sampling(tmp_path):
         result.output
     )
     assert not (run_dir / "feedback.db").exists()
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_an_error_not_a_traceback(tmp_path, monkeypatch):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nmore")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    result = _run("sft", "--out", str(tmp_path / "run"), "--set", "model.name_or_path=someorg/somemodel")
+    assert result.exit_code == 2
+    assert "error: We couldn't connect to 'https://huggingface.co' to load the files." in _flat(result.output)

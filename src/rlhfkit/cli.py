@@ -92,6 +92,8 @@ def _run_stages(
         _interrupted(exc, "demo" if len(stage_names) > 1 else f"{stage_names[0]} --resume", out)
     except (DataError, StageError, ValueError) as exc:
         _fail(str(exc))
+    except OSError as exc:  # a hub id that cannot be fetched (no network), a file that cannot be read
+        _fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
     if report.get("eval", {}).get("policies"):
         console.print(summary_table(report))
         console.print(f"run directory: {out}  (report.json, report.html)")
