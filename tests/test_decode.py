@@ -61,6 +61,14 @@ def test_sample_categorical_temperature_and_errors():
         sample_categorical(torch.zeros(3))
 
 
+def test_cut_at_eos_keeps_every_sampled_token():
+    # A row ends at its first EOS; after it comes only padding. A pad token sampled before the
+    # EOS (pad != EOS) is part of the response: later tokens were conditioned on it.
+    assert cut_at_eos([11, 0, 12, 2, 0, 0], eos_id=2) == [11, 0, 12, 2]
+    assert cut_at_eos([11, 0, 12], eos_id=2) == [11, 0, 12]  # no EOS within max_new_tokens
+    assert cut_at_eos([2, 5], eos_id=2) == [2]
+
+
 def test_greedy_decode_equals_generate(model, tokenizer):
     prompts = _prompts(tokenizer)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -71,11 +79,11 @@ def test_greedy_decode_equals_generate(model, tokenizer):
     got = decode(
         model, ids, mask, lambda logits: logits.argmax(-1), eos_id=eos, pad_id=pad, max_new_tokens=12
     )
-    assert [cut_at_eos(r, eos, pad) for r in got.tolist()] == [cut_at_eos(r, eos, pad) for r in want.tolist()]
+    assert [cut_at_eos(r, eos) for r in got.tolist()] == [cut_at_eos(r, eos) for r in want.tolist()]
     assert len({tuple(r) for r in got.tolist()}) > 1  # the prompts really lead to different answers
     # sample_responses at temperature 0 runs the same loop, in any batch size.
     greedy = sample_responses(model, prompts, eos_id=eos, pad_id=pad, max_new_tokens=12, temperature=0.0)
-    assert greedy == [cut_at_eos(r, eos, pad) for r in want.tolist()]
+    assert greedy == [cut_at_eos(r, eos) for r in want.tolist()]
     assert (
         sample_responses(
             model, prompts, eos_id=eos, pad_id=pad, max_new_tokens=12, temperature=0.0, batch_size=3

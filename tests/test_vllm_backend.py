@@ -196,11 +196,12 @@ def test_bad_lengths_are_errors():
 
 
 def test_response_tokens_match_the_hf_structure():
-    # EOS kept and ends the response; truncated responses have no EOS; padding dropped.
-    assert response_tokens((5, 6, 7), "stop", eos_id=7, pad_id=0) == [5, 6, 7]
-    assert response_tokens((5, 6), "stop", eos_id=7, pad_id=0) == [5, 6, 7]
-    assert response_tokens((5, 6, 8), "length", eos_id=7, pad_id=0) == [5, 6, 8]
-    assert response_tokens((5, 0, 6), "length", eos_id=7, pad_id=0) == [5, 6]
+    # EOS kept and ends the response; truncated responses have no EOS; vLLM does not pad, so a
+    # pad token id in an output was sampled and stays.
+    assert response_tokens((5, 6, 7), "stop", eos_id=7) == [5, 6, 7]
+    assert response_tokens((5, 6), "stop", eos_id=7) == [5, 6, 7]
+    assert response_tokens((5, 6, 8), "length", eos_id=7) == [5, 6, 8]
+    assert response_tokens((5, 0, 6), "length", eos_id=7) == [5, 0, 6]
 
 
 def test_greedy_vllm_samples_equal_hf_generate(fake_vllm, models):

@@ -44,16 +44,12 @@ def generation_config(
     )
 
 
-def cut_at_eos(tokens: Sequence[int], eos_id: int, pad_id: int) -> list[int]:
-    """Tokens up to and including the first EOS, with padding removed."""
-    out = []
-    for t in tokens:
-        if t == eos_id:
-            out.append(t)
-            break
-        if t != pad_id or pad_id == eos_id:
-            out.append(t)
-    return out
+def cut_at_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
+    """Tokens up to and including the first EOS: what was sampled. A row is padded only after
+    its EOS; a pad token before it (pad != EOS) was sampled by the policy and stays, since the
+    tokens after it were conditioned on it."""
+    tokens = list(tokens)
+    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
 def token_picker(
@@ -111,7 +107,7 @@ def sample_responses(
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
         )
-        responses.extend(cut_at_eos(row, eos_id, pad_id) for row in new.tolist())
+        responses.extend(cut_at_eos(row, eos_id) for row in new.tolist())
         if on_batch:
             on_batch(len(chunk))
     model.train(was_training)

@@ -90,15 +90,13 @@ def sampling_kwargs(eos_id: int, max_new_tokens: int, temperature: float, min_ne
     }
 
 
-def response_tokens(
-    token_ids: Sequence[int], finish_reason: str | None, eos_id: int, pad_id: int
-) -> list[int]:
-    """A vLLM completion as `sample_responses` returns one: up to and including EOS, no padding."""
+def response_tokens(token_ids: Sequence[int], finish_reason: str | None, eos_id: int) -> list[int]:
+    """A vLLM completion as `sample_responses` returns one: up to and including EOS."""
     tokens = list(token_ids)
     # Stopped by EOS: make sure the EOS itself is kept, as HF generate keeps it.
     if finish_reason == "stop" and (not tokens or tokens[-1] != eos_id):
         tokens.append(eos_id)
-    return cut_at_eos(tokens, eos_id, pad_id)
+    return cut_at_eos(tokens, eos_id)
 
 
 def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -182,7 +180,7 @@ class VLLMSampler:
                     "for several processes (accelerate launch) yet: use rollout.backend=hf there"
                 )
         self.vllm, self.model = vllm, model
-        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.eos_id = tokenizer.eos_token_id
         # The engine needs only the architecture: its weights come from the policy on first use.
         self._config_dir = tempfile.TemporaryDirectory(prefix="rlhfkit-vllm-")
         engine_config(model).save_pretrained(self._config_dir.name)
@@ -234,6 +232,6 @@ class VLLMSampler:
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [
-            response_tokens(out.outputs[0].token_ids, out.outputs[0].finish_reason, self.eos_id, self.pad_id)
+            response_tokens(out.outputs[0].token_ids, out.outputs[0].finish_reason, self.eos_id)
             for out in outputs
         ]
