@@ -217,6 +217,10 @@ def test_bad_switches_are_config_errors():
         load_config(overrides=["ppo.dual_clip=0.5"])
     with pytest.raises(ConfigError, match="ppo.kl_mode"):
         load_config(overrides=["ppo.kl_mode=sometimes"])
+    # As a loss, k1's expected gradient is zero (E_pi[grad log pi] = 0): refused, naming the fix.
+    with pytest.raises(ConfigError, match="kl_mode 'loss' needs kl_estimator k2 .* or k3"):
+        load_config(overrides=["ppo.kl_mode=loss"])
+    assert load_config(overrides=["ppo.kl_mode=loss", "ppo.kl_estimator=k2"]).ppo.kl_estimator == "k2"
 
 
 def _run_dir(tmp_path: Path, name: str, models: tuple[Path, Path]) -> Path:

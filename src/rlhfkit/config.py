@@ -360,6 +360,12 @@ class PPOConfig(Section):
             raise ValueError(
                 f"rollout_batch {self.rollout_batch} is not divisible by minibatch {self.minibatch}"
             )
+        if self.kl_mode == "loss" and self.kl_estimator == "k1":
+            # E_pi[grad log(pi / pi_ref)] = E_pi[grad log pi] = 0: as a loss, k1 pulls nowhere.
+            raise ValueError(
+                "kl_mode 'loss' needs kl_estimator k2 (the gradient of KL(pi || ref)) or k3: "
+                "the k1 term's expected gradient is zero, so it would not keep the policy near the reference"
+            )
         return self
 
 
