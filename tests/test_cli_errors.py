@@ -265,3 +265,10 @@ def test_a_hub_model_that_cannot_be_fetched_is_an_error_not_a_traceback(tmp_path
     result = _run("sft", "--out", str(tmp_path / "run"), "--set", "model.name_or_path=someorg/somemodel")
     assert result.exit_code == 2
     assert "error: We couldn't connect to 'https://huggingface.co' to load the files." in _flat(result.output)
+
+
+def test_resume_is_refused_by_stages_without_checkpoints(tmp_path):
+    for stage in ("bon", "expert_iter"):
+        result = _run(stage, "--resume", "--out", str(tmp_path / "run"))
+        assert result.exit_code == 2
+        assert f"--resume: {stage} writes no checkpoints" in _flat(result.output)

@@ -99,7 +99,9 @@ def _run_stages(
         console.print(f"run directory: {out}  (report.json, report.html)")
 
 
-def _stage_command(stage: str, doc: str) -> None:
+def _stage_command(stage: str, doc: str, checkpoints: bool = True) -> None:
+    """A command that runs one stage; `--resume` is refused where the stage writes no checkpoints."""
+
     def command(
         config: ConfigOpt = None,
         set_: SetOpt = None,
@@ -108,9 +110,11 @@ def _stage_command(stage: str, doc: str) -> None:
         no_progress: NoProgressOpt = False,
         resume: ResumeOpt = False,
     ) -> None:
+        if resume and not checkpoints:
+            _fail(f"--resume: {stage} writes no checkpoints, so there is nothing to continue; run it again")
         _run_stages((stage,), out, config, set_, preset, no_progress, reuse=False, resume=resume)
 
-    command.__doc__ = doc
+    command.__doc__ = doc + ("" if checkpoints else " It writes no checkpoints (no --resume).")
     app.command(stage)(command)
 
 
@@ -122,8 +126,16 @@ _stage_command("dpo", "Direct preference optimisation (DPO, IPO, conservative DP
 _stage_command("kto", "KTO on thumbs-up/down data (data.unpaired, or derived from the preference pairs).")
 _stage_command("grpo", "GRPO / Dr. GRPO: G samples per prompt, group-relative advantages, no critic.")
 _stage_command("rloo", "RLOO (leave-one-out baseline) or REINFORCE++ (rloo.advantage=reinforce_pp).")
-_stage_command("bon", "Best-of-n from the SFT policy on held-out prompts, judged with its analytic KL.")
-_stage_command("expert_iter", "Expert iteration: fine-tune on the best of n samples, for a few rounds.")
+_stage_command(
+    "bon",
+    "Best-of-n from the SFT policy on held-out prompts, judged with its analytic KL.",
+    checkpoints=False,
+)
+_stage_command(
+    "expert_iter",
+    "Expert iteration: fine-tune on the best of n samples, for a few rounds.",
+    checkpoints=False,
+)
 
 
 @app.command()
