@@ -272,3 +272,22 @@ def test_resume_is_refused_by_stages_without_checkpoints(tmp_path):
         result = _run(stage, "--resume", "--out", str(tmp_path / "run"))
         assert result.exit_code == 2
         assert f"--resume: {stage} writes no checkpoints" in _flat(result.output)
+
+
+def test_feedback_simulate_shows_its_progress(tmp_path):
+    from rlhfkit.models.loading import save_model, tiny_causal_lm
+    from rlhfkit.models.tokenizer import train_tokenizer
+    from rlhfkit.tasks.top5 import format_list
+
+    texts = [f"Top 5 films?\n{format_list(['Alien', 'Heat', 'Up', 'Jaws', 'Big'])}"] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    run_dir = tmp_path / "run"
+    model = tiny_causal_lm(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    save_model(model, tokenizer, run_dir / "sft" / "model")
+    args = ["feedback", "simulate", "--out", str(run_dir), "--set", "feedback.n_prompts=6"]
+    result = _run(*args, "--set", "feedback.max_new_tokens=4")
+    assert result.exit_code == 0, result.output
+    assert "feedback samples" in result.output and "12/12" in result.output
+    assert "feedback labels" in result.output and "18/18" in result.output
+    quiet = _run(*args, "--set", "feedback.max_new_tokens=5", "--no-progress")
+    assert quiet.exit_code == 0 and "feedback samples" not in quiet.output

@@ -343,9 +343,10 @@ def feedback_simulate(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/demo"),
     preset: PresetOpt = "default",
+    no_progress: NoProgressOpt = False,
 ) -> None:
     """Sample SFT completions into the store; simulated annotators label them; export pairs."""
-    _run_stages(("feedback",), out, config, set_, preset, True, reuse=False)
+    _run_stages(("feedback",), out, config, set_, preset, no_progress, reuse=False)
 
 
 def _open_store(db: str, durable: bool = True, existing: bool = False):

@@ -22,7 +22,7 @@ from rich.console import Console
 from rlhfkit.config import FeedbackConfig, RunConfig, dump_config
 from rlhfkit.data.io import read_records, write_jsonl
 from rlhfkit.tasks import Task, load_task, resolve_gold, resolve_probes
-from rlhfkit.train.loop import Stopwatch
+from rlhfkit.train.loop import Stopwatch, progress_bar
 
 STAGES = ("pretrain", "sft", "feedback", "rm", "ppo", "eval")
 # Config sections each stage reads; a stage also depends on everything before it.
@@ -259,6 +259,7 @@ def comparison_items(
     rng: random.Random,
     policy: str,
     partner: tuple[Path, str] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Items for the store: `cfg.completions_per_prompt` (K) samples of the policy per prompt.
 
@@ -268,6 +269,7 @@ def comparison_items(
     annotators. `policy` names the sampler in the meta. With `partner` (a model path and its
     name), one of the K samples comes from the partner instead, at a position `rng` draws per
     item (annotators have position biases), and `meta.sampled_from` names each response's model.
+    `on_batch(n)` is told of every n samples drawn.
     """
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.models.tokenizer import prompt_token_ids
@@ -289,6 +291,7 @@ def comparison_items(
                 pad_id=tokenizer.pad_token_id,
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,
+                on_batch=on_batch,
             ),
             skip_special_tokens=True,
         )
@@ -374,10 +377,29 @@ def stage_feedback(run: Run) -> dict:
             prompts = [
                 pool[i % len(pool)] for i in rng.sample(range(max(cfg.n_prompts, len(pool))), cfg.n_prompts)
             ]
-            items = comparison_items(run.model_path("sft"), prompts, cfg, run.config.seed, rng, "sft")
+            total = len(prompts) * cfg.completions_per_prompt
+            with progress_bar("feedback samples", total, enabled=run.show_progress) as bar:
+                items = comparison_items(
+                    run.model_path("sft"),
+                    prompts,
+                    cfg,
+                    run.config.seed,
+                    rng,
+                    "sft",
+                    on_batch=lambda n: bar.advance(bar.task_ids[0], n),
+                )
             store.add_items(project, items)
         gold = resolve_gold(run.task)
-        stats = simulate_annotation(store, project, annotators, gold, seed=run.config.seed)
+        left = sum(item.overlap for item in store.items(project)) - len(store.labels(project))
+        with progress_bar("feedback labels", left, enabled=run.show_progress) as bar:
+            stats = simulate_annotation(
+                store,
+                project,
+                annotators,
+                gold,
+                seed=run.config.seed,
+                progress=lambda n: bar.update(bar.task_ids[0], completed=n),
+            )
         labels = store.labels(project)
         by_item: dict[int, list] = {}
         for label in labels:
