@@ -142,3 +142,41 @@ def test_pairs_to_trl_rows_drops_none() -> None:
             "margin": 2.0,
         },
     ]
+
+
+def test_convert_command_writes_trl_pairs_that_train_data_reads(tmp_path) -> None:
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+    from rlhfkit.data.io import read_records
+
+    runner = CliRunner()
+    good = {"chosen": HH_PREFIX + " An African violet.", "rejected": HH_PREFIX + " Plants are boring."}
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    result = runner.invoke(app, ["convert", "--from", "hh", "--in", str(hh), "--out", str(out)])
+    assert result.exit_code == 0 and "wrote 2 pairs" in result.output
+    (first, _) = read_records(out, "preference")  # what data.preferences reads
+    assert first.prompt == HH_PREFIX and first.chosen == "An African violet." and first.source == "hh-rlhf"
+    summarize = tmp_path / "comparisons.parquet"
+    pq.write_table(pa.Table.from_pylist([SUMMARIZE_ROW]), summarize)
+    result = runner.invoke(app, ["convert", "--from", "summarize", "--in", str(summarize), "--out", str(out)])
+    assert result.exit_code == 0 and "wrote 1 pairs" in result.output
+    # A row that cannot be converted is named, by file and line, and nothing is written.
+    hh.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": good["chosen"]}) + "\n")
+    result = runner.invoke(
+        app, ["convert", "--from", "hh", "--in", str(hh), "--out", str(tmp_path / "x.jsonl")]
+    )
+    assert (
+        result.exit_code == 2
+        and f"{hh}:2: HH row: the chosen and rejected replies are identical"
+        in " ".join(result.output.split())
+    )
+    assert not (tmp_path / "x.jsonl").exists()
+    bad = runner.invoke(app, ["convert", "--from", "anthropic", "--in", str(hh), "--out", str(out)])
+    assert bad.exit_code == 2 and "--from 'anthropic': choose one of hh, summarize" in bad.output

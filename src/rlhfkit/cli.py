@@ -173,6 +173,26 @@ def _run_config(out: Path, config: Path | None) -> Path | None:
     return config
 
 
+@app.command("convert")
+def convert_command(
+    from_: Annotated[str, typer.Option("--from", help="hh (Anthropic HH-RLHF) or summarize (OpenAI)")],
+    in_: Annotated[Path, typer.Option("--in", help="the rows: .jsonl, .json or .parquet")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="TRL preference pairs to write (.jsonl)")],
+) -> None:
+    """Convert a public preference data set to TRL pairs (for data.preferences)."""
+    from rlhfkit.data.convert import CONVERTERS, convert_file, pairs_to_trl_rows
+    from rlhfkit.data.io import write_jsonl
+
+    if from_ not in CONVERTERS:
+        _fail(f"--from {from_!r}: choose one of {', '.join(CONVERTERS)}")
+    _out_file(out)
+    try:
+        n = write_jsonl(out, pairs_to_trl_rows(convert_file(in_, from_)))
+    except DataError as exc:
+        _fail(str(exc))
+    console.print(f"wrote {n} pairs to {out}")
+
+
 @app.command("eval")
 def eval_command(
     config: ConfigOpt = None,

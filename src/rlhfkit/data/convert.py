@@ -12,14 +12,17 @@ that read files add the file and line.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from rlhfkit.data.io import DataError, read_rows
 from rlhfkit.data.records import PreferencePair, Ranking
 
 __all__ = [
+    "CONVERTERS",
     "HH_ASSISTANT",
     "HH_HUMAN",
+    "convert_file",
     "hh_to_pair",
     "pairs_to_trl_rows",
     "ranking_to_pairs",
@@ -147,3 +150,26 @@ def summarize_comparison_to_pair(row: Mapping[str, Any]) -> PreferencePair:
 def pairs_to_trl_rows(pairs: Iterable[PreferencePair]) -> list[dict[str, Any]]:
     """Dump pairs as TRL preference rows (plain JSON-able dicts, None fields dropped)."""
     return [pair.model_dump(mode="json", exclude_none=True) for pair in pairs]
+
+
+# `rlhfkit convert --from NAME`: the public formats a data file can be converted from.
+CONVERTERS: dict[str, Callable[[Mapping[str, Any]], PreferencePair]] = {
+    "hh": hh_to_pair,
+    "summarize": summarize_comparison_to_pair,
+}
+
+
+def convert_file(path: str | os.PathLike[str], source: str) -> list[PreferencePair]:
+    """Every row of a .jsonl, .json or .parquet file in the `source` format (a key of CONVERTERS)
+    as a preference pair. The first row that cannot be converted is a DataError naming the file,
+    the row and the reason; nothing is returned from a file with a bad row."""
+    if source not in CONVERTERS:
+        raise ValueError(f"unknown source format {source!r}; expected one of: {', '.join(CONVERTERS)}")
+    rows, unit = read_rows(path)
+    pairs = []
+    for number, row in rows:
+        try:
+            pairs.append(CONVERTERS[source](row))
+        except ValueError as exc:
+            raise DataError(path, str(exc), number, unit=unit) from None
+    return pairs

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from rlhfkit.data.records import KINDS, TEXT_TAGS
 
-__all__ = ["DataError", "iter_jsonl", "read_jsonl", "read_records", "write_jsonl"]
+__all__ = ["DataError", "iter_jsonl", "read_jsonl", "read_records", "read_rows", "write_jsonl"]
 
 JSONL_SUFFIXES = (".jsonl",)
 JSON_SUFFIXES = (".json",)
@@ -217,6 +217,22 @@ def _load_items(path: Path) -> tuple[list[tuple[int, Any]], Literal["line", "ite
     if not isinstance(value, list):
         raise DataError(path, f"expected a JSON list of objects, got {_json_type(value)}")
     return list(enumerate(value, start=1)), "item"
+
+
+def read_rows(
+    path: str | os.PathLike[str],
+) -> tuple[list[tuple[int, dict[str, Any]]], Literal["line", "item"]]:
+    """The objects of a .jsonl, .json or .parquet file with their line (or item) numbers, and
+    which of the two the numbers are; a DataError for a file with none or a value that is not an
+    object."""
+    path = Path(path)
+    items, unit = _load_items(path)
+    if not items:
+        raise DataError(path, "file contains no records")
+    for number, value in items:
+        if not isinstance(value, dict):
+            raise DataError(path, f"expected a JSON object, got {_json_type(value)}", number, unit=unit)
+    return items, unit
 
 
 def read_records(path: str | os.PathLike[str], kind: str) -> list[BaseModel]:
