@@ -34,7 +34,8 @@ ADMIN, ADMIN_PASSWORD = "root", "root-password"
 MAX_EXAMPLES = 20
 # Every operation of the JSON API, one test each (schemathesis' lazy pytest loader does
 # not work with pytest 9, so hypothesis drives each operation's strategy directly).
-OPERATIONS = sorted((route.path, method) for route in api.router.routes for method in route.methods)
+# path_format: the path as OpenAPI names it (no converters such as {name:path}).
+OPERATIONS = sorted((route.path_format, method) for route in api.router.routes for method in route.methods)
 ANSWER_KEYS = sorted({key for keys in ANSWER_FIELDS.values() for key in keys})
 # Any JSON value, nested a little: what a buggy or hostile client may put in an answer.
 JSON_VALUES = st.recursive(
