@@ -291,3 +291,17 @@ def test_feedback_simulate_shows_its_progress(tmp_path):
     assert "feedback labels" in result.output and "18/18" in result.output
     quiet = _run(*args, "--set", "feedback.max_new_tokens=5", "--no-progress")
     assert quiet.exit_code == 0 and "feedback samples" not in quiet.output
+
+
+def test_a_boolean_for_a_number_is_refused(tmp_path):
+    # YAML reads yes/on/true as booleans; pydantic would have taken them as 1.
+    for text in ("seed=yes", "ppo.kl_coef=true", "ppo.kl_target=on"):
+        result = _run("config", "show", "--set", text)
+        key = text.split("=")[0]
+        assert result.exit_code == 2
+        assert f"{key}: expected a number, got true (from --set {text})" in _flat(result.output)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed: no\n")
+    result = _run("config", "show", "-c", str(cfg))
+    assert result.exit_code == 2 and "seed: expected a number, got false" in _flat(result.output)
+    assert _run("config", "show", "--set", "ppo.reward_norm=true", "--set", "ppo.lr=1e-4").exit_code == 0

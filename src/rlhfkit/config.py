@@ -10,10 +10,19 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 def import_callable(spec: str, what: str, expected: str = "an import path 'module:function'") -> Callable:
@@ -35,8 +44,27 @@ class ConfigError(ValueError):
     """A config file, preset or override that cannot be used; the message says why."""
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field holds a number (int or float, maybe optional), not a bool."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return bool not in args and any(arg in (int, float) for arg in args)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes/no/on/off/true as booleans, and pydantic would take True as 1:
+        # `seed: yes` or `kl_coef: on` is a mistake to name, not a number.
+        if (
+            isinstance(value, bool)
+            and info.field_name
+            and _numeric(cls.model_fields[info.field_name].annotation)
+        ):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 def _save_every(default: int, unit: str = "steps") -> Any:
@@ -667,7 +695,7 @@ def _format_validation(exc: ValidationError, source: str, set_by: dict[str, str]
     lines = [f"invalid config ({source}{' and --set' if set_by else ''}):"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         origin = next((text for key, text in set_by.items() if loc == key or loc.startswith(key + ".")), None)
         lines.append(f"  {loc}: {msg}" + (f" (from --set {origin})" if origin else ""))
     return "\n".join(lines)
