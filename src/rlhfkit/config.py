@@ -607,11 +607,14 @@ class RunConfig(Section):
     loop: LoopConfig = LoopConfig()
 
 
+def _is_section(annotation: Any) -> bool:
+    """Whether a config field holds a section (a nested model) rather than a value."""
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 # The top-level keys that are sections (all but `seed`).
 _SECTION_NAMES = frozenset(
-    name
-    for name, field in RunConfig.model_fields.items()
-    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    name for name, field in RunConfig.model_fields.items() if _is_section(field.annotation)
 )
 
 # Sized so `rlhfkit demo --preset fast` finishes in about three minutes on 2 CPU cores.
@@ -642,9 +645,7 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 def _valid_keys(model: type[BaseModel], parts: list[str]) -> list[str]:
     for part in parts:
         field = model.model_fields.get(part)
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
+        if field is None or not _is_section(field.annotation):
             break
         model = field.annotation
     return sorted(model.model_fields)
@@ -677,7 +678,7 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
             node[part] = value
             return
         annotation = field.annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if not _is_section(annotation):
             raise ConfigError(f"unknown config key {'.'.join(path)!r}: {part!r} is not a section")
         model = annotation
         if node.get(part) is None:
