@@ -12,10 +12,12 @@ from rlhfkit.data.io import DataError, read_jsonl, read_records, write_jsonl
 from rlhfkit.data.records import (
     KINDS,
     Demonstration,
+    Edit,
     Message,
     PreferencePair,
     PromptRecord,
     Ranking,
+    Rating,
     UnpairedExample,
 )
 
@@ -52,6 +54,10 @@ def read_error(path: Path, kind: str = "preference") -> DataError:
         ),
         ("prompt", {"prompt": "Q"}, PromptRecord),
         ("ranking", {"prompt": "Q", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]}, Ranking),
+        ("rating", {"prompt": "Q", "completion": "A", "rating": 7, "annotator": "a1"}, Rating),
+        ("rating", {"prompt": CHAT, "completion": "A", "rating": 1}, Rating),
+        ("edit", {"prompt": "Q", "completion": "A draft", "edited": "A fix", "annotator": "a1"}, Edit),
+        ("edit", {"prompt": CHAT, "completion": "A", "edited": "A"}, Edit),  # unchanged: valid
     ],
 )
 def test_valid_file_of_each_kind_loads(tmp_path: Path, kind: str, row: dict, model: type) -> None:
@@ -62,7 +68,35 @@ def test_valid_file_of_each_kind_loads(tmp_path: Path, kind: str, row: dict, mod
 
 
 def test_kinds_registry() -> None:
-    assert set(KINDS) == {"preference", "unpaired", "demonstration", "prompt", "ranking"}
+    assert set(KINDS) == {"preference", "unpaired", "demonstration", "prompt", "ranking", "rating", "edit"}
+
+
+def test_rating_and_edit_round_trip(tmp_path: Path) -> None:
+    rows = [
+        Rating.model_validate({"prompt": "Q", "completion": "A", "rating": 5, "annotator": "a1"}),
+        Rating.model_validate(
+            {"prompt": CHAT, "completion": [{"role": "assistant", "content": "A"}], "rating": 2}
+        ),
+    ]
+    assert write_jsonl(tmp_path / "ratings.jsonl", rows) == 2
+    assert read_records(tmp_path / "ratings.jsonl", "rating") == rows
+    assert read_jsonl(tmp_path / "ratings.jsonl")[0] == {
+        "prompt": "Q",
+        "completion": "A",
+        "rating": 5,
+        "annotator": "a1",
+    }
+    edits = [
+        Edit.model_validate({"prompt": "Q", "completion": "1. Fig 2. Fig", "edited": "1. Fig 2. Pear"}),
+        Edit.model_validate({"prompt": "Q", "completion": "Same", "edited": "Same"}),
+    ]
+    assert write_jsonl(tmp_path / "edits.jsonl", edits) == 2
+    records = read_records(tmp_path / "edits.jsonl", "edit")
+    assert records == edits
+    assert [(r.completion, r.edited) for r in records] == [
+        ("1. Fig 2. Fig", "1. Fig 2. Pear"),
+        ("Same", "Same"),
+    ]
 
 
 def test_chat_message_prompts_load(tmp_path: Path) -> None:
@@ -201,6 +235,60 @@ def test_parquet_file(tmp_path: Path) -> None:
             "must list each response index 0..1 exactly once, got [0, 0]",
         ),
         ("prompt", {"text": "Q"}, "prompt", "missing required field"),
+        ("rating", {"prompt": "Q", "completion": "A"}, "rating", "missing required field"),
+        ("rating", {"prompt": "Q", "rating": 3}, "completion", "missing required field"),
+        (
+            "rating",
+            {"prompt": "Q", "completion": "A", "rating": 8},
+            "rating",
+            "must be an integer from 1 to 7, got 8",
+        ),
+        (
+            "rating",
+            {"prompt": "Q", "completion": "A", "rating": 0},
+            "rating",
+            "must be an integer from 1 to 7, got 0",
+        ),
+        (
+            "rating",
+            {"prompt": "Q", "completion": "A", "rating": 3.5},
+            "rating",
+            "must be an integer from 1 to 7, got 3.5",
+        ),
+        (
+            "rating",
+            {"prompt": "Q", "completion": "A", "rating": "5"},
+            "rating",
+            "must be an integer from 1 to 7, got '5'",
+        ),
+        (
+            "rating",
+            {"prompt": "Q", "completion": "A", "rating": True},
+            "rating",
+            "must be an integer from 1 to 7, got True",
+        ),
+        ("rating", {"prompt": "Q", "completion": " ", "rating": 4}, "completion", "text is empty"),
+        ("edit", {"prompt": "Q", "completion": "A"}, "edited", "missing required field"),
+        ("edit", {"prompt": "Q", "edited": "B"}, "completion", "missing required field"),
+        ("edit", {"prompt": "Q", "completion": "A", "edited": "  "}, "edited", "text is empty"),
+        (
+            "edit",
+            {"prompt": "Q", "completion": "A", "edited": 42},
+            "edited",
+            "expected a string or a list of chat messages, got number",
+        ),
+        (
+            "edit",
+            {"prompt": CHAT, "completion": "A", "edited": [{"role": "assistant", "content": "B"}]},
+            "edited",
+            "'completion' and 'edited' must both be strings or both be chat messages",
+        ),
+        (
+            "edit",
+            {"prompt": "Q", "completion": "A", "edited": [{"role": "assistant", "content": "B"}]},
+            "edited",
+            "completion is a list of chat messages but the prompt is a plain string",
+        ),
     ],
 )
 def test_bad_field_names_file_line_and_field(
@@ -212,6 +300,8 @@ def test_bad_field_names_file_line_and_field(
         "demonstration": {"prompt": "Q", "completion": "A"},
         "ranking": {"prompt": "Q", "responses": ["a", "b"], "ranking": [1, 0]},
         "prompt": {"prompt": "Q"},
+        "rating": {"prompt": "Q", "completion": "A", "rating": 4},
+        "edit": {"prompt": "Q", "completion": "A", "edited": "B"},
     }[kind]
     path = write_lines(tmp_path / "data.jsonl", good, "", bad)
     err = read_error(path, kind)
@@ -271,7 +361,9 @@ def test_unknown_extension(tmp_path: Path) -> None:
 
 
 def test_unknown_kind_lists_kinds(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="preference, unpaired, demonstration, prompt, ranking"):
+    with pytest.raises(
+        ValueError, match="preference, unpaired, demonstration, prompt, ranking, rating, edit"
+    ):
         read_records(tmp_path / "x.jsonl", "comparisons")
 
 

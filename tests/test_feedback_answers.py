@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from pydantic import ValidationError
 
+from rlhfkit.data.records import Rating
 from rlhfkit.feedback.answers import (
     AnswerError,
     StoredAnswer,
@@ -65,6 +67,20 @@ def test_bad_answers_name_the_field(task_type, answer, field):
         )
     assert err.value.field == field
     assert f"field {field!r}" in str(err.value)
+
+
+def test_rating_messages_are_the_record_schemas():
+    # One rule (rlhfkit.data.records.check_rating) for answers, golden items and rating files.
+    with pytest.raises(AnswerError) as err:
+        store_answer("likert", {"rating": 8}, [0])
+    assert str(err.value) == "field 'rating': must be an integer from 1 to 7, got 8"
+    with pytest.raises(ValueError) as golden:
+        validate_golden("likert", {"rating": True}, 1)
+    assert str(golden.value) == "field 'rating': must be an integer from 1 to 7, got True"
+    assert store_answer("likert", {"rating": 7}, [0]) == StoredAnswer(None, None, None, {"rating": 7})
+    with pytest.raises(ValidationError) as record:
+        Rating.model_validate({"prompt": "q", "completion": "a", "rating": 8})
+    assert "must be an integer from 1 to 7, got 8" in str(record.value)
 
 
 def test_golden_checks():

@@ -11,6 +11,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from rlhfkit.data.io import read_records
+from rlhfkit.data.records import Message
 from rlhfkit.feedback.store import FeedbackStore
 
 
@@ -419,6 +421,28 @@ def test_every_task_type_labels_and_exports(open_store, tmp_path):
         ("p2", "two", 2, [1, 7]),
     ]
     assert rows[1]["meta"] == {"policy": "ppo"} and rows[1]["annotator"] == "alice"
+    # ... which read back as rating records; edit labels in raw read back as edit records
+    # (an unchanged edit included: the service takes it, only the preference export skips it).
+    ratings = read_records(tmp_path / "l.jsonl", "rating")
+    assert [(r.prompt, r.completion, r.rating, r.annotator) for r in ratings] == [
+        ("q", "one", 6, "alice"),
+        ("p2", "two", 2, "alice"),
+    ]
+    edit = store.project_id("edit")
+    store.add_items(edit, [{"prompt": chat, "responses": ["keep me"]}])
+    assert _answer_all(store, edit, alice, lambda t: {"text": "keep me"}) == 1
+    assert store.export(edit, tmp_path / "e.jsonl", "trl-preference") == 1
+    assert store.export(edit, tmp_path / "er.jsonl", "raw") == 2
+    edits = read_records(tmp_path / "er.jsonl", "edit")
+    assert [(r.prompt, r.completion, r.edited, r.annotator) for r in edits] == [
+        ("q", "draft", "fixed", "alice"),
+        (
+            [Message(role="system", content="be brief"), Message(role="user", content="top 5 cities?")],
+            "keep me",
+            "keep me",
+            "alice",
+        ),
+    ]
     with pytest.raises(ValueError, match="unknown export format"):
         store.export(ranking, tmp_path / "x.jsonl", "csv")
 

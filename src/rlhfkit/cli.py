@@ -176,7 +176,10 @@ def _run_config(out: Path, config: Path | None) -> Path | None:
 @app.command("convert")
 def convert_command(
     from_: Annotated[str, typer.Option("--from", help="hh (Anthropic HH-RLHF) or summarize (OpenAI)")],
-    in_: Annotated[Path, typer.Option("--in", help="the rows: .jsonl, .json or .parquet")],
+    in_: Annotated[
+        Path,
+        typer.Option("--in", help="the rows: .jsonl, .json, .parquet, a dataset folder or hf:NAME:SPLIT"),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="TRL preference pairs to write (.jsonl)")],
 ) -> None:
     """Convert a public preference data set to TRL pairs (for data.preferences)."""

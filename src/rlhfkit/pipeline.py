@@ -510,7 +510,8 @@ def stage_eval(run: Run) -> dict:
                 reward_model, load_causal_lm(sft_path), load_tokenizer(sft_path), probes
             )
     pairs_path = _preference_path(run)
-    if gold is not None and pairs_path.is_file():
+    # data.preferences may name a dataset folder or hf: id rather than a file: it is read as given.
+    if gold is not None and (run.config.data.preferences is not None or pairs_path.is_file()):
         rm_report["gold_agreement"] = evaluate.label_gold_agreement(_read_pairs(pairs_path), gold)
     if run.config.rm.label_curve:
         from rlhfkit.label_curve import measure_label_curve

@@ -160,9 +160,10 @@ CONVERTERS: dict[str, Callable[[Mapping[str, Any]], PreferencePair]] = {
 
 
 def convert_file(path: str | os.PathLike[str], source: str) -> list[PreferencePair]:
-    """Every row of a .jsonl, .json or .parquet file in the `source` format (a key of CONVERTERS)
-    as a preference pair. The first row that cannot be converted is a DataError naming the file,
-    the row and the reason; nothing is returned from a file with a bad row."""
+    """Every row of a .jsonl, .json or .parquet file (or a Hugging Face dataset source, see
+    rlhfkit.data.io) in the `source` format (a key of CONVERTERS) as a preference pair. The first
+    row that cannot be converted is a DataError naming the file, the row and the reason; nothing is
+    returned from a file with a bad row."""
     if source not in CONVERTERS:
         raise ValueError(f"unknown source format {source!r}; expected one of: {', '.join(CONVERTERS)}")
     rows, unit = read_rows(path)

@@ -1,9 +1,21 @@
-"""Read and write record files (JSON Lines, JSON lists; Parquet read) with precise errors.
+"""Read and write record files (JSON Lines, JSON lists; Parquet and Hugging Face datasets read)
+with precise errors.
 
 Every problem in an input file is reported as a :class:`DataError` that names the file,
 the line (or list item) and the field, e.g.::
 
     data/pairs.jsonl:7: field 'chosen': text is empty
+
+Besides files, every reader takes a Hugging Face ``datasets`` source, whose rows are
+numbered like a Parquet file's (``item N``, a null cell is a missing field):
+
+- ``FOLDER``: a folder written by ``Dataset.save_to_disk``;
+- ``FOLDER:SPLIT``: one split of a folder written by ``DatasetDict.save_to_disk``;
+- ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT``: ``datasets.load_dataset(NAME, CONFIG,
+  split=SPLIT)``, where NAME is a hub id (``owner/name``) or a local folder of data files;
+  SPLIT may carry a slice (``train[:1000]``).
+
+A source with several splits and none named is refused with an error that lists them.
 
 :func:`read_records` validates the whole file before returning anything, so a bad line
 near the end can never leave a caller training on the first half of a file.
@@ -27,6 +39,9 @@ __all__ = ["DataError", "iter_jsonl", "read_jsonl", "read_records", "read_rows",
 JSONL_SUFFIXES = (".jsonl",)
 JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet",)
+# A source starting with this goes through datasets.load_dataset (hub ids, folders of data files).
+HUB_PREFIX = "hf:"
+HUB_SYNTAX = "hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT"
 
 # Collecting every problem in a file helps fixing it in one go, but a file that is wrong
 # throughout (say, the wrong kind) should not build a million error objects.
@@ -192,17 +207,107 @@ def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
         raise DataError(path, f"not a readable Parquet file: {str(exc).splitlines()[0]}") from None
     if table.num_rows == 0:
         raise DataError(path, "file is empty")
-    # A null cell is a missing field, as an absent key is in a JSON line (Parquet has no absent).
-    rows = ({k: v for k, v in row.items() if v is not None} for row in table.to_pylist())
-    return list(enumerate(rows, start=1))
+    return _numbered_rows(table.to_pylist())
+
+
+def _numbered_rows(rows: Iterable[dict[str, Any]]) -> list[tuple[int, Any]]:
+    """Table rows (Parquet, datasets) as (row number from 1, dict) pairs."""
+    # A null cell is a missing field, as an absent key is in a JSON line (a table has no absent).
+    return list(enumerate(({k: v for k, v in row.items() if v is not None} for row in rows), start=1))
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (library errors can run to pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _split_of(source: Path) -> tuple[Path, str] | None:
+    """(folder, split) for a ``FOLDER:SPLIT`` source whose folder exists; else None."""
+    folder, colon, split = str(source).rpartition(":")
+    if colon and folder and split and Path(folder).is_dir():
+        return Path(folder), split
+    return None
+
+
+def _dataset_rows(source: Path, dataset: Any, split: str | None, how_to_choose: str) -> list[tuple[int, Any]]:
+    """The rows of a loaded Dataset, or of the chosen split of a DatasetDict."""
+    from datasets import DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        names = ", ".join(dataset)
+        if split is None:
+            raise DataError(source, f"a dataset with splits {names}: choose one as {how_to_choose}")
+        if split not in dataset:
+            raise DataError(source, f"unknown split '{split}' (splits: {names})")
+        dataset = dataset[split]
+    elif split is not None:
+        # Only reachable for a saved Dataset folder: load_dataset applies the split itself.
+        raise DataError(source, f"a saved Dataset has no splits: give the folder without ':{split}'")
+    if dataset.num_rows == 0:
+        raise DataError(source, "dataset is empty")
+    return _numbered_rows(dataset.to_list())
+
+
+def _saved_dataset_rows(source: Path, folder: Path, split: str | None) -> list[tuple[int, Any]]:
+    """The rows of a folder written by Dataset.save_to_disk (or one split of a DatasetDict's)."""
+    # save_to_disk writes state.json (a Dataset) or dataset_dict.json (a DatasetDict); checking
+    # for them first gives a plain message rather than datasets' own for any other folder.
+    if not (folder / "state.json").is_file() and not (folder / "dataset_dict.json").is_file():
+        raise DataError(
+            source,
+            "not a saved Hugging Face dataset: expected a folder written by Dataset.save_to_disk "
+            "or DatasetDict.save_to_disk (with state.json or dataset_dict.json); a folder of data "
+            f"files reads as {HUB_PREFIX}{folder}:SPLIT",
+        )
+    from datasets import load_from_disk
+
+    try:
+        dataset = load_from_disk(str(folder))
+    except Exception as exc:  # datasets and pyarrow raise many types for a damaged folder
+        raise DataError(source, f"cannot read the saved dataset: {_first_line(exc)}") from None
+    return _dataset_rows(source, dataset, split, f"{folder}:SPLIT")
+
+
+def _hub_rows(source: Path) -> list[tuple[int, Any]]:
+    """The rows of ``hf:NAME[:CONFIG]:SPLIT``, loaded by datasets.load_dataset."""
+    spec = str(source).removeprefix(HUB_PREFIX)
+    # Only the split may hold a slice ("train[:100]"), whose colons are not separators.
+    head, bracket, tail = spec.partition("[")
+    parts = head.split(":")
+    parts[-1] += bracket + tail
+    if len(parts) > 3 or not all(parts):
+        raise DataError(source, f"expected {HUB_SYNTAX}")
+    name = parts[0]
+    config = parts[1] if len(parts) == 3 else None
+    split = parts[-1] if len(parts) > 1 else None
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, config, split=split)
+    except Exception as exc:  # hub, network, builder and split errors all come as library types
+        raise DataError(source, f"cannot load dataset '{name}': {_first_line(exc)}") from None
+    return _dataset_rows(source, dataset, None, f"{HUB_PREFIX}{spec}:SPLIT")
 
 
 def _load_items(path: Path) -> tuple[list[tuple[int, Any]], Literal["line", "item"]]:
-    """Parse a .jsonl, .json or .parquet file into (location, value) pairs, checking its shape."""
+    """Parse a .jsonl, .json or .parquet file, or a Hugging Face dataset source, into
+    (location, value) pairs, checking its shape."""
+    if str(path).startswith(HUB_PREFIX):
+        return _hub_rows(path), "item"
+    if path.is_dir():
+        return _saved_dataset_rows(path, path, None), "item"
+    folder_split = _split_of(path)
+    if folder_split is not None:
+        return _saved_dataset_rows(path, *folder_split), "item"
     suffix = path.suffix.lower()
     if suffix not in JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES:
         expected = ", ".join(JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)
-        raise DataError(path, f"unsupported file extension '{path.suffix}' (expected one of {expected})")
+        raise DataError(
+            path,
+            f"unsupported file extension '{path.suffix}' (expected one of {expected}; or a folder "
+            "written by save_to_disk, FOLDER:SPLIT, or hf:NAME:SPLIT)",
+        )
     if suffix in PARQUET_SUFFIXES:
         return _parquet_rows(path), "item"
     text = _read_text(path)
@@ -222,9 +327,9 @@ def _load_items(path: Path) -> tuple[list[tuple[int, Any]], Literal["line", "ite
 def read_rows(
     path: str | os.PathLike[str],
 ) -> tuple[list[tuple[int, dict[str, Any]]], Literal["line", "item"]]:
-    """The objects of a .jsonl, .json or .parquet file with their line (or item) numbers, and
-    which of the two the numbers are; a DataError for a file with none or a value that is not an
-    object."""
+    """The objects of a .jsonl, .json or .parquet file (or a Hugging Face dataset source, see the
+    module docstring) with their line (or item) numbers, and which of the two the numbers are; a
+    DataError for a file with none or a value that is not an object."""
     path = Path(path)
     items, unit = _load_items(path)
     if not items:
@@ -237,7 +342,8 @@ def read_rows(
 
 def read_records(path: str | os.PathLike[str], kind: str) -> list[BaseModel]:
     """Read and validate every record of ``kind`` (a key of ``KINDS``) from a .jsonl, .json or
-    .parquet file (one column per field; a row's number is its item number in errors).
+    .parquet file, or a Hugging Face dataset source (see the module docstring); in a table (one
+    column per field) a row's number is its item number in errors.
 
     Raises DataError naming file, line (or item) and field for the first problem found;
     its ``errors`` attribute lists all problems (up to a cap). Nothing is returned

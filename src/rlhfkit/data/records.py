@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PlainValidator,
     StrictBool,
     StrictInt,
     Tag,
@@ -28,17 +29,24 @@ from pydantic_core import PydanticCustomError
 
 __all__ = [
     "KINDS",
+    "LIKERT_MAX",
     "TEXT_TAGS",
     "Demonstration",
+    "Edit",
     "Message",
     "PreferencePair",
     "PromptRecord",
     "Ranking",
+    "Rating",
     "Text",
     "UnpairedExample",
+    "check_rating",
 ]
 
 Role = Literal["system", "user", "assistant"]
+
+# The top of the rating scale (a 1-7 Likert scale); the feedback service asks on the same scale.
+LIKERT_MAX = 7
 
 # Tags of the two Text variants. Pydantic puts the tag into error locations
 # (e.g. ``prompt.list[Message].0.role``); readers drop these parts when naming a field.
@@ -138,6 +146,16 @@ def _check_forms(prompt: Any, completions: dict[str, Any]) -> None:
                 )
 
 
+def _check_same_form(first: str, first_value: Any, second: str, second_value: Any) -> None:
+    """Two completions of one record must both be strings or both be chat messages."""
+    if isinstance(first_value, str) != isinstance(second_value, str):
+        raise record_error(
+            second,
+            "mixed_forms",
+            f"'{first}' and '{second}' must both be strings or both be chat messages",
+        )
+
+
 class PreferencePair(_Record):
     """A pairwise comparison in TRL's preference format: ``chosen`` beat ``rejected``."""
 
@@ -151,12 +169,7 @@ class PreferencePair(_Record):
     @model_validator(mode="after")
     def _check_pair(self) -> PreferencePair:
         _check_forms(self.prompt, {"chosen": self.chosen, "rejected": self.rejected})
-        if isinstance(self.chosen, str) != isinstance(self.rejected, str):
-            raise record_error(
-                "rejected",
-                "mixed_forms",
-                "'chosen' and 'rejected' must both be strings or both be chat messages",
-            )
+        _check_same_form("chosen", self.chosen, "rejected", self.rejected)
         if self.chosen == self.rejected:
             raise record_error("rejected", "identical", "identical to 'chosen'")
         return self
@@ -260,10 +273,57 @@ class Ranking(_Record):
         return self
 
 
+def check_rating(value: Any) -> int:
+    """``value`` if it is an integer from 1 to LIKERT_MAX, else a ValueError saying so.
+
+    The one rule for ratings: record files (``Rating``) and the feedback service's answers
+    and golden items both check with it.
+    """
+    # bool is an int subclass, but true is not a rating; nor is 3.0 or "3".
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LIKERT_MAX:
+        raise ValueError(f"must be an integer from 1 to {LIKERT_MAX}, got {value!r}")
+    return value
+
+
+class Rating(_Record):
+    """One response rated on the 1..LIKERT_MAX scale (higher is better)."""
+
+    prompt: Text
+    completion: Completion
+    rating: Annotated[int, PlainValidator(check_rating)]
+    annotator: str | None = None
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> Rating:
+        _check_forms(self.prompt, {"completion": self.completion})
+        return self
+
+
+class Edit(_Record):
+    """A response (``completion``) and the annotator's edited version of it (``edited``).
+
+    An edit that leaves the response as it was is a valid answer ("nothing to improve"),
+    as the feedback service takes it; it just says nothing about which text is better.
+    """
+
+    prompt: Text
+    completion: Completion
+    edited: Completion
+    annotator: str | None = None
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> Edit:
+        _check_forms(self.prompt, {"completion": self.completion, "edited": self.edited})
+        _check_same_form("completion", self.completion, "edited", self.edited)
+        return self
+
+
 KINDS: dict[str, type[BaseModel]] = {
     "preference": PreferencePair,
     "unpaired": UnpairedExample,
     "demonstration": Demonstration,
     "prompt": PromptRecord,
     "ranking": Ranking,
+    "rating": Rating,
+    "edit": Edit,
 }

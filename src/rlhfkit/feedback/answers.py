@@ -20,9 +20,11 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# The rating rule lives with the Rating record schema: one check for data files and answers.
+from rlhfkit.data.records import check_rating
+
 CHOICES: dict[str, int | None] = {"left": 0, "right": 1, "tie": None}
 MAX_STRENGTH = 3
-LIKERT_MAX = 7
 MAX_TEXT_CHARS = 20_000
 ANSWER_FIELDS: dict[str, tuple[str, ...]] = {
     "comparison": ("choice", "strength"),
@@ -88,9 +90,10 @@ def _permutation(field: str, ranking: Any, k: int) -> list[int]:
 
 
 def _rating(field: str, rating: Any) -> int:
-    if not _is_int(rating) or not 1 <= rating <= LIKERT_MAX:
-        raise AnswerError(field, f"must be an integer from 1 to {LIKERT_MAX}, got {rating!r}")
-    return rating
+    try:
+        return check_rating(rating)
+    except ValueError as exc:
+        raise AnswerError(field, str(exc)) from None
 
 
 def store_answer(task_type: str, answer: Mapping[str, Any], order: Sequence[int]) -> StoredAnswer:

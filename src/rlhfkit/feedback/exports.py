@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlhfkit.crowd.aggregate import majority_vote
 from rlhfkit.data.convert import ranking_to_pairs
-from rlhfkit.data.records import Ranking
-from rlhfkit.feedback.answers import LIKERT_MAX
+from rlhfkit.data.records import LIKERT_MAX, Ranking
 
 if TYPE_CHECKING:
     from rlhfkit.feedback.store import ItemRecord, LabelRecord
@@ -119,8 +118,10 @@ def sft_rows(task_type: str, project: str, items: Items, labels: Labels) -> Iter
 def raw_rows(items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
     """Every label with its annotator, item (and its meta) and answer.
 
-    Likert rows also carry the rated `completion`, the `rating` and its `scale`, so that
-    they can be used (as rewards, or thresholded into thumbs) without decoding `value`.
+    Likert rows also carry the rated `completion`, the `rating` and its `scale`, and edit
+    rows the original `completion` and the `edited` text, so that they can be used (as
+    rewards, thresholded into thumbs, as edit pairs) without decoding `value`: such rows
+    read back as `rating` and `edit` records (`rlhfkit.data.records.Rating`, `Edit`).
     """
     for label in labels:
         item = items[label.item_id]
@@ -145,6 +146,8 @@ def raw_rows(items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
             row.update(
                 completion=item.responses[0], rating=(label.value or {})["rating"], scale=[1, LIKERT_MAX]
             )
+        elif label.kind == "edit":
+            row.update(completion=item.responses[0], edited=(label.value or {})["text"])
         yield row
 
 
