@@ -248,3 +248,145 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="neither of the two shown"):
         aggregate([PairVote(1, "a", 0, 1, 2)], "bt")
     assert aggregate([], "ds") == {}
+
+
+def _bt_votes(item_id: int, wins: dict[tuple[int, int], int]) -> list[PairVote]:
+    """`wins[(i, j)]` votes of i over j, each from its own annotator, shown in index order."""
+    votes = []
+    for (better, worse), n in wins.items():
+        for k in range(n):
+            left, right = sorted((better, worse))
+            votes.append(PairVote(item_id, f"{better}>{worse}#{k}", left, right, better))
+    return votes
+
+
+# Win counts whose every pair is exactly as Bradley-Terry strengths 4 : 2 : 1 predict (2 of 3,
+# 2 of 3, 4 of 5), so the maximum-likelihood scores are log 4, log 2, log 1 up to a constant.
+_BT_421 = {(0, 1): 2, (1, 0): 1, (1, 2): 2, (2, 1): 1, (0, 2): 4, (2, 0): 1}
+
+
+def test_bradley_terry_reaches_the_maximum_likelihood_scores():
+    agg = aggregate(_bt_votes(1, _BT_421), "bt")[1]
+    s = agg.scores
+    assert (s[0] - s[1], s[1] - s[2]) == pytest.approx((math.log(2), math.log(2)), abs=1e-3)
+    assert agg.confidence == pytest.approx(2 / 3, abs=1e-3)  # P(0 beats 1) = 4 / (4 + 2)
+
+
+def test_bradley_terry_scores_of_an_item_do_not_depend_on_the_rest_of_the_project():
+    """Items share no BT parameters: a large project neither rescales an item nor costs quadratic memory."""
+    import tracemalloc
+
+    rng = random.Random(0)
+    others = [
+        PairVote(item_id, f"w{k}", 0, 1, rng.randint(0, 1)) for item_id in range(2, 1502) for k in range(3)
+    ]
+    alone = aggregate(_bt_votes(1, _BT_421), "bt")[1]
+    tracemalloc.start()
+    try:
+        together = aggregate(_bt_votes(1, _BT_421) + others, "bt")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert together[1].scores == pytest.approx(alone.scores, abs=1e-6)
+    assert len(together) == 1501
+    # A dense win matrix over the project's 3,003 responses alone would take 72 MB.
+    assert peak < 40e6
+
+
+def test_level_pairs_of_an_aggregated_ranking_give_no_row():
+    """A pair the aggregate leaves level (P = 0.5) is no preference; exporting it would train a coin flip."""
+    responses = ["best", "middle", "worst"]
+    votes = [
+        *ranking_votes(9, "a", "q", responses, [0, 1, 2]),
+        *ranking_votes(9, "b", "q", responses, [0, 2, 1]),
+    ]
+    agg = aggregate(votes, "mv")[9]
+    assert agg.winner == 0 and agg.scores[1] == agg.scores[2]
+    rows = preference_rows({9: Item("q", responses)}, {9: agg}, "test", "mv")
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("best", "middle"), ("best", "worst")]
+    assert all(r["margin"] > 0 for r in rows)
+
+
+def test_aggregated_rows_keep_a_chat_prompt_as_messages(tmp_path):
+    """Aggregated pairs write a chat item's prompt as its messages, as every export does."""
+    from rlhfkit.crowd.aggregate import aggregated_pairs
+    from rlhfkit.feedback.store import FeedbackStore
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Top 5 films?"}]
+    with FeedbackStore(tmp_path / "chat.db", seed=0, durable=False) as store:
+        project = store.create_project("chat", task_type="comparison", overlap=1)
+        store.add_items(project, [{"prompt": messages, "responses": ["1. Alien", "films are nice"]}])
+        annotator = store.add_annotator("ann")
+        task = store.next_task(project, annotator)
+        store.submit(task.token, annotator, {"choice": "left" if task.order[0] == 0 else "right"})
+        items = {item.item_id: item for item in store.items(project)}
+        labels = store.labels(project)
+    for method in ("mv", "bt"):
+        rows, _ = aggregated_pairs(items, labels, method, "feedback:chat")
+        assert [(r["prompt"], r["chosen"]) for r in rows] == [(messages, "1. Alien")], method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_choice_outside_the_shown_pair_is_refused_by_every_method(method):
+    with pytest.raises(ValueError, match="neither of the two shown"):
+        aggregate([PairVote(1, "a", 0, 1, 2), PairVote(2, "a", 0, 1, 0)], method)
+    with pytest.raises(ValueError, match="with itself"):
+        aggregate([PairVote(1, "a", 1, 1, 1)], method)
+
+
+def test_a_ranking_with_two_identical_responses_keeps_every_other_pair():
+    """Identical texts are two entries of the ranking: their pair is skipped, no other pair is lost."""
+    responses = ["same", "other", "same"]
+    votes = ranking_votes(3, "a", "q", responses, [0, 1, 2])
+    assert votes == [PairVote(3, "a", 0, 1, 0), PairVote(3, "a", 1, 2, 1)]
+    agg = aggregate(votes + ranking_votes(3, "b", "q", responses, [0, 1, 2]), "bt")[3]
+    assert agg.ranking == (0, 1, 2)
+    rows = preference_rows({3: Item("q", responses)}, {3: agg}, "test", "bt")
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("same", "other"), ("other", "same")]
+    assert rows[0]["confidence"] == pytest.approx(pair_probability(agg.scores, 0, 1), abs=1e-4)
+    assert rows[1]["confidence"] == pytest.approx(pair_probability(agg.scores, 1, 2), abs=1e-4)
+
+
+def test_noisy_bradley_terry_gives_an_always_left_annotator_no_say():
+    """Two honest annotators and one who always picks the left response label every item.
+
+    Noisy BT explains the third one's answers by a left bias and no skill, so an item the
+    honest two split stays level; plain BT (and majority vote) let the left-picker decide it.
+    """
+    rng = random.Random(0)
+    votes, split, agreed = [], [], {}
+    for item_id in range(60):
+        true = rng.randint(0, 1)
+        a, b = (true if rng.random() < 0.8 else 1 - true for _ in range(2))
+        for name, chosen in (("honest-a", a), ("honest-b", b)):
+            left = rng.randint(0, 1)
+            votes.append(PairVote(item_id, name, left, 1 - left, chosen))
+        left = rng.randint(0, 1)
+        votes.append(PairVote(item_id, "always-left", left, 1 - left, left))
+        if a != b:
+            split.append(item_id)
+        else:
+            agreed[item_id] = a
+    result = aggregate(votes, "noisy_bt")
+    assert len(split) >= 15
+    assert max(result[i].confidence for i in split) < 0.55
+    assert all(result[i].winner == winner and result[i].confidence > 0.9 for i, winner in agreed.items())
+    assert min(aggregate(votes, "bt")[i].confidence for i in split) > 0.6
+
+
+def test_noisy_bt_gradient_is_the_gradient_of_its_loss():
+    import numpy as np
+
+    from rlhfkit.crowd.aggregate import _noisy_bt_gradient, _noisy_bt_loss
+
+    rng = np.random.default_rng(0)
+    n_labels, n_workers = 6, 3
+    left = rng.integers(1, n_labels + 1, 40)
+    right = 1 + (left + rng.integers(0, n_labels - 1, 40)) % n_labels  # never the left one
+    data = np.stack([left, right, np.where(rng.random(40) < 0.5, left, right)], axis=1)
+    workers = rng.integers(0, n_workers, 40)
+    x = rng.normal(0, 2, 1 + n_labels + 2 * n_workers)
+    args = (data, workers, n_labels, n_workers, 0.3)
+    step = np.eye(x.size) * 1e-6
+    numeric = [(_noisy_bt_loss(x + e, *args) - _noisy_bt_loss(x - e, *args)) / 2e-6 for e in step]
+    assert _noisy_bt_gradient(x, *args) == pytest.approx(numeric, abs=1e-5)

@@ -400,6 +400,16 @@ def test_report_html_shows_the_rounds_before_the_stage_timings(tmp_path):
     assert out.count('alt="gold reward and win rate per round"') == 1
 
 
+def test_a_simulated_pool_too_small_for_the_overlap_is_refused_before_any_stage(tmp_path):
+    """Nine simulated annotators cannot give an item ten labels: the loop says so before it trains
+    (rather than wait loop.label_timeout in round 2 for labels no one is left to give)."""
+    missing = tmp_path / "no-model"  # were the loop to start, SFT would fail on this
+    config = load_config(None, [f"model.name_or_path={missing}", "feedback.overlap=10", "loop.rounds=2"])
+    with pytest.raises(StageError, match=r"feedback\.overlap=10 .* pool has 9 annotators"):
+        run_loop(Run(tmp_path / "run", config, show_progress=False))
+    assert not (tmp_path / "run" / "sft").exists()
+
+
 def test_loop_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="loop.aggregate"):
         load_config(None, ["loop.aggregate=median"])

@@ -33,6 +33,25 @@ def test_alpha_matches_krippendorffs_worked_example(level, expected):
     assert krippendorff_alpha(PAPER_UNITS, level) == pytest.approx(expected, abs=5e-4)
 
 
+# The same paper's two-observer examples without missing data: binary (alpha 0.095) and
+# nominal with the values a..e (alpha 0.692).
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [("0100000010", "1110010000", 0.095), ("aabbdcccedda", "babbbccceddd", 0.692)],
+)
+def test_alpha_matches_krippendorffs_two_observer_examples(first, second, expected):
+    units = {u: [a, b] for u, (a, b) in enumerate(zip(first, second, strict=True))}
+    assert krippendorff_alpha_nominal(units) == pytest.approx(expected, abs=5e-4)
+
+
+def test_a_unit_with_one_value_does_not_count():
+    # Unit 12 of the paper's matrix has one value: alpha is the same with and without it.
+    without = {u: values for u, values in PAPER_UNITS.items() if len(values) > 1}
+    assert len(without) == len(PAPER_UNITS) - 1
+    for level in ("nominal", "ordinal", "interval"):
+        assert krippendorff_alpha(PAPER_UNITS, level) == pytest.approx(krippendorff_alpha(without, level))
+
+
 def test_alpha_edge_cases():
     assert krippendorff_alpha_nominal({1: ["a", "a"], 2: ["b", "b"]}) == 1.0
     assert krippendorff_alpha_nominal({1: ["a"], 2: ["b"]}) is None  # no item labelled twice

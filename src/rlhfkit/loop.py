@@ -12,8 +12,9 @@ Round 1 is the demo up to the first PPO (pretrain, sft, feedback, rm, ppo). Each
 4. trains a reward model from the SFT model on ALL pairs so far: a fresh fit weighs every
    round's pairs alike and does not depend on the order the data came in, which continuing to
    train the previous reward model would (its early pairs would be seen once per round);
-5. runs PPO from the current policy against that reward model; the KL reference stays the SFT
-   model, so the KL penalty keeps bounding the total drift, not only this round's step;
+5. runs PPO against that reward model, from the SFT model (`loop.ppo_from: sft`, the default) or
+   from the current policy (`previous`); the KL reference stays the SFT model either way, so the
+   KL penalty keeps bounding the total drift, not only this round's step;
 6. evaluates the new policy against SFT on the held-out prompts (gold and proxy reward, KL,
    win rate) and the reward model on gold-labelled pairs of SFT samples.
 
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -53,6 +54,9 @@ from rlhfkit.pipeline import (
 )
 from rlhfkit.tasks import resolve_gold
 from rlhfkit.train.loop import Stopwatch
+
+if TYPE_CHECKING:
+    from rlhfkit.crowd.simulate import AnnotatorProfile
 
 console = Console()
 
@@ -160,6 +164,25 @@ def wait_for_labels(
             )
             last_shown = now["n_items_complete"]
         sleep(max(0.0, min(poll, deadline - clock())))
+
+
+def simulated_pool(run: Run) -> list[AnnotatorProfile]:
+    """The annotator profiles of feedback.pool that label a round; StageError if too few for feedback.overlap.
+
+    Simulated annotators give every label they can before the round waits, and no one labels an
+    item twice: items that need more annotators than the pool has would never be complete, and the
+    round would wait loop.label_timeout for nothing before saying the annotators had not finished.
+    """
+    from rlhfkit.crowd.simulate import default_pool, load_pool
+
+    fb = run.config.feedback
+    pool = load_pool(fb.pool) if fb.pool is not None else default_pool()
+    if fb.overlap_share > 0 and fb.overlap > len(pool):
+        raise StageError(
+            f"feedback.overlap={fb.overlap} asks for {fb.overlap} annotators per item, but the simulated "
+            f"pool has {len(pool)} annotators: lower feedback.overlap or add annotators to feedback.pool"
+        )
+    return pool
 
 
 @dataclass(frozen=True)
@@ -421,7 +444,7 @@ def _first_round(run: Run, fingerprint: str) -> dict[str, Any]:
 def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str) -> dict[str, Any]:
     """Round K >= 2: sample from the current policy, collect labels, aggregate, RM, PPO, evaluate."""
     from rlhfkit.crowd.aggregate import aggregate, preference_rows
-    from rlhfkit.crowd.simulate import default_pool, load_pool, simulate_annotation
+    from rlhfkit.crowd.simulate import simulate_annotation
     from rlhfkit.train.ppo import run_ppo
     from rlhfkit.train.rm import run_rm
 
@@ -435,6 +458,7 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
             f"task {run.task.name!r} has no gold utility for simulated annotators: "
             "set loop.annotators=human and let people label"
         )
+    pool = simulated_pool(run) if cfg.annotators == "simulated" else []
     earlier = pairs_so_far(run, k - 1)
     project_name = f"{fb.project}-loop{k}-{fingerprint[:8]}"
     source = open_feedback(run, k)
@@ -463,7 +487,6 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
                 highlight=False,
             )
         if cfg.annotators == "simulated":
-            pool = load_pool(fb.pool) if fb.pool is not None else default_pool()
             target = source.annotation_target([p.name for p in pool], run)
             simulate_annotation(target, project, pool, gold, seed=run.config.seed + k)
         progress = wait_for_labels(
@@ -565,6 +588,8 @@ def run_loop(run: Run) -> dict[str, Any]:
     config = loop_config(run.config)
     if config is not run.config:  # the run directory's config.yaml says what the loop ran
         run = Run(run.dir, config, run.show_progress, run.resume, run.restart_changed)
+    if run.config.loop.rounds > 1 and run.config.loop.annotators == "simulated":
+        simulated_pool(run)  # a pool too small for the rounds is refused now, not after round 1
     for stage in ("pretrain", "sft", "feedback", "rm", "ppo"):
         if stage == "pretrain" and run.config.model.name_or_path:
             continue

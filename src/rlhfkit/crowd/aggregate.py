@@ -3,7 +3,8 @@
 Pure functions over label records; no database. Majority vote (ours, with a tie
 outcome) is the baseline; Wawa, Dawid-Skene and MACE (categorical: response 0,
 response 1 or tie) and Bradley-Terry / noisy Bradley-Terry (pairwise) come from
-crowd-kit.
+crowd-kit, the pairwise two with corrections to its fits (`_bradley_terry`,
+`_noisy_bradley_terry`).
 
 Every method ends in the same shape: per response a score on a log scale, so that
 P(i beats j) = sigmoid(s_i - s_j). For the categorical methods s is the log of the
@@ -27,7 +28,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rlhfkit.data.convert import ranking_to_pairs
 from rlhfkit.data.records import Ranking
 
 CATEGORICAL_METHODS = ("mv", "wawa", "ds", "mace")
@@ -40,6 +40,10 @@ TIE_CLASS = 2
 MACE_RESTARTS = 4
 # Floor of a probability before its log: a response nobody picked still gets a finite score.
 _MIN_PROB = 1e-6
+# Responses per Bradley-Terry fit. Items share no BT parameters, so whole items are fitted a group
+# at a time: crowd-kit builds a dense win matrix over all the responses it is given, which for a
+# whole project would grow with the square of its size (72 MB at 1,500 items, 29 GB at 30,000).
+_BT_GROUP = 128
 
 
 class Vote(Protocol):
@@ -147,10 +151,10 @@ def as_pair_votes(
     Comparison labels give one vote; ranking labels (`kind` "ranking", `value["ranking"]`)
     give their C(K, 2) pairs and need `items` (item id -> record with prompt and responses).
     """
-    votes = []
+    votes: list[PairVote] = []
     for label in labels:
         if isinstance(label, PairVote):
-            votes.append(label)
+            votes.append(_checked(label))
             continue
         kind = getattr(label, "kind", "comparison")
         if kind == "ranking":
@@ -172,24 +176,50 @@ def as_pair_votes(
                 f"item {label.item_id}: a comparison label shows 2 responses, got order {label.order}"
             )
         left, right = label.order
-        votes.append(PairVote(label.item_id, label.annotator, left, right, label.chosen))
+        votes.append(_checked(PairVote(label.item_id, label.annotator, left, right, label.chosen)))
     return votes
+
+
+def _checked(vote: PairVote) -> PairVote:
+    """The vote, if it compares two responses and chose one of them (or a tie); ValueError otherwise."""
+    if vote.left == vote.right:
+        raise ValueError(f"item {vote.item_id}: a vote compares response {vote.left} with itself")
+    if vote.chosen is not None and vote.chosen not in (vote.left, vote.right):
+        raise ValueError(
+            f"item {vote.item_id}: annotator {vote.annotator!r} chose response {vote.chosen}, "
+            f"which is neither of the two shown ({vote.left}, {vote.right})"
+        )
+    return vote
 
 
 def ranking_votes(
     item_id: int, annotator: str, prompt: str, responses: list[str], ranking: list[int]
 ) -> list[PairVote]:
-    """One annotator's ranking of K responses as its C(K, 2) pairwise votes.
+    """One annotator's ranking of K responses as its C(K, 2) pairwise votes (see `ranked_pairs`).
 
     Shown order of a pair is by original index (a ranking has no left and right), so a
     noisy BT position bias is not learnt from rankings.
     """
-    index = {text: i for i, text in enumerate(responses)}
-    votes = []
-    for pair in ranking_to_pairs(Ranking(prompt=prompt, responses=responses, ranking=ranking)):
-        better, worse = index[pair.chosen], index[pair.rejected]
-        votes.append(PairVote(item_id, annotator, min(better, worse), max(better, worse), better))
-    return votes
+    Ranking(prompt=prompt, responses=responses, ranking=ranking)  # a permutation of non-empty texts
+    return [
+        PairVote(item_id, annotator, min(better, worse), max(better, worse), better)
+        for better, worse in ranked_pairs(responses, ranking)
+    ]
+
+
+def ranked_pairs(responses: Sequence[str], ranking: Sequence[int]) -> list[tuple[int, int]]:
+    """The (better, worse) response indices of a ranking's C(K, 2) pairs, in `ranking_to_pairs` order.
+
+    By index, not by text: two responses with the same text are two entries of the ranking
+    (mapping texts back to indices would merge them and turn their pairs around); the pair of
+    the two identical texts says nothing and is skipped, as `ranking_to_pairs` skips it.
+    """
+    return [
+        (better, worse)
+        for i, better in enumerate(ranking)
+        for worse in ranking[i + 1 :]
+        if responses[better] != responses[worse]
+    ]
 
 
 def aggregate(
@@ -266,13 +296,6 @@ def _aggregate_categorical_pairs(votes: Sequence[PairVote], method: str, seed: i
 
     rows = []
     for vote in votes:
-        if vote.left == vote.right:
-            raise ValueError(f"item {vote.item_id}: a vote compares response {vote.left} with itself")
-        if vote.chosen is not None and vote.chosen not in (vote.left, vote.right):
-            raise ValueError(
-                f"item {vote.item_id}: annotator {vote.annotator!r} chose response {vote.chosen}, "
-                f"which is neither of the two shown ({vote.left}, {vote.right})"
-            )
         low, high = sorted((vote.left, vote.right))
         label = TIE_CLASS if vote.chosen is None else int(vote.chosen == high)
         rows.append((f"{vote.item_id}:{low}:{high}", vote.annotator, label))
@@ -313,7 +336,6 @@ def _agreement(counts: Counter[int | None], winner: int | None) -> tuple[int, fl
 
 def _aggregate_pairwise(votes: Sequence[PairVote], method: str, seed: int) -> dict[int, Aggregate]:
     import pandas as pd
-    from crowdkit.aggregation import BradleyTerry, NoisyBradleyTerry
 
     counts = _vote_counts(votes)
     n_responses: dict[int, int] = {}
@@ -322,23 +344,16 @@ def _aggregate_pairwise(votes: Sequence[PairVote], method: str, seed: int) -> di
         n_responses[vote.item_id] = max(n_responses.get(vote.item_id, 2), vote.left + 1, vote.right + 1)
         if vote.chosen is None:
             continue  # no tie outcome in BT: see the module docstring
-        if vote.chosen not in (vote.left, vote.right):
-            raise ValueError(
-                f"item {vote.item_id}: annotator {vote.annotator!r} chose response {vote.chosen}, "
-                f"which is neither of the two shown ({vote.left}, {vote.right})"
-            )
         left, right = (vote.item_id, vote.left), (vote.item_id, vote.right)
         rows.append((vote.annotator, left, right, (vote.item_id, vote.chosen)))
     log_scores: dict[tuple[int, int], float] = {}
-    if rows:
+    if rows and method == "bt":
+        log_scores = _bradley_terry(rows)
+    elif rows:
         frame = pd.DataFrame(rows, columns=["worker", "left", "right", "label"])
-        if method == "bt":
-            strengths = BradleyTerry(n_iter=200).fit(frame).scores_
-            log_scores = {key: math.log(max(float(v), _MIN_PROB)) for key, v in strengths.items()}
-        else:
-            latent = NoisyBradleyTerry(n_iter=200, random_state=seed).fit(frame).scores_
-            # crowd-kit reports sigmoid(latent score); its logit is the BT scale again.
-            log_scores = {key: _logit(float(v)) for key, v in latent.items()}
+        latent = _noisy_bradley_terry(frame, seed).scores_
+        # crowd-kit reports sigmoid(latent score); its logit is the BT scale again.
+        log_scores = {key: _logit(float(v)) for key, v in latent.items()}
     result: dict[int, Aggregate] = {}
     for item_id in sorted(counts):
         scores = [log_scores.get((item_id, i), math.log(_MIN_PROB)) for i in range(n_responses[item_id])]
@@ -347,6 +362,101 @@ def _aggregate_pairwise(votes: Sequence[PairVote], method: str, seed: int) -> di
         winner = best[0] if any(decided) and scores[best[0]] > scores[best[1]] else None
         result[item_id] = _outcome(item_id, winner, *_agreement(counts[item_id], winner), scores)
     return result
+
+
+def _bradley_terry(rows: Sequence[tuple[str, Any, Any, Any]]) -> dict[tuple[int, int], float]:
+    """Log BT strength of each (item, response) of `rows` (worker, left, right, label), per item summing to 1.
+
+    Fitted _BT_GROUP responses at a time. tol=0 runs all n_iter MM steps: crowd-kit's stopping
+    test compares the estimate with itself after the second step (its p_old is p_new), so any
+    positive tol stops there, short of the maximum-likelihood strengths of an item with K > 2.
+    Normalising per item keeps the _MIN_PROB floor relative to the item, not to the project.
+    """
+    import pandas as pd
+    from crowdkit.aggregation import BradleyTerry
+
+    by_item: dict[int, list[tuple[str, Any, Any, Any]]] = {}
+    for row in rows:
+        by_item.setdefault(row[1][0], []).append(row)
+    groups: list[list[tuple[str, Any, Any, Any]]] = [[]]
+    responses: set[Any] = set()
+    for item_rows in by_item.values():
+        if len(responses) >= _BT_GROUP:
+            groups.append([])
+            responses = set()
+        groups[-1] += item_rows
+        responses.update(key for row in item_rows for key in row[1:3])
+    log_scores: dict[tuple[int, int], float] = {}
+    for group in groups:
+        frame = pd.DataFrame(group, columns=["worker", "left", "right", "label"])
+        strengths = BradleyTerry(n_iter=200, tol=0.0).fit(frame).scores_
+        totals: dict[int, float] = {}
+        for (item_id, _), v in strengths.items():
+            totals[item_id] = totals.get(item_id, 0.0) + float(v)
+        for key, v in strengths.items():
+            log_scores[key] = math.log(max(float(v) / totals[key[0]], _MIN_PROB))
+    return log_scores
+
+
+def _noisy_bradley_terry(frame: Any, seed: int) -> Any:
+    """crowd-kit's NoisyBradleyTerry fitted with a loss and a gradient that agree (see `_noisy_bt_loss`).
+
+    crowd-kit 1.4.2's gradient is not that of its loss: each annotator's skill and bias entries
+    are overwritten by every comparison instead of summed, one slot off, so L-BFGS stops far
+    from the optimum, where an always-left annotator keeps a middling skill and decides every
+    item its fellows split. Its loss also adds the regulariser with the sign opposite to its
+    gradient's.
+    """
+    from crowdkit.aggregation import NoisyBradleyTerry
+
+    class Fitted(NoisyBradleyTerry):
+        _compute_log_likelihood = staticmethod(_noisy_bt_loss)
+        _compute_gradient = staticmethod(_noisy_bt_gradient)
+
+    return Fitted(n_iter=200, random_state=seed).fit(frame)
+
+
+def _noisy_bt_terms(x: Any, data: Any, workers: Any, n_labels: int, n_workers: int) -> tuple[Any, ...]:
+    """Per comparison: y (+1 left won, -1 right), sigmoid(skill) a, sigmoid(y (s_left - s_right)) A,
+    sigmoid(y bias) B, and P = a A + (1 - a) B, the probability of the answer given.
+
+    `x` is crowd-kit's layout: [virtual score, scores..., biases..., skills...]; `data` holds the
+    (left, right, winner) score indices into `x`, `workers` each comparison's annotator index.
+    """
+    from scipy.special import expit
+
+    y = (data[:, 0] == data[:, 2]) * 2.0 - 1.0
+    a = expit(x[1 + n_labels + n_workers + workers])
+    big_a = expit(y * (x[data[:, 0]] - x[data[:, 1]]))
+    big_b = expit(y * x[1 + n_labels + workers])
+    return y, a, big_a, big_b, a * big_a + (1 - a) * big_b
+
+
+def _noisy_bt_loss(x: Any, data: Any, workers: Any, n_labels: int, n_workers: int, ratio: float) -> float:
+    """Noisy BT's negative log-likelihood, plus `ratio` times the regulariser's: one win and one
+    loss of every response against a virtual one (score x[0]), which keeps separable items finite."""
+    import numpy as np
+    from scipy.special import log_expit
+
+    *_, p = _noisy_bt_terms(x, data, workers, n_labels, n_workers)
+    d = x[1 : n_labels + 1] - x[0]
+    return float(-np.log(p).sum() - ratio * (log_expit(d) + log_expit(-d)).sum())
+
+
+def _noisy_bt_gradient(x: Any, data: Any, workers: Any, n_labels: int, n_workers: int, ratio: float) -> Any:
+    """The gradient of `_noisy_bt_loss` with respect to `x`."""
+    import numpy as np
+
+    y, a, big_a, big_b, p = _noisy_bt_terms(x, data, workers, n_labels, n_workers)
+    n = x.size
+    d_score = a * big_a * (1 - big_a) * y / p  # d log P / d s_left (and minus d / d s_right)
+    gradient = np.bincount(data[:, 1], d_score, n) - np.bincount(data[:, 0], d_score, n)
+    gradient -= np.bincount(1 + n_labels + workers, (1 - a) * big_b * (1 - big_b) * y / p, n)
+    gradient -= np.bincount(1 + n_labels + n_workers + workers, a * (1 - a) * (big_a - big_b) / p, n)
+    pull = ratio * np.tanh((x[1 : n_labels + 1] - x[0]) / 2)
+    gradient[1 : n_labels + 1] += pull
+    gradient[0] -= pull.sum()
+    return gradient
 
 
 def _logit(p: float) -> float:
@@ -359,25 +469,26 @@ def preference_rows(
 ) -> list[dict[str, Any]]:
     """TRL preference rows from aggregated items, with margin = 2 * P(chosen beats rejected) - 1.
 
-    `items` maps an item id to a record with `prompt` and `responses`. An item without a
-    winner gives no row; an item of K responses gives the C(K, 2) pairs of its
-    aggregated ranking (`ranking_to_pairs`), each with its own margin.
+    `items` maps an item id to a record with `prompt` and `responses`; a record with a
+    `prompt_text` (the store's ItemRecord) gives that, a chat prompt's messages, as every
+    export does. An item without a winner gives no row; an item of K responses gives the
+    C(K, 2) pairs of its aggregated ranking (`ranked_pairs`), each with its own margin,
+    except a pair the aggregate leaves level (P = 0.5: no preference, as a tie gives none).
     """
     rows = []
     for item_id, agg in aggregates.items():
         if agg.winner is None:
             continue
         item = items[item_id]
-        ranked = Ranking(prompt=item.prompt, responses=list(item.responses), ranking=list(agg.ranking))
-        index = {text: i for i, text in enumerate(item.responses)}
-        for pair in ranking_to_pairs(ranked):
-            better, worse = index[pair.chosen], index[pair.rejected]
+        for better, worse in ranked_pairs(item.responses, agg.ranking):
+            if agg.scores[better] == agg.scores[worse]:
+                continue
             p = pair_probability(agg.scores, better, worse)
             rows.append(
                 {
-                    "prompt": item.prompt,
-                    "chosen": pair.chosen,
-                    "rejected": pair.rejected,
+                    "prompt": getattr(item, "prompt_text", item.prompt),
+                    "chosen": item.responses[better],
+                    "rejected": item.responses[worse],
                     "margin": round(2.0 * p - 1.0, 4),
                     "source": source,
                     "method": method,
