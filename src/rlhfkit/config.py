@@ -90,6 +90,11 @@ class ModelConfig(Section):
     )
     arch: Literal["llama", "qwen2", "gpt2"] = "llama"
     vocab_size: int = Field(4096, gt=256)
+    superwords: bool = Field(
+        False,
+        description="tiny model's tokenizer: BPE merges may cross spaces, so a frequent multi-word "
+        "phrase (a list item) is one token; newlines, digits and punctuation still split",
+    )
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
@@ -22,10 +22,27 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style) trained on `texts`, with chat special tokens."""
+# Superword pieces: only a newline, a run of digits or a punctuation mark splits the text before
+# BPE, so merges may cross spaces and a frequent phrase becomes one token.
+SUPERWORD_SPLIT = r"\n|[0-9]+|[^\w\s]"
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 4096, superwords: bool = False
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on `texts`, with chat special tokens.
+    `superwords`: merges may cross spaces (SentencePiece without whitespace splitting), so a
+    frequent multi-word phrase ("Roast turkey") becomes one token."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if superwords:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(SUPERWORD_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -47,7 +47,7 @@ def run_pretrain(
     if ckpt.path is not None:
         tokenizer, model = load_tokenizer(ckpt.path), load_causal_lm(ckpt.path)
     else:
-        tokenizer = train_tokenizer(corpus, vocab_size=mcfg.vocab_size)
+        tokenizer = train_tokenizer(corpus, vocab_size=mcfg.vocab_size, superwords=mcfg.superwords)
         model = tiny_causal_lm(
             tokenizer,
             arch=mcfg.arch,
