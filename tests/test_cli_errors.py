@@ -255,6 +255,17 @@ def test_a_bad_pool_is_refused_before_any_sampling(tmp_path):
     assert not (run_dir / "feedback.db").exists()
 
 
+def test_a_pool_smaller_than_the_overlap_is_refused_before_any_sampling(tmp_path):
+    run_dir = tmp_path / "run"
+    # Nine annotators in the default pool: ten labels per item could never be given.
+    result = _run("feedback", "simulate", "--out", str(run_dir), "--set", "feedback.overlap=10")
+    assert result.exit_code == 2
+    assert "feedback.overlap=10 asks for 10 annotators per item, but the simulated pool has 9" in _flat(
+        result.output
+    )
+    assert not (run_dir / "feedback.db").exists()
+
+
 def test_a_hub_model_that_cannot_be_fetched_is_an_error_not_a_traceback(tmp_path, monkeypatch):
     import transformers
 

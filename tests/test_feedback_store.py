@@ -638,3 +638,17 @@ def test_migrations_head_and_legacy_database(tmp_path):
         assert store.project(1).golden_rate == 0.0
         assert store.project_id("old") == 1
         store.add_items(1, _items(1))
+
+
+def test_ranking_export_counts_pairs_by_index_when_two_responses_read_the_same(open_store, tmp_path):
+    store = open_store()
+    project = store.create_project("dup", task_type="ranking")
+    store.add_items(project, [{"prompt": "q", "responses": ["same", "best", "same"]}])
+    alice = store.add_annotator("alice")
+    task = store.next_task(project, alice)
+    # Wanted original order: 1 ("best") > 0 ("same") > 2 ("same"); answered in presented positions.
+    store.submit(task.token, alice, {"ranking": [task.order.index(i) for i in (1, 0, 2)]})
+    assert store.export(project, tmp_path / "r.jsonl", "trl-preference") == 2
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    # Both "same" entries lose to "best"; the pair of the two identical texts says nothing.
+    assert [(r["chosen"], r["rejected"], r["n_votes"]) for r in rows] == [("best", "same", 1)] * 2

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 
@@ -51,12 +51,10 @@ from rlhfkit.pipeline import (
     comparison_items,
     feedback_store_url,
     run_stage,
+    simulated_pool,
 )
 from rlhfkit.tasks import resolve_gold
 from rlhfkit.train.loop import Stopwatch
-
-if TYPE_CHECKING:
-    from rlhfkit.crowd.simulate import AnnotatorProfile
 
 console = Console()
 
@@ -164,25 +162,6 @@ def wait_for_labels(
             )
             last_shown = now["n_items_complete"]
         sleep(max(0.0, min(poll, deadline - clock())))
-
-
-def simulated_pool(run: Run) -> list[AnnotatorProfile]:
-    """The annotator profiles of feedback.pool that label a round; StageError if too few for feedback.overlap.
-
-    Simulated annotators give every label they can before the round waits, and no one labels an
-    item twice: items that need more annotators than the pool has would never be complete, and the
-    round would wait loop.label_timeout for nothing before saying the annotators had not finished.
-    """
-    from rlhfkit.crowd.simulate import default_pool, load_pool
-
-    fb = run.config.feedback
-    pool = load_pool(fb.pool) if fb.pool is not None else default_pool()
-    if fb.overlap_share > 0 and fb.overlap > len(pool):
-        raise StageError(
-            f"feedback.overlap={fb.overlap} asks for {fb.overlap} annotators per item, but the simulated "
-            f"pool has {len(pool)} annotators: lower feedback.overlap or add annotators to feedback.pool"
-        )
-    return pool
 
 
 @dataclass(frozen=True)

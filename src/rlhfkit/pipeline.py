@@ -14,7 +14,7 @@ import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -23,6 +23,9 @@ from rlhfkit.config import FeedbackConfig, RunConfig, dump_config
 from rlhfkit.data.io import read_records, write_jsonl
 from rlhfkit.tasks import Task, load_task, resolve_gold, resolve_probes
 from rlhfkit.train.loop import Stopwatch, progress_bar
+
+if TYPE_CHECKING:
+    from rlhfkit.crowd.simulate import AnnotatorProfile
 
 STAGES = ("pretrain", "sft", "feedback", "rm", "ppo", "eval")
 # Config sections each stage reads; a stage also depends on everything before it.
@@ -353,10 +356,30 @@ def feedback_pairs(config: RunConfig, items: dict[int, Any], labels: list) -> li
     return rows
 
 
+def simulated_pool(run: Run) -> list[AnnotatorProfile]:
+    """The simulated annotators of feedback.pool (the default pool if unset); a StageError if there
+    are fewer of them than feedback.overlap.
+
+    No simulated annotator labels an item twice: items that need more annotators than the pool has
+    are never complete. A loop round would wait loop.label_timeout for nothing, the feedback stage
+    would train on half-labelled items.
+    """
+    from rlhfkit.crowd.simulate import default_pool, load_pool
+
+    fb = run.config.feedback
+    pool = load_pool(fb.pool) if fb.pool is not None else default_pool()
+    if fb.overlap_share > 0 and fb.overlap > len(pool):
+        raise StageError(
+            f"feedback.overlap={fb.overlap} asks for {fb.overlap} annotators per item, but the simulated "
+            f"pool has {len(pool)} annotators: lower feedback.overlap or add annotators to feedback.pool"
+        )
+    return pool
+
+
 def stage_feedback(run: Run) -> dict:
     """Sample from the SFT policy, collect simulated comparisons in the store, export pairs."""
     from rlhfkit.crowd.agreement import krippendorff_alpha_nominal
-    from rlhfkit.crowd.simulate import default_pool, load_pool, simulate_annotation
+    from rlhfkit.crowd.simulate import simulate_annotation
     from rlhfkit.feedback.store import FeedbackStore
 
     cfg, watch = run.config.feedback, Stopwatch()
@@ -366,7 +389,7 @@ def stage_feedback(run: Run) -> dict:
     # Not fsynced per label: simulated labels survive a crash of the process, which is enough for
     # labels that can be simulated again; a human-facing server keeps the durable default.
     # The pool is read first: a bad pool file is refused before minutes of sampling.
-    annotators = load_pool(cfg.pool) if cfg.pool is not None else default_pool()
+    annotators = simulated_pool(run)
     store = FeedbackStore(feedback_store_url(run), seed=run.config.seed, durable=False)
     try:
         project = store.create_project(feedback_project_name(run), task_type=cfg.task_type, overlap=1)

@@ -10,9 +10,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rlhfkit.crowd.aggregate import majority_vote
-from rlhfkit.data.convert import ranking_to_pairs
-from rlhfkit.data.records import LIKERT_MAX, Ranking
+from rlhfkit.crowd.aggregate import majority_vote, ranked_pairs
+from rlhfkit.data.records import LIKERT_MAX
 
 if TYPE_CHECKING:
     from rlhfkit.feedback.store import ItemRecord, LabelRecord
@@ -68,11 +67,9 @@ def _ranking_rows(source: str, items: Items, labels: Labels) -> Iterator[dict[st
     for label in labels:
         item = items[label.item_id]
         order = (label.value or {})["ranking"]
-        # Pairs come back as texts; map them back to indices to count votes per pair.
-        index = {text: i for i, text in enumerate(item.responses)}
-        ranking = Ranking(prompt=item.prompt, responses=item.responses, ranking=order)
-        for pair in ranking_to_pairs(ranking):
-            votes.setdefault(label.item_id, Counter())[(index[pair.chosen], index[pair.rejected])] += 1
+        # By index: two responses with the same text are two entries of the ranking.
+        for better, worse in ranked_pairs(item.responses, order):
+            votes.setdefault(label.item_id, Counter())[(better, worse)] += 1
     for item_id in sorted(votes):
         item, counts = items[item_id], votes[item_id]
         for (better, worse), n in sorted(counts.items()):
