@@ -1,6 +1,7 @@
 """`rlhfkit eval --policies --judge` and `rlhfkit overopt` on a run directory of tiny models."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,34 @@ def test_overopt_names_a_missing_reward_model(tiny_run, tmp_path):
     result = CliRunner().invoke(app, ["overopt", "--out", str(tiny_run), "--rm", str(tmp_path), *SMALL])
     assert result.exit_code == 2
     assert "no saved model" in result.output
+
+
+def _copy_of(run: Path, tmp_path: Path) -> Path:
+    """The tiny run in a folder of its own: these commands record their config in the run."""
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_overopt_sweeps_the_configured_heldout_prompts(tiny_run, tmp_path):
+    # data.heldout_prompts is "JSONL of {prompt} for evaluation": eval reads it, overopt must too.
+    run = _copy_of(tiny_run, tmp_path)
+    prompts = tmp_path / "heldout.jsonl"
+    texts = ["Top 5 board games for families?", "Name five houseplants for beginners."]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    args = ["overopt", "--out", str(run), "--no-progress", *SMALL]
+    result = CliRunner().invoke(app, [*args, "--set", f"data.heldout_prompts={prompts}"])
+    assert result.exit_code == 0, result.output
+    out = json.loads((run / "overopt" / "overopt.json").read_text())
+    assert out["bon"]["n_prompts"] == 2
+
+
+def test_overopt_keeps_checkpoints_whose_folders_share_a_name(tiny_run, tmp_path):
+    # Two runs' step-2 (or two final ppo/model folders): neither may silently replace the other.
+    run = _copy_of(tiny_run, tmp_path)
+    other = Path(shutil.copytree(run / "ppo/checkpoints/step-4", tmp_path / "other" / "step-2"))
+    mine = run / "ppo/checkpoints/step-2"
+    args = ["overopt", "--out", str(run), "--no-progress", *SMALL]
+    result = CliRunner().invoke(app, [*args, "--checkpoint", str(mine), "--checkpoint", str(other)])
+    assert result.exit_code == 0, result.output
+    out = json.loads((run / "overopt" / "overopt.json").read_text())
+    assert len(out["rl"]["checkpoints"]) == 3 and out["rl"]["checkpoints"][0] == "sft"
+    assert len(set(out["rl"]["kl"][1:])) == 2  # two different policies, two different KLs

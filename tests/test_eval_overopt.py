@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from rlhfkit.algos.bon import best_of_n_kl
-from rlhfkit.eval.overopt import best_of_n_expectation, best_of_n_weights, bon_sweep, fit_gao, rl_sweep
+from rlhfkit.eval.overopt import (
+    best_of_n_expectation,
+    best_of_n_weights,
+    bon_sweep,
+    fit_gao,
+    rl_sweep,
+    summary_rows,
+)
 
 
 def test_weights_hand_computed():
@@ -82,3 +89,14 @@ def test_rl_sweep_is_relative_to_sft():
     assert sweep["gold_rel"] == pytest.approx([0.0, 0.2, 0.1])
     assert sweep["rms"]["rm"]["gold_peak_at"] == "step-1"
     assert sweep["rms"]["rm"]["proxy_rel"] == [0.0, 1.0, 2.0]
+
+
+def test_summary_rows_print_a_b_and_r2_of_both_fits():
+    # docs/evaluation.md: the command prints a, b, R^2 for gold and for proxy.
+    x = np.random.default_rng(0).normal(size=(10, 16))
+    result = {"bon": bon_sweep({"rm": x.tolist()}, (x - 0.5 * x**2).tolist())}
+    (row,) = summary_rows(result)
+    rm = result["bon"]["rms"]["rm"]
+    for kind in ("gold", "proxy"):
+        fit = rm[f"fit_{kind}"]
+        assert f"fit {kind} a={fit['a']:.3f} b={fit['b']:.3f} R^2={fit['r2']:.3f}" in row

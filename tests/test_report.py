@@ -296,3 +296,32 @@ def test_metrics_log_writes_tensorboard_events(tmp_path: Path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0), (2, 1.5)]
     # A NaN is a gap in metrics.jsonl and absent from TensorBoard, never a fake number.
     assert "kl" not in events.Tags()["scalars"]
+
+
+def test_training_curve_note_names_the_smoothing_drawn(run_dir: Path):
+    # _moving_average is centred (the smooth line must not lag the raw one): the note says so.
+    html = write_html_report(run_dir, _full_report()).read_text()
+    assert "centred moving average" in html and "trailing" not in html
+
+
+def test_kl_column_is_from_the_reference(tmp_path: Path):
+    # evaluate_policies writes kl_from_<reference>: with --reference ppo there is no kl_from_sft.
+    report = {
+        "eval": {
+            "reference": "ppo",
+            "policies": {
+                "ppo": {"gold_reward": 0.5, "kl_from_ppo": 0.0},
+                "dpo": {"gold_reward": 0.6, "kl_from_ppo": 1.234},
+            },
+            "win_rate_vs_ppo": {"dpo": {"rate": 0.61, "ci95": [0.5, 0.7], "n": 80}},
+        }
+    }
+    html = write_html_report(tmp_path, report).read_text()
+    assert "<th>KL from ppo</th>" in html and '<td class="num">1.234</td>' in html
+    assert "<th>kl_from_ppo</th>" not in html  # one KL column, not a second one among the extras
+    console = Console(record=True, width=140)
+    console.print(summary_table(report))
+    text = console.export_text()
+    assert "KL from ppo" in text
+    dpo_row = next(line for line in text.splitlines() if line.lstrip("│| ").startswith("dpo "))
+    assert "1.234" in dpo_row

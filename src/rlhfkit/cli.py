@@ -244,7 +244,7 @@ def overopt(
     from rlhfkit.eval.evaluate import model_label
     from rlhfkit.eval.overopt import run_overopt, saved_checkpoints, summary_rows
     from rlhfkit.eval.report import write_html_report
-    from rlhfkit.pipeline import Run, StageError
+    from rlhfkit.pipeline import Run, StageError, _prompts
     from rlhfkit.tasks import resolve_gold
     from rlhfkit.train.loop import Stopwatch, progress_bar
 
@@ -263,8 +263,13 @@ def overopt(
         for path in folders:
             if not (Path(path) / "config.json").is_file():
                 _fail(f"--checkpoint {path}: no saved model (config.json) there")
-        checkpoints = {Path(p).name: Path(p) for p in folders}
-        prompts = run.task.heldout_prompts[: ocfg.n_prompts]
+        names = [Path(p).name for p in folders]
+        # Two runs' step-20 (or two ppo/model folders) must not replace each other, nor one the SFT point.
+        if len(set(names)) < len(names) or "sft" in names:
+            names = [str(Path(p).resolve()) for p in folders]
+        checkpoints = dict(zip(names, map(Path, folders), strict=True))
+        # The held-out prompts eval judges on: data.heldout_prompts when set, else the task's.
+        prompts = _prompts(cfg.data.heldout_prompts, run.task.heldout_prompts)[: ocfg.n_prompts]
         total = len(prompts) * ocfg.samples_per_prompt
         with progress_bar("best-of-n samples", total, enabled=not no_progress) as bar:
             result = run_overopt(

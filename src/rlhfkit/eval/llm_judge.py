@@ -8,9 +8,9 @@ signal than a word):
 - mode "score":  the expected value of the score tokens "1".."K" under the judge, in [1, K].
 
 It is a reward function (`judge_reward`, for `rewards: [{fn: rlhfkit.eval.llm_judge:judge_reward,
-kwargs: {model: PATH}}]`) and an evaluation judge (`LLMJudge.utility(prompt, response)` has
-the shape of a gold utility, so `evaluate_policies(..., gold=judge.utility)` reports win rates
-under it).
+kwargs: {model: PATH}}]`) and an evaluation judge (`evaluate_policies(..., judge="llm",
+llm_judge=judge)` reports `llm_score` and win rates under it; `LLMJudge.utility(prompt, response)`
+scores one response).
 """
 
 from __future__ import annotations

@@ -383,6 +383,8 @@ def summary_rows(result: Mapping) -> list[str]:
                 f"{kind} [{name}]: gold peaks at {rm['gold_peak_at']} ({rm['gold_peak']:.3f}), "
                 f"drops {rm['gold_drop_after_peak']:.3f} after; proxy monotone={rm['proxy_monotone']}; "
                 f"fit gold a={fit_g.get('a', float('nan')):.3f} b={fit_g.get('b', float('nan')):.3f} "
-                f"R^2={fit_g.get('r2', float('nan')):.3f}; fit proxy R^2={fit_p.get('r2', float('nan')):.3f}"
+                f"R^2={fit_g.get('r2', float('nan')):.3f}; "
+                f"fit proxy a={fit_p.get('a', float('nan')):.3f} b={fit_p.get('b', float('nan')):.3f} "
+                f"R^2={fit_p.get('r2', float('nan')):.3f}"
             )
     return rows

@@ -28,7 +28,8 @@ MAX_KEYS_PER_STAGE = 8
 FEATURED_KEYS: dict[str, dict[str, str]] = {
     "ppo": {"reward/score": "Proxy reward", "reward/gold": "Gold reward", "kl": "KL from SFT"},
 }
-_POLICY_KEYS = ("gold_reward", "proxy_reward", "kl_from_sft")
+# The policy table's own columns, besides KL from the reference (`kl_from_<reference>`).
+_POLICY_KEYS = ("gold_reward", "proxy_reward")
 # Bookkeeping metrics: still plotted when there is room, but after the ones that
 # say whether training works.
 _BOOKKEEPING = ("lr", "learning_rate", "epoch", "time", "wall", "elapsed", "per_s", "per_sec")
@@ -358,12 +359,12 @@ def _overopt_context(overopt: Mapping[str, Any]) -> dict | None:
     return {"rows": rows, "png": png, "plot": overopt.get("plot")}
 
 
-def _extra_policy_keys(policies: Mapping[str, Mapping]) -> list[str]:
+def _extra_policy_keys(policies: Mapping[str, Mapping], reference: str) -> list[str]:
     """Numeric per-policy figures beyond the three documented ones, as extra columns."""
     keys: dict[str, None] = {}
     for metrics in policies.values():
         for key, value in metrics.items():
-            if key not in _POLICY_KEYS and _is_number(value):
+            if key not in (*_POLICY_KEYS, f"kl_from_{reference}") and _is_number(value):
                 keys.setdefault(key, None)
     return list(keys)
 
@@ -499,7 +500,8 @@ def write_html_report(run_dir: Path, report: dict) -> Path:
         ],
         "curves": _stage_curves(run_dir),
         "policies": [(name, m, win_rates.get(name)) for name, m in policies.items()],
-        "policy_extra_keys": _extra_policy_keys(policies),
+        "policy_extra_keys": _extra_policy_keys(policies, reference),
+        "kl_key": f"kl_from_{reference}",
         "extra_win_rates": [(n, w) for n, w in win_rates.items() if n not in policies],
         "policy_png": _policy_png(policies, win_rates, reference),
         "reference": reference,
@@ -539,7 +541,7 @@ def summary_table(report: dict) -> Table:
     table.add_column("policy", style="bold")
     table.add_column("gold reward", justify="right")
     table.add_column("proxy reward", justify="right")
-    table.add_column("KL from SFT", justify="right")
+    table.add_column(Text(f"KL from {reference}"), justify="right")
     table.add_column(Text(f"win rate vs {reference} [95% CI]"), justify="right")
 
     def number(value: Any) -> str:
@@ -552,7 +554,7 @@ def summary_table(report: dict) -> Table:
             Text(str(name)),
             number(metrics.get("gold_reward")),
             number(metrics.get("proxy_reward")),
-            number(metrics.get("kl_from_sft")),
+            number(metrics.get(f"kl_from_{reference}")),
             Text("-" if name == reference else _fmt_winrate(win_rates.get(name))),
         )
     return table
