@@ -325,3 +325,53 @@ def test_kl_column_is_from_the_reference(tmp_path: Path):
     assert "KL from ppo" in text
     dpo_row = next(line for line in text.splitlines() if line.lstrip("│| ").startswith("dpo "))
     assert "1.234" in dpo_row
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_report_json_is_strict_json_and_sections_are_owned_by_their_stage(tmp_path):
+    from rlhfkit.config import load_config
+    from rlhfkit.pipeline import Run, _report_patch
+
+    run = Run(tmp_path, load_config(None, []), show_progress=False)
+    first_eval = {
+        "wall_seconds": 1.0,
+        "eval": {"reference": "sft", "win_rate_vs_sft": {"ppo": {"rate": 0.6}}},
+        "samples": [{"prompt": "p"}],
+        "rm": {"heldout_accuracy": 0.7, "probes": {"off_topic_item": {}}},
+    }
+    run.update_report(
+        *_report_patch(run, "rm", {"wall_seconds": 1.0, "n_train_pairs": 9, "val_accuracy": 0.5})
+    )
+    run.update_report(*_report_patch(run, "eval", first_eval))
+    # Again with another reference and no held-out pairs: nothing of the first eval may remain.
+    second_eval = {
+        "wall_seconds": 2.0,
+        "eval": {"reference": "ppo", "win_rate_vs_ppo": {}},
+        "samples": [],
+        "rm": {},
+    }
+    run.update_report(*_report_patch(run, "eval", second_eval))
+    report = _strict((tmp_path / "report.json").read_text())
+    assert report["eval"] == {"reference": "ppo", "win_rate_vs_ppo": {}}
+    assert report["rm"] == {"n_train_pairs": 9, "val_accuracy": 0.5}
+    # A reward model trained again drops the figures the eval measured on the previous one.
+    run.update_report(*_report_patch(run, "eval", first_eval))
+    run.update_report(
+        *_report_patch(run, "rm", {"wall_seconds": 1.0, "n_train_pairs": 7, "val_accuracy": math.nan})
+    )
+    report = _strict((tmp_path / "report.json").read_text())
+    assert report["rm"] == {"n_train_pairs": 7, "val_accuracy": None}
+    assert report["stages"]["rm"]["val_accuracy"] is None and report["wall_seconds"] == 2.0
+
+
+def test_strict_json_writes_non_finite_numbers_as_null():
+    from rlhfkit.data.io import strict_json
+
+    value = {"a": [1.0, math.nan, (math.inf, -math.inf)], "b": {"c": "NaN", "d": 3}}
+    assert strict_json(value) == {"a": [1.0, None, [None, None]], "b": {"c": "NaN", "d": 3}}

@@ -287,7 +287,7 @@ def overopt(
             )
         result["wall_seconds"] = watch.seconds()
         timing = {"overopt": {"wall_seconds": result["wall_seconds"]}}
-        report = run.update_report({"overopt": result, "stages": timing})
+        report = run.update_report({"overopt": result, "stages": timing}, replace=("overopt",))
         run.record_config()
         write_html_report(run.dir, report)
     except (DataError, StageError, ValueError) as exc:

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 
 from rlhfkit.config import FeedbackConfig, RunConfig, dump_config
-from rlhfkit.data.io import read_records, write_jsonl
+from rlhfkit.data.io import read_records, strict_json, write_jsonl
 from rlhfkit.tasks import Task, load_task, resolve_gold, resolve_probes
 from rlhfkit.train.loop import Stopwatch, progress_bar
 
@@ -167,13 +167,15 @@ class Run:
         path = self.dir / "report.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def update_report(self, patch: dict[str, Any]) -> dict[str, Any]:
-        """Merge `patch` into report.json (written atomically, so a crash never leaves half a file)."""
+    def update_report(self, patch: dict[str, Any], replace: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Merge `patch` into report.json (written atomically, so a crash never leaves half a file).
+        A section named in `replace` is replaced whole, so none of its old keys outlive the run
+        that wrote it. NaN and infinity are written as null (strict JSON has neither)."""
         report = self.read_report()
         report.setdefault("task", self.task.name)
         report["seed"] = self.config.seed
         for key, value in patch.items():
-            if isinstance(value, dict) and isinstance(report.get(key), dict):
+            if key not in replace and isinstance(value, dict) and isinstance(report.get(key), dict):
                 report[key].update(value)
             else:
                 report[key] = value
@@ -182,7 +184,7 @@ class Run:
         )
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".json.tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
+            json.dump(strict_json(report), f, indent=2, allow_nan=False)
         os.replace(tmp, self.dir / "report.json")
         return report
 
@@ -707,21 +709,34 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict]] = {
 }
 
 
-def _report_patch(run: Run, stage: str, summary: dict) -> dict:
-    """What a stage's summary contributes to report.json."""
+# What the eval stage adds to report.json's rm section: figures of the reward model it judged.
+RM_EVAL_KEYS = ("heldout_accuracy", "gold_agreement", "bench", "probes", "label_curve")
+
+
+def _report_patch(run: Run, stage: str, summary: dict) -> tuple[dict, tuple[str, ...]]:
+    """What a stage's summary contributes to report.json, and the sections it replaces whole.
+
+    The eval stage owns `eval` and `samples` (a run with another reference or other policies
+    leaves none of the last run's keys) and its keys of `rm`; training a reward model again
+    drops those too, since they judged the reward model it replaces."""
     figures = {k: v for k, v in summary.items() if k not in ("eval", "samples", "rm", "fingerprint")}
     patch: dict[str, Any] = {"stages": {stage: figures}}
+    replace: tuple[str, ...] = ()
     if stage == "feedback":
         patch["feedback"] = {
             k: summary[k] for k in ("n_labels", "n_annotators", "agreement_alpha", "n_items", "n_pairs")
         }
-    if stage == "rm":
-        patch["rm"] = {"n_train_pairs": summary["n_train_pairs"], "val_accuracy": summary["val_accuracy"]}
-    if stage == "eval":
-        patch["eval"] = summary["eval"]
-        patch["samples"] = summary["samples"]
-        patch["rm"] = summary["rm"]
-    return patch
+    if stage in ("rm", "eval"):
+        kept = {k: v for k, v in run.read_report().get("rm", {}).items() if k not in RM_EVAL_KEYS}
+        if stage == "rm":
+            kept.update(n_train_pairs=summary["n_train_pairs"], val_accuracy=summary["val_accuracy"])
+        else:
+            kept.update(summary["rm"])
+            patch["eval"] = summary["eval"]
+            patch["samples"] = summary["samples"]
+        patch["rm"] = kept
+        replace = ("rm", "eval", "samples")
+    return patch, replace
 
 
 def run_stage(run: Run, stage: str, reuse: bool = False) -> dict:
@@ -751,14 +766,14 @@ def run_stage(run: Run, stage: str, reuse: bool = False) -> dict:
             run.record_config()  # its checkpoint was made with this config
             raise
         summary["fingerprint"] = run.fingerprint(stage)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         shown = {k: v for k, v in summary.items() if isinstance(v, int | float) and k != "wall_seconds"}
         console.print(
             f"[bold]{stage}[/bold] done in {summary.get('wall_seconds', 0):.0f}s: "
             + ", ".join(f"{k}={v}" for k, v in shown.items()),
             highlight=False,
         )
-    report = run.update_report(_report_patch(run, stage, summary))
+    report = run.update_report(*_report_patch(run, stage, summary))
     run.record_config()
     if stage == "eval":
         write_html_report(run.dir, report)

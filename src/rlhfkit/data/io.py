@@ -24,6 +24,7 @@ near the end can never leave a caller training on the first half of a file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from rlhfkit.data.records import KINDS, TEXT_TAGS
 
-__all__ = ["DataError", "iter_jsonl", "read_jsonl", "read_records", "read_rows", "write_jsonl"]
+__all__ = ["DataError", "iter_jsonl", "read_jsonl", "read_records", "read_rows", "strict_json", "write_jsonl"]
 
 JSONL_SUFFIXES = (".jsonl",)
 JSON_SUFFIXES = (".json",)
@@ -382,6 +383,18 @@ def _to_row(row: Mapping[str, Any] | BaseModel) -> Any:
     if isinstance(row, BaseModel):
         return row.model_dump(mode="json", exclude_none=True)
     return dict(row)
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None: JSON has no NaN or Infinity, and strict
+    parsers (browsers' JSON.parse, jq, Go, Rust) refuse the `NaN` Python writes by default."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any] | BaseModel]) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from rlhfkit.algos.bon import best_of_n_kl
+from rlhfkit.data.io import strict_json
 
 Utility = Callable[[str, str], float]
 
@@ -358,7 +359,9 @@ def run_overopt(
     if png is not None:
         (out_dir / "overopt.png").write_bytes(base64.b64decode(png))
         result["plot"] = str(out_dir / "overopt.png")
-    (out_dir / "overopt.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out_dir / "overopt.json").write_text(
+        json.dumps(strict_json(result), indent=2, allow_nan=False), encoding="utf-8"
+    )
     return result
 
 
