@@ -202,7 +202,9 @@ def annotate(request: Request, project_id: int) -> Response:
     project = _project_or_404(request, caller, project_id)
     if isinstance(project, Response):
         return project
-    return _page(request, "annotate.html", caller, project=project)
+    # The caller's own labels only (golden ones included, unmarked): nobody else's work shows.
+    n_done = len(_store(request).labels(project_id, annotator_id=caller.user.annotator_id))
+    return _page(request, "annotate.html", caller, project=project, n_done=n_done)
 
 
 @router.get("/admin", response_class=HTMLResponse)
@@ -236,7 +238,8 @@ def new_project_page(request: Request) -> Response:
         return _login_redirect()
     if caller.user.role != "admin":
         return _forbidden(request, caller)
-    return _page(request, "project_new.html", caller, task_types=TASK_TYPES)
+    values = {"name": "", "task_type": TASK_TYPES[0], "guidelines": "", "overlap": 1, "golden_rate": 0}
+    return _page(request, "project_new.html", caller, task_types=TASK_TYPES, values=values)
 
 
 @router.post("/admin/projects", dependencies=[Depends(check_csrf)])
@@ -264,7 +267,17 @@ def new_project_form(
         except ValueError as exc:
             error = str(exc)
     if error:
-        return _page(request, "project_new.html", caller, status=400, task_types=TASK_TYPES, error=error)
+        # The form comes back filled in: the guidelines may be pages of Markdown.
+        values = {
+            "name": name,
+            "task_type": task_type,
+            "guidelines": guidelines,
+            "overlap": overlap,
+            "golden_rate": golden_rate,
+        }
+        return _page(
+            request, "project_new.html", caller, status=400, task_types=TASK_TYPES, error=error, values=values
+        )
     return RedirectResponse("/admin", status_code=303)
 
 

@@ -7,8 +7,8 @@
   const status = document.getElementById("status");
   const doneCount = document.getElementById("done-count");
   const projectId = section.dataset.project;
-  const csrf = document.querySelector('meta[name="csrf-token"]').content;
-  let done = 0;
+  let csrf = document.querySelector('meta[name="csrf-token"]').content;
+  let done = Number(doneCount.textContent) || 0;
 
   // Build an element; children that are strings become text nodes.
   function el(tag, props, ...children) {
@@ -25,7 +25,7 @@
     return node;
   }
 
-  async function post(path, body) {
+  async function post(path, body, retried = false) {
     const response = await fetch(path, {
       method: "POST",
       credentials: "same-origin",
@@ -33,11 +33,24 @@
       body: JSON.stringify(body || {}),
     });
     const data = await response.json().catch(() => ({}));
+    if (response.status === 403 && !retried && await refreshCsrf()) return post(path, body, true);
     if (!response.ok) {
       const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail);
-      throw new Error(detail || `HTTP ${response.status}`);
+      const error = new Error(detail || `HTTP ${response.status}`);
+      error.status = response.status;
+      throw error;
     }
     return data;
+  }
+
+  // Logging in again (in another tab, after the session ended) gives the session a new CSRF
+  // token; take it, so that what the annotator typed on this page can still be submitted.
+  async function refreshCsrf() {
+    const response = await fetch("/api/me", { credentials: "same-origin" }).catch(() => null);
+    const fresh = response && response.ok ? (await response.json().catch(() => ({}))).csrf_token : null;
+    if (!fresh || fresh === csrf) return false;
+    csrf = fresh;
+    return true;
   }
 
   function promptView(task) {
@@ -45,33 +58,50 @@
       return el("div", { className: "conversation" },
         ...task.messages.map((m) =>
           el("div", { className: `message role-${m.role}` },
-            el("span", { className: "role" }, m.role), el("div", { className: "content" }, m.content))));
+            el("span", { className: "role" }, m.role), el("div", { className: "content", dir: "auto" }, m.content))));
     }
     return el("div", { className: "prompt" }, el("span", { className: "role" }, "prompt"),
-      el("div", { className: "content" }, task.prompt));
+      el("div", { className: "content", dir: "auto" }, task.prompt));
   }
 
+  // dir="auto": a right-to-left output reads right to left, whatever the page's direction.
   function responseView(text, title) {
-    return el("div", { className: "response" }, el("h3", {}, title), el("div", { className: "text" }, text));
+    return el("div", { className: "response" }, el("h3", {}, title), el("div", { className: "text", dir: "auto" }, text));
   }
 
   function setBusy(busy) {
     for (const control of section.querySelectorAll("button, textarea, input")) control.disabled = busy;
   }
 
+  function setStatus(failed, ...parts) {
+    status.classList.toggle("error", failed);
+    status.replaceChildren(...parts);
+  }
+
   async function submit(task, answer) {
+    const focused = document.activeElement;  // disabling it below takes the focus away
     setBusy(true);
-    status.textContent = "Saving…";
+    setStatus(false, "Saving…");
     try {
       await post("/api/submit", { token: task.token, answer });
-      done += 1;
-      doneCount.textContent = String(done);
-      status.textContent = "Saved.";
-      await load();
     } catch (error) {
-      status.textContent = `Not saved: ${error.message}`;
+      if (error.status === 401) {
+        setStatus(true, "Not saved: you are logged out. ",
+          el("a", { href: "/login", target: "_blank", rel: "noopener" }, "Log in again"),
+          " (in a new tab), then submit again; your answer stays on this page.");
+      } else {
+        setStatus(true, `Not saved: ${error.message}`);
+      }
       setBusy(false);
+      if (section.contains(focused)) focused.focus();
+      return;
     }
+    done += 1;
+    doneCount.textContent = String(done);
+    setStatus(false, "Saved.");
+    await load();
+    // Into the new task (its text box, if it has one), not back to the top of the page.
+    (section.querySelector("textarea") || section).focus();
   }
 
   function comparison(task) {
@@ -95,7 +125,7 @@
     let dragged = null;
     task.responses.forEach((text, position) => {
       const item = el("li", { tabIndex: 0, draggable: true, className: "rank-item", dataset: { position: String(position) } },
-        el("span", { className: "grip", "aria-hidden": "true" }, "⠿"), el("div", { className: "text" }, text));
+        el("span", { className: "grip", "aria-hidden": "true" }, "⠿"), el("div", { className: "text", dir: "auto" }, text));
       item.addEventListener("keydown", (event) => {
         // Keyboard ranking: arrow keys move the focused response up or down.
         if (event.key === "ArrowUp" && item.previousElementSibling) {
@@ -148,7 +178,7 @@
   }
 
   function textTask(task, editing) {
-    const area = el("textarea", { id: "answer-text", rows: 10, value: editing ? task.responses[0] : "" });
+    const area = el("textarea", { id: "answer-text", rows: 10, dir: "auto", value: editing ? task.responses[0] : "" });
     return [
       editing ? responseView(task.responses[0], "Original response") : null,
       el("label", {}, editing ? "Your improved response" : "Your response", area),
