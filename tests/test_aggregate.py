@@ -307,6 +307,19 @@ def test_level_pairs_of_an_aggregated_ranking_give_no_row():
     assert all(r["margin"] > 0 for r in rows)
 
 
+def test_a_ranking_whose_top_two_are_level_still_gives_its_decided_pairs():
+    """No winner (the top two level) says nothing about the rest of the ranking: both beat the last."""
+    responses = ["good", "also good", "bad"]
+    votes = [
+        *ranking_votes(4, "a", "q", responses, [0, 1, 2]),
+        *ranking_votes(4, "b", "q", responses, [1, 0, 2]),
+    ]
+    agg = aggregate(votes, "mv")[4]
+    assert agg.winner is None and agg.scores[0] == agg.scores[1]
+    rows = preference_rows({4: Item("q", responses)}, {4: agg}, "test", "mv")
+    assert sorted((r["chosen"], r["rejected"]) for r in rows) == [("also good", "bad"), ("good", "bad")]
+
+
 def test_aggregated_rows_keep_a_chat_prompt_as_messages(tmp_path):
     """Aggregated pairs write a chat item's prompt as its messages, as every export does."""
     from rlhfkit.crowd.aggregate import aggregated_pairs

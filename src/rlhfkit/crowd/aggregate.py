@@ -471,15 +471,18 @@ def preference_rows(
 
     `items` maps an item id to a record with `prompt` and `responses`; a record with a
     `prompt_text` (the store's ItemRecord) gives that, a chat prompt's messages, as every
-    export does. An item without a winner gives no row; an item of K responses gives the
-    C(K, 2) pairs of its aggregated ranking (`ranked_pairs`), each with its own margin,
-    except a pair the aggregate leaves level (P = 0.5: no preference, as a tie gives none).
+    export does. A two-response item without a winner (a tie) gives no row; an item of K
+    responses gives the C(K, 2) pairs of its aggregated ranking (`ranked_pairs`), each with its
+    own margin, except a pair the aggregate leaves level (P = 0.5: no preference, as a tie gives
+    none), so a ranking whose top two are level still gives its decided pairs.
     """
     rows = []
     for item_id, agg in aggregates.items():
-        if agg.winner is None:
-            continue
         item = items[item_id]
+        # No winner: a tie (two responses), or a ranking whose top two are level, whose other
+        # pairs may still be decided (the level ones are skipped below).
+        if agg.winner is None and len(item.responses) == 2:
+            continue
         for better, worse in ranked_pairs(item.responses, agg.ranking):
             if agg.scores[better] == agg.scores[worse]:
                 continue
