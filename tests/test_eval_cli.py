@@ -123,7 +123,7 @@ def _copy_of(run: Path, tmp_path: Path) -> Path:
 
 
 def test_overopt_sweeps_the_configured_heldout_prompts(tiny_run, tmp_path):
-    # data.heldout_prompts is "JSONL of {prompt} for evaluation": eval reads it, overopt must too.
+    # data.heldout_prompts holds the prompts for evaluation: eval reads it, overopt must too.
     run = _copy_of(tiny_run, tmp_path)
     prompts = tmp_path / "heldout.jsonl"
     texts = ["Top 5 board games for families?", "Name five houseplants for beginners."]

@@ -194,13 +194,16 @@ class RolloutConfig(Section):
 
 
 class DataConfig(Section):
+    """Data files: .jsonl, .json (a list) or .parquet, or a Hugging Face dataset (a save_to_disk
+    folder, FOLDER:SPLIT, or hf:NAME[:CONFIG]:SPLIT)."""
+
     task: str = Field("rlhfkit.tasks.top5", description="import path of a task module with build(seed)")
-    prompts: Path | None = Field(None, description="JSONL of {prompt}: RL prompts instead of the task's")
-    heldout_prompts: Path | None = Field(None, description="JSONL of {prompt} for evaluation")
-    demonstrations: Path | None = Field(None, description="JSONL of {prompt, completion} for SFT")
-    preferences: Path | None = Field(None, description="JSONL of {prompt, chosen, rejected} for the RM")
+    prompts: Path | None = Field(None, description="rows of {prompt}: RL prompts instead of the task's")
+    heldout_prompts: Path | None = Field(None, description="rows of {prompt} for evaluation")
+    demonstrations: Path | None = Field(None, description="rows of {prompt, completion} for SFT")
+    preferences: Path | None = Field(None, description="rows of {prompt, chosen, rejected} for the RM")
     unpaired: Path | None = Field(
-        None, description="JSONL of {prompt, completion, label} for KTO; unset = derived from the pairs"
+        None, description="rows of {prompt, completion, label} for KTO; unset = derived from the pairs"
     )
 
 
@@ -417,7 +420,7 @@ class EvalConfig(Section):
     judge_model: str | None = Field(None, description="model folder or hub id of the LLM judge (judge: llm)")
     ci_method: Literal["wilson", "bootstrap"] = Field("wilson", description="win-rate 95% interval")
     references: Path | None = Field(
-        None, description="JSONL of {prompt, completion}: reference answers for ROUGE-L/BLEU"
+        None, description="rows of {prompt, completion}: reference answers for ROUGE-L/BLEU"
     )
 
 

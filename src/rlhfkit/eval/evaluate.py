@@ -232,7 +232,7 @@ def topic_references(
 
 
 def file_references(path: Path, prompts: Sequence[str]) -> list[list[str]]:
-    """References of each prompt from a JSONL of {prompt, completion} (several lines per prompt allowed)."""
+    """References of each prompt from rows of {prompt, completion} (several rows per prompt allowed)."""
     from rlhfkit.data.io import read_records
 
     by_prompt: dict[str, list[str]] = {}
