@@ -280,6 +280,48 @@ def test_feedback_url_round_is_labelled_over_http(loop_run, base_model, tmp_path
         service_store.close()
 
 
+def test_a_round_cut_off_between_item_requests_sends_the_rest_next_time(
+    loop_run, base_model, tmp_path, monkeypatch
+):
+    """Items go to a service in several requests; an attempt that died after the first must not
+    leave the round with part of its comparisons (the next attempt sends the rest, once)."""
+    import rlhfkit.loop as loop_module
+    from rlhfkit.feedback.client import FeedbackClient
+
+    out = _copy_through_round_one(loop_run[0], tmp_path / "run")
+    service_store = FeedbackStore(tmp_path / "service.db", seed=0, durable=False)
+    service_store.add_user("boss", "admin", "boss-password-1")
+    monkeypatch.setenv(PASSWORD_ENV, "boss-password-1")
+    monkeypatch.setattr(loop_module, "ITEMS_PER_REQUEST", 3)
+    real_add = FeedbackClient.add_items
+    calls = []
+
+    def add_then_die(self, project_id, items):
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise ConnectionError("the service went away")
+        return real_add(self, project_id, items)
+
+    try:
+        with running_server(service_store) as url:
+            sets = _sets(base_model, "loop.rounds=2", f"loop.feedback_url={url}", "loop.feedback_user=boss")
+            config = load_config(None, sets)
+            monkeypatch.setattr(FeedbackClient, "add_items", add_then_die)
+            with pytest.raises(ConnectionError):
+                run_loop(Run(out, config, show_progress=False, resume=True))
+            (project,) = [p for p in service_store.projects() if "-loop2-" in p.name]
+            assert service_store.progress(project.project_id)["n_items"] == 3
+            monkeypatch.setattr(FeedbackClient, "add_items", real_add)
+            run_loop(Run(out, config, show_progress=False, resume=True))
+        saved = json.loads(next((out / "loop" / "round-2").glob("items-*.jsonl")).read_text().splitlines()[0])
+        items = service_store.items(project.project_id)
+        assert len(items) == _summary(out, 2)["n_items"] > 3
+        assert items[0].prompt == saved["prompt"] and items[0].responses == saved["responses"]
+        assert len({(i.prompt, tuple(i.responses)) for i in items}) == len(items)  # none sent twice
+    finally:
+        service_store.close()
+
+
 @pytest.mark.slow
 def test_cli_says_clearly_when_humans_have_not_labelled(loop_run, base_model, tmp_path):
     out = _copy_through_round_one(loop_run[0], tmp_path / "run")

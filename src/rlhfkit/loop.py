@@ -40,7 +40,7 @@ from typing import Any
 from rich.console import Console
 
 from rlhfkit.config import RunConfig
-from rlhfkit.data.io import write_jsonl
+from rlhfkit.data.io import read_jsonl, write_jsonl
 from rlhfkit.pipeline import (
     Run,
     StageError,
@@ -59,6 +59,8 @@ from rlhfkit.train.loop import Stopwatch
 console = Console()
 
 LOOP_DIR = "loop"
+# Items per request when a round's comparisons go to a feedback service over HTTP.
+ITEMS_PER_REQUEST = 1000
 PASSWORD_ENV = "RLHFKIT_FEEDBACK_PASSWORD"
 # Settings that say where and how patiently labels are collected, not what a round computes:
 # changing them keeps finished rounds (so `--rounds 5` after 3 rounds runs only rounds 4 and 5).
@@ -267,9 +269,9 @@ class ServiceFeedback:
         return self.client.stats(project_id)["n_items"]
 
     def add_items(self, project_id: int, items: list[dict]) -> None:
-        """Add comparison items, in requests the API accepts."""
-        for start in range(0, len(items), 1000):
-            self.client.add_items(project_id, items[start : start + 1000])
+        """Add comparison items, in requests the API accepts (each one transaction, in order)."""
+        for start in range(0, len(items), ITEMS_PER_REQUEST):
+            self.client.add_items(project_id, items[start : start + ITEMS_PER_REQUEST])
 
     def progress(self, project_id: int) -> dict[str, int]:
         """n_items, n_items_complete, n_labels."""
@@ -443,8 +445,13 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
     source = open_feedback(run, k)
     try:
         project = source.project(project_name, fb.task_type)
-        # A project that has items already was interrupted: keep its items and labels.
-        if source.n_items(project) == 0:
+        # The round's comparisons are saved before any is sent: an attempt cut off between two
+        # requests left the first items in the project, and the next one sends the rest.
+        items_file = out / f"items-{fingerprint[:8]}.jsonl"
+        n_sent = source.n_items(project)
+        # A project that has items but no saved list was interrupted after sending them all
+        # (a run directory of an earlier version): keep its items and labels.
+        if n_sent == 0 and not items_file.is_file():
             rng = random.Random(f"loop-{run.config.seed}-{k}")
             prompts = pick_prompts(
                 _prompts(run.config.data.prompts, run.task.train_prompts),
@@ -459,12 +466,16 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
             if not items:
                 raise StageError(f"round {k}: every prompt's samples were identical; nothing to compare")
             write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in prompts])
-            source.add_items(project, items)
-            console.print(
-                f"round {k}: {len(items)} comparisons of {current.relative_to(run.dir)} sent to "
-                f"project {project_name!r} at {source.where}",
-                highlight=False,
-            )
+            write_jsonl(items_file, items)
+        if items_file.is_file():
+            items = read_jsonl(items_file)
+            if n_sent < len(items):
+                source.add_items(project, items[n_sent:])
+                console.print(
+                    f"round {k}: {len(items) - n_sent} of {len(items)} comparisons of "
+                    f"{current.relative_to(run.dir)} sent to project {project_name!r} at {source.where}",
+                    highlight=False,
+                )
         if cfg.annotators == "simulated":
             target = source.annotation_target([p.name for p in pool], run)
             simulate_annotation(target, project, pool, gold, seed=run.config.seed + k)
