@@ -1,5 +1,6 @@
 """The whole loop, end to end, through the real command: `rlhfkit demo --preset fast`."""
 
+import hashlib
 import json
 import math
 import subprocess
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from rlhfkit.config import load_config
-from rlhfkit.pipeline import Run
+from rlhfkit.data.io import source_digest, write_jsonl
+from rlhfkit.pipeline import METHOD_STAGES, STAGES, Run
 
 REPORT_KEYS = {
     "task",
@@ -138,3 +140,67 @@ def test_changing_a_section_invalidates_that_stage_and_downstream(tmp_path):
         assert base.fingerprint(stage) == changed.fingerprint(stage)
     for stage in ("rm", "ppo", "eval"):
         assert base.fingerprint(stage) != changed.fingerprint(stage)
+
+
+def _fingerprints(out: Path, overrides: list[str]) -> dict[str, str]:
+    run = Run(out, load_config(overrides=overrides))
+    return {stage: run.fingerprint(stage) for stage in (*STAGES, *METHOD_STAGES)}
+
+
+def test_editing_a_data_file_invalidates_the_stages_that_read_it_and_downstream(tmp_path):
+    """A data file edited in place is new input: the stage reading it runs again, as after a change of
+    its path, while the stages before it stay finished."""
+    prefs = tmp_path / "prefs.jsonl"
+    prompts = tmp_path / "prompts.jsonl"
+    row = {"prompt": "Top 5 board games?", "chosen": "1. Chess", "rejected": "1. Chess\n1. Chess"}
+    write_jsonl(prefs, [row])
+    write_jsonl(prompts, [{"prompt": "Top 5 board games?"}])
+    overrides = [f"data.preferences={prefs}", f"data.prompts={prompts}"]
+    before = _fingerprints(tmp_path / "run", overrides)
+    write_jsonl(prefs, [row, {**row, "chosen": "1. Go"}])
+    after_prefs = _fingerprints(tmp_path / "run", overrides)
+    changed = {stage for stage in before if before[stage] != after_prefs[stage]}
+    # kto derives its thumbs from the pairs when data.unpaired is unset.
+    assert changed == {"rm", "ppo", "eval", "dpo", "kto", "grpo", "rloo", "bon", "expert_iter"}
+    write_jsonl(prompts, [{"prompt": "Top 5 card games?"}])
+    after_prompts = _fingerprints(tmp_path / "run", overrides)
+    changed = {stage for stage in before if after_prefs[stage] != after_prompts[stage]}
+    # The feedback stage samples the RL prompts; everything after it builds on its labels.
+    assert changed == set(STAGES[2:]) | set(METHOD_STAGES)
+    # Rewriting the same content is no change.
+    write_jsonl(prompts, [{"prompt": "Top 5 card games?"}])
+    assert _fingerprints(tmp_path / "run", overrides) == after_prompts
+
+
+def test_a_saved_dataset_folder_is_fingerprinted_by_its_files(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    folder = tmp_path / "demos"
+    rows = {"prompt": ["Top 5 board games?"], "completion": ["1. Chess"]}
+    DatasetDict({"train": Dataset.from_dict(rows)}).save_to_disk(str(folder))
+    overrides = [f"data.demonstrations={folder}:train"]
+    before = _fingerprints(tmp_path / "run", overrides)
+    rows["completion"] = ["1. Go"]
+    DatasetDict({"train": Dataset.from_dict(rows)}).save_to_disk(str(folder))
+    after = _fingerprints(tmp_path / "run", overrides)
+    assert before["pretrain"] == after["pretrain"] and before["sft"] != after["sft"]
+
+
+def test_source_digest_of_each_kind_of_source(tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"prompt": "x"}\n')
+    assert source_digest(data) == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert source_digest(tmp_path / "nowhere.jsonl") == "missing"
+    # A hub id is taken as written; a local folder named through hf: by its files.
+    assert source_digest("hf:owner/name:train") != source_digest("hf:owner/name:test")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"prompt": "x"}\n')
+    first = source_digest(f"hf:{folder}:train")
+    assert first == source_digest(folder) == source_digest(f"{folder}:train")
+    (folder / "train.jsonl").write_text('{"prompt": "y"}\n')
+    edited = source_digest(f"hf:{folder}:train")
+    assert edited != first
+    # A file's name inside a folder counts, not only the bytes.
+    (folder / "train.jsonl").rename(folder / "test.jsonl")
+    assert source_digest(folder) != edited

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 
 from rlhfkit.config import FeedbackConfig, RunConfig, dump_config
-from rlhfkit.data.io import read_records, strict_json, write_jsonl
+from rlhfkit.data.io import read_records, source_digest, strict_json, write_jsonl
 from rlhfkit.tasks import Task, load_task, resolve_gold, resolve_probes
 from rlhfkit.train.loop import Stopwatch, progress_bar
 
@@ -40,6 +40,15 @@ _SECTIONS = {
 }
 # Keys of a section that only the eval stage reads: changing one re-runs eval alone.
 _EVAL_ONLY = {"rm": ("label_curve",)}
+# Data files each stage reads (config keys): their content is part of the stage's fingerprint, so a
+# file edited in place makes the stage that reads it, and everything downstream, run again.
+_INPUTS = {
+    "sft": ("data.demonstrations",),
+    "feedback": ("data.prompts", "feedback.pool"),
+    "rm": ("data.preferences",),
+    "ppo": ("data.prompts",),
+    "eval": ("data.heldout_prompts", "eval.references"),
+}
 # How often a stage saves checkpoints does not change what it computes (eval sweeps PPO's).
 _CHECKPOINT_KEYS = ("save_every", "keep_states")
 # Method stages outside the demo (issue 4), each with the last demo stage it builds on:
@@ -52,6 +61,16 @@ METHOD_STAGES = {
     "bon": "rm",
     "expert_iter": "rm",
 }
+_INPUTS.update(
+    {
+        "dpo": ("data.preferences",),
+        "kto": ("data.unpaired", "data.preferences"),  # kto derives thumbs from the pairs without unpaired
+        "grpo": ("data.prompts",),
+        "rloo": ("data.prompts",),
+        "bon": ("data.heldout_prompts",),
+        "expert_iter": ("data.prompts",),
+    }
+)
 _SECTIONS.update(
     {
         "dpo": ("dpo",),
@@ -64,6 +83,12 @@ _SECTIONS.update(
 )
 
 console = Console()
+
+
+def _config_value(cfg: dict[str, Any], key: str) -> Any:
+    """The value of a dotted key ("data.prompts") in a dumped config."""
+    section, _, name = key.partition(".")
+    return cfg[section][name]
 
 
 class StageError(RuntimeError):
@@ -90,6 +115,7 @@ class Run:
         self.resume = resume
         self.restart_changed = restart_changed
         self._task: Task | None = None
+        self._digests: dict[str, str] = {}
         if self.dir.exists() and not self.dir.is_dir():
             raise StageError(f"--out {self.dir}: that is a file, not a run directory")
         try:
@@ -121,21 +147,29 @@ class Run:
         return path
 
     def fingerprint(self, stage: str) -> str:
+        """What a stage's result depends on, hashed: its own and every upstream stage's config
+        sections, and the content of the data files those stages read."""
         cfg = self.config.model_dump(mode="json")
-        sections: list[str] = []
         upstream = METHOD_STAGES.get(stage, stage)
-        for s in STAGES[: STAGES.index(upstream) + 1]:
-            sections += _SECTIONS[s]
-        if stage in METHOD_STAGES:
-            sections += _SECTIONS[stage]
-        picked = {k: cfg[k] for k in sections}
+        stages = STAGES[: STAGES.index(upstream) + 1] + ((stage,) if stage in METHOD_STAGES else ())
+        picked = {k: cfg[k] for s in stages for k in _SECTIONS[s]}
         if stage != "eval":
             for section in picked:
                 dropped = _EVAL_ONLY.get(section, ()) + _CHECKPOINT_KEYS
                 if isinstance(picked[section], dict):
                     picked[section] = {k: v for k, v in picked[section].items() if k not in dropped}
+        sources = {key: _config_value(cfg, key) for s in stages for key in _INPUTS.get(s, ())}
+        # Absent when no stage reads a data file, so such runs keep the fingerprints they had.
+        if inputs := {key: self._digest(source) for key, source in sources.items() if source is not None}:
+            picked["inputs"] = inputs
         blob = json.dumps(picked, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _digest(self, source: str) -> str:
+        """`source_digest`, once per source in this command (a stage asks for several fingerprints)."""
+        if source not in self._digests:
+            self._digests[source] = source_digest(source)
+        return self._digests[source]
 
     def checkpointing(
         self, stage: str, out_dir: Path | None = None, fingerprint: str | None = None

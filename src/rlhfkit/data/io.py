@@ -23,6 +23,7 @@ near the end can never leave a caller training on the first half of a file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,16 @@ from pydantic import BaseModel, ValidationError
 
 from rlhfkit.data.records import KINDS, TEXT_TAGS
 
-__all__ = ["DataError", "iter_jsonl", "read_jsonl", "read_records", "read_rows", "strict_json", "write_jsonl"]
+__all__ = [
+    "DataError",
+    "iter_jsonl",
+    "read_jsonl",
+    "read_records",
+    "read_rows",
+    "source_digest",
+    "strict_json",
+    "write_jsonl",
+]
 
 JSONL_SUFFIXES = (".jsonl",)
 JSON_SUFFIXES = (".json",)
@@ -323,6 +333,41 @@ def _load_items(path: Path) -> tuple[list[tuple[int, Any]], Literal["line", "ite
     if not isinstance(value, list):
         raise DataError(path, f"expected a JSON list of objects, got {_json_type(value)}")
     return list(enumerate(value, start=1)), "item"
+
+
+def _hash_file(digest: Any, path: Path) -> None:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+
+
+def source_digest(source: str | os.PathLike[str]) -> str:
+    """A digest of what a data source holds, to tell whether a finished stage read the same data.
+
+    A file: its bytes. A folder (``save_to_disk``, or ``FOLDER:SPLIT``'s, or a local folder named by
+    ``hf:``): the relative name and bytes of every file in it. A hub id (``hf:NAME...``): the id as
+    written, since its rows live on the hub (a new revision under the same id is not seen). A source
+    that does not exist: ``"missing"`` (the stage that reads it reports that)."""
+    text = str(source)
+    target = Path(text)
+    if text.startswith(HUB_PREFIX):
+        name = text.removeprefix(HUB_PREFIX).partition(":")[0]
+        if not Path(name).is_dir():
+            return hashlib.sha256(text.encode()).hexdigest()
+        target = Path(name)
+    elif not target.exists() and (folder_split := _split_of(target)) is not None:
+        target = folder_split[0]
+    digest = hashlib.sha256()
+    if target.is_file():
+        _hash_file(digest, target)
+    elif target.is_dir():
+        for path in sorted(p for p in target.rglob("*") if p.is_file()):
+            digest.update(path.relative_to(target).as_posix().encode() + b"\0")
+            _hash_file(digest, path)
+            digest.update(b"\0")
+    else:
+        return "missing"
+    return digest.hexdigest()
 
 
 def read_rows(
