@@ -308,3 +308,25 @@ def test_a_refused_new_project_keeps_what_the_admin_typed(page, ui_store):
     assert (project.task_type, project.overlap) == ("ranking", 3)
     # (a browser sends a text box's line breaks as CRLF)
     assert project.guidelines.replace("\r\n", "\n") == typed
+
+
+def test_exclude_buttons_name_the_annotator(page, ui_store):
+    store, ids = ui_store
+    store.add_user("bob", "annotator", "bob-password")
+    for user in store.users():
+        if user.name in ("alice", "bob"):
+            task = store.next_task(ids["likert"], user.annotator_id)
+            store.submit(task.token, user.annotator_id, {"rating": 4})
+    with running_server(store) as url:
+        _login(page, url, "root", "root-password")
+        page.goto(f"{url}/admin")
+        project = page.locator(f"#project-{ids['likert']}")
+        # A screen reader user tabbing through the buttons hears whose labels each one excludes.
+        bob = project.get_by_role("button", name="Exclude bob", exact=True)
+        assert bob.inner_text() == "Exclude"
+        with page.expect_navigation():
+            bob.click()
+        assert store.excluded_annotators() == ["bob"]
+        include_bob = project.get_by_role("button", name="Include again: bob", exact=True)
+        assert include_bob.inner_text() == "Include again"
+        assert project.get_by_role("button", name="Exclude alice", exact=True).count() == 1
