@@ -158,6 +158,20 @@ def test_rloo_baseline_excludes_the_sample_itself():
     assert leave_one_out_baseline(moved)[0, 1] != leave_one_out_baseline(scores)[0, 1]
 
 
+def test_rloo_advantages_exactly_zero_for_a_tied_group():
+    # (sum - r) / (G - 1) rounds away from r in float32 (0.1 with G = 3 gives -7.5e-9): a tied group
+    # carries no signal, and a gradient of rounding noise is still a step under Adam.
+    for value in (0.1, 0.7, 1 / 3):
+        for g in (2, 3, 7, 8):
+            scores = torch.full((2, g), value)
+            scores[1] = torch.arange(g, dtype=torch.float32)  # an untied group beside it
+            adv = rloo_advantages(scores)
+            assert torch.all(adv[0] == 0), (value, g)
+            assert torch.all(leave_one_out_baseline(scores)[0] == scores[0]), (value, g)
+            expected = g / (g - 1) * (scores[1] - scores[1].mean())
+            assert torch.allclose(adv[1], expected, atol=1e-6)
+
+
 def test_reinforce_pp_returns_whitened_over_the_batch():
     logp = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
     ref = torch.tensor([[-1.5, -1.0, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])

@@ -55,7 +55,11 @@ def leave_one_out_baseline(scores: torch.Tensor) -> torch.Tensor:
     if scores.dim() != 2 or scores.size(1) < 2:
         raise ValueError(f"RLOO needs [n_prompts, G >= 2] rewards, got shape {tuple(scores.shape)}")
     g = scores.size(1)
-    return (scores.sum(dim=1, keepdim=True) - scores) / (g - 1)
+    baseline = (scores.sum(dim=1, keepdim=True) - scores) / (g - 1)
+    # A tied group's baseline is its reward exactly: (sum - r) / (G - 1) can round away from r,
+    # and an advantage of rounding noise would still move the policy (Adam rescales it).
+    tied = scores.amax(dim=1, keepdim=True) == scores.amin(dim=1, keepdim=True)
+    return torch.where(tied, scores, baseline)
 
 
 def rloo_advantages(scores: torch.Tensor) -> torch.Tensor:
