@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -681,6 +682,10 @@ def config_show(
     sys.stdout.write(header + f"{section}:\n" + dump_commented(value, 1))
 
 
+def _not_accelerator_detection(record: logging.LogRecord) -> bool:
+    return record.filename != "real_accelerator.py" or record.levelno >= logging.ERROR
+
+
 @app.callback()
 def _quiet_libraries() -> None:
     """Our progress bars and summaries replace the libraries' per-file loading chatter."""
@@ -688,6 +693,14 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # Two notices printed by every training command on a CPU machine, neither about the user's run:
+    # DeepSpeed (imported by accelerate when installed) says, on stdout, that it found no GPU; and
+    # bitsandbytes (imported by peft when installed) says that it could not download an optional
+    # 4-bit CPU kernel from the hub. Both loggers are named before the libraries create them; a
+    # filter, unlike a level, outlives DeepSpeed setting its logger's level on import.
+    if _not_accelerator_detection not in logging.getLogger("DeepSpeed").filters:
+        logging.getLogger("DeepSpeed").addFilter(_not_accelerator_detection)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main() -> None:
