@@ -237,6 +237,14 @@ def test_pages_fit_a_phone_without_sideways_scrolling(browser, screenshot_dir, u
         else:
             page.goto(f"{url}/projects/{ids['comparison']}/annotate")
             page.wait_for_selector(".pair")
+            # A above B, each as wide as the screen allows and still labelled, nothing sideways.
+            a, b = (page.locator(".pair .response").nth(i) for i in (0, 1))
+            assert [a.locator("h3").inner_text(), b.locator("h3").inner_text()] == ["A", "B"]
+            box_a, box_b = a.bounding_box(), b.bounding_box()
+            assert box_b["y"] >= box_a["y"] + box_a["height"]
+            assert box_a["x"] == box_b["x"] and box_a["width"] == box_b["width"] > 375 / 2
+            assert box_a["x"] >= 0 and box_a["x"] + box_a["width"] <= 375
+            assert page.evaluate(SIDEWAYS) <= 0
             page.screenshot(path=str(screenshot_dir / "phone-comparison.png"), full_page=True)
     context.close()
     assert not errors
