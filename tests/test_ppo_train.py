@@ -208,6 +208,30 @@ def test_gradient_accumulation_equals_one_large_batch(critic, models):
     assert not all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(whole, per_micro, strict=True))
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_schedule_warms_up_then_decays_to_its_end(schedule):
+    """ppo.warmup_steps warms every ppo.lr_schedule up linearly from 0 (constant too), then decays."""
+    from rlhfkit.train.loop import make_optimizer
+
+    total, warmup = 10, 4
+    optimizer, scheduler = make_optimizer(
+        [torch.nn.Parameter(torch.zeros(1))], 1.0, total, warmup, schedule=schedule
+    )
+    lrs = [scheduler.get_last_lr()[0]]
+    for _ in range(total):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert lrs[: warmup + 1] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    after = [(total - s) / (total - warmup) for s in range(warmup, total + 1)]
+    expected = {
+        "linear": after,
+        "cosine": [0.5 * (1 + math.cos(math.pi * (1 - a))) for a in after],
+        "constant": [1.0] * len(after),
+    }[schedule]
+    assert lrs[warmup:] == pytest.approx(expected, abs=1e-12)
+
+
 def test_bad_switches_are_config_errors():
     from rlhfkit.config import ConfigError
 
@@ -326,8 +350,15 @@ def test_bf16_reference_runs_in_the_policys_precision(models, tmp_path, lora):
     run_ppo(cfg, sft, rm, PROMPTS, tmp_path / "ppo", show_progress=False)
     assert _metrics(tmp_path / "ppo")[0]["kl"] == 0.0
     grpo = load_config(
-        overrides=[*common, "grpo.steps=1", "grpo.prompts_per_step=2", "grpo.group_size=2",
-                   "grpo.minibatch=4", "grpo.max_new_tokens=6", "grpo.update_epochs=1"]
+        overrides=[
+            *common,
+            "grpo.steps=1",
+            "grpo.prompts_per_step=2",
+            "grpo.group_size=2",
+            "grpo.minibatch=4",
+            "grpo.max_new_tokens=6",
+            "grpo.update_epochs=1",
+        ]
     )
     terms = build_reward_functions(grpo.grpo.rewards, rm)
     run_critic_free(grpo, "grpo", sft, terms, PROMPTS, tmp_path / "grpo", show_progress=False)

@@ -65,8 +65,10 @@ def make_optimizer(
         # The fused kernel writes the weights without bumping their version counters, which
         # autograd's in-place checks and the vLLM weight sync (rollout/vllm.py) read.
         optimizer.register_step_post_hook(_mark_updated)
+    # transformers' "constant" ignores num_warmup_steps; its warm-up variant is the same after it.
+    name = "constant_with_warmup" if schedule == "constant" else schedule
     scheduler = get_scheduler(
-        schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1)
+        name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1)
     )
     return optimizer, scheduler
 
