@@ -338,3 +338,27 @@ def test_exclude_buttons_name_the_annotator(page, ui_store):
         include_bob = project.get_by_role("button", name="Include again: bob", exact=True)
         assert include_bob.inner_text() == "Include again"
         assert project.get_by_role("button", name="Exclude alice", exact=True).count() == 1
+
+
+def test_an_invite_link_copies_with_one_click(page, ui_store):
+    store, _ = ui_store
+    with running_server(store) as url:
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+        _login(page, url, "root", "root-password")
+        page.goto(f"{url}/admin")
+        page.click("form[action='/admin/invites'] button")
+        link = page.inner_text("#invite-url")
+        assert page.get_attribute("#copy-status", "role") == "status"  # polite: said after what is being read
+        page.get_by_role("button", name="Copy the invite link").click()
+        page.wait_for_selector("#copy-status:text-is('Copied')")
+        assert page.evaluate("navigator.clipboard.readText()") == link
+        # Served over plain http on a LAN address, a page has no clipboard API: the link is selected instead.
+        page.evaluate(
+            "() => { Object.defineProperty(navigator, 'clipboard', {value: undefined});"
+            " document.getElementById('copy-status').textContent = ''; }"
+        )
+        page.get_by_role("button", name="Copy the invite link").click()
+        page.wait_for_selector("#copy-status:not(:empty)")
+        assert page.evaluate("getSelection().toString()") == link
+        assert page.inner_text("#copy-status") == "Copied"
+        assert not page.console_errors
