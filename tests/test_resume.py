@@ -143,19 +143,43 @@ def test_critic_free_stages_resume_exactly(models, monkeypatch, tmp_path, sectio
 # SFT logs every 5 steps and pretraining every 10, so they stop and crash at logged steps.
 ONE_MODEL = {
     "pretrain": (
-        ["model.vocab_size=300", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
-         "model.intermediate_size=64", "pretrain.steps=25", "pretrain.batch_size=2", "pretrain.block_size=16",
-         "pretrain.warmup_steps=3", "pretrain.save_every=8"],
-        10, 20, 16,
+        [
+            "model.vocab_size=300",
+            "model.hidden_size=32",
+            "model.num_layers=1",
+            "model.num_heads=2",
+            "model.intermediate_size=64",
+            "pretrain.steps=25",
+            "pretrain.batch_size=2",
+            "pretrain.block_size=16",
+            "pretrain.warmup_steps=3",
+            "pretrain.save_every=8",
+        ],
+        10,
+        20,
+        16,
     ),
     "sft": (["sft.epochs=2", "sft.batch_size=2", "sft.max_length=48", "sft.save_every=4"], 5, 10, 8),
     "rm": (
         ["rm.epochs=2", "rm.batch_size=2", "rm.max_length=48", "rm.val_share=0.2", "rm.save_every=2"],
-        3, 5, 4,
+        3,
+        5,
+        4,
     ),
     "dpo": (["dpo.epochs=1", "dpo.batch_size=2", "dpo.max_length=48", "dpo.save_every=2"], 3, 5, 4),
-    "ipo": (["dpo.loss_type=ipo", "dpo.precompute_reference=false", "dpo.epochs=1", "dpo.batch_size=2",
-             "dpo.max_length=48", "dpo.save_every=2"], 3, 5, 4),
+    "ipo": (
+        [
+            "dpo.loss_type=ipo",
+            "dpo.precompute_reference=false",
+            "dpo.epochs=1",
+            "dpo.batch_size=2",
+            "dpo.max_length=48",
+            "dpo.save_every=2",
+        ],
+        3,
+        5,
+        4,
+    ),
     "kto": (["kto.epochs=1", "kto.batch_size=4", "kto.max_length=48", "kto.save_every=2"], 3, 5, 4),
 }
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8"]
@@ -245,3 +269,37 @@ def test_the_demo_and_the_loop_start_a_changed_stage_over_and_resume_refuses(tmp
     # How often a stage saves does not change what it computes: not part of its fingerprint.
     every = Run(tmp_path, load_config(overrides=["sft.epochs=3", "sft.save_every=7"]), show_progress=False)
     assert every.fingerprint("sft") == auto.fingerprint("sft")
+
+
+def test_checkpoints_restore_the_cuda_rng(models, monkeypatch, tmp_path):
+    """On a GPU the HF rollout samples from the CUDA generator (`sample_categorical` draws on the
+    logits' device): a checkpoint keeps its state and a resume puts it back, as for the CPU generator
+    (set_seed alone would restart the CUDA stream, and the resumed run would sample other responses).
+    No GPU here: torch.cuda's RNG functions are stood in for by one recorded state."""
+    from types import SimpleNamespace
+
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.train.checkpoint import StageCheckpoints, StopFlag
+    from rlhfkit.train.loop import make_accelerator
+
+    sft, _ = models
+    model, tokenizer = load_causal_lm(sft), load_tokenizer(sft)
+    accelerator = make_accelerator(0)
+    settings = SimpleNamespace(save_every=1, keep_states=1)
+    cuda = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda["state"].clone())
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device="cuda": cuda.update(state=state.clone())
+    )
+
+    ckpt = StageCheckpoints("sft", tmp_path, accelerator, settings)
+    log = ckpt.begin(0, tmp_path / "metrics.jsonl")
+    ckpt.after_step(1, 3, StopFlag(), log, lambda: (model, tokenizer, None, {}))
+    log.close()
+    cuda["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the run went on sampling, then died
+    resumed = StageCheckpoints("sft", tmp_path, accelerator, settings, resume=True)
+    assert resumed.start_step == 1
+    resumed.begin(0, tmp_path / "metrics.jsonl").close()
+    assert cuda["state"].tolist() == [1, 2, 3]

@@ -257,15 +257,18 @@ class StageCheckpoints:
         """Call once the models are prepared, just before the first step; the metrics log (main
         process only, else None).
 
-        Resuming: this process's torch RNG state comes back, and metrics logged after the checkpoint
-        are dropped. Starting over: a previous run's checkpoints are removed, so they are never
-        mistaken for this one's.
+        Resuming: this process's torch RNG states (CPU, and CUDA where it sampled) come back, and
+        metrics logged after the checkpoint are dropped. Starting over: a previous run's checkpoints
+        are removed, so they are never mistaken for this one's.
         """
         n_proc, rank = self.accelerator.num_processes, self.accelerator.process_index
         if self.state is not None:
             saved_rngs = self.state.get("torch_rng_per_process") or [self.state["torch_rng"]]
+            saved_cuda = self.state.get("cuda_rng_per_process")
             if len(saved_rngs) == n_proc:
                 torch.set_rng_state(saved_rngs[rank])
+                if saved_cuda is not None and saved_cuda[rank] is not None and torch.cuda.is_available():
+                    torch.cuda.set_rng_state(saved_cuda[rank])
             else:
                 # Saved by another number of processes: distinct fresh streams, not an exact continuation.
                 torch.manual_seed(seed + rank + n_proc * self.start_step)
@@ -303,6 +306,9 @@ class StageCheckpoints:
         if not (due or stopping):
             return None
         rngs = gather_lists(self.accelerator, [torch.get_rng_state()])
+        # On a GPU the rollout samples from this process's CUDA generator (set_seed alone would
+        # restart its stream on resume).
+        cuda_rngs = gather_lists(self.accelerator, [_cuda_rng_state()])
         model, tokenizer, weights, trainer = (contents or self._trained_contents)()
         path = self.root / f"step-{step}"
         if self.main:
@@ -313,6 +319,8 @@ class StageCheckpoints:
             trainer = {"step": step, "layout": self.layout, "torch_rng": torch.get_rng_state(), **trainer}
             if len(rngs) > 1:
                 trainer["torch_rng_per_process"] = rngs
+            if any(state is not None for state in cuda_rngs):
+                trainer["cuda_rng_per_process"] = cuda_rngs
             path = save_checkpoint(self.root, step, model, tokenizer, trainer, self.keep_states, weights)
         self.accelerator.wait_for_everyone()
         if stopping and step < total:
@@ -320,6 +328,13 @@ class StageCheckpoints:
                 log.close()
             raise TrainingInterrupted(self.stage, step, path)
         return path
+
+
+def _cuda_rng_state() -> torch.Tensor | None:
+    """This process's CUDA generator state (its current device), or None where CUDA was never used."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.get_rng_state()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
