@@ -362,3 +362,51 @@ def test_an_invite_link_copies_with_one_click(page, ui_store):
         assert page.evaluate("getSelection().toString()") == link
         assert page.inner_text("#copy-status") == "Copied"
         assert not page.console_errors
+
+
+def _log_out_and_in_elsewhere(other, url, name, log_in_again=True):
+    """In another tab: log out (the session ends) and, by default, log in again (a new CSRF token)."""
+    other.goto(f"{url}/")
+    other.click("text=Log out")
+    other.wait_for_url(f"{url}/login")
+    if log_in_again:
+        _login(other, url, name, f"{name}-password")
+
+
+def test_a_stale_log_out_button_still_logs_out(browser, ui_store):
+    store, _ = ui_store
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page, other = context.new_page(), context.new_page()
+    with running_server(store) as url:
+        _login(page, url, "alice", "alice-password")
+        _log_out_and_in_elsewhere(other, url, "alice")
+        page.click("text=Log out")
+        page.wait_for_url(f"{url}/login")
+        assert page.request.get(f"{url}/api/me").status == 401  # the new session is the one that ended
+        # Logged out elsewhere and not in again: there is nothing to end, and the button says so by
+        # going to the login page.
+        _login(page, url, "alice", "alice-password")
+        _log_out_and_in_elsewhere(other, url, "alice", log_in_again=False)
+        page.click("text=Log out")
+        page.wait_for_url(f"{url}/login")
+        # A POST without the session's token (from another site, say) still logs nobody out.
+        _login(page, url, "alice", "alice-password")
+        assert page.request.post(f"{url}/logout").status == 403
+        assert page.request.post(f"{url}/logout", form={"csrf_token": "forged"}).status == 403
+        assert page.request.get(f"{url}/api/me").status == 200
+    context.close()
+
+    # Without JavaScript a stale button cannot fetch the new token: the refusal is a page whose own
+    # Log out button carries it.
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, java_script_enabled=False)
+    page, other = context.new_page(), context.new_page()
+    with running_server(store) as url:
+        _login(page, url, "alice", "alice-password")
+        _log_out_and_in_elsewhere(other, url, "alice")
+        with page.expect_navigation():
+            page.click("text=Log out")
+        assert "out of date" in page.inner_text(".error")
+        page.click("text=Log out")
+        page.wait_for_url(f"{url}/login")
+        assert page.request.get(f"{url}/api/me").status == 401
+    context.close()

@@ -16,9 +16,11 @@ from rlhfkit.feedback.auth import new_token
 from rlhfkit.feedback.exports import FORMATS_BY_TASK_TYPE
 from rlhfkit.feedback.session import (
     COOKIE,
+    CSRF_HEADER,
     Caller,
     check_csrf,
     client_address,
+    csrf_matches,
     current_caller,
     set_session_cookie,
 )
@@ -155,9 +157,21 @@ def signup_form(
     return response
 
 
-@router.post("/logout", dependencies=[Depends(check_csrf)])
-def logout_form(request: Request) -> Response:
+@router.post("/logout")
+def logout_form(request: Request, csrf_token: Annotated[str, Form(max_length=200)] = "") -> Response:
     """Log out and go to the login page."""
+    caller = current_caller(request)
+    if caller is None:
+        # Logged out already (in another tab, or the session expired): nothing to end. The cookie is
+        # left alone: a cross-site POST arrives without it (SameSite=Lax), and deleting it then would
+        # let any site log the user out.
+        return _login_redirect()
+    if not csrf_matches(caller, request.headers.get(CSRF_HEADER, csrf_token)):
+        # Most likely a page from before the user logged in again elsewhere (which rotated the token;
+        # the page's script fetches the new one, so this is a page without JavaScript). The answer's
+        # own header carries the current token, so its Log out button works.
+        message = "This page was out of date, so you are still logged in. Log out with the button above."
+        return _page(request, "error.html", caller, status=403, message=message)
     _store(request).end_session(request.cookies.get(COOKIE, ""))
     response = _login_redirect()
     response.delete_cookie(COOKIE, path="/")

@@ -52,6 +52,11 @@ def require_admin(request: Request) -> Caller:
     return caller
 
 
+def csrf_matches(caller: Caller, sent: object) -> bool:
+    """Whether `sent` is the caller's session CSRF token (compared in constant time)."""
+    return isinstance(sent, str) and hmac.compare_digest(sent.encode(), caller.csrf.encode())
+
+
 async def check_csrf(request: Request) -> None:
     """403 unless the request carries the session's CSRF token (header or form field)."""
     caller = require_user(request)
@@ -60,7 +65,7 @@ async def check_csrf(request: Request) -> None:
         ("application/x-www-form-urlencoded", "multipart/form-data")
     ):
         sent = (await request.form()).get("csrf_token")
-    if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), caller.csrf.encode()):
+    if not csrf_matches(caller, sent):
         raise HTTPException(403, "missing or wrong CSRF token")
 
 

@@ -43,11 +43,10 @@
     return data;
   }
 
-  // Logging in again (in another tab, after the session ended) gives the session a new CSRF
-  // token; take it, so that what the annotator typed on this page can still be submitted.
+  // After logging in again elsewhere the session has a new CSRF token; take it, so that what the
+  // annotator typed on this page can still be submitted.
   async function refreshCsrf() {
-    const response = await fetch("/api/me", { credentials: "same-origin" }).catch(() => null);
-    const fresh = response && response.ok ? (await response.json().catch(() => ({}))).csrf_token : null;
+    const fresh = await window.rlhfkit.currentCsrf();
     if (!fresh || fresh === csrf) return false;
     csrf = fresh;
     return true;
