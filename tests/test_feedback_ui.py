@@ -410,3 +410,74 @@ def test_a_stale_log_out_button_still_logs_out(browser, ui_store):
         page.wait_for_url(f"{url}/login")
         assert page.request.get(f"{url}/api/me").status == 401
     context.close()
+
+
+DRAFTS = "() => Object.keys(sessionStorage).filter((key) => key.startsWith('rlhfkit-draft:')).sort()"
+
+
+def test_a_draft_survives_a_reload_of_its_own_task_only(page, ui_store):
+    store, ids = ui_store
+    with running_server(store) as url:
+        _login(page, url, "alice", "alice-password")
+        annotate = {key: f"{url}/projects/{pid}/annotate" for key, pid in ids.items()}
+        # Typed text, a chosen strength and a reordered ranking: none of them submitted yet.
+        page.goto(annotate["demonstration"])
+        page.wait_for_selector("#answer-text")
+        prompt = page.inner_text(".prompt .content")
+        page.fill("#answer-text", "1. Kyoto\n2. Nara")
+        page.goto(annotate["comparison"])
+        page.check("input[name=strength][value='3']")
+        page.goto(annotate["ranking"])
+        page.focus(".rank-item >> nth=0")
+        page.keyboard.press("ArrowDown")
+        ranked = page.locator(".rank-item .text").all_inner_texts()
+        page.reload()
+        page.wait_for_selector(".rank-item")
+        assert page.locator(".rank-item .text").all_inner_texts() == ranked
+        page.goto(annotate["comparison"])
+        page.wait_for_selector(".pair")
+        assert page.is_checked("input[name=strength][value='3']")
+        page.goto(annotate["demonstration"])
+        page.wait_for_selector("#answer-text")
+        assert page.inner_text(".prompt .content") == prompt  # the same task, its lease still held
+        assert page.input_value("#answer-text") == "1. Kyoto\n2. Nara"
+        assert "not submitted yet" in page.inner_text("#status")
+        # Kept in this tab's sessionStorage, under the annotator's name, never in localStorage.
+        assert page.evaluate("() => localStorage.length") == 0
+        keys = page.evaluate(DRAFTS)
+        assert len(keys) == 3 and all(key.startswith("rlhfkit-draft:alice:") for key in keys)
+
+        # Never into another task: a draft of a task whose lease ended, or another annotator's
+        # draft of this very task, is dropped, not restored.
+        (key,) = [key for key in keys if key.startswith(f"rlhfkit-draft:alice:{ids['demonstration']}:")]
+        page.evaluate(
+            """(key) => {
+                const draft = sessionStorage.getItem(key);
+                sessionStorage.removeItem(key);
+                sessionStorage.setItem(key.replace(/:[^:]*$/, ':an-ended-lease'), draft);
+                sessionStorage.setItem(key.replace('rlhfkit-draft:alice:', 'rlhfkit-draft:bob:'), draft);
+            }""",
+            key,
+        )
+        page.reload()
+        page.wait_for_selector("#answer-text")
+        assert page.input_value("#answer-text") == ""
+        assert page.inner_text("#status") == ""
+        assert page.evaluate(DRAFTS) == [k for k in keys if k != key]
+
+        # A submitted answer leaves no draft behind, and the next task starts empty.
+        page.fill("#answer-text", "1. Osaka")
+        assert len(page.evaluate(DRAFTS)) == 3
+        page.click("#submit-text")
+        page.wait_for_selector("#done-count:text-is('1')")
+        page.wait_for_selector("#answer-text:enabled")
+        assert page.inner_text(".prompt .content") != prompt
+        assert page.input_value("#answer-text") == ""
+        assert page.evaluate(DRAFTS) == [k for k in keys if k != key]
+        # Logging out forgets every draft: the next person on this browser finds none.
+        page.fill("#answer-text", "half an answer")
+        page.click("text=Log out")
+        page.wait_for_url(f"{url}/login")
+        assert page.evaluate(DRAFTS) == []
+        assert not page.console_errors
+    assert [label.value for label in store.labels(ids["demonstration"])] == [{"text": "1. Osaka"}]

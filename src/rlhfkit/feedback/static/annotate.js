@@ -7,6 +7,8 @@
   const status = document.getElementById("status");
   const doneCount = document.getElementById("done-count");
   const projectId = section.dataset.project;
+  const annotator = section.dataset.annotator;
+  const { currentCsrf, draftKey, readDraft, writeDraft, dropDrafts } = window.rlhfkit;
   let csrf = document.querySelector('meta[name="csrf-token"]').content;
   let done = Number(doneCount.textContent) || 0;
 
@@ -46,7 +48,7 @@
   // After logging in again elsewhere the session has a new CSRF token; take it, so that what the
   // annotator typed on this page can still be submitted.
   async function refreshCsrf() {
-    const fresh = await window.rlhfkit.currentCsrf();
+    const fresh = await currentCsrf();
     if (!fresh || fresh === csrf) return false;
     csrf = fresh;
     return true;
@@ -68,6 +70,21 @@
     return el("div", { className: "response" }, el("h3", {}, title), el("div", { className: "text", dir: "auto" }, text));
   }
 
+  // A draft belongs to one task: this annotator, one item, shown in one order. The task's token
+  // stands for all three, and the same task (same token) comes back while its lease is held.
+  function taskDraftKey(task) {
+    return draftKey(annotator, projectId, task.token);
+  }
+
+  // When a task of this project loads, the project's other drafts are of tasks whose lease ended
+  // (an annotator holds one per project), and other annotators' are of whoever used this tab
+  // before: neither may reach this task.
+  function dropOtherDrafts(key) {
+    const own = draftKey(annotator, "");
+    const thisProject = draftKey(annotator, projectId, "");
+    dropDrafts((other) => other !== key && (!other.startsWith(own) || other.startsWith(thisProject)));
+  }
+
   function setBusy(busy) {
     for (const control of section.querySelectorAll("button, textarea, input")) control.disabled = busy;
   }
@@ -83,6 +100,7 @@
     setStatus(false, "Saving…");
     try {
       await post("/api/submit", { token: task.token, answer });
+      dropDrafts((key) => key === taskDraftKey(task));
     } catch (error) {
       if (error.status === 401) {
         setStatus(true, "Not saved: you are logged out. ",
@@ -103,11 +121,15 @@
     (section.querySelector("textarea") || section).focus();
   }
 
-  function comparison(task) {
-    const strength = el("fieldset", { className: "strength" }, el("legend", {}, "How much better?"),
-      ...[["1", "slightly"], ["2", "clearly"], ["3", "much"]].map(([value, text]) =>
-        el("label", {}, el("input", { type: "radio", name: "strength", value, checked: value === "1" }), ` ${text}`)));
+  // Each view below shows a task with its draft (null when there is none) filled in, and calls
+  // keep(draft) whenever the annotator changes an answer that is not submitted yet.
+  function comparison(task, draft, keep) {
+    const start = ["1", "2", "3"].includes(String(draft?.strength)) ? String(draft.strength) : "1";
     const chosenStrength = () => Number(section.querySelector('input[name="strength"]:checked').value);
+    const strength = el("fieldset", { className: "strength", onchange: () => keep({ strength: chosenStrength() }) },
+      el("legend", {}, "How much better?"),
+      ...[["1", "slightly"], ["2", "clearly"], ["3", "much"]].map(([value, text]) =>
+        el("label", {}, el("input", { type: "radio", name: "strength", value, checked: value === start }), ` ${text}`)));
     const choose = (choice) => submit(task, { choice, strength: choice === "tie" ? 1 : chosenStrength() });
     return [
       el("div", { className: "pair" }, responseView(task.responses[0], "A"), responseView(task.responses[1], "B")),
@@ -119,12 +141,22 @@
     ];
   }
 
-  function ranking(task) {
+  // The shown positions in the draft's order when it has each of them once, else as shown.
+  function startOrder(n, saved) {
+    const shown = [...Array(n).keys()];
+    const valid = Array.isArray(saved) && saved.length === n && shown.every((p) => saved.includes(p));
+    return valid ? saved : shown;
+  }
+
+  function ranking(task, draft, keep) {
     const list = el("ol", { id: "ranking", className: "ranking" });
+    const order = () => [...list.children].map((li) => Number(li.dataset.position));
+    const moved = () => keep({ ranking: order() });
     let dragged = null;
-    task.responses.forEach((text, position) => {
+    startOrder(task.responses.length, draft?.ranking).forEach((position) => {
       const item = el("li", { tabIndex: 0, draggable: true, className: "rank-item", dataset: { position: String(position) } },
-        el("span", { className: "grip", "aria-hidden": "true" }, "⠿"), el("div", { className: "text", dir: "auto" }, text));
+        el("span", { className: "grip", "aria-hidden": "true" }, "⠿"),
+        el("div", { className: "text", dir: "auto" }, task.responses[position]));
       item.addEventListener("keydown", (event) => {
         // Keyboard ranking: arrow keys move the focused response up or down.
         if (event.key === "ArrowUp" && item.previousElementSibling) {
@@ -136,6 +168,7 @@
         }
         event.preventDefault();
         item.focus();
+        moved();
       });
       item.addEventListener("dragstart", () => { dragged = item; item.classList.add("dragging"); });
       item.addEventListener("dragend", () => { dragged = null; item.classList.remove("dragging"); });
@@ -145,10 +178,10 @@
         if (!dragged || dragged === item) return;
         const after = [...list.children].indexOf(dragged) < [...list.children].indexOf(item);
         list.insertBefore(dragged, after ? item.nextElementSibling : item);
+        moved();
       });
       list.append(item);
     });
-    const order = () => [...list.children].map((li) => Number(li.dataset.position));
     return [
       el("p", { className: "muted" }, "Best first. Drag the responses, or focus one (Tab) and move it with ↑ / ↓."),
       list,
@@ -176,8 +209,10 @@
     ];
   }
 
-  function textTask(task, editing) {
-    const area = el("textarea", { id: "answer-text", rows: 10, dir: "auto", value: editing ? task.responses[0] : "" });
+  function textTask(task, editing, draft, keep) {
+    const start = typeof draft?.text === "string" ? draft.text : editing ? task.responses[0] : "";
+    const area = el("textarea", { id: "answer-text", rows: 10, dir: "auto", value: start,
+      oninput: () => keep({ text: area.value }) });
     return [
       editing ? responseView(task.responses[0], "Original response") : null,
       el("label", {}, editing ? "Your improved response" : "Your response", area),
@@ -191,19 +226,25 @@
     ranking,
     likert,
     binary,
-    edit: (task) => textTask(task, true),
-    demonstration: (task) => textTask(task, false),
+    edit: (task, draft, keep) => textTask(task, true, draft, keep),
+    demonstration: (task, draft, keep) => textTask(task, false, draft, keep),
   };
 
   async function load() {
     try {
       const { task } = await post(`/api/projects/${projectId}/next`);
       if (!task) {
+        dropOtherDrafts(null);
         section.replaceChildren(el("p", { id: "all-done" }, "No more tasks in this project. Thank you!"));
         return;
       }
-      section.replaceChildren(promptView(task), ...VIEWS[task.task_type](task).filter(Boolean));
+      const key = taskDraftKey(task);
+      dropOtherDrafts(key);
+      const draft = readDraft(key);
+      const keep = (changed) => writeDraft(key, changed);
+      section.replaceChildren(promptView(task), ...VIEWS[task.task_type](task, draft, keep).filter(Boolean));
       section.dataset.token = task.token;
+      if (draft) setStatus(false, "Restored your answer to this task; it is not submitted yet.");
     } catch (error) {
       section.replaceChildren(el("p", { className: "error" }, `Could not load a task: ${error.message}`));
     }
