@@ -13,8 +13,16 @@ from typer.testing import CliRunner
 from rlhfkit.cli import app
 from rlhfkit.crowd.aggregate import aggregate
 from rlhfkit.crowd.agreement import krippendorff_alpha, krippendorff_alpha_nominal
-from rlhfkit.crowd.quality import agreement_by_level, annotator_quality, label_value, mace_spam_probability
-from rlhfkit.crowd.simulate import load_pool, simulate_annotation
+from rlhfkit.crowd.quality import (
+    MAX_LENGTH_BIAS,
+    MIN_LENGTH_LABELS,
+    agreement_by_level,
+    annotator_quality,
+    label_value,
+    length_bias,
+    mace_spam_probability,
+)
+from rlhfkit.crowd.simulate import AnnotatorProfile, load_pool, simulate_annotation
 from rlhfkit.feedback.store import FeedbackStore
 
 # Krippendorff (2011), "Computing Krippendorff's alpha-reliability": 4 coders, 12 units, gaps.
@@ -133,6 +141,96 @@ def test_golden_accuracy_stands_for_skill_once_there_are_enough():
     assert report["h"].skill_source == "aggregate"
 
 
+@dataclass(frozen=True)
+class Item:
+    responses: list[str]
+
+
+def _length_crowd(per_side: int) -> tuple[list[L], dict[int, Item]]:
+    """Hand-built labels with known length biases, `per_side` items where the longer response is
+    better and as many where the shorter is.
+
+    h1 and h2 always pick the better response (so the crowd's model knows which it is); `lengthy`
+    picks the longer where it is better and on half the items where it is not (bias +0.5);
+    `brief` mirrors that towards the shorter (-0.5); `noisy` flips a quarter of each side (0).
+    The longer response is at index 0 on even items, 1 on odd ones.
+    """
+    labels, items = [], {}
+    for i in range(2 * per_side):
+        longer_better, k = i < per_side, i % per_side
+        items[i] = Item(["a long response", "short"] if i % 2 == 0 else ["short", "a long response"])
+        longer = 0 if i % 2 == 0 else 1
+        better = longer if longer_better else 1 - longer
+        picks = {
+            "h1": better,
+            "h2": better,
+            "lengthy": longer if longer_better or k % 2 == 0 else better,
+            "brief": 1 - longer if not longer_better or k % 2 == 0 else better,
+            "noisy": 1 - better if k % 4 == 0 else better,
+        }
+        labels += [L(i, name, chosen, [0, 1]) for name, chosen in picks.items()]
+    return labels, items
+
+
+def test_length_bias_by_hand():
+    labels, items = _length_crowd(per_side=20)
+    biases = length_bias(labels, items)
+    assert set(biases) == {"h1", "h2", "lengthy", "brief", "noisy"}
+    lengthy, brief, noisy = biases["lengthy"], biases["brief"], biases["noisy"]
+    # a = P(longer | longer better), b = P(longer | shorter better); bias = a + b - 1.
+    assert lengthy.picks_longer_if_longer_better == pytest.approx(1.0)
+    assert lengthy.picks_longer_if_shorter_better == pytest.approx(0.5)
+    assert lengthy.bias == pytest.approx(0.5)
+    assert brief.bias == pytest.approx(-0.5)
+    # A quarter flipped on each side: a = 0.75, b = 0.25, no bias.
+    assert noisy.picks_longer_if_longer_better == pytest.approx(0.75)
+    assert noisy.bias == pytest.approx(0.0, abs=1e-9)
+    assert biases["h1"].bias == pytest.approx(0.0, abs=1e-9)
+    assert lengthy.n_labels == 40
+    assert (lengthy.n_longer_better, lengthy.n_shorter_better) == (pytest.approx(20), pytest.approx(20))
+
+
+def test_length_bias_leaves_out_ties_equal_lengths_golden_rankings_and_single_labels():
+    labels, items = _length_crowd(per_side=20)
+    reference = length_bias(labels, items)
+    items[100] = Item(["same", "size"])
+    items[101] = Item(["a long response", "short"])
+    items[102] = Item(["a long response", "short"])
+    items[103] = Item(["a long response", "short", "mid"])
+    extra = [
+        # Equal lengths: nothing to lean towards.
+        *(L(100, name, 0, [0, 1]) for name in ("h1", "h2", "lengthy")),
+        # Ties say nothing about length; the golden item is not crowd work.
+        *(L(101, name, None, [0, 1]) for name in ("h1", "h2", "lengthy")),
+        *(L(102, name, 0, [0, 1], is_golden=True) for name in ("h1", "lengthy")),
+        # Labelled once: the annotator's own answer would be the only evidence.
+        L(104, "lengthy", 0, [0, 1]),
+        *(L(103, name, 0, [0, 1, 2], kind="ranking", value={"ranking": [0, 1, 2]}) for name in ("h1", "h2")),
+    ]
+    items[104] = Item(["a long response", "short"])
+    # Seen only where the longer is better (items 0-19): no rate for the other side, no bias.
+    extra += [L(i, "partial", 0 if i % 2 == 0 else 1, [0, 1]) for i in range(20)]
+    biases = length_bias(labels + extra, items)
+    assert {name: b.n_labels for name, b in biases.items()} == {n: b.n_labels for n, b in reference.items()}
+    assert biases["lengthy"].bias == pytest.approx(reference["lengthy"].bias)
+    assert length_bias([lb for lb in extra if lb.item_id == 101], items) == {}
+
+
+def test_length_bias_is_flagged_only_with_enough_labels_on_each_side():
+    few_labels, few_items = _length_crowd(per_side=MIN_LENGTH_LABELS - 1)
+    labels, items = _length_crowd(per_side=MIN_LENGTH_LABELS)
+    few_report = annotator_quality(few_labels, aggregate(few_labels, "mv"), items=few_items)
+    few = {q.annotator: q for q in few_report}
+    assert few["lengthy"].length.bias > MAX_LENGTH_BIAS and few["brief"].length.bias < -MAX_LENGTH_BIAS
+    assert not few["lengthy"].flagged and not few["brief"].flagged
+    report = {q.annotator: q for q in annotator_quality(labels, aggregate(labels, "mv"), items=items)}
+    assert report["lengthy"].flags == ("length bias +0.50 (towards the longer)",)
+    assert report["brief"].flags == ("length bias -0.50 (towards the shorter)",)
+    assert not any(report[name].flagged for name in ("h1", "h2", "noisy"))
+    # Without the items there are no lengths to measure.
+    assert all(q.length is None for q in annotator_quality(labels, aggregate(labels, "mv")))
+
+
 def utility(prompt: str, response: str) -> float:
     """The number written at the end of the response."""
     return float(response.split()[-1])
@@ -169,6 +267,72 @@ def test_crowd10_spammers_and_adversary_are_flagged_and_ds_beats_mv(crowd_db):
     assert flagged == {"crowd-spammer-random", "crowd-spammer-left", "crowd-adversary"}
     left = next(q for q in report if q.annotator == "crowd-spammer-left")
     assert left.left_share > 0.8 and any("left" in f for f in left.flags)
+
+
+# A strongly length-biased annotator (half their answers go to the longer response whatever its
+# quality) joins crowd10, whose honest annotators have no or mild (0.10) length biases.
+LENGTHY = AnnotatorProfile("crowd-lengthy", kind="noisy", flip_prob=0.25, length_bias=0.5)
+
+
+@pytest.fixture(scope="module")
+def length_db(tmp_path_factory) -> str:
+    """crowd10 and LENGTHY label 600 items three times each; the longer response is the better one
+    on about a third of them (as on the top-5 task, where rambling costs), so a crowd that leans
+    to neither side still picks the shorter response more often."""
+    path = tmp_path_factory.mktemp("length") / "length.db"
+    rng = random.Random(1)
+    items = []
+    for i in range(600):
+        worse, better = sorted(rng.random() for _ in range(2))
+        short, long_ = sorted(rng.sample(range(12), 2))
+        pads = (long_, short) if rng.random() < 0.35 else (short, long_)  # (better's, worse's)
+        responses = [f"{'word ' * pads[0]}{better:.3f}", f"{'word ' * pads[1]}{worse:.3f}"]
+        rng.shuffle(responses)
+        items.append({"prompt": f"q{i}", "responses": responses})
+    with FeedbackStore(path, seed=0, durable=False) as store:
+        project = store.create_project("length", task_type="comparison", overlap=3)
+        store.add_items(project, items)
+        simulate_annotation(store, project, [*load_pool("crowd10"), LENGTHY], utility, seed=0)
+    return str(path)
+
+
+def test_simulated_length_biased_annotator_is_flagged_and_honest_ones_are_not(length_db):
+    with FeedbackStore(length_db) as store:
+        pid = store.project_id("length")
+        labels, items = store.labels(pid), {item.item_id: item for item in store.items(pid)}
+    report = {q.annotator: q for q in annotator_quality(labels, aggregate(labels, "ds"), items=items)}
+    pool = {p.name: p for p in [*load_pool("crowd10"), LENGTHY]}
+    lengthy = report[LENGTHY.name]
+    assert min(lengthy.length.n_longer_better, lengthy.length.n_shorter_better) >= MIN_LENGTH_LABELS
+    # The measure recovers the simulator's bias, and the crowd's mild biases stay below the threshold.
+    assert lengthy.length.bias == pytest.approx(LENGTHY.length_bias, abs=0.15)
+    assert lengthy.flags == (f"length bias {lengthy.length.bias:+.2f} (towards the longer)",)
+    honest = [name for name, p in pool.items() if p.kind in ("careful", "noisy") and name != LENGTHY.name]
+    assert len(honest) == 7
+    for name in honest:
+        assert abs(report[name].length.bias) < MAX_LENGTH_BIAS, name
+        assert not report[name].flagged, (name, report[name].flags)
+
+
+def test_quality_command_shows_length_bias_in_table_and_json(length_db, tmp_path):
+    out = tmp_path / "quality.json"
+    flags = ["--db", length_db, "--project", "length", "--json", str(out)]
+    result = CliRunner().invoke(app, ["feedback", "quality", *flags])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["project"] == "length" and summary["method"] == "ds"
+    assert set(summary["alpha"]) == {"nominal", "ordinal", "interval"}
+    rows = {row["annotator"]: row for row in summary["annotators"]}
+    lengthy = rows[LENGTHY.name]
+    assert lengthy["flagged"] and any(f.startswith("length bias +") for f in lengthy["flags"])
+    with FeedbackStore(length_db) as store:
+        pid = store.project_id("length")
+        expected = length_bias(store.labels(pid), {item.item_id: item for item in store.items(pid)})
+    assert lengthy["length"]["bias"] == pytest.approx(expected[LENGTHY.name].bias)
+    assert lengthy["length"]["n_labels"] == expected[LENGTHY.name].n_labels
+    assert f"{expected[LENGTHY.name].bias:+.2f}" in result.output  # the table's length column
+    others = [f for name, row in rows.items() if name != LENGTHY.name for f in row["flags"]]
+    assert not any(f.startswith("length") for f in others)
 
 
 def test_quality_command_flags_and_excludes(crowd_db, tmp_path):

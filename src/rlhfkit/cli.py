@@ -586,8 +586,13 @@ def feedback_quality(
         bool, typer.Option("--exclude-flagged", help="exclude flagged annotators from exports")
     ] = False,
     seed: Annotated[int, typer.Option(help="seed of MACE's spam estimate")] = 0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the agreement and every annotator's row here")
+    ] = None,
 ) -> None:
-    """Agreement and per-annotator quality (skill, speed, position bias, spam); flag the weak ones."""
+    """Agreement and per-annotator quality (skill, speed, position/length bias, spam); flag the weak ones."""
+    import dataclasses
+
     from rich.table import Table
 
     from rlhfkit.crowd.aggregate import METHODS, aggregate
@@ -597,6 +602,8 @@ def feedback_quality(
         _fail(f"--threshold {threshold}: must be in [0, 1]")
     if method not in METHODS:
         _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if json_out is not None:
+        _out_file(json_out)
     store = _open_store(db, existing=True)
     try:
         pid = store.project_id(project)
@@ -614,7 +621,8 @@ def feedback_quality(
         pairwise = [lb for lb in work if lb.kind in ("comparison", "ranking")]
         aggregates = aggregate(pairwise, method, seed=seed, items=items) if pairwise else {}
         spam = mace_spam_probability(work, seed=seed)
-        report = annotator_quality(labels, aggregates, spam, threshold)
+        # The items are already read (one query): their responses give the lengths for the length bias.
+        report = annotator_quality(labels, aggregates, spam, threshold, items=items)
         flagged = [q.annotator for q in report if q.flagged]
         if exclude_flagged:
             for name in flagged:
@@ -637,7 +645,18 @@ def feedback_quality(
         highlight=False,
     )
     table = Table(title=f"annotators (skill vs {method} aggregate or golden items; threshold {threshold})")
-    for column in ("annotator", "labels", "skill", "golden", "agree", "s/label", "left", "spam", "flags"):
+    for column in (
+        "annotator",
+        "labels",
+        "skill",
+        "golden",
+        "agree",
+        "s/label",
+        "left",
+        "length",
+        "spam",
+        "flags",
+    ):
         table.add_column(column, justify="left" if column in ("annotator", "flags") else "right")
     for q in report:
         table.add_row(
@@ -648,10 +667,24 @@ def feedback_quality(
             "-" if q.aggregate_agreement is None else f"{q.aggregate_agreement:.2f} ({q.n_overlapped})",
             shown(q.seconds_per_label, ".1f"),
             shown(q.left_share),
+            "-" if q.length is None else f"{q.length.bias:+.2f} ({q.length.n_labels})",
             shown(q.spam_probability),
             "[red]" + escape("; ".join(q.flags)) + "[/red]" if q.flags else "",
         )
     console.print(table)
+    if json_out is not None:
+        summary = {
+            "project": project,
+            "task_type": task_type,
+            "method": method,
+            "threshold": threshold,
+            "n_labels": len(work),
+            "alpha": alphas,
+            "alpha_task_type": by_type,
+            "annotators": [{**dataclasses.asdict(q), "flagged": q.flagged} for q in report],
+        }
+        json_out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        console.print(f"wrote {json_out}", highlight=False)
     if flagged:
         action = "excluded from exports" if exclude_flagged else "use --exclude-flagged to leave them out"
         console.print(f"flagged: {', '.join(flagged)} ({action})", highlight=False)

@@ -1,10 +1,11 @@
-"""Annotator quality: skill, speed, position bias and spam probability, and agreement per project.
+"""Annotator quality: skill, speed, position and length bias, spam probability, and agreement per project.
 
 Pure functions over label records (`feedback.store.LabelRecord` is one); the CLI reads
 the store and prints what these return. An annotator is flagged when a measure says
 their labels should not train a reward model: a skill below the threshold (accuracy on
 golden items when they answered enough of them, else agreement with the aggregate), a
-near-certain MACE spam probability, or picking the left response almost always.
+near-certain MACE spam probability, picking the left response almost always, or
+going with the longer (or the shorter) response far more often than the crowd does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,38 @@ MIN_LEFT_LABELS = 10  # non-tie comparisons needed before a position bias is jud
 # MACE reads a 30%-noise honest annotator as 60-90% spamming (for two classes its spam share
 # is about twice the flip rate, more with a bias), so only a near-certain spammer is flagged on it.
 MAX_SPAM = 0.95
+# Length bias (`length_bias`) is 0 in expectation for an honest annotator, however noisy, whether
+# the better answers tend to be longer or shorter; with 160-180 labels each, its spread for honest
+# simulated annotators was about 0.1 (docs/crowd.md). At 0.3, 2 of 245 such measurements were
+# flagged, 48 of 49 of annotators who pick the longer response on half the items whatever its
+# quality (measured 0.27-0.65), and 6 of 98 of the shipped pools' mildly biased (0.10-0.15) ones.
+MAX_LENGTH_BIAS = 0.3
+# Labels needed on each side (the longer / the shorter is better) before a length bias is judged:
+# with fewer, two rates each from a handful of labels differ by 0.3 by chance too often.
+MIN_LENGTH_LABELS = 40
+
+
+@dataclass(frozen=True)
+class LengthBias:
+    """How one annotator's choices lean towards the longer response, beyond what quality explains.
+
+    `picks_longer_if_longer_better` (a) and `picks_longer_if_shorter_better` (b) are the
+    annotator's Dawid-Skene confusion entries on items where the longer (shorter) response is
+    the better one, as the crowd's model infers it; `bias` = a + b - 1 = P(longer | longer is
+    better) - P(shorter | shorter is better), in [-1, 1]. An honest annotator, however noisy,
+    has a = 1 - b: 0. One who picks the longer response with probability p whatever its
+    quality, and judges honestly otherwise (the simulator's `length_bias`), has p; one who
+    picks the shorter, -p. A spammer or an adversary has 0 (they are caught by other measures).
+    `n_longer_better` and `n_shorter_better` are the annotator's labels on each side, weighted by
+    the model's posterior: what each rate is estimated from.
+    """
+
+    bias: float
+    picks_longer_if_longer_better: float
+    picks_longer_if_shorter_better: float
+    n_labels: int
+    n_longer_better: float
+    n_shorter_better: float
 
 
 @dataclass(frozen=True)
@@ -41,6 +74,7 @@ class AnnotatorQuality:
     n_overlapped: int
     seconds_per_label: float | None
     left_share: float | None
+    length: LengthBias | None
     spam_probability: float | None
     flags: tuple[str, ...]
 
@@ -108,6 +142,61 @@ def mace_spam_probability(labels: Iterable[Any], seed: int = 0) -> dict[str, flo
     return {str(w): float(model.spamming_[i, 0]) for i, w in enumerate(workers)}
 
 
+def length_bias(labels: Iterable[Any], items: Mapping[int, Any]) -> dict[str, LengthBias]:
+    """Each annotator's length bias (see `LengthBias`), from Dawid-Skene on "picked the longer / shorter".
+
+    `items` maps an item id to a record with `responses` (the store's ItemRecord). Lengths are
+    in characters. Only non-golden comparison labels count, without ties, on two-response
+    items whose responses differ in length and that two or more such labels share (a single
+    label would be its own evidence). Every annotator's answer becomes "longer" or "shorter"
+    and Dawid-Skene learns, with the share of items where the longer is better, one confusion
+    matrix per annotator. Learning that share is what keeps honest noise at 0 whether better
+    answers tend to be longer or shorter; a rate measured against a fixed aggregate is not: its
+    errors pile up on the side the task's answers rarely fall on, so an accurate annotator
+    looks biased against it, and an annotator's own vote makes the aggregate agree with them.
+    """
+    import pandas as pd
+    from crowdkit.aggregation import DawidSkene
+
+    rows = []
+    for label in labels:
+        texts = getattr(items.get(label.item_id), "responses", None)
+        if (
+            getattr(label, "is_golden", False)
+            or getattr(label, "kind", "comparison") != "comparison"
+            or label.chosen is None
+            or texts is None
+            or len(texts) != 2
+            or len(texts[0]) == len(texts[1])
+        ):
+            continue
+        longer = 0 if len(texts[0]) > len(texts[1]) else 1
+        rows.append((label.item_id, label.annotator, "longer" if label.chosen == longer else "shorter"))
+    frame = pd.DataFrame(rows, columns=["task", "worker", "label"])
+    frame = frame[frame.groupby("task")["worker"].transform("count") >= 2]
+    if frame["label"].nunique() < 2:
+        return {}  # everyone picked the longer (or the shorter) every time: nothing tells quality apart
+    model = DawidSkene(n_iter=100).fit(frame)
+    # errors_.loc[(worker, answer), truth] = P(answer | truth); an answer a worker never gave has no row.
+    errors, posterior = model.errors_, model.probas_.reindex(columns=["longer", "shorter"], fill_value=0.0)
+    weights = frame.join(posterior, on="task").groupby("worker")[["longer", "shorter"]].sum()
+    result = {}
+    for worker, n_labels in frame["worker"].value_counts().items():
+        n_longer, n_shorter = (float(weights.loc[worker, truth]) for truth in ("longer", "shorter"))
+        if min(n_longer, n_shorter) < 1.0:
+            continue  # seen on one side only: Dawid-Skene fills the other side's rate with a guess
+        a, b = (float(errors[truth].get((worker, "longer"), 0.0)) for truth in ("longer", "shorter"))
+        result[str(worker)] = LengthBias(
+            bias=a + b - 1.0,
+            picks_longer_if_longer_better=a,
+            picks_longer_if_shorter_better=b,
+            n_labels=int(n_labels),
+            n_longer_better=n_longer,
+            n_shorter_better=n_shorter,
+        )
+    return result
+
+
 def _seconds_per_label(labels: Sequence[Any]) -> float | None:
     """Median time per label: the lease-to-submit time, else the gap between consecutive labels."""
     seconds = [lb.seconds for lb in labels if getattr(lb, "seconds", None) is not None]
@@ -122,14 +211,19 @@ def annotator_quality(
     aggregates: Mapping[int, Aggregate],
     spam: Mapping[str, float] | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    items: Mapping[int, Any] | None = None,
 ) -> list[AnnotatorQuality]:
     """Quality of every annotator of `labels`, judged against `aggregates` (item id -> Aggregate).
 
     Agreement with the aggregate counts only items with two or more labels (on a single
     label the aggregate is the annotator's own answer) whose aggregate has a winner,
     and only the annotator's non-tie answers. Golden labels carry `is_golden` and
-    `correct` (as the store's LabelRecord does).
+    `correct` (as the store's LabelRecord does). `items` (item id -> record with
+    `responses`, as the store's ItemRecord) gives the response lengths behind the length
+    bias; without it the length bias is None.
     """
+    labels = list(labels)
+    lengths = {} if items is None else length_bias(labels, items)
     by_annotator: dict[str, list[Any]] = defaultdict(list)
     n_per_item: dict[int, int] = defaultdict(int)
     for label in labels:
@@ -171,6 +265,14 @@ def annotator_quality(
             flags.append(f"spam {spam_probability:.2f}")
         if left_share is not None and len(positions) >= MIN_LEFT_LABELS and left_share > MAX_LEFT_SHARE:
             flags.append(f"picks left {left_share:.0%}")
+        length = lengths.get(name)
+        if (
+            length is not None
+            and min(length.n_longer_better, length.n_shorter_better) >= MIN_LENGTH_LABELS
+            and abs(length.bias) > MAX_LENGTH_BIAS
+        ):
+            towards = "longer" if length.bias > 0 else "shorter"
+            flags.append(f"length bias {length.bias:+.2f} (towards the {towards})")
         result.append(
             AnnotatorQuality(
                 annotator=name,
@@ -183,6 +285,7 @@ def annotator_quality(
                 n_overlapped=len(compared),
                 seconds_per_label=_seconds_per_label(mine),
                 left_share=left_share,
+                length=length,
                 spam_probability=spam_probability,
                 flags=tuple(flags),
             )
