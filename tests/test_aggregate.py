@@ -201,6 +201,33 @@ def test_categorical_methods_aggregate_rankings_pair_by_pair():
     assert aggregate(level, "mv")[4].winner is None
 
 
+def test_a_tie_stays_a_tie_when_rankings_are_aggregated_with_the_comparisons():
+    # Item 1: two tie answers against one for response 0, so the tie is the most likely outcome;
+    # item 3: a 2-1 majority for response 0 beside a tie answer. Item 2 is a ranking of three,
+    # whose pairs send the whole set through the pair-by-pair path.
+    comparisons = [
+        PairVote(1, "a", 0, 1, None),
+        PairVote(1, "b", 1, 0, None),
+        PairVote(1, "c", 0, 1, 0),
+        PairVote(3, "a", 0, 1, 0),
+        PairVote(3, "b", 1, 0, 0),
+        PairVote(3, "c", 0, 1, None),
+    ]
+    responses = ["x", "y", "z"]
+    rankings = ranking_votes(2, "a", "q", responses, [0, 1, 2]) + ranking_votes(
+        2, "b", "q", responses, [0, 2, 1]
+    )
+    items = {1: Item("q1", ["p", "q"]), 2: Item("q", responses), 3: Item("q3", ["r", "s"])}
+    for method in ("mv", "wawa", "ds", "mace"):
+        alone = aggregate(comparisons, method)
+        mixed = aggregate(comparisons + rankings, method)
+        assert alone[1].winner is None, method
+        assert mixed[1].winner is None and mixed[1].confidence == 0.5, method
+        assert mixed[3].winner == alone[3].winner == 0, method
+        rows = preference_rows(items, mixed, "test", method)
+        assert not any(row["prompt"] == "q1" for row in rows), method
+
+
 def test_dawid_skene_reads_an_adversarys_rankings_the_right_way_round():
     """Simulated rankings of 4: DS learns the inverting annotator and beats majority vote."""
     from rlhfkit.crowd.simulate import AnnotatorProfile, rank

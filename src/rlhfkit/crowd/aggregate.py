@@ -290,7 +290,8 @@ def _aggregate_categorical_pairs(votes: Sequence[PairVote], method: str, seed: i
     all items. An item's scores are then the least-squares fit of s_i - s_j to the log-odds
     log P(i wins) / P(j wins) of its pairs: on a complete set of pairs that is the mean of
     row i of the log-odds matrix (with zero for a pair nobody compared). The winner is the
-    top of that ranking, or none when the top two scores are level.
+    top of that ranking, or none when the top two scores are level, or, for an item of two
+    responses (a comparison aggregated beside rankings), when a tie is its most likely class.
     """
     import pandas as pd
 
@@ -301,10 +302,13 @@ def _aggregate_categorical_pairs(votes: Sequence[PairVote], method: str, seed: i
         rows.append((f"{vote.item_id}:{low}:{high}", vote.annotator, label))
     probas = _class_probabilities(pd.DataFrame(rows, columns=["task", "worker", "label"]), method, seed)
     log_odds: dict[int, dict[tuple[int, int], float]] = {}
+    tie_leads: set[int] = set()
     for task, row in probas.iterrows():
         item_id, low, high = (int(x) for x in str(task).split(":"))
         p_low, p_high = (max(float(row.get(c, 0.0)), _MIN_PROB) for c in (0, 1))
         log_odds.setdefault(item_id, {})[(low, high)] = math.log(p_low) - math.log(p_high)
+        if float(row.get(TIE_CLASS, 0.0)) >= max(p_low, p_high):
+            tie_leads.add(item_id)
     counts = _vote_counts(votes)
     result: dict[int, Aggregate] = {}
     for item_id in sorted(counts):
@@ -316,6 +320,10 @@ def _aggregate_categorical_pairs(votes: Sequence[PairVote], method: str, seed: i
             scores[high] -= d / k
         best = sorted(range(k), key=lambda i: (-scores[i], i))
         winner = best[0] if scores[best[0]] > scores[best[1]] else None
+        if k == 2 and item_id in tie_leads:
+            # A two-response item (a comparison) whose most likely class is a tie has no winner, as
+            # in `_aggregate_categorical`: its one pair's log-odds leave the tie's probability out.
+            winner = None
         result[item_id] = _outcome(item_id, winner, *_agreement(counts[item_id], winner), scores)
     return result
 
