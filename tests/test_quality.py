@@ -333,6 +333,10 @@ def test_quality_command_shows_length_bias_in_table_and_json(length_db, tmp_path
     assert f"{expected[LENGTHY.name].bias:+.2f}" in result.output  # the table's length column
     others = [f for name, row in rows.items() if name != LENGTHY.name for f in row["flags"]]
     assert not any(f.startswith("length") for f in others)
+    # A folder is refused before any work, by its option's name.
+    folder = ["--db", length_db, "--project", "length", "--json", str(tmp_path)]
+    result = CliRunner().invoke(app, ["feedback", "quality", *folder])
+    assert result.exit_code == 2 and f"--json {tmp_path}: a directory" in " ".join(result.output.split())
 
 
 def test_quality_command_flags_and_excludes(crowd_db, tmp_path):

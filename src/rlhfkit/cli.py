@@ -602,8 +602,8 @@ def feedback_quality(
         _fail(f"--threshold {threshold}: must be in [0, 1]")
     if method not in METHODS:
         _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if json_out is not None:
-        _out_file(json_out)
+    if json_out is not None and json_out.is_dir():
+        _fail(f"--json {json_out}: a directory; give the path of the file to write")
     store = _open_store(db, existing=True)
     try:
         pid = store.project_id(project)
