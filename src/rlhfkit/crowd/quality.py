@@ -48,8 +48,8 @@ class LengthBias:
     has a = 1 - b: 0. One who picks the longer response with probability p whatever its
     quality, and judges honestly otherwise (the simulator's `length_bias`), has p; one who
     picks the shorter, -p. A spammer or an adversary has 0 (they are caught by other measures).
-    `n_longer_better` and `n_shorter_better` are the annotator's labels on each side, weighted by
-    the model's posterior: what each rate is estimated from.
+    `n_labels` counts the annotator's labels measured; `n_longer_better` and `n_shorter_better`
+    split them between the two sides by the model's posterior: what each rate is estimated from.
     """
 
     bias: float
