@@ -195,3 +195,18 @@ def test_login_rate_limiter_memory_holds_only_the_window():
     limiter.failed("addr:2", "name:c")  # the old failures left the window: their keys go
     assert limiter.n_keys() == 2
     assert limiter.retry_after("addr:1", "name:a", "name:b") == 0
+
+
+def test_login_rate_limiter_counts_an_attempt_before_its_password_is_checked():
+    now = [0.0]
+    limiter = LoginRateLimiter(attempts=2, window=60, clock=lambda: now[0])
+    assert limiter.attempt("name:a", "addr:1") == 0
+    assert limiter.attempt("name:a", "addr:1") == 0
+    # Both are still being checked: a third is refused, and a refusal counts nothing.
+    assert limiter.attempt("name:a", "addr:1") == pytest.approx(60)
+    assert limiter.attempt("name:b", "addr:1") == pytest.approx(60)
+    assert limiter.n_keys() == 2
+    limiter.passed("addr:1")  # one of them was right
+    assert limiter.attempt("name:b", "addr:1") == 0
+    limiter.passed("name:b", "addr:1")
+    assert limiter.n_keys() == 2 and limiter.retry_after("name:b") == 0

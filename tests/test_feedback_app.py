@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -169,6 +171,41 @@ def test_login_rate_limit(service):
     assert (
         client.post("/api/login", json={"name": "bob", "password": "x" * 9}).status_code == 429
     )  # same address
+
+
+def test_login_rate_limit_holds_for_a_burst_of_concurrent_guesses(service, monkeypatch):
+    store, app, _ = service
+    # Checking a password takes a while (scrypt, on a busy server): guesses sent at once are all in
+    # flight together, and still only the limit's 3 may reach the password check.
+    checked = []
+    authenticate = store.authenticate
+
+    def slow_authenticate(name, password):
+        checked.append(password)
+        time.sleep(0.3)
+        return authenticate(name, password)
+
+    monkeypatch.setattr(store, "authenticate", slow_authenticate)
+    client = TestClient(app)
+    codes = []
+
+    def guess(i):
+        codes.append(
+            client.post("/api/login", json={"name": "alice", "password": f"guess-{i:02d}"}).status_code
+        )
+
+    with client:
+        threads = [threading.Thread(target=guess, args=(i,)) for i in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(codes) == [401] * 3 + [429] * 7
+    assert len(checked) == 3
+    # Right passwords are no failures: logging in again and again from one address is never refused.
+    fresh = create_app(store, login_limiter=LoginRateLimiter(attempts=3, window=60))
+    for _ in range(5):
+        assert login(fresh, "root")[0] is not None
 
 
 def test_model_output_with_markup_is_data_and_sql_text_is_stored_verbatim(service):

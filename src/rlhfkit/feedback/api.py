@@ -21,8 +21,9 @@ from starlette.background import BackgroundTask
 from rlhfkit.feedback.session import (
     COOKIE,
     Caller,
+    TooManyLogins,
     check_csrf,
-    client_address,
+    log_in,
     require_admin,
     require_user,
     set_session_cookie,
@@ -231,20 +232,12 @@ def _project_out(store: FeedbackStore, project_id: int, admin: bool) -> ProjectO
 @router.post("/login", response_model=Me)
 def login(body: LoginRequest, request: Request, response: Response, store: StoreDep) -> Me:
     """Log in; sets the session cookie and returns the CSRF token for later calls."""
-    limiter = request.app.state.login_limiter
-    keys = (f"name:{body.name}", f"addr:{client_address(request)}")
-    wait = limiter.retry_after(*keys)
-    if wait > 0:
-        raise HTTPException(
-            429,
-            f"too many failed logins; try again in {int(wait) + 1} s",
-            {"Retry-After": str(int(wait) + 1)},
-        )
-    user = store.authenticate(body.name, body.password)
+    try:
+        user = log_in(request, body.name, body.password)
+    except TooManyLogins as exc:
+        raise HTTPException(429, str(exc), {"Retry-After": str(exc.retry_after)}) from None
     if user is None:
-        limiter.failed(*keys)
         raise HTTPException(401, "wrong user name or password")
-    limiter.succeeded(f"name:{body.name}")
     token, csrf = store.create_session(user.user_id)
     set_session_cookie(request, response, token)
     return Me(name=user.name, role=user.role, csrf_token=csrf)

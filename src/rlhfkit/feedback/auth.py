@@ -106,26 +106,58 @@ class LoginRateLimiter:
             return None
         return failures
 
+    def _wait(self, keys: tuple[str, ...]) -> float:
+        """Seconds until these keys may try again (0: now); the caller holds the lock."""
+        waits = [
+            failures[0] + self.window - self._clock()
+            for key in keys
+            if (failures := self._recent(key)) is not None and len(failures) >= self.attempts
+        ]
+        return max(waits, default=0.0)
+
+    def _record(self, keys: tuple[str, ...]) -> None:
+        """Count a failure under each key; the caller holds the lock."""
+        # Forget keys whose failures all left the window, so memory holds only the failures of
+        # the last `window` seconds (a refused attempt records none).
+        for key in list(self._failures):
+            self._recent(key)
+        for key in keys:
+            self._failures.setdefault(key, deque()).append(self._clock())
+
     def retry_after(self, *keys: str) -> float:
         """Seconds until a login under these keys is allowed again (0: allowed now)."""
         with self._lock:
             # Asking adds no key: refused attempts under ever new names must not grow the memory.
-            waits = [
-                failures[0] + self.window - self._clock()
-                for key in keys
-                if (failures := self._recent(key)) is not None and len(failures) >= self.attempts
-            ]
-        return max(waits, default=0.0)
+            return self._wait(keys)
+
+    def attempt(self, *keys: str) -> float:
+        """Begin a login under these keys: the seconds to wait when it is refused (nothing is
+        counted then), else 0, and the attempt counts as a failure under every key until `passed`.
+
+        Checking and counting are one step: were the failure counted only once the password had
+        been hashed, a burst of concurrent guesses would all pass the check before the first of
+        them failed.
+        """
+        with self._lock:
+            wait = self._wait(keys)
+            if wait <= 0:
+                self._record(keys)
+            return wait
+
+    def passed(self, *keys: str) -> None:
+        """Take back one attempt under each key: its password was right."""
+        with self._lock:
+            for key in keys:
+                failures = self._failures.get(key)
+                if failures:
+                    failures.pop()  # the newest: a key's failures differ only in when they leave
+                    if not failures:
+                        del self._failures[key]
 
     def failed(self, *keys: str) -> None:
         """Record a failed login under each key."""
         with self._lock:
-            # Forget keys whose failures all left the window, so memory holds only the failures of
-            # the last `window` seconds (a refused attempt records none).
-            for key in list(self._failures):
-                self._recent(key)
-            for key in keys:
-                self._failures.setdefault(key, deque()).append(self._clock())
+            self._record(keys)
 
     def succeeded(self, *keys: str) -> None:
         """Forget the failures of these keys."""

@@ -18,10 +18,11 @@ from rlhfkit.feedback.session import (
     COOKIE,
     CSRF_HEADER,
     Caller,
+    TooManyLogins,
     check_csrf,
-    client_address,
     csrf_matches,
     current_caller,
+    log_in,
     set_session_cookie,
 )
 from rlhfkit.feedback.store import TASK_TYPES, FeedbackStore
@@ -105,17 +106,13 @@ def login_form(
     """Check the form; on success set the session cookie and go to the projects."""
     if not _form_csrf_ok(request, csrf_token):
         return _form_page(request, "login.html", status=403, error="The form expired; please try again.")
-    limiter = request.app.state.login_limiter
-    keys = (f"name:{name}", f"addr:{client_address(request)}")
-    wait = limiter.retry_after(*keys)
-    if wait > 0:
-        message = f"Too many failed logins; try again in {int(wait) + 1} seconds."
+    try:
+        user = log_in(request, name, password)
+    except TooManyLogins as exc:
+        message = f"Too many failed logins; try again in {exc.retry_after} seconds."
         return _form_page(request, "login.html", status=429, error=message)
-    user = _store(request).authenticate(name, password)
     if user is None:
-        limiter.failed(*keys)
         return _form_page(request, "login.html", status=401, error="Wrong user name or password.")
-    limiter.succeeded(f"name:{name}")
     token, _ = _store(request).create_session(user.user_id)
     response = RedirectResponse("/", status_code=303)
     set_session_cookie(request, response, token)

@@ -1,4 +1,4 @@
-"""Who is calling: session cookies, roles and CSRF checks of the feedback service.
+"""Who is calling: logins, session cookies, roles and CSRF checks of the feedback service.
 
 Sessions live in the database (the cookie holds a random token, HttpOnly and
 SameSite=Lax); each session has its own CSRF token, which every state-changing
@@ -85,3 +85,30 @@ def set_session_cookie(request: Request, response: Response, token: str) -> None
 def client_address(request: Request) -> str:
     """The client's address, for the login rate limit."""
     return request.client.host if request.client else "unknown"
+
+
+class TooManyLogins(Exception):
+    """A login refused by the rate limit; `retry_after`: whole seconds until one is allowed again."""
+
+    def __init__(self, wait: float):
+        self.retry_after = int(wait) + 1
+        super().__init__(f"too many failed logins; try again in {self.retry_after} s")
+
+
+def log_in(request: Request, name: str, password: str) -> UserRecord | None:
+    """The user when the name and password are right, else None; TooManyLogins over the rate limit.
+
+    The JSON API and the login form both log in through here (the session is theirs to start).
+    """
+    limiter = request.app.state.login_limiter
+    name_key, address_key = f"name:{name}", f"addr:{client_address(request)}"
+    wait = limiter.attempt(name_key, address_key)
+    if wait > 0:
+        raise TooManyLogins(wait)
+    user = request.app.state.store.authenticate(name, password)
+    if user is not None:
+        # The name's failures are forgotten; the address keeps its earlier ones, or logging in to
+        # one's own account would clear a guesser's count.
+        limiter.succeeded(name_key)
+        limiter.passed(address_key)
+    return user
