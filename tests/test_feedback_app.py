@@ -308,6 +308,32 @@ def test_nan_infinity_and_lone_surrogates_are_refused_naming_the_field(service, 
     assert len(store.items(project)) == n_items
 
 
+def test_deeply_nested_json_gets_a_422_not_a_500(service):
+    store, app, project = service
+    client = TestClient(app, raise_server_exceptions=False)
+    nested = "[" * 700 + "]" * 700  # JSON that Python's parser reads, and that pydantic's error echoes
+    for body in (
+        f'{{"name": {nested}, "password": "x"}}',
+        f'{{"name": "a", "password": "x", "more": {nested}}}',
+    ):
+        response = client.post("/api/login", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] in (["body", "name"], ["body", "more"])
+        assert json.dumps(error["input"]).count("[") < 40  # cut off, not echoed all the way down
+    root, csrf = login(app, "root")
+    deep_meta = (
+        f'{{"items": [{{"prompt": "q", "responses": ["a", "b"], "meta": {{"x": {nested}}}, "z": 1}}]}}'
+    )
+    response = root.post(
+        f"/api/projects/{project}/items",
+        content=deep_meta,
+        headers={"X-CSRF-Token": csrf, "content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert len(store.items(project)) == 4  # nothing added
+
+
 @pytest.mark.parametrize(
     ("answer", "field"),
     [

@@ -107,12 +107,20 @@ async def _too_large(max_bytes: int, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _json_safe(value: Any) -> Any:
-    """`value` with every part that JSON cannot hold (see `api.json_problem`) as its repr."""
+# How deep a 422 echoes the input: JSON may nest as deep as the parser goes (about 1,000 levels),
+# and echoing that through the recursive encoders ran out of stack, a 500 for anyone.
+ECHO_DEPTH = 32
+
+
+def _json_safe(value: Any, depth: int = 0) -> Any:
+    """`value` with every part that JSON cannot hold (see `api.json_problem`) as its repr, and what is
+    nested more than ECHO_DEPTH levels deep as "..."."""
+    if isinstance(value, dict | list) and depth >= ECHO_DEPTH:
+        return "..."
     if isinstance(value, dict):
-        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+        return {_json_safe(k, depth + 1): _json_safe(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [_json_safe(v, depth + 1) for v in value]
     if isinstance(value, float | str) and api.json_problem(value) is not None:
         return repr(value)
     return value
@@ -143,9 +151,9 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # pydantic's errors echo the input, which may be what was wrong with it (NaN, a lone
-        # surrogate) and cannot be written as JSON: such an input is sent back as its repr.
-        errors = jsonable_encoder(exc.errors())
-        return JSONResponse({"detail": _json_safe(errors)}, status_code=422)
+        # surrogate, nesting a thousand levels deep) and cannot be written as JSON: such an input
+        # is sent back as its repr, cut off ECHO_DEPTH levels down, before the recursive encoder sees it.
+        return JSONResponse({"detail": jsonable_encoder(_json_safe(exc.errors()))}, status_code=422)
 
     @app.exception_handler(AnswerError)
     async def _answer_error(request: Request, exc: AnswerError) -> JSONResponse:
