@@ -308,6 +308,52 @@ def test_nan_infinity_and_lone_surrogates_are_refused_naming_the_field(service, 
     assert len(store.items(project)) == n_items
 
 
+def test_nul_characters_are_refused_naming_the_field_on_every_backend(service):
+    # JSON allows "\u0000", PostgreSQL's text and jsonb do not: it answered 500 there, to anyone.
+    store, app, project = service
+    client = TestClient(app, raise_server_exceptions=False)
+
+    def refused(response, loc):
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == loc and "NUL character" in error["msg"], error
+
+    refused(client.post("/api/login", json={"name": "ali\u0000ce", "password": "x" * 9}), ["body", "name"])
+    form = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    refused(
+        client.post("/login", data={"name": "ali\u0000ce", "password": "x" * 9, "csrf_token": token}),
+        ["body", "name"],
+    )
+    edit = store.create_project("nul-edit", "edit")
+    store.add_items(edit, [{"prompt": "q", "responses": ["draft"]}])
+    alice, csrf = login(app, "alice")
+    headers = {"X-CSRF-Token": csrf}
+    refused(
+        alice.post("/api/submit", json={"token": "t\u0000", "answer": {}}, headers=headers), ["body", "token"]
+    )
+    task = alice.post(f"/api/projects/{edit}/next", headers=headers).json()["task"]
+    answer = {"token": task["token"], "answer": {"text": "better\u0000"}}
+    refused(alice.post("/api/submit", json=answer, headers=headers), ["body", "answer"])
+    assert store.labels(edit) == []  # the task is still open: the fixed answer goes through
+    fixed = {"token": task["token"], "answer": {"text": "better"}}
+    assert alice.post("/api/submit", json=fixed, headers=headers).status_code == 200
+    root, root_csrf = login(app, "root")
+    headers = {"X-CSRF-Token": root_csrf}
+    refused(root.post("/api/projects", json={"name": "p\u0000"}, headers=headers), ["body", "name"])
+    items = {"items": [{"prompt": "q", "responses": ["a", "b"], "meta": {"k\u0000": 1}}]}
+    refused(
+        root.post(f"/api/projects/{project}/items", json=items, headers=headers), ["body", "items", 0, "meta"]
+    )
+    refused(
+        root.post("/api/annotators/a%00b/exclude", json={"excluded": True}, headers=headers), ["path", "name"]
+    )
+    refused(root.post("/admin/annotators/a%00b/exclude", data={"csrf_token": root_csrf}), ["path", "name"])
+    new_project = {"name": "p", "task_type": "likert", "guidelines": "g\u0000", "csrf_token": root_csrf}
+    refused(root.post("/admin/projects", data=new_project), ["body", "guidelines"])
+    assert [p.name for p in store.projects()] == ["prefs", "nul-edit"] and len(store.items(project)) == 4
+
+
 def test_deeply_nested_json_gets_a_422_not_a_500(service):
     store, app, project = service
     client = TestClient(app, raise_server_exceptions=False)

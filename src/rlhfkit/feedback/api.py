@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.background import BackgroundTask
 
 from rlhfkit.feedback.session import (
@@ -38,10 +38,12 @@ Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 def json_problem(value: Any) -> str | None:
-    """What keeps `value` from being JSON text, if anything: NaN or infinity, or a lone surrogate.
+    """What keeps `value` from being stored as JSON text, if anything: NaN or infinity, a lone
+    surrogate, or a NUL character.
 
-    Python's json reads both (`NaN`, `"\\ud800"`), but no JSON reader after us would, and the
-    database cannot store a lone surrogate."""
+    Python's json reads the first two (`NaN`, `"\\ud800"`), but no JSON reader after us would, and
+    the database cannot store a lone surrogate. JSON allows `"\\u0000"`, but PostgreSQL's text and
+    jsonb do not (SQLite does: it is refused on both, so that both answer the same)."""
     if isinstance(value, float) and not math.isfinite(value):
         return f"holds {value}, which is not a JSON number"
     if isinstance(value, str):
@@ -49,6 +51,10 @@ def json_problem(value: Any) -> str | None:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
             return f"holds {value[exc.start]!r} at character {exc.start}, a lone surrogate (not Unicode text)"
+        if "\x00" in value:
+            return (
+                f"holds a NUL character at character {value.index(chr(0))}, which the database cannot store"
+            )
         return None
     if isinstance(value, BaseModel):
         return None  # a nested request model checked its own fields
@@ -61,6 +67,17 @@ def json_problem(value: Any) -> str | None:
     return None
 
 
+def json_text(value: Any) -> Any:
+    """`value` itself; ValueError saying what keeps it from being stored (see `json_problem`)."""
+    if (problem := json_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+# Form fields and path parameters that reach the database get the check that JSON bodies get.
+JsonText = AfterValidator(json_text)
+
+
 class _Model(BaseModel):
     # Typed numbers refuse NaN and infinity with pydantic's own message; the check below covers
     # what typing does not (free-form meta, answers, golden keys) and text.
@@ -69,9 +86,7 @@ class _Model(BaseModel):
     @field_validator("*")
     @classmethod
     def _json_text_only(cls, value: Any) -> Any:
-        if (problem := json_problem(value)) is not None:
-            raise ValueError(problem)
-        return value
+        return json_text(value)
 
 
 class LoginRequest(_Model):
@@ -417,7 +432,7 @@ def create_invite(body: InviteIn, request: Request, caller: AdminDep, store: Sto
 
 
 @router.post("/annotators/{name:path}/exclude", status_code=204, dependencies=[Depends(check_csrf)])
-def exclude(name: str, body: ExcludeIn, caller: AdminDep, store: StoreDep) -> Response:
+def exclude(name: Annotated[str, JsonText], body: ExcludeIn, caller: AdminDep, store: StoreDep) -> Response:
     """Leave an annotator's labels out of exports, or take them back in (admin)."""
     try:
         store.exclude_annotator(name, body.excluded)

@@ -12,6 +12,7 @@ from fastapi.templating import Jinja2Templates
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 
+from rlhfkit.feedback.api import JsonText
 from rlhfkit.feedback.auth import new_token
 from rlhfkit.feedback.exports import FORMATS_BY_TASK_TYPE
 from rlhfkit.feedback.session import (
@@ -99,7 +100,7 @@ def login_page(request: Request) -> Response:
 @router.post("/login")
 def login_form(
     request: Request,
-    name: Annotated[str, Form(max_length=200)],
+    name: Annotated[str, Form(max_length=200), JsonText],
     password: Annotated[str, Form(max_length=1024)],
     csrf_token: Annotated[str, Form(max_length=200)] = "",
 ) -> Response:
@@ -256,9 +257,9 @@ def new_project_page(request: Request) -> Response:
 @router.post("/admin/projects", dependencies=[Depends(check_csrf)])
 def new_project_form(
     request: Request,
-    name: Annotated[str, Form(min_length=1, max_length=200)],
+    name: Annotated[str, Form(min_length=1, max_length=200), JsonText],
     task_type: Annotated[str, Form()],
-    guidelines: Annotated[str, Form(max_length=100_000)] = "",
+    guidelines: Annotated[str, Form(max_length=100_000), JsonText] = "",
     overlap: Annotated[int, Form(ge=1, le=100)] = 1,
     golden_rate: Annotated[float, Form(ge=0, le=1)] = 0.0,
     csrf_token: Annotated[str, Form()] = "",
@@ -312,7 +313,7 @@ def invite_form(
 @router.post("/admin/annotators/{name:path}/exclude", dependencies=[Depends(check_csrf)])
 def exclude_form(
     request: Request,
-    name: str,
+    name: Annotated[str, JsonText],
     excluded: Annotated[bool, Form()] = True,
     project_id: Annotated[int | None, Form()] = None,
     csrf_token: Annotated[str, Form()] = "",
