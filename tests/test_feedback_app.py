@@ -159,6 +159,29 @@ def test_session_cookie_flags_and_security_headers(service):
     assert response.headers["x-frame-options"] == "DENY"
 
 
+def test_every_cookie_is_secure_over_https_or_behind_an_https_proxy(service):
+    store, app, _ = service
+    client = TestClient(app, base_url="https://testserver")
+    form = client.get("/login")
+    assert "rlhfkit_form_csrf=" in form.headers["set-cookie"] and "Secure" in form.headers["set-cookie"]
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    done = client.post(
+        "/login",
+        data={"name": "alice", "password": PASSWORDS["alice"], "csrf_token": token},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+    session = [c for c in done.headers.get_list("set-cookie") if c.startswith("rlhfkit_session=")]
+    assert session and "Secure" in session[0]
+    # Behind an HTTPS proxy (the app sees http): --secure-cookies.
+    proxied = TestClient(create_app(store, secure_cookies=True))
+    assert "Secure" in proxied.get("/login").headers["set-cookie"]
+    logged_in = proxied.post("/api/login", json={"name": "alice", "password": PASSWORDS["alice"]})
+    assert "Secure" in logged_in.headers["set-cookie"]
+    # Plain http without the flag: no Secure, or the browser would never send them back.
+    assert "Secure" not in TestClient(app).get("/login").headers["set-cookie"]
+
+
 def test_login_rate_limit(service):
     _, app, _ = service
     client = TestClient(app)

@@ -21,6 +21,7 @@ from rlhfkit.feedback.session import (
     Caller,
     TooManyLogins,
     check_csrf,
+    cookies_secure,
     csrf_matches,
     current_caller,
     log_in,
@@ -74,7 +75,10 @@ def _form_page(request: Request, name: str, status: int = 200, **context: Any) -
     response = templates.TemplateResponse(
         request, name, {**context, "caller": None, "csrf": token}, status_code=status
     )
-    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", path="/")
+    # Secure like the session cookie: sent over plain http, the token would let a listener forge a login.
+    response.set_cookie(
+        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", path="/", secure=cookies_secure(request)
+    )
     return response
 
 

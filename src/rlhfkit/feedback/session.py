@@ -69,6 +69,11 @@ async def check_csrf(request: Request) -> None:
         raise HTTPException(403, "missing or wrong CSRF token")
 
 
+def cookies_secure(request: Request) -> bool:
+    """Whether cookies get the Secure flag: served over HTTPS, or behind an HTTPS proxy (--secure-cookies)."""
+    return request.app.state.secure_cookies or request.url.scheme == "https"
+
+
 def set_session_cookie(request: Request, response: Response, token: str) -> None:
     """The session cookie: HttpOnly, SameSite=Lax, Secure when served over HTTPS."""
     response.set_cookie(
@@ -78,7 +83,7 @@ def set_session_cookie(request: Request, response: Response, token: str) -> None
         path="/",
         httponly=True,
         samesite="lax",
-        secure=request.app.state.secure_cookies or request.url.scheme == "https",
+        secure=cookies_secure(request),
     )
 
 
