@@ -577,6 +577,23 @@ def test_users_sessions_and_invites(open_store, clock):
     assert store.invite_role(late) is None
 
 
+def test_a_new_password_ends_the_users_sessions(open_store):
+    store = open_store()
+    alice = store.add_user("alice", "annotator", "old-password")
+    bob = store.add_user("bob", "annotator", "bob-password")
+    stolen, _ = store.create_session(alice)  # someone who learnt the old password
+    kept, _ = store.create_session(bob)
+    store.set_password("alice", "new-password")
+    assert store.session_user(stolen) is None
+    assert store.session_user(kept)[0].name == "bob"
+    assert store.authenticate("alice", "old-password") is None
+    assert store.authenticate("alice", "new-password").user_id == alice
+    assert store.session_user(store.create_session(alice)[0])[0].name == "alice"
+    with pytest.raises(KeyError, match="nobody"):
+        store.set_password("nobody", "new-password")
+    assert store.session_user(kept)[0].user_id == bob
+
+
 def test_one_invite_makes_one_account_when_two_sign_up_at_once(open_store, monkeypatch):
     store = open_store()
     admin = store.add_user("root", "admin", "root-password")

@@ -940,13 +940,16 @@ class FeedbackStore:
             raise ValueError(f"a user named {name!r} already exists") from None
 
     def set_password(self, name: str, password: str) -> None:
-        """Replace a user's password; KeyError if there is no such user."""
+        """Replace a user's password and end all their sessions; KeyError if there is no such user."""
         password_hash = hash_password(password)
         with self._transaction("write") as conn:
-            if not conn.execute(
-                update(User).where(User.name == name).values(password_hash=password_hash)
-            ).rowcount:
+            user_id = conn.scalar(
+                update(User).where(User.name == name).values(password_hash=password_hash).returning(User.id)
+            )
+            if user_id is None:
                 raise KeyError(f"no user named {name!r}")
+            # A new password is often set because the old one leaked: whoever logged in with it is out.
+            conn.execute(Session.__table__.delete().where(Session.user_id == user_id))
 
     def users(self) -> list[UserRecord]:
         """Every user, by id."""
