@@ -159,6 +159,25 @@ def test_session_cookie_flags_and_security_headers(service):
     assert response.headers["x-frame-options"] == "DENY"
 
 
+def test_no_page_or_api_answer_is_cached(service):
+    # Back after a logout on a shared computer, or a caching proxy, must not show them to the next person.
+    _, app, project = service
+    root, _ = login(app, "root")
+    alice, _ = login(app, "alice")
+    for client, path in [
+        (root, "/admin"),
+        (root, f"/api/projects/{project}/export?format=raw"),
+        (root, f"/api/projects/{project}/labels"),
+        (root, "/api/me"),
+        (alice, f"/projects/{project}/annotate"),
+        (alice, f"/api/projects/{project}/my-labels"),
+        (TestClient(app), "/login"),
+    ]:
+        response = client.get(path)
+        assert response.status_code == 200 and response.headers["cache-control"] == "no-store", path
+    assert "no-store" not in alice.get("/static/annotate.js").headers.get("cache-control", "")
+
+
 def test_every_cookie_is_secure_over_https_or_behind_an_https_proxy(service):
     store, app, _ = service
     client = TestClient(app, base_url="https://testserver")

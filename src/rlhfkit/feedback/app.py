@@ -35,10 +35,15 @@ SECURITY_HEADERS = {
 }
 # The interactive docs load their scripts from a CDN; they get a looser policy.
 _DOCS_PATHS = ("/docs", "/redoc")
+# Pages and API answers hold labels, exports, names and CSRF tokens: no browser or proxy may keep
+# them (the Back button after a logout on a shared computer, a caching proxy serving an admin's
+# export to the next caller). Only the static files are cached.
+NO_STORE = (b"cache-control", b"no-store")
 
 
 class BodyLimitAndHeaders:
-    """ASGI middleware: 413 for bodies over `max_bytes`; security headers on every response."""
+    """ASGI middleware: 413 for bodies over `max_bytes`; security headers on every response, and
+    `Cache-Control: no-store` on all but the static files."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
@@ -74,6 +79,7 @@ class BodyLimitAndHeaders:
             return message
 
         docs = scope["path"].startswith(_DOCS_PATHS)
+        static = scope["path"].startswith("/static/")
 
         async def send_with_headers(message: Message) -> None:
             nonlocal started
@@ -81,10 +87,12 @@ class BodyLimitAndHeaders:
                 return
             if message["type"] == "http.response.start":
                 started = True
+                headers = list(message.get("headers", []))
                 if not docs:
-                    headers = list(message.get("headers", []))
                     headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
-                    message = {**message, "headers": headers}
+                if not static and all(name.lower() != NO_STORE[0] for name, _ in headers):
+                    headers.append(NO_STORE)
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
