@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -197,16 +199,22 @@ def test_login_rate_limiter_memory_holds_only_the_window():
     assert limiter.retry_after("addr:1", "name:a", "name:b") == 0
 
 
-def test_login_rate_limiter_counts_an_attempt_before_its_password_is_checked():
-    now = [0.0]
-    limiter = LoginRateLimiter(attempts=2, window=60, clock=lambda: now[0])
+def test_login_rate_limiter_counts_the_checks_in_flight():
+    limiter = LoginRateLimiter(attempts=2, window=60)
     assert limiter.attempt("name:a", "addr:1") == 0
-    assert limiter.attempt("name:a", "addr:1") == 0
-    # Both are still being checked: a third is refused, and a refusal counts nothing.
-    assert limiter.attempt("name:a", "addr:1") == pytest.approx(60)
-    assert limiter.attempt("name:b", "addr:1") == pytest.approx(60)
-    assert limiter.n_keys() == 2
-    limiter.passed("addr:1")  # one of them was right
     assert limiter.attempt("name:b", "addr:1") == 0
-    limiter.passed("name:b", "addr:1")
-    assert limiter.n_keys() == 2 and limiter.retry_after("name:b") == 0
+    # Two checks in flight from one address: a third waits for them, and goes ahead if they were right.
+    third = []
+    waiting = threading.Thread(target=lambda: third.append(limiter.attempt("name:c", "addr:1")))
+    waiting.start()
+    time.sleep(0.2)
+    assert waiting.is_alive() and not third
+    limiter.finished("name:a", "addr:1", failed=False)
+    waiting.join(timeout=5)
+    assert third == [0]
+    # If they were wrong, the next is refused, and a refusal counts nothing.
+    limiter.finished("name:b", "addr:1", failed=True)
+    limiter.finished("name:c", "addr:1", failed=True)
+    assert limiter.attempt("name:d", "addr:1") == pytest.approx(60, abs=1)
+    assert limiter.n_keys() == 3  # name:b, name:c and addr:1
+    assert limiter.attempt("name:d", "addr:2") == 0

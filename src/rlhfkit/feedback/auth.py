@@ -12,7 +12,7 @@ import hmac
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 # scrypt cost: n=2**14, r=8 uses 16 MiB and about 50 ms per hash on one core.
@@ -82,12 +82,16 @@ class LoginRateLimiter:
     Kept in memory: one server process; a restart forgets it.
     """
 
+    # How long a login waits for the checks in flight before it (see `attempt`) at most.
+    QUEUE_SECONDS = 10.0
+
     def __init__(self, attempts: int = 5, window: float = 300.0, clock: Callable[[], float] = time.monotonic):
         self.attempts = attempts
         self.window = window
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
+        self._checking: Counter[str] = Counter()  # logins whose password is being checked, per key
+        self._changed = threading.Condition()
 
     def n_keys(self) -> int:
         """The number of keys with failures kept (what the limiter holds in memory)."""
@@ -115,6 +119,13 @@ class LoginRateLimiter:
         ]
         return max(waits, default=0.0)
 
+    def _could_exceed(self, keys: tuple[str, ...]) -> bool:
+        """Whether the limit would be reached if every check in flight failed; the caller holds the lock."""
+        return any(
+            self._checking[key] and len(self._recent(key) or ()) + self._checking[key] >= self.attempts
+            for key in keys
+        )
+
     def _record(self, keys: tuple[str, ...]) -> None:
         """Count a failure under each key; the caller holds the lock."""
         # Forget keys whose failures all left the window, so memory holds only the failures of
@@ -126,41 +137,46 @@ class LoginRateLimiter:
 
     def retry_after(self, *keys: str) -> float:
         """Seconds until a login under these keys is allowed again (0: allowed now)."""
-        with self._lock:
+        with self._changed:
             # Asking adds no key: refused attempts under ever new names must not grow the memory.
             return self._wait(keys)
 
     def attempt(self, *keys: str) -> float:
-        """Begin a login under these keys: the seconds to wait when it is refused (nothing is
-        counted then), else 0, and the attempt counts as a failure under every key until `passed`.
+        """Begin a login under these keys: 0 when it may check its password (then call `finished`),
+        else the seconds to wait (it is refused, and counts nothing).
 
-        Checking and counting are one step: were the failure counted only once the password had
-        been hashed, a burst of concurrent guesses would all pass the check before the first of
-        them failed.
+        Checks in flight count against the limit as if they were to fail: a burst of concurrent
+        guesses would otherwise all pass here before the first of them had failed. So near the
+        limit an attempt waits for the checks before it, and goes ahead if they were right
+        (concurrent logins of people behind one address are delayed, not refused).
         """
-        with self._lock:
-            wait = self._wait(keys)
+        deadline = time.monotonic() + self.QUEUE_SECONDS
+        with self._changed:
+            while (wait := self._wait(keys)) <= 0 and self._could_exceed(keys):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return 1.0  # the checks in flight are stuck (a locked database): try again soon
+                self._changed.wait(left)
             if wait <= 0:
-                self._record(keys)
+                self._checking.update(keys)
             return wait
 
-    def passed(self, *keys: str) -> None:
-        """Take back one attempt under each key: its password was right."""
-        with self._lock:
-            for key in keys:
-                failures = self._failures.get(key)
-                if failures:
-                    failures.pop()  # the newest: a key's failures differ only in when they leave
-                    if not failures:
-                        del self._failures[key]
+    def finished(self, *keys: str, failed: bool) -> None:
+        """End a login that `attempt` let go ahead; `failed`: its password was wrong."""
+        with self._changed:
+            self._checking.subtract(keys)
+            self._checking = +self._checking  # drop the keys with none in flight
+            if failed:
+                self._record(keys)
+            self._changed.notify_all()
 
     def failed(self, *keys: str) -> None:
         """Record a failed login under each key."""
-        with self._lock:
+        with self._changed:
             self._record(keys)
 
     def succeeded(self, *keys: str) -> None:
         """Forget the failures of these keys."""
-        with self._lock:
+        with self._changed:
             for key in keys:
                 self._failures.pop(key, None)

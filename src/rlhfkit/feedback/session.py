@@ -110,10 +110,14 @@ def log_in(request: Request, name: str, password: str) -> UserRecord | None:
     wait = limiter.attempt(name_key, address_key)
     if wait > 0:
         raise TooManyLogins(wait)
-    user = request.app.state.store.authenticate(name, password)
+    try:
+        user = request.app.state.store.authenticate(name, password)
+    except BaseException:
+        limiter.finished(name_key, address_key, failed=False)  # no answer, so no failure
+        raise
+    limiter.finished(name_key, address_key, failed=user is None)
     if user is not None:
-        # The name's failures are forgotten; the address keeps its earlier ones, or logging in to
-        # one's own account would clear a guesser's count.
+        # The name's failures are forgotten; the address keeps its own, or logging in to one's own
+        # account would clear a guesser's count.
         limiter.succeeded(name_key)
-        limiter.passed(address_key)
     return user
