@@ -173,3 +173,27 @@ def test_seeded_sampling_is_independent_of_batching_and_order():
     assert all(len(r) == 8 and tokenizer.eos_token_id not in r for r in fixed)
     with pytest.raises(ValueError, match="5 seeds for 6 prompts"):
         sample_responses(model, prompts, seeds=seeds[:5], **kw)
+
+
+def test_a_process_in_a_process_group_leaves_it_at_exit(tmp_path):
+    """Left to interpreter shutdown, Gloo can abort a process whose work is done (SIGABRT); the first
+    accelerator of a process in a group arranges to destroy the group while Python is still whole."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import atexit, torch.distributed as dist\n"
+        "from rlhfkit.train.loop import make_accelerator\n"
+        f"rendezvous = 'file://{tmp_path / 'rendezvous'}'\n"
+        "dist.init_process_group('gloo', init_method=rendezvous, rank=0, world_size=1)\n"
+        "before = atexit._ncallbacks()\n"
+        "make_accelerator(0)\n"
+        "make_accelerator(1)  # a second stage in the same process\n"
+        "assert atexit._ncallbacks() == before + 1 and dist.is_initialized()\n"
+        "atexit._run_exitfuncs()\n"
+        "print('initialized after exit handlers:', dist.is_initialized())\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "initialized after exit handlers: False" in done.stdout

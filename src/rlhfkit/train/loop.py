@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import math
 import time
@@ -26,7 +28,26 @@ def make_accelerator(seed: int, dtype: str = "float32") -> Accelerator:
     """
     set_seed(seed)
     # The run directory is our logger; no trackers unless a user asks for one.
-    return Accelerator(log_with=None, mixed_precision=MIXED_PRECISION[dtype])
+    accelerator = Accelerator(log_with=None, mixed_precision=MIXED_PRECISION[dtype])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _leave_process_group_at_exit()
+    return accelerator
+
+
+@functools.cache
+def _leave_process_group_at_exit() -> None:
+    """Destroy the process group when this process exits, while Python is still whole.
+
+    Left to interpreter shutdown, Gloo's worker threads can still hold tensors whose release needs
+    the GIL of an interpreter being torn down, and the process aborts ("terminate called without an
+    active exception", SIGABRT) after its work is done: seen once in a 2-process test run.
+    """
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _mark_updated(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
