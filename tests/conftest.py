@@ -16,6 +16,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 PG_URL = os.environ.get("RLHFKIT_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# The suite creates many users: their password hashes get a cheap scrypt cost (1 MiB, about 2 ms)
+# through the service's documented knob, which subprocesses (the CLI, served apps) inherit.
+# test_feedback_answers.py checks the production cost with the knob unset.
+os.environ.setdefault("RLHFKIT_FEEDBACK_SCRYPT_COST", "1024,8,1")
 
 
 class FakeClock:

@@ -18,7 +18,15 @@ from rlhfkit.feedback.answers import (
     store_answer,
     validate_golden,
 )
-from rlhfkit.feedback.auth import LoginRateLimiter, hash_password, token_digest, verify_password
+from rlhfkit.feedback.auth import (
+    SCRYPT_COST_ENV,
+    LoginRateLimiter,
+    hash_password,
+    needs_rehash,
+    scrypt_cost,
+    token_digest,
+    verify_password,
+)
 from rlhfkit.feedback.exports import preference_rows, raw_rows, sft_rows, unpaired_rows
 from rlhfkit.feedback.store import ItemRecord, LabelRecord
 
@@ -165,6 +173,37 @@ def test_password_hash_round_trip():
     with pytest.raises(ValueError, match="at least 8"):
         hash_password("short")
     assert token_digest("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+# OWASP Password Storage Cheat Sheet: scrypt with N=2^17, r=8, p=1 at least, or one of these equals.
+OWASP_SCRYPT_MINIMUMS = {(2**17, 8, 1), (2**16, 8, 2), (2**15, 8, 3), (2**14, 8, 5), (2**13, 8, 10)}
+
+
+def test_new_password_hashes_meet_owasps_scrypt_minimum_in_production(monkeypatch):
+    monkeypatch.delenv(SCRYPT_COST_ENV, raising=False)  # the test suite's cheap knob, unset
+    assert scrypt_cost() == (2**15, 8, 3)
+    n, r, p = scrypt_cost()
+    assert any(n >= mn and r >= mr and p >= mp for mn, mr, mp in OWASP_SCRYPT_MINIMUMS)
+    encoded = hash_password("correct horse")
+    assert encoded.split("$")[1:4] == ["32768", "8", "3"]
+    assert verify_password("correct horse", encoded) and not needs_rehash(encoded)
+
+
+def test_scrypt_cost_knob_is_explicit_and_checked(monkeypatch):
+    monkeypatch.setenv(SCRYPT_COST_ENV, "1024,8,1")
+    assert hash_password("correct horse").split("$")[1:4] == ["1024", "8", "1"]
+    for bad in ["", "1024", "1024,8", "1000,8,1", "1024,0,1", "1024,8,0", "fast", "2097152,8,1"]:
+        monkeypatch.setenv(SCRYPT_COST_ENV, bad)
+        with pytest.raises(ValueError, match=SCRYPT_COST_ENV):
+            hash_password("correct horse")  # never a quiet fall-back to some other cost
+
+
+def test_hashes_with_older_parameters_still_verify_and_ask_for_a_rehash(monkeypatch):
+    monkeypatch.delenv(SCRYPT_COST_ENV, raising=False)
+    old = hash_password("correct horse", cost=(2**14, 8, 1))  # what rlhfkit stored before
+    assert old.split("$")[1:4] == ["16384", "8", "1"]
+    assert verify_password("correct horse", old) and not verify_password("correct hors", old)
+    assert needs_rehash(old)
 
 
 def test_login_rate_limiter_window():

@@ -628,6 +628,8 @@ def test_cli_user_add_and_import_errors(tmp_path):
         text=True,
     )
     assert added.returncode == 0, added.stderr
+    # The test suite's cheap password hashes (conftest) are never silent: the CLI says so.
+    assert "RLHFKIT_FEEDBACK_SCRYPT_COST is set" in added.stderr
     bad = tmp_path / "items.jsonl"
     bad.write_text('{"prompt": "q", "completions": ["a", "b"]}\n{"prompt": "q", "completions": ["a", 3]}\n')
     failed = subprocess.run(

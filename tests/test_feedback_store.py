@@ -594,6 +594,29 @@ def test_a_new_password_ends_the_users_sessions(open_store):
     assert store.session_user(kept)[0].user_id == bob
 
 
+def _stored_hash(store: FeedbackStore, name: str) -> str:
+    with store._transaction() as conn:
+        return conn.scalar(text("SELECT password_hash FROM users WHERE name = :name"), {"name": name})
+
+
+def test_a_login_rehashes_a_password_hashed_with_older_parameters(open_store, monkeypatch):
+    from rlhfkit.feedback.auth import SCRYPT_COST_ENV
+
+    store = open_store()
+    monkeypatch.setenv(SCRYPT_COST_ENV, "16384,8,1")  # the parameters rlhfkit used to hash with
+    store.add_user("alice", "annotator", "alice-password")
+    old = _stored_hash(store, "alice")
+    assert old.split("$")[1:4] == ["16384", "8", "1"]
+    monkeypatch.delenv(SCRYPT_COST_ENV)  # production parameters from here on
+    assert store.authenticate("alice", "wrong-password") is None
+    assert _stored_hash(store, "alice") == old  # a failed login changes nothing
+    assert store.authenticate("alice", "alice-password").name == "alice"  # the old hash still verifies
+    new = _stored_hash(store, "alice")
+    assert new.split("$")[1:4] == ["32768", "8", "3"] and new != old
+    assert store.authenticate("alice", "alice-password").name == "alice"
+    assert _stored_hash(store, "alice") == new  # rehashed once, not at every login
+
+
 def test_one_invite_makes_one_account_when_two_sign_up_at_once(open_store, monkeypatch):
     store = open_store()
     admin = store.add_user("root", "admin", "root-password")

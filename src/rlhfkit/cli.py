@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -378,6 +379,22 @@ def feedback_simulate(
     _run_stages(("feedback",), out, config, set_, preset, no_progress, reuse=False)
 
 
+def _warn_about_scrypt_cost() -> None:
+    """Warn while password hashes get test-suite parameters (RLHFKIT_FEEDBACK_SCRYPT_COST); fail if bad."""
+    from rlhfkit.feedback.auth import SCRYPT_COST_ENV, scrypt_cost
+
+    try:
+        n, r, p = scrypt_cost()
+    except ValueError as exc:
+        _fail(str(exc))
+    if SCRYPT_COST_ENV in os.environ:
+        err_console.print(
+            f"[bold yellow]warning:[/bold yellow] {SCRYPT_COST_ENV} is set: new password hashes use "
+            f"scrypt N={n}, r={r}, p={p} instead of the production setting; unset it outside tests",
+            highlight=False,
+        )
+
+
 def _open_store(db: str, durable: bool = True, existing: bool = False):
     """A FeedbackStore on `db`, or a CLI error naming the problem. `existing`: a command that only
     reads refuses a SQLite file that is not there, instead of creating an empty database."""
@@ -441,6 +458,7 @@ def feedback_serve(
 
     from rlhfkit.feedback.app import create_app
 
+    _warn_about_scrypt_cost()
     store = _open_store(db)
     if not store.users():
         err_console.print("no users yet: create an admin with `rlhfkit feedback user add NAME --role admin`")
@@ -466,6 +484,7 @@ def feedback_user_add(
 
     if role not in ROLES:
         _fail(f"--role {role!r}: choose admin or annotator")
+    _warn_about_scrypt_cost()
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:

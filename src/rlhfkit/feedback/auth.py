@@ -9,17 +9,29 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import secrets
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 
-# scrypt cost: n=2**14, r=8 uses 16 MiB and about 50 ms per hash on one core.
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+# scrypt cost of new hashes: N=2^15, r=8, p=3, one of OWASP's equivalent minimums (N=2^17 r=8 p=1,
+# 2^16/8/2, 2^15/8/3, 2^14/8/5). Every login pays for one hash while it holds the memory, and an
+# unknown name pays too, so on a 2-core server memory is what concurrent logins exhaust: 32 MiB per
+# hash instead of 2^17's 128 MiB, and about 200 ms of one core (OpenSSL runs the p lanes one
+# after another) instead of 320 ms. A stored hash carries its own parameters: older ones still
+# verify, and a login with one rehashes the password with these (see `needs_rehash`).
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 3
+# The explicit knob for test suites (which create many users): "N,r,p", e.g. "1024,8,1". Never set
+# it in production: `rlhfkit feedback serve` and `user add` warn when it is set.
+SCRYPT_COST_ENV = "RLHFKIT_FEEDBACK_SCRYPT_COST"
+# scrypt refuses to use more memory than this (a stored hash names its own N and r).
+_SCRYPT_MAXMEM = 256 * 1024 * 1024
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 1024
-_DUMMY_HASH: str | None = None
+# One hash per cost, verified against when a name is unknown (same cost as a wrong password).
+_DUMMY_HASHES: dict[tuple[int, int, int], str] = {}
 
 
 def _b64(data: bytes) -> str:
@@ -27,9 +39,27 @@ def _b64(data: bytes) -> str:
 
 
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32
-    )
+    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=_SCRYPT_MAXMEM, dklen=32)
+
+
+def scrypt_cost() -> tuple[int, int, int]:
+    """(N, r, p) of new password hashes: SCRYPT_N/R/P, or what RLHFKIT_FEEDBACK_SCRYPT_COST says.
+
+    A malformed value is a ValueError, never a quiet fall-back to either setting.
+    """
+    raw = os.environ.get(SCRYPT_COST_ENV)
+    if raw is None:
+        return SCRYPT_N, SCRYPT_R, SCRYPT_P
+    try:
+        n, r, p = (int(part) for part in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{SCRYPT_COST_ENV}={raw!r}: expected N,r,p, e.g. 1024,8,1") from None
+    if n < 2 or n & (n - 1) or r < 1 or p < 1 or 128 * r * n > _SCRYPT_MAXMEM // 2:
+        raise ValueError(
+            f"{SCRYPT_COST_ENV}={raw!r}: N must be a power of 2 above 1, r and p at least 1, "
+            f"and 128*N*r at most {_SCRYPT_MAXMEM // 2 // 2**20} MiB"
+        )
+    return n, r, p
 
 
 def check_password_rules(password: str) -> None:
@@ -40,21 +70,36 @@ def check_password_rules(password: str) -> None:
         raise ValueError(f"password must have at most {MAX_PASSWORD_CHARS} characters")
 
 
-def hash_password(password: str) -> str:
-    """`scrypt$n$r$p$salt$hash` of a new password (checked against the rules first)."""
+def hash_password(password: str, cost: tuple[int, int, int] | None = None) -> str:
+    """`scrypt$N$r$p$salt$hash` of a new password (checked against the rules first).
+
+    `cost`: (N, r, p); default `scrypt_cost()`.
+    """
     check_password_rules(password)
+    return _encode(password, cost or scrypt_cost())
+
+
+def rehash_password(password: str) -> str:
+    """A new hash, with `scrypt_cost()`, of a password that has just verified.
+
+    No rules check: the password may predate them, and refusing it would lock its user out.
+    """
+    return _encode(password[:MAX_PASSWORD_CHARS], scrypt_cost())
+
+
+def _encode(password: str, cost: tuple[int, int, int]) -> str:
+    n, r, p = cost
     salt = secrets.token_bytes(16)
-    digest = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+    return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(_scrypt(password, salt, n, r, p))}"
 
 
 def verify_password(password: str, encoded: str | None) -> bool:
     """Whether `password` matches the stored hash; None (no such user) costs the same and fails."""
-    global _DUMMY_HASH
     if encoded is None:
-        if _DUMMY_HASH is None:
-            _DUMMY_HASH = hash_password("not-a-real-password")
-        verify_password(password, _DUMMY_HASH)
+        cost = scrypt_cost()
+        if cost not in _DUMMY_HASHES:
+            _DUMMY_HASHES[cost] = hash_password("not-a-real-password", cost)
+        verify_password(password, _DUMMY_HASHES[cost])
         return False
     try:
         scheme, n, r, p, salt, digest = encoded.split("$")
@@ -64,6 +109,12 @@ def verify_password(password: str, encoded: str | None) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def needs_rehash(encoded: str) -> bool:
+    """Whether a stored hash was made with other parameters than new hashes get (`scrypt_cost()`)."""
+    parts = encoded.split("$")
+    return parts[0] != "scrypt" or parts[1:4] != [str(value) for value in scrypt_cost()]
 
 
 def new_token() -> str:

@@ -80,7 +80,14 @@ from rlhfkit.feedback.answers import (
     store_answer,
     validate_golden,
 )
-from rlhfkit.feedback.auth import hash_password, new_token, token_digest, verify_password
+from rlhfkit.feedback.auth import (
+    hash_password,
+    needs_rehash,
+    new_token,
+    rehash_password,
+    token_digest,
+    verify_password,
+)
 from rlhfkit.feedback.migrate import upgrade_database
 
 # A login name: it appears in URLs (the dashboard's exclude form) and beside other names, so no
@@ -969,7 +976,19 @@ class FeedbackStore:
             ).one_or_none()
         # An unknown name still pays for one hash, so timing does not tell which names exist.
         ok = verify_password(password, row.password_hash if row else None)
-        return UserRecord(row.id, row.name, row.role, row.annotator_id) if row is not None and ok else None
+        if row is None or not ok:
+            return None
+        if needs_rehash(row.password_hash):
+            # Made with older (weaker) parameters: the password is at hand now, so hash it anew.
+            # Only if it is still the same hash: a new password set meanwhile stays.
+            new_hash = rehash_password(password)  # slow by design: before the transaction opens
+            with self._transaction("write") as conn:
+                conn.execute(
+                    update(User)
+                    .where(User.id == row.id, User.password_hash == row.password_hash)
+                    .values(password_hash=new_hash)
+                )
+        return UserRecord(row.id, row.name, row.role, row.annotator_id)
 
     def create_session(self, user_id: int, seconds: float = 12 * 3600) -> tuple[str, str]:
         """Start a login; return (session token for the cookie, CSRF token for forms).
