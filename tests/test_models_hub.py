@@ -16,12 +16,13 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2TokenizerFast,
+    PreTrainedTokenizerFast,
 )
 
 from rlhfkit.config import load_config
 from rlhfkit.models.loading import load_tokenizer, save_model, tiny_causal_lm
 from rlhfkit.models.tokenizer import train_tokenizer
-from rlhfkit.train.ppo import run_ppo
+from rlhfkit.train.ppo import _ptx_blocks, run_ppo
 from rlhfkit.train.rm import run_rm
 from rlhfkit.train.sft import run_sft, tokenize_demonstrations
 
@@ -59,6 +60,34 @@ def gpt2_style_tokenizer() -> GPT2TokenizerFast:
     return GPT2TokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
     )
+
+
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen2_style_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE shaped like Qwen2's: no BOS token at all, EOS <|im_end|>, a ChatML template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TEXTS, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    wrapped.chat_template = QWEN_TEMPLATE
+    return wrapped
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
@@ -143,3 +172,18 @@ def test_saved_model_round_trips_with_its_chat_template(tmp_path):
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
     )
     assert text.endswith("<|assistant|>\n")
+
+
+def test_ptx_documents_of_a_tokenizer_without_bos(tmp_path):
+    # Qwen2's tokenizer has no BOS: PTX documents are the text and EOS, not a TypeError on None + str.
+    qwen2_style_tokenizer().save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.bos_token is None
+    blocks = _ptx_blocks(tokenizer, ["red blue", "green"], block_size=2)
+    text = tokenizer(["red blue", "green"], add_special_tokens=False)["input_ids"]
+    flat = text[0] + [tokenizer.eos_token_id] + text[1] + [tokenizer.eos_token_id]
+    assert blocks.flatten().tolist() == flat[: len(flat) // 2 * 2]
+    # A tokenizer with a BOS gets it before each document, as pretraining packs them.
+    gpt2 = gpt2_style_tokenizer()
+    [doc] = _ptx_blocks(gpt2, ["red"], block_size=len(gpt2("red")["input_ids"]) + 2).tolist()
+    assert doc == [gpt2.bos_token_id, *gpt2("red")["input_ids"], gpt2.eos_token_id]

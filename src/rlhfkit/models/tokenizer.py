@@ -86,6 +86,14 @@ def completion_token_ids(tokenizer: PreTrainedTokenizerBase, completion: str) ->
     return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def document_token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of plain documents (pretraining text): BOS, where the tokenizer has one (Qwen2's has
+    none), the text, then EOS."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    return [bos + doc + [tokenizer.eos_token_id] for doc in ids]
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
     """Save with save_pretrained, so AutoTokenizer.from_pretrained loads it."""
     tokenizer.save_pretrained(str(out_dir))

@@ -42,7 +42,7 @@ from rlhfkit.models.loading import (
 )
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.memory import held_model, print_memory_estimate
-from rlhfkit.models.tokenizer import prompt_token_ids
+from rlhfkit.models.tokenizer import document_token_ids, prompt_token_ids
 from rlhfkit.rollout import make_sampler
 from rlhfkit.rollout.batch import PromptResponseBatch, in_row_chunks, join_prompt_response
 from rlhfkit.rollout.logprobs import gather_logprobs, response_forward
@@ -173,10 +173,7 @@ def critic_values(critic: torch.nn.Module, batch: PromptResponseBatch) -> torch.
 
 
 def _ptx_blocks(tokenizer: Any, corpus: list[str], block_size: int) -> torch.Tensor:
-    docs = tokenizer(
-        [tokenizer.bos_token + d + tokenizer.eos_token for d in corpus], add_special_tokens=False
-    )["input_ids"]
-    return pack_blocks(docs, block_size)
+    return pack_blocks(document_token_ids(tokenizer, corpus), block_size)
 
 
 def run_ppo(
@@ -413,17 +410,26 @@ def run_ppo(
         """The policy and everything else a continuation needs; every process calls this (sharded,
         the weights and optimiser states are gathered whole, which only the main process receives)."""
         weights = pretrained_weights(accelerator, actor, "policy")
-        return accelerator.unwrap_model(actor).policy, tokenizer, weights, {
-            "controllers": asdict(ctl),
-            "value_head": None if value_head is None else whole_state_dict(accelerator, actor, "value_head"),
-            "critic": None if critic is None else whole_state_dict(accelerator, critic, "model"),
-            "opt_policy": optimizer_state(accelerator, actor, opt_policy),
-            "sched_policy": sched_policy.state_dict(),
-            "opt_critic": None if opt_critic is None else optimizer_state(accelerator, critic, opt_critic),
-            "sched_critic": None if sched_critic is None else sched_critic.state_dict(),
-            "gen": gen.get_state(),
-            "batch_order": list(batches.pending),
-        }
+        return (
+            accelerator.unwrap_model(actor).policy,
+            tokenizer,
+            weights,
+            {
+                "controllers": asdict(ctl),
+                "value_head": None
+                if value_head is None
+                else whole_state_dict(accelerator, actor, "value_head"),
+                "critic": None if critic is None else whole_state_dict(accelerator, critic, "model"),
+                "opt_policy": optimizer_state(accelerator, actor, opt_policy),
+                "sched_policy": sched_policy.state_dict(),
+                "opt_critic": None
+                if opt_critic is None
+                else optimizer_state(accelerator, critic, opt_critic),
+                "sched_critic": None if sched_critic is None else sched_critic.state_dict(),
+                "gen": gen.get_state(),
+                "batch_order": list(batches.pending),
+            },
+        )
 
     with stop_on_signals() as stop, progress_bar("ppo", cfg.steps, show_progress and main) as bar:
         bar.update(bar.task_ids[0], completed=start_step)

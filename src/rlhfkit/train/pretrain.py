@@ -9,7 +9,7 @@ import torch
 from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import RunConfig
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model, tiny_causal_lm
-from rlhfkit.models.tokenizer import train_tokenizer
+from rlhfkit.models.tokenizer import document_token_ids, train_tokenizer
 from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.loop import (
     Stopwatch,
@@ -58,10 +58,7 @@ def run_pretrain(
             max_positions=mcfg.max_positions,
             seed=config.seed,
         )
-    docs = tokenizer(
-        [tokenizer.bos_token + d + tokenizer.eos_token for d in corpus], add_special_tokens=False
-    )["input_ids"]
-    blocks = pack_blocks(docs, cfg.block_size)
+    blocks = pack_blocks(document_token_ids(tokenizer, corpus), cfg.block_size)
     optimizer, scheduler = make_optimizer(
         model.parameters(), cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay
     )
