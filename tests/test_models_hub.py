@@ -187,3 +187,64 @@ def test_ptx_documents_of_a_tokenizer_without_bos(tmp_path):
     gpt2 = gpt2_style_tokenizer()
     [doc] = _ptx_blocks(gpt2, ["red"], block_size=len(gpt2("red")["input_ids"]) + 2).tolist()
     assert doc == [gpt2.bos_token_id, *gpt2("red")["input_ids"], gpt2.eos_token_id]
+
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def gemma_style_tokenizer() -> PreTrainedTokenizerFast:
+    """Shaped like Gemma's: EOS <eos>, but the chat template ends a turn with <end_of_turn>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TEXTS, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    wrapped.chat_template = GEMMA_TEMPLATE
+    return wrapped
+
+
+def chatml_base_tokenizer() -> PreTrainedTokenizerFast:
+    """Shaped like a Qwen2.5 base model's: the ChatML template, but EOS <|endoftext|>."""
+    tokenizer = qwen2_style_tokenizer()
+    tokenizer.eos_token = "<|endoftext|>"
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "make, turn_end",
+    [
+        (gemma_style_tokenizer, "<end_of_turn>"),
+        (chatml_base_tokenizer, "<|im_end|>"),
+        (qwen2_style_tokenizer, None),
+    ],
+)
+def test_demonstrations_end_the_way_the_chat_template_ends_a_turn(tmp_path, make, turn_end):
+    original = make()
+    original.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    [(ids, loss_mask)] = tokenize_demonstrations(tokenizer, [{"prompt": "Say", "completion": "red"}], 64)
+    messages = [{"role": "user", "content": "Say"}, {"role": "assistant", "content": "red"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    whole = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    # The demonstration is the template's own conversation (up to its last newline), and it ends
+    # with the token sampling stops at, so the model learns to end its turn the template's way.
+    assert ids == whole[: len(ids)] and tokenizer.decode(whole[len(ids) :]) == "\n"
+    assert ids[-1] == tokenizer.eos_token_id and loss_mask[-1] == 1
+    assert tokenizer.eos_token == (turn_end or original.eos_token)

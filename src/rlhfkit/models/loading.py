@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhfkit.models.tokenizer import ensure_pad_token
+from rlhfkit.models.tokenizer import ensure_pad_token, use_chat_turn_end_as_eos
 
 if TYPE_CHECKING:
     from rlhfkit.config import RunConfig
@@ -96,8 +96,10 @@ def model_source(path: str | Path, model: bool = True) -> str:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """A tokenizer from a hub id or local folder, with a pad token guaranteed."""
+    """A tokenizer from a hub id or local folder, with a pad token guaranteed and, under a chat
+    template, the token that ends an assistant turn as its EOS (`use_chat_turn_end_as_eos`)."""
     tokenizer = AutoTokenizer.from_pretrained(model_source(path, model=False))
+    use_chat_turn_end_as_eos(tokenizer)
     ensure_pad_token(tokenizer)
     return tokenizer
 

@@ -70,6 +70,37 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def chat_turn_end(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token the chat template closes an assistant turn with, where that is not EOS
+    (Gemma's <end_of_turn>, Phi-3's <|end|>, ChatML's <|im_end|> under a base model's EOS); else None."""
+    if not tokenizer.chat_template:
+        return None
+    marker = "rlhfkit turn end marker"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template with rules of its own (a system turn first, ...): leave EOS alone
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    if not after or after[0] == tokenizer.eos_token_id:
+        return None
+    added = tokenizer.added_tokens_decoder.get(after[0])
+    return added.content if added is not None and added.special else None
+
+
+def use_chat_turn_end_as_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the chat template's end-of-turn token the EOS, where the two differ.
+
+    A demonstration ends with EOS and sampling stops at it, so it must be the token the template
+    (and the instruct model) ends an assistant turn with: with Gemma's EOS <eos> the model would
+    learn a turn end it never saw, and an instruct model would sample <end_of_turn> and go on."""
+    turn_end = chat_turn_end(tokenizer)
+    if turn_end is not None:
+        tokenizer.eos_token = turn_end
+
+
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[dict]) -> list[int]:
     """Token ids of a user prompt (or chat messages) followed by the assistant turn marker."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
