@@ -35,8 +35,18 @@ def _seqs(tokenizer):
     return prompts, responses
 
 
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def arch_model(request, tokenizer):
+    """Llama (rotary positions) and GPT-2 (learned absolute positions: left padding shifts them
+    unless the positions are counted from the mask)."""
+    return tiny_causal_lm(
+        tokenizer, arch=request.param, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+    ).eval()
+
+
 @torch.no_grad()
-def test_logprobs_invariant_to_padding_and_batch(model, tokenizer):
+def test_logprobs_invariant_to_padding_and_batch(arch_model, tokenizer):
+    model = arch_model
     prompts, responses = _seqs(tokenizer)
     pad = tokenizer.pad_token_id
     batch = join_prompt_response(prompts, responses, pad)
