@@ -215,6 +215,22 @@ def test_login_rate_limit(service):
     )  # same address
 
 
+def test_login_finds_the_user_in_any_case_and_the_rate_limit_counts_every_case_as_one_name(service):
+    _, app, _ = service
+    client = TestClient(app)
+    me = client.post("/api/login", json={"name": "ALICE", "password": PASSWORDS["alice"]})
+    assert me.status_code == 200 and me.json()["name"] == "alice"
+    # The fixture's limit: 3 failures per name (and per address: each guess comes from its own).
+    # Changing the case of the name buys no more guesses.
+    for i, typed in enumerate(["bob", "Bob", "BOB"]):
+        guesser = TestClient(app, client=(f"10.0.0.{i}", 50000))
+        assert (
+            guesser.post("/api/login", json={"name": typed, "password": "wrong-password"}).status_code == 401
+        )
+    late = TestClient(app, client=("10.0.0.9", 50000))
+    assert late.post("/api/login", json={"name": "bOb", "password": PASSWORDS["bob"]}).status_code == 429
+
+
 def test_login_rate_limit_holds_for_a_burst_of_concurrent_guesses(service, monkeypatch):
     store, app, _ = service
     # Checking a password takes a while (scrypt, on a busy server): guesses sent at once are all in

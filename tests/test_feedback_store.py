@@ -8,7 +8,7 @@ import uuid
 from collections import Counter
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
 from rlhfkit.data.io import read_records
@@ -592,6 +592,79 @@ def test_a_new_password_ends_the_users_sessions(open_store):
     with pytest.raises(KeyError, match="nobody"):
         store.set_password("nobody", "new-password")
     assert store.session_user(kept)[0].user_id == bob
+
+
+def test_names_are_unique_ignoring_case_and_unicode_form(open_store):
+    store = open_store()
+    root = store.add_user("root", "admin", "root-password")
+    for clash in ["Root", "ROOT", "rOOt"]:
+        with pytest.raises(ValueError, match="already exists"):
+            store.add_user(clash, "annotator", "good-password")
+    for clash in ["Root", "\uff32\uff4f\uff4f\uff54"]:  # fullwidth "Root": NFKC makes it "Root"
+        with pytest.raises(ValueError, match="differs from it only in case or Unicode form"):
+            store.add_annotator(clash)
+    assert store.add_annotator("root") == store.users()[0].annotator_id  # the same name is found
+    store.add_annotator("Alice", "simulated")
+    with pytest.raises(ValueError, match="only in case"):
+        store.add_annotator("alice", "simulated")
+    invite = store.create_invite("annotator", root)
+    for clash in ["ROOT", "ALICE"]:
+        with pytest.raises(ValueError, match=f"the name '{clash}' already exists") as refused:
+            store.accept_invite(invite, clash, "mallory-password")
+        assert "'root'" not in str(refused.value) and "'Alice'" not in str(refused.value)
+    assert store.invite_role(invite) == "annotator"  # a refused name leaves the invite unused
+    assert [u.name for u in store.users()] == ["root"]
+    # A login finds the user whatever the case the name is typed in; the user keeps their spelling.
+    for typed in ["root", "Root", "ROOT", "\uff32\uff4f\uff4f\uff54"]:
+        assert store.authenticate(typed, "root-password").user_id == root
+        assert store.authenticate(typed, "wrong-password") is None
+    assert store.authenticate("ROOT", "root-password").name == "root"
+    store.set_password("Root", "new-root-password")
+    assert store.authenticate("root", "new-root-password").user_id == root
+
+
+def test_a_database_with_names_that_differ_only_in_case_is_not_upgraded(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from rlhfkit.feedback.migrate import MIGRATIONS, current_revision
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    db = tmp_path / "clash.db"
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0002")
+        for id_, name in [(1, "root"), (2, "Root"), (3, "alice")]:
+            conn.execute(
+                text(
+                    "INSERT INTO annotators (id, name, kind, created_at) "
+                    "VALUES (:id, :name, 'human', '2024-01-01')"
+                ),
+                {"id": id_, "name": name},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO users (id, name, role, password_hash, annotator_id, created_at) "
+                    "VALUES (:id, :name, 'annotator', 'x', :id, '2024-01-01')"
+                ),
+                {"id": id_, "name": name},
+            )
+    with pytest.raises(ValueError, match=r"users differ only in case.*'root' \(id 1\), 'Root' \(id 2\)"):
+        FeedbackStore(db)
+    with engine.connect() as conn:
+        assert current_revision(conn) == "0002"  # nothing was changed
+        assert "name_key" not in {c["name"] for c in inspect(conn).get_columns("users")}
+    with engine.begin() as conn:  # what the message asks for: rename one of them
+        conn.execute(text("UPDATE users SET name = 'root-2' WHERE id = 2"))
+        conn.execute(text("UPDATE annotators SET name = 'root-2' WHERE id = 2"))
+    engine.dispose()
+    with FeedbackStore(db) as store:
+        with pytest.raises(ValueError, match="already exists"):
+            store.add_user("ALICE", "annotator", "good-password")
+        with pytest.raises(ValueError, match="only in case"):
+            store.add_annotator("Root-2")
 
 
 def _stored_hash(store: FeedbackStore, name: str) -> str:

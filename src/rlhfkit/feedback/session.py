@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, Response
 
-from rlhfkit.feedback.store import UserRecord
+from rlhfkit.feedback.store import UserRecord, name_key
 
 COOKIE = "rlhfkit_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -106,18 +106,19 @@ def log_in(request: Request, name: str, password: str) -> UserRecord | None:
     The JSON API and the login form both log in through here (the session is theirs to start).
     """
     limiter = request.app.state.login_limiter
-    name_key, address_key = f"name:{name}", f"addr:{client_address(request)}"
-    wait = limiter.attempt(name_key, address_key)
+    # Keyed like the login itself: "Root", "ROOT" and "root" are one account, so they share one count.
+    user_key, address_key = f"name:{name_key(name)}", f"addr:{client_address(request)}"
+    wait = limiter.attempt(user_key, address_key)
     if wait > 0:
         raise TooManyLogins(wait)
     try:
         user = request.app.state.store.authenticate(name, password)
     except BaseException:
-        limiter.finished(name_key, address_key, failed=False)  # no answer, so no failure
+        limiter.finished(user_key, address_key, failed=False)  # no answer, so no failure
         raise
-    limiter.finished(name_key, address_key, failed=user is None)
+    limiter.finished(user_key, address_key, failed=user is None)
     if user is not None:
         # The name's failures are forgotten; the address keeps its own, or logging in to one's own
         # account would clear a guesser's count.
-        limiter.succeeded(name_key)
+        limiter.succeeded(user_key)
     return user

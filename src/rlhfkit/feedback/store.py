@@ -33,6 +33,7 @@ import random
 import re
 import secrets
 import threading
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -89,6 +90,15 @@ from rlhfkit.feedback.auth import (
     verify_password,
 )
 from rlhfkit.feedback.migrate import upgrade_database
+
+
+def name_key(name: str) -> str:
+    """What makes two names the same name: NFKC normalisation and case folding ("Root", "ＲＯＯＴ": "root").
+
+    Users and annotators are unique by it, and a login finds its user by it.
+    """
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
 
 # A login name: it appears in URLs (the dashboard's exclude form) and beside other names, so no
 # "/", no look-alikes of another name (spaces, invisible or non-ASCII characters), no "." or "..".
@@ -194,9 +204,12 @@ class Annotator(Base):
     """A human or simulated annotator."""
 
     __tablename__ = "annotators"
+    __table_args__ = (Index("uq_annotators_name_key", "name_key", unique=True),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # name_key(name): no two annotators have names that differ only in case or Unicode form.
+    name_key: Mapped[str | None] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # Excluded annotators (spammers) keep their labels, but no export uses them.
@@ -257,9 +270,12 @@ class User(Base):
     """A person who logs in: an admin or an annotator, labelling as the annotator of the same name."""
 
     __tablename__ = "users"
+    __table_args__ = (Index("uq_users_name_key", "name_key", unique=True),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # name_key(name): a login finds the user whatever the case it is typed in.
+    name_key: Mapped[str | None] = mapped_column(Text)
     role: Mapped[str] = mapped_column(String(16))
     password_hash: Mapped[str] = mapped_column(String(255))
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
@@ -844,7 +860,7 @@ class FeedbackStore:
             raise ValueError("annotator name must be a non-empty string")
         if kind not in ANNOTATOR_KINDS:
             raise ValueError(f"annotator kind must be one of {ANNOTATOR_KINDS}, got {kind!r}")
-        values = {"name": name, "kind": kind, "created_at": self._now()}
+        values = {"name": name, "name_key": name_key(name), "kind": kind, "created_at": self._now()}
         return self._get_or_create(Annotator, values, "kind")
 
     def exclude_annotator(self, name: str, excluded: bool = True) -> None:
@@ -864,17 +880,27 @@ class FeedbackStore:
     def _get_or_create(
         self, model: type[Project] | type[Annotator], values: dict[str, Any], must_match: str
     ) -> int:
-        """Id of the row named values["name"], inserting it if missing (race-safe)."""
+        """Id of the row named values["name"], inserting it if missing (race-safe).
+
+        Annotators are found by their name_key: a name that differs from an existing one only in
+        case or Unicode form is refused (ValueError), not made a second annotator.
+        """
         name = values["name"]
         what = model.__tablename__[:-1]
+        same_name = model.name_key == values["name_key"] if model is Annotator else model.name == name
         for attempt in range(2):
             try:
                 with self._transaction("write") as conn:
                     row = conn.execute(
-                        select(model.id, getattr(model, must_match)).where(model.name == name)
+                        select(model.id, getattr(model, must_match), model.name).where(same_name)
                     ).one_or_none()
                     if row is None:
                         return conn.scalar(insert(model).returning(model.id), values)
+                if row[2] != name:
+                    raise ValueError(
+                        f"{what} {row[2]!r} exists, and {name!r} differs from it only in case or Unicode "
+                        "form, and such names count as one"
+                    )
                 if row[1] != values[must_match]:
                     raise ValueError(
                         f"{what} {name!r} exists with {must_match} {row[1]!r}, not {values[must_match]!r}"
@@ -928,14 +954,32 @@ class FeedbackStore:
                 f"user name {name!r} is not allowed: 1 to 200 characters, ASCII letters, digits and "
                 "_ . @ -, starting with a letter or a digit"
             )
+        key = name_key(name)
+        # The same words whether the name is a user's or only an annotator's, and never the spelling
+        # it clashes with: whoever signs up learns no more than that the name is taken.
+        taken = ValueError(f"the name {name!r} already exists (names that differ only in case count as one)")
         password_hash = hash_password(password)  # slow by design: before the transaction opens
-        annotator_id = self.add_annotator(name, "human")
         try:
             with self._transaction("write") as conn:
+                if conn.scalar(select(User.id).where(User.name_key == key)) is not None:
+                    raise taken
+                annotator = conn.execute(
+                    select(Annotator.id, Annotator.name, Annotator.kind).where(Annotator.name_key == key)
+                ).one_or_none()
+                if annotator is None:
+                    annotator_id = conn.scalar(
+                        insert(Annotator).returning(Annotator.id),
+                        {"name": name, "name_key": key, "kind": "human", "created_at": self._now()},
+                    )
+                elif annotator.name != name or annotator.kind != "human":
+                    raise taken
+                else:
+                    annotator_id = annotator.id
                 user_id = conn.scalar(
                     insert(User).returning(User.id),
                     {
                         "name": name,
+                        "name_key": key,
                         "role": role,
                         "password_hash": password_hash,
                         "annotator_id": annotator_id,
@@ -944,14 +988,17 @@ class FeedbackStore:
                 )
                 yield conn, user_id
         except IntegrityError:
-            raise ValueError(f"a user named {name!r} already exists") from None
+            raise taken from None
 
     def set_password(self, name: str, password: str) -> None:
         """Replace a user's password and end all their sessions; KeyError if there is no such user."""
         password_hash = hash_password(password)
         with self._transaction("write") as conn:
             user_id = conn.scalar(
-                update(User).where(User.name == name).values(password_hash=password_hash).returning(User.id)
+                update(User)
+                .where(User.name_key == name_key(name))
+                .values(password_hash=password_hash)
+                .returning(User.id)
             )
             if user_id is None:
                 raise KeyError(f"no user named {name!r}")
@@ -967,11 +1014,14 @@ class FeedbackStore:
         return [UserRecord(*row) for row in rows]
 
     def authenticate(self, name: str, password: str) -> UserRecord | None:
-        """The user if the password is right, else None (same cost either way)."""
+        """The user if the password is right, else None (same cost either way).
+
+        The name may be typed in any case ("ROOT" logs in as "root"): see `name_key`.
+        """
         with self._transaction() as conn:
             row = conn.execute(
                 select(User.id, User.name, User.role, User.annotator_id, User.password_hash).where(
-                    User.name == name
+                    User.name_key == name_key(name)
                 )
             ).one_or_none()
         # An unknown name still pays for one hash, so timing does not tell which names exist.
