@@ -602,6 +602,26 @@ def test_invite_link_signs_up_an_annotator(service):
     assert TestClient(app).get(f"/signup?invite={invite}").status_code == 403  # used up
 
 
+def test_sign_up_refuses_the_name_of_an_annotator_without_an_account(service):
+    store, app, project = service
+    worker = store.add_annotator("carol")  # labels given without an account
+    store.submit_comparison(store.next_task(project, worker).token, worker, "left")
+    root, csrf = login(app, "root")
+    url = root.post("/api/invites", json={"role": "admin"}, headers={"X-CSRF-Token": csrf}).json()["url"]
+    invite = url.split("invite=")[1]
+    newcomer = TestClient(app)
+    taken = newcomer.post("/api/signup", json={"invite": invite, "name": "carol", "password": "mallory-pass"})
+    assert taken.status_code == 400
+    assert (
+        taken.json()["detail"]
+        == "the name 'carol' already exists (names that differ only in case count as one)"
+    )
+    assert newcomer.get("/api/me").status_code == 401
+    done = newcomer.post("/api/signup", json={"invite": invite, "name": "carol2", "password": "mallory-pass"})
+    assert done.status_code == 200 and done.json()["role"] == "admin"
+    assert [label.annotator for label in store.labels(project)] == ["carol"]
+
+
 def test_openapi_lists_the_api(service):
     _, app, _ = service
     spec = TestClient(app).get("/openapi.json").json()

@@ -623,6 +623,29 @@ def test_names_are_unique_ignoring_case_and_unicode_form(open_store):
     assert store.authenticate("root", "new-root-password").user_id == root
 
 
+def test_sign_up_never_takes_over_an_annotator_without_an_account(open_store):
+    store = open_store()
+    admin = store.add_user("root", "admin", "root-password")
+    project = store.create_project("p")
+    store.add_items(project, _items(2))
+    carol = store.add_annotator("carol")  # a human annotator whose labels came without an account
+    task = store.next_task(project, carol)
+    store.submit_comparison(task.token, carol, "left")
+    store.add_annotator("dave")  # no labels yet: the record alone makes the name taken
+    invite = store.create_invite("annotator", admin)
+    for name in ["carol", "Carol", "dave"]:
+        with pytest.raises(ValueError, match=f"the name '{name}' already exists"):
+            store.accept_invite(invite, name, "mallory-password")
+    assert store.invite_role(invite) == "annotator"
+    assert [u.name for u in store.users()] == ["root"]
+    assert store.authenticate("carol", "mallory-password") is None
+    assert [label.annotator for label in store.labels(project)] == ["carol"]
+    # An admin may give the annotator its account on purpose.
+    erin = store.add_annotator("erin")
+    store.add_user("erin", "annotator", "erin-password")
+    assert store.authenticate("erin", "erin-password").annotator_id == erin
+
+
 def test_a_database_with_names_that_differ_only_in_case_is_not_upgraded(tmp_path):
     from alembic import command
     from alembic.config import Config

@@ -940,15 +940,25 @@ class FeedbackStore:
     # -- users, sessions, invites ------------------------------------------------------
 
     def add_user(self, name: str, role: str, password: str) -> int:
-        """Create a user (and the annotator of the same name); return the user id."""
+        """Create a user (and the annotator of the same name); return the user id.
+
+        An admin's call: a human annotator of exactly this name that has no account yet (labels
+        imported or given through `add_annotator`) becomes this user's, labels and all.
+        """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        with self._new_user(name, role, password) as (conn, user_id):
+        with self._new_user(name, role, password, adopt_annotator=True) as (conn, user_id):
             return user_id
 
     @contextmanager
-    def _new_user(self, name: str, role: str, password: str) -> Iterator[tuple[Connection, int]]:
-        """Insert a user in a write transaction that the block may still roll back by raising."""
+    def _new_user(
+        self, name: str, role: str, password: str, adopt_annotator: bool
+    ) -> Iterator[tuple[Connection, int]]:
+        """Insert a user in a write transaction that the block may still roll back by raising.
+
+        `adopt_annotator`: an existing human annotator of the same name without an account becomes
+        the user's; otherwise any annotator of that name makes the name taken.
+        """
         if not isinstance(name, str) or not USER_NAME.fullmatch(name):
             raise ValueError(
                 f"user name {name!r} is not allowed: 1 to 200 characters, ASCII letters, digits and "
@@ -971,7 +981,7 @@ class FeedbackStore:
                         insert(Annotator).returning(Annotator.id),
                         {"name": name, "name_key": key, "kind": "human", "created_at": self._now()},
                     )
-                elif annotator.name != name or annotator.kind != "human":
+                elif not adopt_annotator or annotator.name != name or annotator.kind != "human":
                     raise taken
                 else:
                     annotator_id = annotator.id
@@ -1114,13 +1124,19 @@ class FeedbackStore:
             )
 
     def accept_invite(self, token: str, name: str, password: str) -> int:
-        """Create the user an invite allows and use the invite up; return the user id."""
+        """Create the user an invite allows and use the invite up; return the user id.
+
+        ValueError when the name is not allowed or taken (by a user or an annotator, ignoring case).
+        """
         role = self.invite_role(token)
         if role is None:
             raise PermissionError("this invite link is unknown, used or expired")
         # The user and the claim on the invite commit together or not at all: of two sign-ups on
         # one link at the same time, the one whose claim finds the invite used leaves no account.
-        with self._new_user(name, role, password) as (conn, user_id):
+        # A name that an annotator already has is taken, even one without an account: its labels
+        # would become the work of whoever signs up under it. (An invite carries only a role, so no
+        # annotator is ever made for one.)
+        with self._new_user(name, role, password, adopt_annotator=False) as (conn, user_id):
             claimed = conn.execute(
                 update(Invite)
                 .where(
