@@ -248,3 +248,28 @@ def test_demonstrations_end_the_way_the_chat_template_ends_a_turn(tmp_path, make
     assert ids == whole[: len(ids)] and tokenizer.decode(whole[len(ids) :]) == "\n"
     assert ids[-1] == tokenizer.eos_token_id and loss_mask[-1] == 1
     assert tokenizer.eos_token == (turn_end or original.eos_token)
+
+
+def test_a_saved_model_generates_until_the_chat_templates_turn_end(tmp_path):
+    """Plain `generate` from a saved folder stops where rlhfkit's sampling stops: at the turn end
+    that became the EOS, besides the checkpoint's own EOS."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    gemma_style_tokenizer().save_pretrained(tmp_path / "base")
+    tokenizer = load_tokenizer(tmp_path / "base")
+    original_eos = tokenizer.convert_tokens_to_ids("<eos>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        eos_token_id=original_eos,
+    )
+    model = LlamaForCausalLM(config)
+    save_model(model, tokenizer, tmp_path / "out")
+    stops = GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id
+    assert stops == [original_eos, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    # Saving again adds nothing.
+    save_model(model, tokenizer, tmp_path / "again")
+    assert GenerationConfig.from_pretrained(tmp_path / "again").eos_token_id == stops

@@ -255,5 +255,20 @@ def save_model(
             )
         model.save_pretrained(str(out_dir / ADAPTER_DIR))
         model = merged_copy(model)
+    _stop_at_eos(model, tokenizer)
     model.save_pretrained(str(out_dir), state_dict=state_dict)
     tokenizer.save_pretrained(str(out_dir))
+
+
+def _stop_at_eos(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Add the tokenizer's EOS to the model's generation config where it is missing: under a chat
+    template that ends a turn with another token (`use_chat_turn_end_as_eos`) the trained model ends
+    its answers with that token, and plain `generate` from the saved folder must stop there too."""
+    config = getattr(model, "generation_config", None)
+    eos = tokenizer.eos_token_id
+    if config is None or eos is None:
+        return
+    current = config.eos_token_id
+    stops = [] if current is None else [current] if isinstance(current, int) else list(current)
+    if eos not in stops:
+        config.eos_token_id = [*stops, eos] if stops else eos
