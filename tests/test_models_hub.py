@@ -45,18 +45,24 @@ SMALL = [
 ]
 
 
-def gpt2_style_tokenizer() -> GPT2TokenizerFast:
-    """A byte-level BPE with GPT-2's single special token: no pad, no chat template."""
+def byte_level_bpe(special_tokens: list[str]) -> Tokenizer:
+    """A 300-token byte-level BPE trained on TEXTS, with these special tokens first."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=300,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(TEXTS, trainer=trainer)
+    return tok
+
+
+def gpt2_style_tokenizer() -> GPT2TokenizerFast:
+    """A byte-level BPE with GPT-2's single special token: no pad, no chat template."""
+    tok = byte_level_bpe(["<|endoftext|>"])
     return GPT2TokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
     )
@@ -70,16 +76,7 @@ QWEN_TEMPLATE = (
 
 def qwen2_style_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE shaped like Qwen2's: no BOS token at all, EOS <|im_end|>, a ChatML template."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXTS, trainer=trainer)
+    tok = byte_level_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -199,16 +196,7 @@ GEMMA_TEMPLATE = (
 
 def gemma_style_tokenizer() -> PreTrainedTokenizerFast:
     """Shaped like Gemma's: EOS <eos>, but the chat template ends a turn with <end_of_turn>."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXTS, trainer=trainer)
+    tok = byte_level_bpe(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"])
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",
