@@ -375,3 +375,16 @@ def test_strict_json_writes_non_finite_numbers_as_null():
 
     value = {"a": [1.0, math.nan, (math.inf, -math.inf)], "b": {"c": "NaN", "d": 3}}
     assert strict_json(value) == {"a": [1.0, None, [None, None]], "b": {"c": "NaN", "d": 3}}
+
+
+def test_loop_plot_of_rounds_without_rewards_says_so(recwarn):
+    """A task without a gold judge whose rounds recorded no proxy reward: the reward panel says there
+    is nothing to show, and matplotlib warns of no empty legend."""
+    import base64
+
+    from rlhfkit.eval.report import loop_rounds_png
+
+    rounds = [{"round": k, "win_rate_vs_sft": {"rate": 0.6, "ci95": [0.5, 0.7]}} for k in (1, 2)]
+    png = loop_rounds_png(rounds)
+    assert png is not None and base64.b64decode(png).startswith(b"\x89PNG")
+    assert not [w for w in recwarn if "legend" in str(w.message)]

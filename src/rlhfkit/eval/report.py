@@ -578,7 +578,10 @@ def loop_rounds_png(rounds: Sequence[Mapping[str, Any]]) -> str | None:
     if all(p is not None for p in proxy):
         left.plot(x, proxy, marker="s", color="tab:orange", label="proxy reward (round's RM)")
     left.set_title("Reward of each round's policy", fontsize=10)
-    left.legend(fontsize=8)
+    if left.lines:
+        left.legend(fontsize=8)
+    else:  # a task without a gold judge, and rounds that recorded no proxy reward
+        left.text(0.5, 0.5, "no reward recorded", ha="center", va="center", transform=left.transAxes)
     rates = np.array([r["win_rate_vs_sft"]["rate"] for r in shown])
     ci = np.array([r["win_rate_vs_sft"].get("ci95") or (r["win_rate_vs_sft"]["rate"],) * 2 for r in shown])
     yerr = np.clip([rates - ci[:, 0], ci[:, 1] - rates], 0.0, None)
