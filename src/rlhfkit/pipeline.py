@@ -175,7 +175,7 @@ class Run:
         self, stage: str, out_dir: Path | None = None, fingerprint: str | None = None
     ) -> dict[str, Any]:
         """A training stage's `resume` and `fingerprint` arguments (its folder: `out_dir`, by default
-        the stage's own). A checkpoint made with another config is never continued: the stage
+        the stage's own). A checkpoint made with another config (or data) is never continued: the stage
         refuses it, or, with `restart_changed`, is told to start over."""
         from rlhfkit.train.checkpoint import latest_resumable, made_with
 
@@ -187,7 +187,7 @@ class Run:
             if latest_resumable(folder / "checkpoints") is None:
                 resume = False
             elif not made_with(folder, fingerprint):
-                console.print(f"[dim]{stage}: checkpoints made with another config; starting over[/dim]")
+                console.print(f"[dim]{stage}: checkpoints of another config or data; starting over[/dim]")
                 resume = False
         return {"resume": resume, "fingerprint": fingerprint}
 

@@ -179,7 +179,7 @@ class StageCheckpoints:
             if fingerprint and not made_with(out_dir, fingerprint):
                 raise ValueError(
                     f"{self.path} was made with a different config ({stage} or an upstream stage "
-                    "changed); rerun without --resume to start over"
+                    "changed, or a data file they read); rerun without --resume to start over"
                 )
         elif resume and self.main:
             console.print(f"[dim]{stage}: no checkpoint in {self.root}, starting from step 0[/dim]")
