@@ -11,6 +11,7 @@ from rlhfkit.data.convert import (
     pairs_to_trl_rows,
     ranking_to_pairs,
     summarize_comparison_to_pair,
+    summarize_prompt,
 )
 from rlhfkit.data.records import PreferencePair, Ranking
 
@@ -96,7 +97,7 @@ SUMMARIZE_ROW = {
 def test_summarize_conversion() -> None:
     pair = summarize_comparison_to_pair(SUMMARIZE_ROW)
     assert pair.prompt == (
-        "SUBREDDIT: r/cats\nTITLE: Cat problem\nPOST: My cat knocks everything off the table.\nTL;DR:"
+        "SUBREDDIT: r/cats\n\nTITLE: Cat problem\n\nPOST: My cat knocks everything off the table.\n\nTL;DR:"
     )
     assert pair.chosen == "cat pushes things off tables"
     assert pair.rejected == "I have a cat"
@@ -104,6 +105,14 @@ def test_summarize_conversion() -> None:
     assert pair.source == "summarize_from_feedback"
     flipped = summarize_comparison_to_pair({**SUMMARIZE_ROW, "choice": 1})
     assert (flipped.chosen, flipped.rejected) == (pair.rejected, pair.chosen)
+
+
+def test_summarize_prompt_is_the_papers_tldr_format() -> None:
+    # The query format of the paper and of TRL's TL;DR datasets: parts separated by a blank line,
+    # so a model trained on converted pairs sees the prompts those datasets and checkpoints use.
+    assert summarize_prompt("relationships", "T", "P") == (
+        "SUBREDDIT: r/relationships\n\nTITLE: T\n\nPOST: P\n\nTL;DR:"
+    )
 
 
 @pytest.mark.parametrize(

@@ -96,8 +96,9 @@ def hh_to_pair(row: Mapping[str, Any]) -> PreferencePair:
 
 
 def summarize_prompt(subreddit: str, title: str, post: str) -> str:
-    """Build the TL;DR prompt used for summarize-from-feedback posts."""
-    return f"SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+    """Build the TL;DR prompt of summarize-from-feedback posts: the query format of Stiennon et al.
+    (2020), which TRL's TL;DR datasets use too, with a blank line between its parts."""
+    return f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 
 
 def summarize_comparison_to_pair(row: Mapping[str, Any]) -> PreferencePair:
