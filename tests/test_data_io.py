@@ -166,6 +166,48 @@ def test_parquet_file(tmp_path: Path) -> None:
     assert str(read_error(empty)) == f"{empty}: file is empty"
 
 
+def test_reads_trls_implicit_prompt_conversational_preferences(tmp_path: Path) -> None:
+    """TRL's implicit-prompt form: whole conversations, the shared first messages are the prompt;
+    and TRL's *-trl-style rows (a string prompt beside conversations that repeat it)."""
+    user = {"role": "user", "content": "What color is the sky?"}
+    implicit = {
+        "chosen": [user, {"role": "assistant", "content": "It is blue."}],
+        "rejected": [user, {"role": "assistant", "content": "It is green."}],
+    }
+    trl_style = {"prompt": "What color is the sky?", **implicit}
+    multi_turn = {
+        "chosen": [
+            *CHAT,
+            {"role": "assistant", "content": "Hello."},
+            user,
+            {"role": "assistant", "content": "Blue."},
+        ],
+        "rejected": [
+            *CHAT,
+            {"role": "assistant", "content": "Hello."},
+            user,
+            {"role": "assistant", "content": "No."},
+        ],
+    }
+    path = write_lines(tmp_path / "pairs.jsonl", implicit, trl_style, multi_turn)
+    first, second, third = read_records(path, "preference")
+    for pair in (first, second):
+        assert pair.model_dump(exclude_none=True) == {
+            "prompt": [user],
+            "chosen": [{"role": "assistant", "content": "It is blue."}],
+            "rejected": [{"role": "assistant", "content": "It is green."}],
+        }
+    assert [m.content for m in third.prompt] == ["Be brief.", "Hi?", "Hello.", "What color is the sky?"]
+    assert (third.chosen[0].content, third.rejected[0].content) == ("Blue.", "No.")
+    # Conversations that share nothing have no prompt: an error, not a guess.
+    apart = {
+        "chosen": [user, {"role": "assistant", "content": "A"}],
+        "rejected": [{"role": "user", "content": "B"}],
+    }
+    err = read_error(write_lines(tmp_path / "apart.jsonl", apart))
+    assert (err.line, err.field) == (1, "prompt")
+
+
 # --- errors name file, line and field -----------------------------------------------
 
 

@@ -156,8 +156,36 @@ def _check_same_form(first: str, first_value: Any, second: str, second_value: An
         )
 
 
+def _extract_implicit_prompt(data: Any) -> Any:
+    """TRL's implicit-prompt conversational form: ``chosen`` and ``rejected`` are whole
+    conversations, the messages they share first are the prompt.
+
+    As TRL reads it: taken when there is no prompt, or when the prompt is a plain string beside
+    chat-message conversations (TRL's *-trl-style datasets carry such a copy of the first user
+    message). A row where nothing is shared, or one side is all prompt, is left as it is, for
+    validation to name what is wrong. Plain-string implicit prompts are not split: a character
+    prefix can end inside a word.
+    """
+    if not isinstance(data, dict):
+        return data
+    chosen, rejected, prompt = data.get("chosen"), data.get("rejected"), data.get("prompt")
+    if not (isinstance(chosen, list) and isinstance(rejected, list)) or not (
+        prompt is None or isinstance(prompt, str)
+    ):
+        return data
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0 or shared == len(chosen) or shared == len(rejected):
+        return data
+    return {**data, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
 class PreferencePair(_Record):
-    """A pairwise comparison in TRL's preference format: ``chosen`` beat ``rejected``."""
+    """A pairwise comparison in TRL's preference format: ``chosen`` beat ``rejected``.
+
+    Also read: TRL's implicit-prompt conversational form (see ``_extract_implicit_prompt``).
+    """
 
     prompt: Text
     chosen: Completion
@@ -165,6 +193,11 @@ class PreferencePair(_Record):
     margin: Annotated[float, Field(strict=True, allow_inf_nan=False)] | None = None
     annotator: str | None = None
     source: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implicit_prompt(cls, data: Any) -> Any:
+        return _extract_implicit_prompt(data)
 
     @model_validator(mode="after")
     def _check_pair(self) -> PreferencePair:
