@@ -189,3 +189,51 @@ def test_convert_command_writes_trl_pairs_that_train_data_reads(tmp_path) -> Non
     assert not (tmp_path / "x.jsonl").exists()
     bad = runner.invoke(app, ["convert", "--from", "anthropic", "--in", str(hh), "--out", str(out)])
     assert bad.exit_code == 2 and "--from 'anthropic': choose one of hh, summarize" in bad.output
+
+
+def test_convert_can_skip_the_bad_rows_of_a_public_set_and_count_them(tmp_path) -> None:
+    """HH holds a few rows whose replies are empty or the same in chosen and rejected: with
+    --skip-bad-rows they are left out and counted by reason; a file of another format still fails."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+    from rlhfkit.data.io import read_records
+
+    good = {"chosen": HH_PREFIX + " An African violet.", "rejected": HH_PREFIX + " Plants are boring."}
+    same = {**good, "rejected": good["chosen"]}
+    empty = {**good, "chosen": HH_PREFIX + " "}
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text("".join(json.dumps(r) + "\n" for r in [same, good, empty, same, good]))
+    out = tmp_path / "pairs.jsonl"
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["convert", "--from", "hh", "--in", str(hh), "--out", str(out), "--skip-bad-rows"]
+    )
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, text
+    assert "wrote 2 pairs" in text
+    assert "skipped 2 rows: HH row: the chosen and rejected replies are identical (rows 1, 4)" in text
+    assert "skipped 1 rows: HH row: the final assistant reply in 'chosen' is empty (rows 3)" in text
+    assert [p.chosen for p in read_records(out, "preference")] == ["An African violet."] * 2
+    # Rows of another format are not "a few bad rows": nothing converts, so it is an error.
+    summarize = tmp_path / "summarize.jsonl"
+    summarize.write_text(json.dumps({"info": {}, "summaries": [], "choice": 0}) + "\n")
+    result = runner.invoke(
+        app,
+        [
+            "convert",
+            "--from",
+            "hh",
+            "--in",
+            str(summarize),
+            "--out",
+            str(tmp_path / "x.jsonl"),
+            "--skip-bad-rows",
+        ],
+    )
+    assert result.exit_code == 2 and "no row converts as 'hh' (the first, line 1:" in " ".join(
+        result.output.split()
+    )
+    assert not (tmp_path / "x.jsonl").exists()

@@ -183,6 +183,13 @@ def convert_command(
         typer.Option("--in", help="the rows: .jsonl, .json, .parquet, a dataset folder or hf:NAME:SPLIT"),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="TRL preference pairs to write (.jsonl)")],
+    skip_bad_rows: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad-rows",
+            help="leave out rows that cannot be converted, counted by reason (else the first is an error)",
+        ),
+    ] = False,
 ) -> None:
     """Convert a public preference data set to TRL pairs (for data.preferences)."""
     from rlhfkit.data.convert import CONVERTERS, convert_file, pairs_to_trl_rows
@@ -191,11 +198,15 @@ def convert_command(
     if from_ not in CONVERTERS:
         _fail(f"--from {from_!r}: choose one of {', '.join(CONVERTERS)}")
     _out_file(out)
+    skipped: dict[str, list[int]] | None = {} if skip_bad_rows else None
     try:
-        n = write_jsonl(out, pairs_to_trl_rows(convert_file(in_, from_)))
+        n = write_jsonl(out, pairs_to_trl_rows(convert_file(in_, from_, skipped)))
     except DataError as exc:
         _fail(str(exc))
-    console.print(f"wrote {n} pairs to {out}")
+    console.print(f"wrote {n} pairs to {out}", highlight=False)
+    for reason, numbers in sorted((skipped or {}).items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+        console.print(f"skipped {len(numbers)} rows: {escape(reason)} (rows {shown})", highlight=False)
 
 
 @app.command("eval")

@@ -160,18 +160,31 @@ CONVERTERS: dict[str, Callable[[Mapping[str, Any]], PreferencePair]] = {
 }
 
 
-def convert_file(path: str | os.PathLike[str], source: str) -> list[PreferencePair]:
+def convert_file(
+    path: str | os.PathLike[str], source: str, skipped: dict[str, list[int]] | None = None
+) -> list[PreferencePair]:
     """Every row of a .jsonl, .json or .parquet file (or a Hugging Face dataset source, see
-    rlhfkit.data.io) in the `source` format (a key of CONVERTERS) as a preference pair. The first
-    row that cannot be converted is a DataError naming the file, the row and the reason; nothing is
-    returned from a file with a bad row."""
+    rlhfkit.data.io) in the `source` format (a key of CONVERTERS) as a preference pair.
+
+    The first row that cannot be converted is a DataError naming the file, the row and the reason;
+    nothing is returned from a file with a bad row. With `skipped` (a dict, filled here), such rows
+    are left out instead and listed by reason (`reason -> row numbers`): public sets hold a few
+    (HH has replies that are empty or the same in chosen and rejected). A file none of whose rows
+    converts is still an error: it is in another format."""
     if source not in CONVERTERS:
         raise ValueError(f"unknown source format {source!r}; expected one of: {', '.join(CONVERTERS)}")
     rows, unit = read_rows(path)
     pairs = []
+    first: str | None = None
     for number, row in rows:
         try:
             pairs.append(CONVERTERS[source](row))
         except ValueError as exc:
-            raise DataError(path, str(exc), number, unit=unit) from None
+            if skipped is None:
+                raise DataError(path, str(exc), number, unit=unit) from None
+            first = first or f"{unit} {number}: {exc}"
+            # The reason without its row-specific detail ("... (they differ from character 812)").
+            skipped.setdefault(str(exc).split(" (", 1)[0], []).append(number)
+    if not pairs and first is not None:
+        raise DataError(path, f"no row converts as '{source}' (the first, {first})")
     return pairs
