@@ -122,12 +122,20 @@ def test_summarize_prompt_is_the_papers_tldr_format() -> None:
         ({"choice": True}, "'choice' must be 0 or 1"),
         ({"summaries": [{"text": "x"}]}, "list of two summaries"),
         ({"info": {"post": "p", "subreddit": "s"}}, "missing 'title'"),
-        ({"info": {"article": "news", "site": "cnn"}}, "CNN/DM"),
+        ({"info": {"article": 7, "site": "cnn"}}, "'article' must be a string"),
     ],
 )
 def test_summarize_bad_rows(change: dict, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         summarize_comparison_to_pair({**SUMMARIZE_ROW, **change})
+
+
+def test_summarize_news_article_rows_get_the_papers_article_prompt() -> None:
+    # The CNN/DM rows of the validation split: no Reddit post, an article instead.
+    row = {**SUMMARIZE_ROW, "info": {"id": "cnn-1", "article": "Rain fell.", "site": "cnn"}, "choice": 1}
+    pair = summarize_comparison_to_pair(row)
+    assert pair.prompt == "Article:\nRain fell.\n\nTL;DR:"
+    assert (pair.chosen, pair.rejected) == ("I have a cat", "cat pushes things off tables")
 
 
 def test_pairs_to_trl_rows_drops_none() -> None:

@@ -107,17 +107,20 @@ def summarize_comparison_to_pair(row: Mapping[str, Any]) -> PreferencePair:
     Expects ``{"info": {"post", "title", "subreddit", ...}, "summaries": [{"text"}, {"text"}],
     "choice": 0|1, "worker": ...}``; the chosen summary is ``summaries[choice]``.
     Summary texts are stripped (the dataset stores most with a leading space).
-    Rows without a Reddit post (the CNN/DM part of the dataset) are rejected.
+    The news-article rows of its validation split (CNN/DM: ``info`` holds ``article``, no post)
+    get the paper's article prompt, ``Article:\n{article}\n\nTL;DR:``.
     """
     what = "summarize-from-feedback row"
     info = row.get("info")
     if not isinstance(info, Mapping):
         raise ValueError(f"{what}: 'info' must be an object with post, title and subreddit")
     if info.get("post") is None and info.get("article") is not None:
-        raise ValueError(f"{what}: news-article (CNN/DM) rows are not supported, only Reddit posts")
-    post = _required_str(info, "post", f"{what} info")
-    title = _required_str(info, "title", f"{what} info")
-    subreddit = _required_str(info, "subreddit", f"{what} info")
+        prompt = f"Article:\n{_required_str(info, 'article', f'{what} info')}\n\nTL;DR:"
+    else:
+        post = _required_str(info, "post", f"{what} info")
+        title = _required_str(info, "title", f"{what} info")
+        subreddit = _required_str(info, "subreddit", f"{what} info")
+        prompt = summarize_prompt(subreddit, title, post)
 
     summaries = row.get("summaries")
     if not isinstance(summaries, list) or len(summaries) != 2:
@@ -140,7 +143,7 @@ def summarize_comparison_to_pair(row: Mapping[str, Any]) -> PreferencePair:
 
     worker = row.get("worker")
     return PreferencePair(
-        prompt=summarize_prompt(subreddit, title, post),
+        prompt=prompt,
         chosen=texts[choice],
         rejected=texts[1 - choice],
         annotator=worker if isinstance(worker, str) and worker else None,
