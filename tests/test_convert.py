@@ -7,6 +7,7 @@ from itertools import combinations
 import pytest
 
 from rlhfkit.data.convert import (
+    hh_to_chat_pair,
     hh_to_pair,
     pairs_to_trl_rows,
     ranking_to_pairs,
@@ -196,7 +197,7 @@ def test_convert_command_writes_trl_pairs_that_train_data_reads(tmp_path) -> Non
     )
     assert not (tmp_path / "x.jsonl").exists()
     bad = runner.invoke(app, ["convert", "--from", "anthropic", "--in", str(hh), "--out", str(out)])
-    assert bad.exit_code == 2 and "--from 'anthropic': choose one of hh, summarize" in bad.output
+    assert bad.exit_code == 2 and "--from 'anthropic': choose one of hh, hh-chat, summarize" in bad.output
 
 
 def test_convert_can_skip_the_bad_rows_of_a_public_set_and_count_them(tmp_path) -> None:
@@ -245,3 +246,35 @@ def test_convert_can_skip_the_bad_rows_of_a_public_set_and_count_them(tmp_path) 
         result.output.split()
     )
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_hh_chat_conversion_gives_the_conversation_as_messages(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+    from rlhfkit.data.io import read_records
+
+    row = {"chosen": HH_PREFIX + " An African violet. ", "rejected": HH_PREFIX + " Plants are boring."}
+    pair = hh_to_chat_pair(row)
+    assert [m.model_dump() for m in pair.prompt] == [
+        {"role": "user", "content": "What is a good houseplant?"},
+        {"role": "assistant", "content": "A pothos is hard to kill."},
+        {"role": "user", "content": "And one that flowers?"},
+    ]
+    assert (pair.chosen, pair.rejected) == ("An African violet.", "Plants are boring.")
+    assert pair.source == "hh-rlhf"
+    # A turn without text is refused rather than silently merged.
+    empty_turn = HH_PREFIX.replace("A pothos is hard to kill.", "")
+    with pytest.raises(ValueError, match="a turn of the conversation before the final reply is empty"):
+        hh_to_chat_pair({"chosen": empty_turn + " a", "rejected": empty_turn + " b"})
+    with pytest.raises(ValueError, match="does not start with"):
+        hh_to_chat_pair({"chosen": "Hi\n\nAssistant: a", "rejected": "Hi\n\nAssistant: b"})
+    # Through the command, into what data.preferences reads.
+    hh, out = tmp_path / "hh.jsonl", tmp_path / "pairs.jsonl"
+    hh.write_text(json.dumps(row) + "\n")
+    result = CliRunner().invoke(app, ["convert", "--from", "hh-chat", "--in", str(hh), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (read,) = read_records(out, "preference")
+    assert read.prompt == pair.prompt and read.chosen == pair.chosen

@@ -177,7 +177,12 @@ def _run_config(out: Path, config: Path | None) -> Path | None:
 
 @app.command("convert")
 def convert_command(
-    from_: Annotated[str, typer.Option("--from", help="hh (Anthropic HH-RLHF) or summarize (OpenAI)")],
+    from_: Annotated[
+        str,
+        typer.Option(
+            "--from", help="hh (Anthropic HH-RLHF), hh-chat (the same, prompts as chat messages) or summarize"
+        ),
+    ],
     in_: Annotated[
         Path,
         typer.Option("--in", help="the rows: .jsonl, .json, .parquet, a dataset folder or hf:NAME:SPLIT"),

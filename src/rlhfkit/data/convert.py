@@ -1,7 +1,8 @@
 """Pure converters between public feedback formats and rlhfkit records.
 
 - rankings of K responses -> C(K, 2) preference pairs (as in InstructGPT);
-- Anthropic HH-RLHF rows (two full transcripts) -> prompt + two final replies;
+- Anthropic HH-RLHF rows (two full transcripts) -> prompt + two final replies, the prompt as
+  the transcript's text (`hh`) or as chat messages (`hh-chat`);
 - OpenAI summarize-from-feedback comparisons -> TL;DR prompt + two summaries;
 - preference pairs -> TRL rows (plain dicts).
 
@@ -23,6 +24,7 @@ __all__ = [
     "HH_ASSISTANT",
     "HH_HUMAN",
     "convert_file",
+    "hh_to_chat_pair",
     "hh_to_pair",
     "pairs_to_trl_rows",
     "ranking_to_pairs",
@@ -95,6 +97,29 @@ def hh_to_pair(row: Mapping[str, Any]) -> PreferencePair:
     return PreferencePair(prompt=chosen_prompt, chosen=chosen, rejected=rejected, source=HH_SOURCE)
 
 
+def hh_to_chat_pair(row: Mapping[str, Any]) -> PreferencePair:
+    """`hh_to_pair` with the prompt as chat messages: each "Human:" turn a user message and each
+    earlier "Assistant:" turn an assistant message, so a chat model's template lays the conversation
+    out as its own turns instead of one user turn holding the whole transcript."""
+    pair = hh_to_pair(row)
+    text = pair.prompt
+    if not text.startswith(HH_HUMAN) or not text.endswith(HH_ASSISTANT):
+        raise ValueError("HH row: the conversation does not start with '\\n\\nHuman:'")
+    messages = []
+    # Turns alternate between the two markers; whichever comes next ends the current turn.
+    rest, role = text[len(HH_HUMAN) : -len(HH_ASSISTANT)], "user"
+    while True:
+        marker = HH_ASSISTANT if role == "user" else HH_HUMAN
+        content, found, rest = rest.partition(marker)
+        messages.append({"role": role, "content": content.strip()})
+        if not found:
+            break
+        role = "assistant" if role == "user" else "user"
+    if messages[-1]["role"] != "user" or any(not m["content"] for m in messages):
+        raise ValueError("HH row: a turn of the conversation before the final reply is empty")
+    return PreferencePair(prompt=messages, chosen=pair.chosen, rejected=pair.rejected, source=HH_SOURCE)
+
+
 def summarize_prompt(subreddit: str, title: str, post: str) -> str:
     """Build the TL;DR prompt of summarize-from-feedback posts: the query format of Stiennon et al.
     (2020), which TRL's TL;DR datasets use too, with a blank line between its parts."""
@@ -159,6 +184,7 @@ def pairs_to_trl_rows(pairs: Iterable[PreferencePair]) -> list[dict[str, Any]]:
 # `rlhfkit convert --from NAME`: the public formats a data file can be converted from.
 CONVERTERS: dict[str, Callable[[Mapping[str, Any]], PreferencePair]] = {
     "hh": hh_to_pair,
+    "hh-chat": hh_to_chat_pair,
     "summarize": summarize_comparison_to_pair,
 }
 
