@@ -374,6 +374,60 @@ def test_llm_judge_rejects_a_rubric_without_fields(sft_dir):
         LLMJudge(sft_dir, rubric="Is {prompt} good?")
 
 
+@pytest.fixture(scope="module")
+def variants_dir(tmp_path_factory) -> Path:
+    """A tiny judge whose vocabulary has "yes", "Yes", " yes", " Yes" (and no, and " 1".." 5")
+    each as its own token, as chat models' vocabularies do."""
+    texts = ["Yes yes No no. yes Yes no No\n" + " ".join(f"{d} {d}" for d in "12345")] * 50
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    out = tmp_path_factory.mktemp("judge") / "model"
+    save_model(model, tokenizer, out)
+    return out
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in judge model whose next-token logits are set by hand."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+def _set_logits(judge, by_text: dict[str, float]) -> None:
+    logits = torch.full((len(judge.tokenizer),), -30.0)
+    for text, value in by_text.items():
+        (token,) = judge.tokenizer(text, add_special_tokens=False)["input_ids"]
+        logits[token] = value
+    judge.model = _FixedLogits(logits)
+
+
+def test_llm_judge_sums_the_answer_spellings(variants_dir):
+    from rlhfkit.eval.llm_judge import LLMJudge
+
+    judge = LLMJudge(variants_dir)
+    # Most mass on "Yes"; lowercase "no" beats lowercase "yes": reading "yes"/"no" only says no.
+    spellings = {"Yes": 3.0, " Yes": 1.0, "yes": -2.0, "No": 0.0, "no": 1.0, " no": -1.0}
+    _set_logits(judge, spellings)
+    mass = {text: math.exp(v) for text, v in spellings.items()}
+    yes = mass["Yes"] + mass[" Yes"] + mass["yes"]
+    expected = yes / (yes + mass["No"] + mass["no"] + mass[" no"])
+    assert expected > 0.8
+    assert judge(PROMPTS[:2], [GOOD, ""]) == pytest.approx([expected, expected], abs=1e-5)
+
+    judge = LLMJudge(variants_dir, mode="score", top_score=5)
+    _set_logits(judge, {" 4": 2.0, "4": 0.0, "2": 1.0})
+    mass4, mass2 = math.exp(2.0) + 1.0, math.exp(1.0)
+    assert judge.utility(PROMPTS[0], GOOD) == pytest.approx(
+        (4 * mass4 + 2 * mass2) / (mass4 + mass2), abs=1e-4
+    )
+
+
 # ---- feedback store export -> DPO here and TRL's DPOTrainer ----------------------------------
 
 

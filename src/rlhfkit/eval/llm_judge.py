@@ -7,6 +7,10 @@ signal than a word):
 - mode "yes_no": P(yes) / (P(yes) + P(no)), in [0, 1];
 - mode "score":  the expected value of the score tokens "1".."K" under the judge, in [1, K].
 
+An answer's probability is the sum over the distinct first tokens of its common spellings
+("yes", "Yes", " yes", " Yes"; "4", " 4"): chat models answer "Yes" as often as "yes", each
+a different token, and reading one spelling only can invert the verdict.
+
 It is a reward function (`judge_reward`, for `rewards: [{fn: rlhfkit.eval.llm_judge:judge_reward,
 kwargs: {model: PATH}}]`) and an evaluation judge (`evaluate_policies(..., judge="llm",
 llm_judge=judge)` reports `llm_score` and win rates under it; `LLMJudge.utility(prompt, response)`
@@ -73,15 +77,30 @@ class LLMJudge:
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path).to(device).eval().requires_grad_(False)
         words = ["yes", "no"] if mode == "yes_no" else [str(k) for k in range(1, top_score + 1)]
-        self.answer_ids = torch.tensor([self._first_token(w) for w in words], device=device)
-        if len(set(self.answer_ids.tolist())) != len(words):
-            raise ValueError(f"LLM judge: the tokenizer at {path} does not tell {words} apart by first token")
+        # One list of token ids per answer; their probabilities add up to the answer's.
+        self.answer_ids = [self._first_tokens(w) for w in words]
+        seen: dict[int, str] = {}
+        for word, ids in zip(words, self.answer_ids, strict=True):
+            for i in ids:
+                if i in seen:
+                    raise ValueError(
+                        f"LLM judge: the tokenizer at {path} does not tell {words} apart by first token "
+                        f"({seen[i]!r} and {word!r} both start with {self.tokenizer.decode([i])!r})"
+                    )
+                seen[i] = word
 
-    def _first_token(self, word: str) -> int:
-        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+    def _first_tokens(self, word: str) -> list[int]:
+        """The distinct first tokens of the common spellings of an answer word: as is, capitalised,
+        each with and without a leading space."""
+        ids: list[int] = []
+        for spelling in dict.fromkeys([word, word.capitalize(), " " + word, " " + word.capitalize()]):
+            pieces = self.tokenizer(spelling, add_special_tokens=False)["input_ids"]
+            # A bare space piece (" yes" as " " + "yes" in some vocabularies) says nothing about the answer.
+            if pieces and self.tokenizer.decode(pieces[:1]).strip() and pieces[0] not in ids:
+                ids.append(pieces[0])
         if not ids:
             raise ValueError(f"LLM judge: the tokenizer encodes {word!r} as nothing")
-        return ids[0]
+        return ids
 
     def _query_ids(self, prompt: Any, response: str) -> list[int]:
         text = self.rubric.format(prompt=_text(prompt), response=response, top=self.top_score)
@@ -108,8 +127,10 @@ class LLMJudge:
                 .logits[:, -1]
                 .float()
             )
-            # Renormalised over the answer tokens only: the judge's mass on other words is not a vote.
-            probs = torch.softmax(logits[:, self.answer_ids], dim=-1)
+            # log P(answer) up to a shared constant: the sum over its spellings' first tokens.
+            answer_logits = torch.stack([logits[:, ids].logsumexp(-1) for ids in self.answer_ids], dim=-1)
+            # Renormalised over the answers only: the judge's mass on other words is not a vote.
+            probs = torch.softmax(answer_logits, dim=-1)
             if self.mode == "yes_no":
                 scores = probs[:, 0]
             else:
