@@ -374,6 +374,30 @@ def test_llm_judge_rejects_a_rubric_without_fields(sft_dir):
         LLMJudge(sft_dir, rubric="Is {prompt} good?")
 
 
+def test_llm_judge_cuts_a_long_response_in_its_middle(sft_dir):
+    from rlhfkit.eval.llm_judge import LLMJudge
+
+    judge = LLMJudge(sft_dir)
+    short_a, short_b = judge._query_ids(PROMPTS[0], "one"), judge._query_ids(PROMPTS[0], "two")
+    # The rubric's head (BOS, instructions, request) and tail (question, assistant turn marker).
+    head = next(i for i, (a, b) in enumerate(zip(short_a, short_b, strict=True)) if a != b)
+    tail = next(i for i, (a, b) in enumerate(zip(short_a[::-1], short_b[::-1], strict=True)) if a != b)
+    assert short_a[0] == judge.tokenizer.bos_token_id and PROMPTS[0] in judge.tokenizer.decode(short_a[:head])
+    assert "Answer yes or no." in judge.tokenizer.decode(short_a[-tail:])
+
+    judge.max_length = len(short_a) + 30
+    long = judge._query_ids(PROMPTS[0], "\n".join([GOOD] * 40))
+    assert len(long) <= judge.max_length
+    assert long[:head] == short_a[:head] and long[-tail:] == short_a[-tail:]
+    assert " ... " in judge.tokenizer.decode(long[head:-tail])
+    assert judge.tokenizer.decode(long[head:-tail]).startswith(GOOD[:6])
+    assert len(judge([PROMPTS[0]], ["\n".join([GOOD] * 40)])) == 1
+    # No room for any response: the query's end, as documented, with a warning.
+    judge.max_length = tail
+    with pytest.warns(UserWarning, match="no room for its response"):
+        assert judge._query_ids(PROMPTS[0], "\n".join([GOOD] * 40)) == short_a[-tail:]
+
+
 @pytest.fixture(scope="module")
 def variants_dir(tmp_path_factory) -> Path:
     """A tiny judge whose vocabulary has "yes", "Yes", " yes", " Yes" (and no, and " 1".." 5")

@@ -19,6 +19,7 @@ scores one response).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +45,8 @@ SCORE_RUBRIC = (
     "Rate the answer from 1 (useless) to {top} (perfect). Reply with one digit."
 )
 MODES = ("yes_no", "score")
+# Stands for the middle of a response cut to fit max_length.
+TRUNCATION_MARKER = " ... "
 
 
 def _text(prompt: Any) -> str:
@@ -102,11 +105,35 @@ class LLMJudge:
             raise ValueError(f"LLM judge: the tokenizer encodes {word!r} as nothing")
         return ids
 
-    def _query_ids(self, prompt: Any, response: str) -> list[int]:
+    def _render(self, prompt: Any, response: str) -> list[int]:
         text = self.rubric.format(prompt=_text(prompt), response=response, top=self.top_score)
-        ids = prompt_token_ids(self.tokenizer, text)
-        # Keep the end: the question the verdict answers is at the end of the rubric.
-        return ids[-self.max_length :]
+        return prompt_token_ids(self.tokenizer, text)
+
+    def _query_ids(self, prompt: Any, response: str) -> list[int]:
+        """The judge's query, at most max_length tokens. A long response is cut in its middle (as
+        "head ... tail"), so the query keeps its start (BOS, rubric, request) and its end (the
+        question and the assistant turn marker). Where the query without a response is already over
+        max_length (a very long request or rubric), it keeps the last max_length tokens, with a warning."""
+        full = self._render(prompt, response)
+        if len(full) <= self.max_length:
+            return full
+        pieces = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        # The response's token budget: what the query with only the marker in its place leaves.
+        keep = self.max_length - len(self._render(prompt, TRUNCATION_MARKER))
+        while keep > 0:
+            head, tail = pieces[: keep - keep // 2], pieces[len(pieces) - keep // 2 :]
+            cut = self.tokenizer.decode(head) + TRUNCATION_MARKER + self.tokenizer.decode(tail)
+            ids = self._render(prompt, cut)
+            if len(ids) <= self.max_length:
+                return ids
+            # Tokens can merge across the cut differently: shrink by the overshoot and try again.
+            keep -= len(ids) - self.max_length
+        warnings.warn(
+            f"LLM judge: the query leaves no room for its response within max_length={self.max_length} "
+            "tokens; keeping its last max_length tokens (its start, BOS included, is lost)",
+            stacklevel=2,
+        )
+        return full[-self.max_length :]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 16) -> list[float]:
