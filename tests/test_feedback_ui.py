@@ -48,6 +48,13 @@ def _login(page, url, name, password):
     page.wait_for_url(f"{url}/")
 
 
+def _open_task(page, url, project_id, ready):
+    """Log in as alice and open a project's annotation page, until `ready` (a selector) shows."""
+    _login(page, url, "alice", "alice-password")
+    page.goto(f"{url}/projects/{project_id}/annotate")
+    page.wait_for_selector(ready)
+
+
 def _server_errors(page):
     """Console errors other than the 4xx/5xx or failed requests a test provoked on purpose."""
     return [e for e in page.console_errors if not e.startswith("Failed to load resource")]
@@ -56,9 +63,7 @@ def _server_errors(page):
 def test_keyboard_only_focus_lands_in_the_next_task(page, ui_store):
     store, ids = ui_store
     with running_server(store) as url:
-        _login(page, url, "alice", "alice-password")
-        page.goto(f"{url}/projects/{ids['comparison']}/annotate")
-        page.wait_for_selector("#choose-left")
+        _open_task(page, url, ids["comparison"], "#choose-left")
         page.focus("input[name=strength][value='1']")
         page.keyboard.press("ArrowRight")  # strength: clearly
         page.keyboard.press("Tab")
@@ -91,9 +96,7 @@ def test_keyboard_only_focus_lands_in_the_next_task(page, ui_store):
 def test_a_failed_submit_says_so_and_keeps_the_text_and_the_focus(page, ui_store):
     store, ids = ui_store
     with running_server(store) as url:
-        _login(page, url, "alice", "alice-password")
-        page.goto(f"{url}/projects/{ids['demonstration']}/annotate")
-        page.wait_for_selector("#answer-text")
+        _open_task(page, url, ids["demonstration"], "#answer-text")
         page.fill("#answer-text", "1. Kyoto\n2. Nara")
         failures = [
             lambda route: route.abort(),  # the network is down
@@ -124,9 +127,7 @@ def test_text_typed_before_the_session_changed_can_still_be_submitted(browser, u
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page, other = context.new_page(), context.new_page()
     with running_server(store) as url:
-        _login(page, url, "alice", "alice-password")
-        page.goto(f"{url}/projects/{ids['edit']}/annotate")
-        page.wait_for_selector("#answer-text")
+        _open_task(page, url, ids["edit"], "#answer-text")
         page.fill("#answer-text", "a long edit that took a while")
         # The session ends (logged out in another tab, or expired) before the annotator submits.
         other.goto(f"{url}/")
@@ -148,9 +149,7 @@ def test_text_typed_before_the_session_changed_can_still_be_submitted(browser, u
 def test_reading_the_guidelines_mid_task_keeps_the_typed_text(page, ui_store):
     store, ids = ui_store
     with running_server(store) as url:
-        _login(page, url, "alice", "alice-password")
-        page.goto(f"{url}/projects/{ids['demonstration']}/annotate")
-        page.wait_for_selector("#answer-text")
+        _open_task(page, url, ids["demonstration"], "#answer-text")
         page.fill("#answer-text", "half of my answer")
         with page.context.expect_page(timeout=5000) as opened:
             page.click("a[href$='/guidelines']")
@@ -163,9 +162,7 @@ def test_reading_the_guidelines_mid_task_keeps_the_typed_text(page, ui_store):
 def test_progress_counts_the_annotators_own_labels_across_reloads(page, ui_store):
     store, ids = ui_store
     with running_server(store) as url:
-        _login(page, url, "alice", "alice-password")
-        page.goto(f"{url}/projects/{ids['likert']}/annotate")
-        page.wait_for_selector("button.rating")
+        _open_task(page, url, ids["likert"], "button.rating")
         assert page.inner_text("#done-count") == "0"
         page.click("button.rating[data-rating='5']")
         page.wait_for_selector("#done-count:text-is('1')")
@@ -180,9 +177,7 @@ def test_progress_counts_the_annotators_own_labels_across_reloads(page, ui_store
 def test_right_to_left_outputs_read_right_to_left(page, ui_store):
     store, ids = ui_store
     with running_server(store) as url:
-        _login(page, url, "alice", "alice-password")
-        page.goto(f"{url}/projects/{ids['comparison']}/annotate")
-        page.wait_for_selector(".pair .text")
+        _open_task(page, url, ids["comparison"], ".pair .text")
         direction = "(el) => getComputedStyle(el).direction"
         texts = page.locator(".pair .text")
         hebrew = 0 if page.inner_text(".pair .response:nth-child(1) .text") == HEBREW else 1
@@ -198,9 +193,7 @@ def test_right_to_left_outputs_read_right_to_left(page, ui_store):
 def test_ranking_shows_each_responses_place(page, ui_store):
     store, ids = ui_store
     with running_server(store) as url:
-        _login(page, url, "alice", "alice-password")
-        page.goto(f"{url}/projects/{ids['ranking']}/annotate")
-        page.wait_for_selector(".rank-item")
+        _open_task(page, url, ids["ranking"], ".rank-item")
         marker = "(el) => getComputedStyle(el, '::before').content"
         assert "counter(" in page.locator(".rank-item").first.evaluate(marker)
 
