@@ -1,5 +1,8 @@
 """Bad input at the command line fails with a message that names what is wrong, exit code != 0."""
 
+import json
+import shutil
+
 import pytest
 from typer.testing import CliRunner
 
@@ -316,3 +319,65 @@ def test_a_boolean_for_a_number_is_refused(tmp_path):
     result = _run("config", "show", "-c", str(cfg))
     assert result.exit_code == 2 and "seed: expected a number, got false" in _flat(result.output)
     assert _run("config", "show", "--set", "ppo.reward_norm=true", "--set", "ppo.lr=1e-4").exit_code == 0
+
+
+@pytest.fixture(scope="module")
+def gpt2_run_template(tmp_path_factory):
+    """A run whose sft and rm models are a tiny GPT-2 with 32 learned positions, and data files
+    whose texts are longer than that."""
+    from rlhfkit.models.loading import save_model, tiny_causal_lm
+    from rlhfkit.models.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("gpt2-run")
+    long = "red blue green yellow, a colour is red or blue; say a colour number 3. " * 3
+    tokenizer = train_tokenizer([long] * 50, vocab_size=300)
+    model = root / "gpt2"
+    save_model(tiny_causal_lm(tokenizer, "gpt2", 32, 1, 2, 64, max_positions=32), tokenizer, model)
+    run = root / "run"
+    for stage in ("sft", "rm"):
+        shutil.copytree(model, run / stage / "model")
+    prompts = [f"Say a colour number {i}." for i in range(4)]
+    files = {
+        "demonstrations": [{"prompt": p, "completion": long} for p in prompts],
+        "preferences": [{"prompt": p, "chosen": long, "rejected": "red " + long} for p in prompts],
+        "prompts": [{"prompt": p} for p in prompts],
+        "heldout_prompts": [{"prompt": p} for p in prompts],
+    }
+    sets = [f"model.name_or_path={model}"]
+    for key, rows in files.items():
+        path = root / f"{key}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        sets.append(f"data.{key}={path}")
+    return run, sets
+
+
+@pytest.mark.parametrize(
+    "stage, key",
+    [
+        ("sft", "sft.max_length=64"),
+        ("rm", "rm.max_length=64"),
+        ("dpo", "dpo.max_length=64"),
+        ("kto", "kto.max_length=64"),
+        ("ppo", "ppo.max_new_tokens=40"),
+        ("grpo", "grpo.max_new_tokens=40"),
+        ("rloo", "rloo.max_new_tokens=40"),
+        ("bon", "eval.max_new_tokens=40"),
+        ("expert_iter", "expert_iter.max_new_tokens=40"),
+        ("eval", "eval.max_new_tokens=40"),
+    ],
+)
+def test_lengths_beyond_learned_positions_are_refused_at_the_start(gpt2_run_template, tmp_path, stage, key):
+    template, sets = gpt2_run_template
+    run = tmp_path / "run"
+    shutil.copytree(template, run)
+    shutil.rmtree(run / stage, ignore_errors=True)  # sft and rm: the stage's own model is not there
+    args = [stage, "--out", str(run), "--no-progress", "--set", key]
+    for value in sets:
+        args += ["--set", value]
+    result = _run(*args)
+    assert result.exit_code != 0
+    out = _flat(result.output)
+    assert f"{key} " in out and "the 32 positions of the learned position embeddings" in out, out
+    assert "(gpt2, n_positions)" in out and "Traceback" not in out
+    # Refused before any work: the stage wrote no model and no samples.
+    assert not (run / stage / "model").exists() and not (run / stage / "samples.jsonl").exists()

@@ -6,6 +6,7 @@ and the masks, not the token ids, say what is padding.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,13 @@ from transformers import (
 )
 
 from rlhfkit.config import load_config
-from rlhfkit.models.loading import load_tokenizer, save_model, tiny_causal_lm
+from rlhfkit.models.loading import (
+    learned_position_table,
+    load_tokenizer,
+    position_table,
+    save_model,
+    tiny_causal_lm,
+)
 from rlhfkit.models.tokenizer import train_tokenizer
 from rlhfkit.train.ppo import _ptx_blocks, run_ppo
 from rlhfkit.train.rm import run_rm
@@ -261,3 +268,122 @@ def test_a_saved_model_generates_until_the_chat_templates_turn_end(tmp_path):
     # Saving again adds nothing.
     save_model(model, tokenizer, tmp_path / "again")
     assert GenerationConfig.from_pretrained(tmp_path / "again").eos_token_id == stops
+
+
+# Far more than 32 tokens under a 300-token BPE.
+LONG = "red blue green yellow, a colour is red or blue; say a colour number 3. " * 3
+
+
+def tiny_checkpoint(folder: Path, arch: str, positions: int = 32) -> Path:
+    """A one-layer random-init model of `arch` with `positions` positions, saved with a chat tokenizer."""
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
+    model = tiny_causal_lm(
+        tokenizer,
+        arch=arch,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        max_positions=positions,
+    )
+    save_model(model, tokenizer, folder)
+    return folder
+
+
+def test_position_table_is_read_off_the_models_structure(tmp_path):
+    from transformers import GPTNeoConfig, OPTConfig
+
+    gpt2 = position_table(tiny_checkpoint(tmp_path / "gpt2", "gpt2"))
+    assert gpt2 is not None
+    assert (gpt2.positions, gpt2.model_type, gpt2.config_key) == (32, "gpt2", "n_positions")
+    # OPT's table keeps 2 spare rows (its offset): the limit is the config's count, not the rows.
+    opt = OPTConfig(
+        vocab_size=300,
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        ffn_dim=64,
+        max_position_embeddings=32,
+    )
+    neo = GPTNeoConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        attention_types=[[["global"], 1]],
+        max_position_embeddings=48,
+    )
+    for config, positions in ((opt, 32), (neo, 48)):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        table = learned_position_table(model, config.model_type)
+        assert table is not None
+        assert (table.positions, table.config_key) == (positions, "max_position_embeddings")
+    # RoPE computes positions: no table, so no limit to check.
+    for arch in ("llama", "qwen2"):
+        assert position_table(tiny_checkpoint(tmp_path / arch, arch)) is None
+
+
+def test_sft_refuses_a_max_length_beyond_learned_positions(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "gpt2", "gpt2")
+    demos = [{"prompt": p, "completion": LONG} for p in PROMPTS]
+    config = load_config(overrides=[*SMALL, "sft.max_length=64"])
+    expected = (
+        r"sft\.max_length=64 exceeds the 32 positions of the learned position embeddings of model "
+        r".*gpt2 \(gpt2, n_positions\), and demonstration 1 has 64 tokens after the cut: "
+        r"lower sft\.max_length to 32 or less"
+    )
+    with pytest.raises(ValueError, match=expected):
+        run_sft(config, folder, demos, tmp_path / "sft", show_progress=False)
+    assert not (tmp_path / "sft" / "model").exists()
+    # Cut to the table, the same demonstrations train.
+    fits = load_config(overrides=[*SMALL, "sft.max_length=32"])
+    assert run_sft(fits, folder, demos, tmp_path / "sft", show_progress=False)["steps"] == 1
+
+
+def test_rope_models_take_any_length(tmp_path):
+    # max_position_embeddings only sizes RoPE's cache: longer sequences run, so no error.
+    folder = tiny_checkpoint(tmp_path / "llama", "llama", positions=32)
+    demos = [{"prompt": p, "completion": LONG} for p in PROMPTS]
+    config = load_config(overrides=[*SMALL, "sft.max_length=64"])
+    assert run_sft(config, folder, demos, tmp_path / "sft", show_progress=False)["steps"] == 1
+
+
+def test_ppo_refuses_prompt_plus_response_beyond_learned_positions(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "gpt2", "gpt2")
+    prompts = [*PROMPTS, "Say a colour number 12, please."]
+    config = load_config(overrides=[*SMALL, "ppo.max_new_tokens=30"])
+    expected = (
+        r"prompt 9 \(\d+ tokens: 'Say a colour number 12, please\.'\) plus ppo\.max_new_tokens=30 "
+        r"response tokens is \d+ tokens, more than the 32 positions .*: lower ppo\.max_new_tokens to \d+ "
+        r"or shorten the prompts"
+    )
+    with pytest.raises(ValueError, match=expected):
+        run_ppo(config, folder, folder, prompts, tmp_path / "ppo", False)
+    assert not (tmp_path / "ppo" / "model").exists()
+
+
+def test_load_tokenizer_refuses_one_with_neither_pad_nor_eos(tmp_path):
+    bare = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(["<unk>"]), unk_token="<unk>")
+    bare.save_pretrained(tmp_path)
+    expected = re.escape(f"tokenizer {tmp_path}: it has neither a pad token nor an EOS token")
+    with pytest.raises(ValueError, match=expected):
+        load_tokenizer(tmp_path)
+
+
+def test_pretrain_refuses_a_block_size_beyond_the_tiny_gpt2s_positions(tmp_path):
+    from rlhfkit.train.pretrain import run_pretrain
+
+    config = load_config(
+        overrides=[
+            "model.arch=gpt2",
+            "model.vocab_size=300",
+            "model.max_positions=32",
+            "pretrain.block_size=64",
+        ]
+    )
+    expected = r"pretrain\.block_size=64 exceeds the 32 positions .* tiny gpt2 model \(model\.max_positions\)"
+    with pytest.raises(ValueError, match=expected):
+        run_pretrain(config, TEXTS, tmp_path / "pretrain", show_progress=False)
+    assert not (tmp_path / "pretrain" / "model").exists()

@@ -10,7 +10,13 @@ import torch
 from rlhfkit.eval.metrics import text_metrics
 from rlhfkit.eval.winrate import win_rate
 from rlhfkit.models.heads import sequence_scores
-from rlhfkit.models.loading import load_causal_lm, load_reward_model, load_tokenizer
+from rlhfkit.models.loading import (
+    check_prompt_room,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    position_table,
+)
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout.batch import join_prompt_response
 from rlhfkit.rollout.generate import sample_responses
@@ -85,6 +91,8 @@ def evaluate_policies(
     `judge` decides the win rate: "gold" compares gold utilities, "rm" proxy rewards,
     "llm" the scores `llm_judge(prompts, responses)` (e.g. an LLMJudge) gives each response.
     `references[i]` lists reference answers of prompt i for ROUGE-L/BLEU (may be empty).
+    A prompt and response that overrun a model's learned positions are an error naming
+    eval.max_new_tokens, the key every caller takes `max_new_tokens` from.
     """
     if reference not in policies:
         raise ValueError(f"reference policy {reference!r} is not among the policies ({', '.join(policies)})")
@@ -98,6 +106,9 @@ def evaluate_policies(
         raise ValueError("judge 'llm' needs an LLM judge")
     tokenizer = load_tokenizer(policies[reference])
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    # Before any model loads: every model reads a prompt and its whole response.
+    for path in [*policies.values(), *([reward_path] if reward_path is not None else [])]:
+        check_prompt_room(position_table(path), tokenizer, prompts, "eval.max_new_tokens", max_new_tokens)
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     reward_model = load_reward_model(reward_path, pad).eval() if reward_path is not None else None
     ref_model = load_causal_lm(policies[reference]).eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -16,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhfkit.models.tokenizer import ensure_pad_token, use_chat_turn_end_as_eos
+from rlhfkit.models.tokenizer import ensure_pad_token, prompt_token_ids, use_chat_turn_end_as_eos
 
 if TYPE_CHECKING:
     from rlhfkit.config import RunConfig
@@ -97,11 +99,112 @@ def model_source(path: str | Path, model: bool = True) -> str:
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """A tokenizer from a hub id or local folder, with a pad token guaranteed and, under a chat
-    template, the token that ends an assistant turn as its EOS (`use_chat_turn_end_as_eos`)."""
+    template, the token that ends an assistant turn as its EOS (`use_chat_turn_end_as_eos`).
+
+    One with neither pad nor EOS is a ValueError naming it: without EOS there is no pad to borrow."""
     tokenizer = AutoTokenizer.from_pretrained(model_source(path, model=False))
     use_chat_turn_end_as_eos(tokenizer)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {path}: it has neither a pad token nor an EOS token; rlhfkit ends every response "
+            "with EOS and pads with the pad token (EOS where there is none): set eos_token (and pad_token) "
+            "in its tokenizer_config.json"
+        )
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+# Config fields that size a learned position table, as transformers' configs name them.
+POSITION_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+@dataclass(frozen=True)
+class PositionTable:
+    """A model's learned absolute position embeddings (GPT-2's wpe, OPT's embed_positions): a
+    sequence holds at most `positions` tokens, where one more is an index error inside torch."""
+
+    positions: int
+    model_type: str
+    config_key: str
+    source: str
+
+    def __str__(self) -> str:
+        return (
+            f"the {self.positions} positions of the learned position embeddings of {self.source} "
+            f"({self.model_type}, {self.config_key})"
+        )
+
+
+def learned_position_table(model: torch.nn.Module, source: str) -> PositionTable | None:
+    """The learned position table of `model` (`source` names it: "model PATH"), read off its
+    structure; None where positions are computed (RoPE, ALiBi, sinusoidal): no hard length limit.
+
+    The table is an nn.Embedding other than the token embeddings whose rows, less its `offset`
+    (OPT keeps 2 spare rows), are a position count of the config; a token-type table is none."""
+    config = model.config
+    sizes = config.to_dict()
+    tokens = model.get_input_embeddings()
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Embedding) or module is tokens:
+            continue
+        rows = module.num_embeddings - int(getattr(module, "offset", 0))
+        for key in POSITION_CONFIG_KEYS:
+            if sizes.get(key) == rows:
+                return PositionTable(rows, config.model_type, key, source)
+    return None
+
+
+def position_table(path: str | Path) -> PositionTable | None:
+    """`learned_position_table` of the model at `path`, built on the meta device from its config:
+    no weights are read, so a stage can check its lengths before any long work."""
+    config = AutoConfig.from_pretrained(model_source(path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return learned_position_table(model, f"model {path}")
+
+
+def check_cut_sequences(
+    table: PositionTable | None, key: str, max_length: int, lengths: Sequence[int], what: str
+) -> None:
+    """ValueError if a sequence, cut to `key`=`max_length` tokens, overruns `table`; `lengths`
+    are the sequences' lengths after the cut, `what` names one ("demonstration")."""
+    if table is None or not lengths or max(lengths) <= table.positions:
+        return
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    raise ValueError(
+        f"{key}={max_length} exceeds {table}, and {what} {i + 1} has {lengths[i]} tokens after the cut: "
+        f"lower {key} to {table.positions} or less"
+    )
+
+
+def check_prompt_room(
+    table: PositionTable | None,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence,
+    key: str | None,
+    new_tokens: int,
+) -> None:
+    """ValueError if the longest prompt plus `new_tokens` response tokens (config `key`; None: a
+    response cut to fit, at least one token) overruns `table`. Sampling stages never cut a prompt,
+    nor do DPO and KTO (they cut the response), so a prompt too long is the data's to fix."""
+    if table is None or not prompts:
+        return
+    lengths = [len(prompt_token_ids(tokenizer, p)) for p in prompts]
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[i] + new_tokens <= table.positions:
+        return
+    text = " ".join(str(prompts[i]).split())
+    start = text if len(text) <= 60 else text[:60] + "..."
+    prompt = f"prompt {i + 1} ({lengths[i]} tokens: {start!r})"
+    room = table.positions - lengths[i]
+    shorten = f"shorten the prompts to at most {table.positions - 1} tokens (prompts are never cut)"
+    if key is None:
+        raise ValueError(f"{prompt} leaves no room for a response in {table}: {shorten}")
+    fix = f"lower {key} to {room} or {shorten}" if room > 0 else shorten
+    raise ValueError(
+        f"{prompt} plus {key}={new_tokens} response tokens is {lengths[i] + new_tokens} tokens, more than "
+        f"{table}: {fix}"
+    )
 
 
 def _quantized_loading(quantization: BitsAndBytesConfig | None) -> dict:

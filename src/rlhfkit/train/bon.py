@@ -17,7 +17,7 @@ import torch
 from rlhfkit.algos.bon import best_of_n_kl
 from rlhfkit.config import RolloutConfig, RunConfig, SFTConfig
 from rlhfkit.data.io import write_jsonl
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import check_prompt_room, load_causal_lm, load_tokenizer, position_table
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout import make_sampler
 from rlhfkit.train.loop import MetricsLog, Stopwatch
@@ -36,8 +36,10 @@ def sample_best_of_n(
     temperature: float,
     max_new_tokens: int,
     rollout: RolloutConfig | None = None,
+    max_new_tokens_key: str = "eval.max_new_tokens",
 ) -> dict:
     """n samples per prompt and the best under the rewards, sampled by `rollout.backend` (unset: hf).
+    `max_new_tokens_key` names `max_new_tokens` in an error (prompt and response overrun the model).
 
     Returns {"candidates": [n][P] texts, "scores": [P][n], "best_index": [P], "best": [P] texts,
     "best_ids": [P] token ids}.
@@ -48,6 +50,7 @@ def sample_best_of_n(
     if n < 1:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
     tokenizer = load_tokenizer(policy_path)
+    check_prompt_room(position_table(policy_path), tokenizer, prompts, max_new_tokens_key, max_new_tokens)
     policy = load_causal_lm(policy_path).eval()
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     sample = make_sampler(rollout or RolloutConfig(), policy, tokenizer, seed=seed)
@@ -129,6 +132,7 @@ def run_expert_iteration(
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
             rollout=config.rollout,
+            max_new_tokens_key="expert_iter.max_new_tokens",
         )
         round_dir = out_dir / f"round{k}"
         write_best_of_n_samples(round_dir / "samples.jsonl", chosen, result)

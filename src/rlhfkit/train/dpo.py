@@ -18,7 +18,13 @@ import torch
 from rlhfkit.algos.dpo import dpo_loss, sequence_logprob
 from rlhfkit.config import RunConfig
 from rlhfkit.models.heads import inner_model, takes_pair_masks
-from rlhfkit.models.loading import dropout_off, load_tokenizer
+from rlhfkit.models.loading import (
+    check_cut_sequences,
+    check_prompt_room,
+    dropout_off,
+    load_tokenizer,
+    position_table,
+)
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import join_prompt_response, right_pad, shared_prefix_pairs
@@ -188,6 +194,10 @@ def run_dpo(
     pad = tokenizer.pad_token_id
     chosen = [tokenize_example(tokenizer, p["prompt"], p["chosen"], cfg.max_length) for p in pairs]
     rejected = [tokenize_example(tokenizer, p["prompt"], p["rejected"], cfg.max_length) for p in pairs]
+    table = position_table(policy_path)
+    check_prompt_room(table, tokenizer, [p["prompt"] for p in pairs], None, 1)
+    lengths = [len(p) + max(len(c), len(r)) for (p, c), (_, r) in zip(chosen, rejected, strict=True)]
+    check_cut_sequences(table, "dpo.max_length", cfg.max_length, lengths, "pair")
     # IPO regresses the margin to a fixed target, so it is defined on length-averaged log-probs
     # (as in its reference implementation); DPO uses sums, the sequence's real probability.
     average = cfg.loss_type == "ipo"

@@ -25,7 +25,7 @@ from rlhfkit.algos.kl import kl_estimate
 from rlhfkit.algos.masked import masked_mean
 from rlhfkit.config import GRPOConfig, RLOOConfig, RunConfig
 from rlhfkit.models.heads import inner_model, takes_pair_masks
-from rlhfkit.models.loading import dropout_off, load_tokenizer
+from rlhfkit.models.loading import check_prompt_room, dropout_off, load_tokenizer, position_table
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout import make_sampler
@@ -161,6 +161,8 @@ def run_critic_free(
     require_divisible(f"{section}.minibatch", cfg.minibatch, n_proc)
     tokenizer = load_tokenizer(policy_path)
     pad = tokenizer.pad_token_id
+    key = f"{section}.max_new_tokens"
+    check_prompt_room(position_table(policy_path), tokenizer, prompts, key, cfg.max_new_tokens)
     ckpt = StageCheckpoints(section, out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint)
     policy = ckpt.load_trained(policy_path, config)
     # LoRA: the reference is the policy with its adapter off, not a second copy.

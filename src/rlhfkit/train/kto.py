@@ -15,7 +15,13 @@ import torch
 
 from rlhfkit.algos.kto import kto_loss, mismatched_partners
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import dropout_off, load_tokenizer
+from rlhfkit.models.loading import (
+    check_cut_sequences,
+    check_prompt_room,
+    dropout_off,
+    load_tokenizer,
+    position_table,
+)
 from rlhfkit.models.lora import reference_of
 from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.distributed import (
@@ -87,6 +93,10 @@ def run_kto(
         tokenize_example(tokenizer, examples[i]["prompt"], examples[j]["completion"], cfg.max_length)
         for i, j in enumerate(partners.tolist())
     ]
+    table = position_table(policy_path)
+    check_prompt_room(table, tokenizer, [e["prompt"] for e in examples], None, 1)
+    lengths = [max(sum(map(len, row)), sum(map(len, kl))) for row, kl in zip(rows, kl_rows, strict=True)]
+    check_cut_sequences(table, "kto.max_length", cfg.max_length, lengths, "example")
     ckpt = StageCheckpoints("kto", out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint)
     policy = ckpt.load_trained(policy_path, config)
     # LoRA: the reference is the policy with its adapter off, not a second copy (resumed, too).

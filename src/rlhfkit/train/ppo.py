@@ -35,10 +35,13 @@ from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import PPOConfig, RunConfig
 from rlhfkit.models.heads import TokenValues, sequence_scores, values_of
 from rlhfkit.models.loading import (
+    check_cut_sequences,
+    check_prompt_room,
     dropout_off,
     enable_gradient_checkpointing,
     load_reward_model,
     load_tokenizer,
+    position_table,
 )
 from rlhfkit.models.lora import reference_of
 from rlhfkit.models.memory import held_model, print_memory_estimate
@@ -224,6 +227,13 @@ def run_ppo(
             )
     tokenizer = load_tokenizer(policy_path)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    # Before any model loads: a prompt and its whole response must fit a learned position table.
+    policy_table = position_table(policy_path)
+    for table in (policy_table, position_table(reward_path)):
+        check_prompt_room(table, tokenizer, prompts, "ppo.max_new_tokens", cfg.max_new_tokens)
+    if cfg.ptx_coef > 0:
+        block = config.pretrain.block_size
+        check_cut_sequences(policy_table, "pretrain.block_size", block, [block], "PTX block")
     # Checkpoints every ppo.save_every iterations and at the end (policies for over-optimisation sweeps).
     ckpt = StageCheckpoints(
         "ppo", out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint, at_end=True

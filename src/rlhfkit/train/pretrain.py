@@ -8,7 +8,14 @@ import torch
 
 from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_model, tiny_causal_lm
+from rlhfkit.models.loading import (
+    check_cut_sequences,
+    learned_position_table,
+    load_causal_lm,
+    load_tokenizer,
+    save_model,
+    tiny_causal_lm,
+)
 from rlhfkit.models.tokenizer import document_token_ids, train_tokenizer
 from rlhfkit.train.checkpoint import StageCheckpoints, stop_on_signals
 from rlhfkit.train.loop import (
@@ -58,6 +65,8 @@ def run_pretrain(
             max_positions=mcfg.max_positions,
             seed=config.seed,
         )
+    table = learned_position_table(model, f"the tiny {mcfg.arch} model (model.max_positions)")
+    check_cut_sequences(table, "pretrain.block_size", cfg.block_size, [cfg.block_size], "block")
     blocks = pack_blocks(document_token_ids(tokenizer, corpus), cfg.block_size)
     optimizer, scheduler = make_optimizer(
         model.parameters(), cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.algos.reward import bradley_terry_loss, soft_label_terms
 from rlhfkit.config import RunConfig
 from rlhfkit.models.heads import ReadPositions, TokenValues, pair_scores, sequence_scores, takes_pair_masks
-from rlhfkit.models.loading import load_tokenizer
+from rlhfkit.models.loading import check_cut_sequences, load_tokenizer, position_table
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad, shared_prefix_pairs
@@ -164,6 +164,9 @@ def train_reward_model(
     if cfg.batch_size % n_proc:
         raise ValueError(f"rm.batch_size {cfg.batch_size} is not divisible by the {n_proc} processes")
     tokenizer = load_tokenizer(init_path)
+    rows = tokenize_pairs(tokenizer, pairs, cfg.max_length)
+    lengths = [max(len(chosen), len(rejected)) for chosen, rejected in rows]
+    check_cut_sequences(position_table(init_path), "rm.max_length", cfg.max_length, lengths, "pair")
     ckpt = StageCheckpoints("rm", out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint)
     model = ckpt.load_trained(init_path, config, "reward", tokenizer.pad_token_id)
     print_memory_estimate(
@@ -173,7 +176,6 @@ def train_reward_model(
         config.model.gradient_checkpointing,
         enabled=show_progress and accelerator.is_main_process,
     )
-    rows = tokenize_pairs(tokenizer, pairs, cfg.max_length)
     margins = pair_margins(pairs, cfg.soft_labels)
     gen = torch.Generator().manual_seed(config.seed)
     perm = torch.randperm(len(rows), generator=gen).tolist()

@@ -9,7 +9,7 @@ import torch
 
 from rlhfkit.algos.sft import completion_nll
 from rlhfkit.config import RunConfig
-from rlhfkit.models.loading import load_tokenizer
+from rlhfkit.models.loading import check_cut_sequences, load_tokenizer, position_table
 from rlhfkit.models.memory import held_model, print_memory_estimate
 from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
 from rlhfkit.rollout.batch import right_pad
@@ -61,6 +61,9 @@ def run_sft(
     if cfg.batch_size % n_proc:
         raise ValueError(f"sft.batch_size {cfg.batch_size} is not divisible by the {n_proc} processes")
     tokenizer = load_tokenizer(init_path)
+    examples = tokenize_demonstrations(tokenizer, demos, cfg.max_length)
+    lengths = [len(ids) for ids, _ in examples]
+    check_cut_sequences(position_table(init_path), "sft.max_length", cfg.max_length, lengths, "demonstration")
     ckpt = StageCheckpoints("sft", out_dir, accelerator, cfg, resume=resume, fingerprint=fingerprint)
     model = ckpt.load_trained(init_path, config)
     print_memory_estimate(
@@ -70,7 +73,6 @@ def run_sft(
         config.model.gradient_checkpointing,
         enabled=show_progress and accelerator.is_main_process,
     )
-    examples = tokenize_demonstrations(tokenizer, demos, cfg.max_length)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = max(1, round(cfg.epochs * steps_per_epoch))
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, total, round(cfg.warmup_ratio * total))
