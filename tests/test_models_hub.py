@@ -325,6 +325,20 @@ def test_position_table_is_read_off_the_models_structure(tmp_path):
         assert position_table(tiny_checkpoint(tmp_path / arch, arch)) is None
 
 
+def test_position_table_of_a_rotary_config_builds_no_model(tmp_path, monkeypatch):
+    """Rotary models are answered from their config: no meta model is built at every stage start."""
+    import rlhfkit.models.loading as loading
+
+    llama, gpt2 = tiny_checkpoint(tmp_path / "llama", "llama"), tiny_checkpoint(tmp_path / "gpt2", "gpt2")
+    built = []
+    real = loading.AutoModelForCausalLM.from_config
+    monkeypatch.setattr(
+        loading.AutoModelForCausalLM, "from_config", lambda config: built.append(config) or real(config)
+    )
+    assert position_table(llama) is None and built == []
+    assert position_table(gpt2).positions == 32 and len(built) == 1
+
+
 def test_sft_refuses_a_max_length_beyond_learned_positions(tmp_path):
     folder = tiny_checkpoint(tmp_path / "gpt2", "gpt2")
     demos = [{"prompt": p, "completion": LONG} for p in PROMPTS]
