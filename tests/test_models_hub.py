@@ -378,6 +378,25 @@ def test_ppo_refuses_prompt_plus_response_beyond_learned_positions(tmp_path):
     assert not (tmp_path / "ppo" / "model").exists()
 
 
+def test_feedback_sampling_refuses_prompt_plus_response_beyond_learned_positions(tmp_path):
+    """The feedback stage (demo, loop) checks its lengths before sampling, as the training stages do."""
+    import random
+
+    from rlhfkit.pipeline import comparison_items
+
+    folder = tiny_checkpoint(tmp_path / "gpt2", "gpt2")
+    config = load_config(overrides=[*SMALL, "feedback.max_new_tokens=30"])
+    expected = r"plus feedback\.max_new_tokens=30 response tokens is \d+ tokens, more than the 32 positions"
+    with pytest.raises(ValueError, match=expected):
+        comparison_items(folder, PROMPTS, config.feedback, 0, random.Random(0), "gpt2")
+    # A partner model is checked too: here the policy fits and the partner does not.
+    llama = tiny_checkpoint(tmp_path / "llama", "llama")
+    with pytest.raises(ValueError, match=expected):
+        comparison_items(llama, PROMPTS, config.feedback, 0, random.Random(0), "llama", (folder, "gpt2"))
+    fits = load_config(overrides=[*SMALL, "feedback.max_new_tokens=4"])
+    assert comparison_items(folder, PROMPTS, fits.feedback, 0, random.Random(0), "gpt2")
+
+
 def test_load_tokenizer_refuses_one_with_neither_pad_nor_eos(tmp_path):
     bare = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(["<unk>"]), unk_token="<unk>")
     bare.save_pretrained(tmp_path)

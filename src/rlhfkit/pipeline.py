@@ -310,11 +310,16 @@ def comparison_items(
     item (annotators have position biases), and `meta.sampled_from` names each response's model.
     `on_batch(n)` is told of every n samples drawn.
     """
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.models.loading import check_prompt_room, load_causal_lm, load_tokenizer, position_table
     from rlhfkit.models.tokenizer import prompt_token_ids
     from rlhfkit.rollout.generate import sample_responses
 
-    tokenizer, model = load_tokenizer(policy_path), load_causal_lm(policy_path)
+    tokenizer = load_tokenizer(policy_path)
+    for path in (policy_path,) if partner is None else (policy_path, partner[0]):
+        check_prompt_room(
+            position_table(path), tokenizer, prompts, "feedback.max_new_tokens", cfg.max_new_tokens
+        )
+    model = load_causal_lm(policy_path)
     models = [model] * cfg.completions_per_prompt
     names = [policy] * cfg.completions_per_prompt
     if partner is not None:
