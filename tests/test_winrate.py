@@ -86,3 +86,16 @@ def test_non_finite_score_raises():
         win_rate([1.0, float("nan")], [0.0, 0.0])
     with pytest.raises(ValueError, match="index 0"):
         win_rate([1.0], [None])
+
+
+def test_wilson_bounds_are_exact_at_rate_zero_and_one():
+    # At rate 0 the lower bound is 0 and at rate 1 the upper bound is 1, exactly: rounding gave
+    # hi = 0.9999999999999999 for 10/10 wins (an interval that excludes its own rate) and
+    # lo = 2.8e-17 for 0/7. The other bound of 10/10 is 1 / (1 + z^2/n) = 0.7224672.
+    assert wilson_interval(1.0, 10) == pytest.approx((0.7224672, 1.0), abs=1e-6)
+    for n in range(1, 300):
+        assert wilson_interval(0.0, n)[0] == 0.0 and wilson_interval(1.0, n)[1] == 1.0
+        lo, hi = wilson_interval(0.0, n)
+        assert (1 - hi, 1 - lo) == pytest.approx(wilson_interval(1.0, n), abs=1e-12)
+    result = win_rate([2] * 10, [1] * 10)
+    assert result["ci95"][0] <= result["rate"] <= result["ci95"][1]

@@ -25,7 +25,11 @@ def wilson_interval(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
     z2n = z * z / n
     centre = (rate + z2n / 2) / (1 + z2n)
     half = z / (1 + z2n) * math.sqrt(rate * (1 - rate) / n + z2n / (4 * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At rate 0 (or 1) the bound is exactly 0 (or 1); rounding would leave 3e-17 (or 1 - 1e-16),
+    # an interval that misses its own rate.
+    lo = 0.0 if rate == 0.0 else max(0.0, centre - half)
+    hi = 1.0 if rate == 1.0 else min(1.0, centre + half)
+    return lo, hi
 
 
 def bootstrap_interval(
