@@ -466,6 +466,8 @@ def validate_item(index: int, raw: Any, default_overlap: int, task_type: str) ->
     if "prompt" not in raw:
         raise bad("prompt", "is missing")
     prompt, messages = _prompt_and_messages(raw["prompt"], bad)
+    if (problem := _unstorable_text(raw["prompt"])) is not None:
+        raise bad("prompt", problem)
     lowest, highest = RESPONSES_PER_TYPE[task_type]
     responses = raw.get("responses", [] if highest == 0 else None)
     if responses is None:
@@ -483,6 +485,8 @@ def validate_item(index: int, raw: Any, default_overlap: int, task_type: str) ->
             raise bad("responses", f"[{j}] must be a string, got {type(response).__name__}")
         if task_type == "ranking" and not response.strip():
             raise bad("responses", f"[{j}] is empty (a ranking cannot order an empty response)")
+        if (problem := _unstorable_text(response)) is not None:
+            raise bad("responses", f"[{j}] {problem}")
     golden = raw.get("golden")
     if golden is not None:
         try:
@@ -499,6 +503,8 @@ def validate_item(index: int, raw: Any, default_overlap: int, task_type: str) ->
         meta = json.loads(json.dumps(dict(meta), allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise bad("meta", f"must be JSON-serialisable: {exc}") from exc
+    if (problem := _unstorable_text(meta)) is not None:
+        raise bad("meta", problem)
     return {
         "prompt": prompt,
         "messages": messages,
@@ -508,6 +514,31 @@ def validate_item(index: int, raw: Any, default_overlap: int, task_type: str) ->
         "is_golden": golden is not None,
         "golden": golden,
     }
+
+
+def _unstorable_text(value: Any) -> str | None:
+    """What keeps a string in `value` (keys of nested mappings included) from being stored, if anything.
+
+    PostgreSQL's text and jsonb refuse a NUL (SQLite takes it: refused on both, so that both
+    agree), and a lone surrogate is not Unicode: SQLite's JSON keeps it escaped, and then no
+    export of the project can be written as UTF-8.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            where = value.index("\x00")
+            return f"holds a NUL character at character {where}, which the database cannot store"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"holds {value[exc.start]!r} at character {exc.start}, a lone surrogate (not Unicode text)"
+        return None
+    if isinstance(value, Mapping):
+        parts: Iterable[Any] = (part for pair in value.items() for part in pair)
+    elif isinstance(value, list):
+        parts = value
+    else:
+        return None
+    return next((problem for part in parts if (problem := _unstorable_text(part)) is not None), None)
 
 
 def _prompt_and_messages(
