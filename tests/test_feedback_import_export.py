@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
+from rlhfkit.data.io import read_records
 from rlhfkit.feedback.store import FeedbackStore
 
 runner = CliRunner()
@@ -74,3 +75,19 @@ def test_cli_import_of_a_nul_names_file_line_and_field_and_writes_nothing(db_url
     assert f"{bad}:2: field 'completions': [1] holds a NUL character" in _flat(result.output)
     with FeedbackStore(db_url) as store:
         assert store.projects() == []  # not even the project
+
+
+def test_a_comparison_of_two_identical_responses_is_no_preference_pair(open_store, tmp_path):
+    # Two samples of a policy can be the same text; "x" preferred to "x" says nothing, and a file
+    # holding such a row is refused whole by the reader that training uses.
+    store = open_store()
+    project = store.create_project("same")
+    store.add_items(
+        project, [{"prompt": "q1", "responses": ["x", "x"]}, {"prompt": "q2", "responses": ["a", "b"]}]
+    )
+    assert _label_all(store, project, store.add_annotator("alice")) == 2
+    assert store.export(project, tmp_path / "pairs.jsonl", "trl-preference") == 1
+    (pair,) = read_records(tmp_path / "pairs.jsonl", "preference")
+    assert pair.prompt == "q2"
+    # The raw export still has both labels.
+    assert store.export(project, tmp_path / "raw.jsonl", "raw") == 2

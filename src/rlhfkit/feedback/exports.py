@@ -25,14 +25,15 @@ def preference_rows(task_type: str, project: str, items: Items, labels: Labels) 
 
     comparison: one row per item by majority vote, ties skipped; ranking: each of the
     C(K,2) pairs that more annotators ordered one way than the other; edit: (edited >
-    original) per label whose edit changed the text.
+    original) per label whose edit changed the text. Two responses with the same text
+    make no row: preferring one to the other says nothing.
     """
     source = f"feedback:{project}"
     if task_type == "comparison":
         for item_id, agg in majority_vote(labels).items():
-            if agg.winner is None:
-                continue
             item = items[item_id]
+            if agg.winner is None or item.responses[0] == item.responses[1]:
+                continue
             yield {
                 "prompt": item.prompt_text,
                 "chosen": item.responses[agg.winner],
