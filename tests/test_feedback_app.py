@@ -210,9 +210,9 @@ def test_login_rate_limit(service):
         )
     blocked = client.post("/api/login", json={"name": "alice", "password": PASSWORDS["alice"]})
     assert blocked.status_code == 429 and "Retry-After" in blocked.headers
-    assert (
-        client.post("/api/login", json={"name": "bob", "password": "x" * 9}).status_code == 429
-    )  # same address
+    # The lock is on (name, address): the same address may still try another name (up to its own,
+    # higher ceiling, see below).
+    assert client.post("/api/login", json={"name": "bob", "password": "x" * 9}).status_code == 401
 
 
 def test_login_finds_the_user_in_any_case_and_the_rate_limit_counts_every_case_as_one_name(service):
@@ -220,15 +220,54 @@ def test_login_finds_the_user_in_any_case_and_the_rate_limit_counts_every_case_a
     client = TestClient(app)
     me = client.post("/api/login", json={"name": "ALICE", "password": PASSWORDS["alice"]})
     assert me.status_code == 200 and me.json()["name"] == "alice"
-    # The fixture's limit: 3 failures per name (and per address: each guess comes from its own).
-    # Changing the case of the name buys no more guesses.
-    for i, typed in enumerate(["bob", "Bob", "BOB"]):
-        guesser = TestClient(app, client=(f"10.0.0.{i}", 50000))
+    # The fixture's limit: 3 failures per name and address. Changing the case of the name buys no
+    # more guesses.
+    guesser = TestClient(app, client=("10.0.0.1", 50000))
+    for typed in ["bob", "Bob", "BOB"]:
         assert (
             guesser.post("/api/login", json={"name": typed, "password": "wrong-password"}).status_code == 401
         )
-    late = TestClient(app, client=("10.0.0.9", 50000))
-    assert late.post("/api/login", json={"name": "bOb", "password": PASSWORDS["bob"]}).status_code == 429
+    assert guesser.post("/api/login", json={"name": "bOb", "password": PASSWORDS["bob"]}).status_code == 429
+
+
+def _guess(app, address: str, name: str, password: str = "wrong-password") -> int:
+    client = TestClient(app, client=(address, 50000))
+    return client.post("/api/login", json={"name": name, "password": password}).status_code
+
+
+def test_failures_from_one_address_do_not_lock_the_name_out_from_another(service):
+    _, app, _ = service
+    # Anyone who knows a name would otherwise keep its annotator locked out.
+    assert [_guess(app, "10.0.0.66", "alice") for _ in range(4)] == [401, 401, 401, 429]
+    assert _guess(app, "10.0.0.66", "alice", PASSWORDS["alice"]) == 429
+    assert _guess(app, "10.0.0.7", "alice", PASSWORDS["alice"]) == 200
+    assert _guess(app, "10.0.0.8", "ALICE") == 401
+
+
+def test_the_per_name_ceiling_stops_guesses_from_many_addresses(service):
+    store, _, _ = service
+    default = LoginRateLimiter()
+    assert (default.attempts, default.name_attempts) == (5, 100)
+    app = create_app(store, login_limiter=LoginRateLimiter(attempts=3, window=60, name_attempts=6))
+    # Two guesses from each address stay under the per-address lock; six in all reach the ceiling,
+    # whatever the case each address types the name in.
+    codes = [_guess(app, f"10.0.1.{i}", typed) for i in range(3) for typed in ("bob", "BOB")]
+    assert codes == [401] * 6
+    refused = TestClient(app, client=("10.0.2.1", 50000)).post(
+        "/api/login", json={"name": "Bob", "password": PASSWORDS["bob"]}
+    )
+    assert refused.status_code == 429 and "Retry-After" in refused.headers
+    assert _guess(app, "10.0.2.1", "alice", PASSWORDS["alice"]) == 200  # other names are not affected
+
+
+def test_one_address_guessing_many_names_reaches_its_ceiling(service):
+    store, _, _ = service
+    assert LoginRateLimiter().address_attempts == 20
+    app = create_app(store, login_limiter=LoginRateLimiter(attempts=3, window=60, address_attempts=4))
+    assert [_guess(app, "10.0.3.1", name) for name in ("root", "alice", "bob", "carol")] == [401] * 4
+    assert _guess(app, "10.0.3.1", "dave") == 429
+    assert _guess(app, "10.0.3.1", "bob", PASSWORDS["bob"]) == 429
+    assert _guess(app, "10.0.3.2", "bob", PASSWORDS["bob"]) == 200
 
 
 def test_login_rate_limit_holds_for_a_burst_of_concurrent_guesses(service, monkeypatch):

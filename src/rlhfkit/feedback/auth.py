@@ -128,21 +128,54 @@ def token_digest(token: str) -> str:
 
 
 class LoginRateLimiter:
-    """At most `attempts` failed logins per key (user name, client address) in `window` seconds.
+    """At most `attempts` failed logins per key in `window` seconds.
 
+    A login counts under three keys (`login_keys`), as OWASP's authentication guidance has it: the
+    lock is per user name and client address (`attempts`), so guessing one annotator's password
+    from one address never locks that annotator out from theirs; a user name across all addresses
+    has a much higher ceiling (`name_attempts`), which throttles guesses spread over many addresses,
+    and so has one address across all names (`address_attempts`), which throttles one address
+    trying a password on many names. Any other key (a plain string) has the limit `attempts`.
     Kept in memory: one server process; a restart forgets it.
     """
 
     # How long a login waits for the checks in flight before it (see `attempt`) at most.
     QUEUE_SECONDS = 10.0
+    # Key prefixes of `login_keys` with their own ceilings.
+    _NAME, _ADDRESS = "name-from-anywhere:", "address-any-name:"
 
-    def __init__(self, attempts: int = 5, window: float = 300.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        attempts: int = 5,
+        window: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        name_attempts: int | None = None,
+        address_attempts: int | None = None,
+    ):
         self.attempts = attempts
         self.window = window
+        self.name_attempts = 20 * attempts if name_attempts is None else name_attempts
+        self.address_attempts = 4 * attempts if address_attempts is None else address_attempts
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
         self._checking: Counter[str] = Counter()  # logins whose password is being checked, per key
         self._changed = threading.Condition()
+
+    @classmethod
+    def login_keys(cls, name_key: str, address: str) -> tuple[str, str, str]:
+        """The keys a login counts under: (name and address, name, address).
+
+        `name_key`: the name as logins find it (all spellings of a name are one key).
+        """
+        return f"name:{name_key}|addr:{address}", cls._NAME + name_key, cls._ADDRESS + address
+
+    def _limit(self, key: str) -> int:
+        if key.startswith(self._NAME):
+            return self.name_attempts
+        if key.startswith(self._ADDRESS):
+            return self.address_attempts
+        return self.attempts
 
     def n_keys(self) -> int:
         """The number of keys with failures kept (what the limiter holds in memory)."""
@@ -166,14 +199,14 @@ class LoginRateLimiter:
         waits = [
             failures[0] + self.window - self._clock()
             for key in keys
-            if (failures := self._recent(key)) is not None and len(failures) >= self.attempts
+            if (failures := self._recent(key)) is not None and len(failures) >= self._limit(key)
         ]
         return max(waits, default=0.0)
 
     def _could_exceed(self, keys: tuple[str, ...]) -> bool:
         """Whether the limit would be reached if every check in flight failed; the caller holds the lock."""
         return any(
-            self._checking[key] and len(self._recent(key) or ()) + self._checking[key] >= self.attempts
+            self._checking[key] and len(self._recent(key) or ()) + self._checking[key] >= self._limit(key)
             for key in keys
         )
 

@@ -107,18 +107,18 @@ def log_in(request: Request, name: str, password: str) -> UserRecord | None:
     """
     limiter = request.app.state.login_limiter
     # Keyed like the login itself: "Root", "ROOT" and "root" are one account, so they share one count.
-    user_key, address_key = f"name:{name_key(name)}", f"addr:{client_address(request)}"
-    wait = limiter.attempt(user_key, address_key)
+    keys = limiter.login_keys(name_key(name), client_address(request))
+    wait = limiter.attempt(*keys)
     if wait > 0:
         raise TooManyLogins(wait)
     try:
         user = request.app.state.store.authenticate(name, password)
     except BaseException:
-        limiter.finished(user_key, address_key, failed=False)  # no answer, so no failure
+        limiter.finished(*keys, failed=False)  # no answer, so no failure
         raise
-    limiter.finished(user_key, address_key, failed=user is None)
+    limiter.finished(*keys, failed=user is None)
     if user is not None:
-        # The name's failures are forgotten; the address keeps its own, or logging in to one's own
-        # account would clear a guesser's count.
-        limiter.succeeded(user_key)
+        # Only the name-and-address count is forgotten: the ceilings of the name and of the address
+        # keep theirs, or logging in to one's own account would clear a guesser's count.
+        limiter.succeeded(keys[0])
     return user
