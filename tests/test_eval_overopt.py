@@ -100,3 +100,43 @@ def test_summary_rows_print_a_b_and_r2_of_both_fits():
     for kind in ("gold", "proxy"):
         fit = rm[f"fit_{kind}"]
         assert f"fit {kind} a={fit['a']:.3f} b={fit['b']:.3f} R^2={fit['r2']:.3f}" in row
+
+
+def test_fit_with_one_distinct_d_is_an_error_not_an_arbitrary_a_b():
+    # d = [0, 0, 1.4]: one distinct d > 0 fixes only a - b log 1.4, so any (a, b) on a line fits
+    # equally well; lstsq returned one of them (a = 0.19, b = -0.065, R^2 = 0.79) as if measured.
+    with pytest.raises(ValueError, match="two distinct d > 0"):
+        fit_gao([0.0, 0.0, 1.4], [0.0, 0.1, 0.3], "rl")
+    with pytest.raises(ValueError, match="two distinct d > 0"):
+        fit_gao([0.0, 1.0, 1.0], [0.0, 0.1, 0.3], "bon")
+
+
+def test_fit_through_two_points_has_no_r2():
+    # SFT plus two checkpoints: a, b go through both points exactly (d = 1: a = 0.2; d = 2:
+    # 2 (a - b log 2) = 0.1, b = 0.15 / log 2), so R^2 = 1 says nothing; it is NaN (null in JSON).
+    fit = fit_gao([0.0, 1.0, 2.0], [0.0, 0.2, 0.1], "rl")
+    assert (fit["a"], fit["b"]) == pytest.approx((0.2, 0.15 / math.log(2)))
+    assert math.isnan(fit["r2"])
+    # Three points past d = 0 leave one residual degree of freedom: R^2 is a number again.
+    assert not math.isnan(fit_gao([0.0, 1.0, 2.0, 3.0], [0.0, 0.2, 0.1, 0.0], "rl")["r2"])
+
+
+def test_rl_sweep_with_checkpoints_at_d_zero_skips_the_fit_and_says_why():
+    # A checkpoint's sampled k1 can be negative: it sits at d = 0 with SFT, one d > 0 is left.
+    points = [
+        {"name": "sft", "kl": 0.0, "gold": 0.2, "proxy/rm": 1.0},
+        {"name": "step-1", "kl": -0.2, "gold": 0.3, "proxy/rm": 1.5},
+        {"name": "step-2", "kl": 2.0, "gold": 0.1, "proxy/rm": 3.0},
+    ]
+    sweep = rl_sweep(points, ["rm"])
+    assert "fit_gold" not in sweep and "fit_proxy" not in sweep["rms"]["rm"]
+    assert "two distinct d > 0" in sweep["fit_skipped"]
+    (row,) = summary_rows({"rl": sweep})
+    assert "no fit: a and b are not identifiable" in row
+
+
+def test_bon_sweep_of_three_samples_fits_without_r2():
+    # n = 1, 2, 3: two points past SFT, an exact fit; R^2 is null, not 1.
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    rm = bon_sweep({"rm": x.tolist()}, x.tolist())["rms"]["rm"]
+    assert math.isnan(rm["fit_gold"]["r2"]) and math.isnan(rm["fit_proxy"]["r2"])

@@ -56,12 +56,36 @@ def best_of_n_expectation(selector: Sequence[float], values: Sequence[float], n:
     return float(best_of_n_weights(s.size, n) @ v[order])
 
 
+def _gao_design(x: np.ndarray, form: str) -> np.ndarray:
+    """Columns (d, -d^2) for form "bon", (d, -d log d) for "rl": R(d) = design @ (a, b)."""
+    second = x * x if form == "bon" else x * np.log(np.where(x > 0, x, 1.0))
+    return np.stack([x, -second], axis=1)
+
+
+def gao_fit_problem(d: Sequence[float], form: str) -> str | None:
+    """Why `fit_gao` cannot fit these d (fewer than 3 points, or a and b not identifiable), or None."""
+    x = np.asarray(d, dtype=np.float64)
+    if x.size < 3:
+        return f"fewer than 3 points of (d, reward): {x.size}"
+    # d = 0 (and for "rl" d = 1 in the second column) says nothing about one of a, b: a single
+    # distinct d > 0 leaves a line of equally good (a, b), and lstsq would return an arbitrary one.
+    if np.linalg.matrix_rank(_gao_design(x, form)) < 2:
+        return (
+            f"a and b are not identifiable from d = sqrt(KL) = {np.round(x, 4).tolist()}: "
+            "it needs at least two distinct d > 0"
+        )
+    return None
+
+
 def fit_gao(d: Sequence[float], reward: Sequence[float], form: str) -> dict[str, float]:
     """Least-squares fit of R(d) = d (a - b d) (form "bon") or d (a - b log d) (form "rl").
 
     Both are linear in (a, b), so this is one lstsq solve; R^2 is against the mean of
     `reward`. Points with d = 0 carry no information about a, b (R = 0 there) but do count
-    in R^2, as the origin the curves pass through.
+    in R^2, as the origin the curves pass through. With only two points at d > 0 the two
+    parameters go through them exactly: R^2 would be 1 whatever the data, so it is NaN (null
+    in JSON), as it is when every reward is equal. Raises ValueError when a, b cannot be
+    fitted (`gao_fit_problem`), the lengths differ, the form is unknown, or a d is negative.
     """
     x = np.asarray(d, dtype=np.float64)
     y = np.asarray(reward, dtype=np.float64)
@@ -71,13 +95,16 @@ def fit_gao(d: Sequence[float], reward: Sequence[float], form: str) -> dict[str,
         raise ValueError(f"fit_gao form must be 'bon' or 'rl', got {form!r}")
     if (x < 0).any():
         raise ValueError("fit_gao: d = sqrt(KL) must be >= 0")
-    second = x * x if form == "bon" else x * np.log(np.where(x > 0, x, 1.0))
-    design = np.stack([x, -second], axis=1)
+    problem = gao_fit_problem(x, form)
+    if problem:
+        raise ValueError(f"fit_gao: {problem}")
+    design = _gao_design(x, form)
     (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
     predicted = design @ np.array([a, b])
     ss_res = float(((y - predicted) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+    residual_dof = int((x > 0).sum()) - 2
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 and residual_dof > 0 else float("nan")
     return {"a": float(a), "b": float(b), "r2": r2}
 
 
@@ -104,6 +131,9 @@ def bon_sweep(
     d = [math.sqrt(k) for k in kl]
     out: dict = {"n": ns, "kl": kl, "sqrt_kl": d, "samples_per_prompt": n_samples, "n_prompts": len(gold)}
     out["rms"] = {}
+    fit_problem = gao_fit_problem(d, "bon")
+    if fit_problem:
+        out["fit_skipped"] = fit_problem
     for name, scores in proxy.items():
         g_curve, p_curve = [], []
         for n in ns:
@@ -114,7 +144,7 @@ def bon_sweep(
         g_rel = [g - g_curve[0] for g in g_curve]
         p_rel = [p - p_curve[0] for p in p_curve]
         entry = {"gold": g_curve, "proxy": p_curve, "gold_rel": g_rel, "proxy_rel": p_rel}
-        if len(ns) >= 3:
+        if not fit_problem:
             entry["fit_gold"] = fit_gao(d, g_rel, "bon")
             entry["fit_proxy"] = fit_gao(d, p_rel, "bon")
         entry.update(_shape(ns, g_curve, p_curve))
@@ -147,12 +177,16 @@ def rl_sweep(points: Sequence[Mapping[str, float]], rm_names: Sequence[str]) -> 
     }
     gold_rel = [p["gold"] - points[0]["gold"] for p in points]
     out["gold_rel"] = gold_rel
-    if len(points) >= 3:
+    # A checkpoint whose sampled k1 is negative sits at d = 0 with SFT.
+    fit_problem = gao_fit_problem(d, "rl")
+    if fit_problem:
+        out["fit_skipped"] = fit_problem
+    else:
         out["fit_gold"] = fit_gao(d, gold_rel, "rl")
     for name in rm_names:
         proxy = [p[f"proxy/{name}"] for p in points]
         entry: dict = {"proxy": proxy, "proxy_rel": [x - proxy[0] for x in proxy]}
-        if len(points) >= 3:
+        if not fit_problem:
             entry["fit_proxy"] = fit_gao(d, entry["proxy_rel"], "rl")
         entry.update(_shape(out["checkpoints"], out["gold"], proxy))
         out["rms"][name] = entry
@@ -382,12 +416,16 @@ def summary_rows(result: Mapping) -> list[str]:
         for name, rm in sweep["rms"].items():
             fit_g = rm.get("fit_gold", sweep.get("fit_gold")) or {}
             fit_p = rm.get("fit_proxy") or {}
-            rows.append(
-                f"{kind} [{name}]: gold peaks at {rm['gold_peak_at']} ({rm['gold_peak']:.3f}), "
-                f"drops {rm['gold_drop_after_peak']:.3f} after; proxy monotone={rm['proxy_monotone']}; "
-                f"fit gold a={fit_g.get('a', float('nan')):.3f} b={fit_g.get('b', float('nan')):.3f} "
+            fits = (
+                f"no fit: {sweep['fit_skipped']}"
+                if sweep.get("fit_skipped")
+                else f"fit gold a={fit_g.get('a', float('nan')):.3f} b={fit_g.get('b', float('nan')):.3f} "
                 f"R^2={fit_g.get('r2', float('nan')):.3f}; "
                 f"fit proxy a={fit_p.get('a', float('nan')):.3f} b={fit_p.get('b', float('nan')):.3f} "
                 f"R^2={fit_p.get('r2', float('nan')):.3f}"
+            )
+            rows.append(
+                f"{kind} [{name}]: gold peaks at {rm['gold_peak_at']} ({rm['gold_peak']:.3f}), "
+                f"drops {rm['gold_drop_after_peak']:.3f} after; proxy monotone={rm['proxy_monotone']}; {fits}"
             )
     return rows
