@@ -175,6 +175,28 @@ def test_editing_a_data_file_invalidates_the_stages_that_read_it_and_downstream(
     assert _fingerprints(tmp_path / "run", overrides) == after_prompts
 
 
+def test_pointing_a_data_key_at_another_file_invalidates_only_the_stages_that_read_it(tmp_path):
+    """A data key set or pointed elsewhere is new input for the stages that read it, as an edit is:
+    training an RM on another preference file keeps pretraining, SFT and feedback."""
+    first, second = tmp_path / "prefs-1.jsonl", tmp_path / "prefs-2.jsonl"
+    row = {"prompt": "Top 5 board games?", "chosen": "1. Chess", "rejected": "1. Chess\n1. Chess"}
+    write_jsonl(first, [row])
+    write_jsonl(second, [row, {**row, "chosen": "1. Go"}])
+    unset = _fingerprints(tmp_path / "run", [])
+    one = _fingerprints(tmp_path / "run", [f"data.preferences={first}"])
+    two = _fingerprints(tmp_path / "run", [f"data.preferences={second}"])
+    reads_pairs = {"rm", "ppo", "eval", "dpo", "kto", "grpo", "rloo", "bon", "expert_iter"}
+    for a, b in ((unset, one), (one, two)):
+        assert {stage for stage in a if a[stage] != b[stage]} == reads_pairs
+    # The same content under another name is the same input.
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(first.read_bytes())
+    assert _fingerprints(tmp_path / "run", [f"data.preferences={copy}"]) == one
+    # The task is what pretraining reads: changing it changes every stage.
+    other_task = _fingerprints(tmp_path / "run", ["data.task=colours_task"])
+    assert all(unset[stage] != other_task[stage] for stage in unset)
+
+
 def test_a_saved_dataset_folder_is_fingerprinted_by_its_files(tmp_path):
     from datasets import Dataset, DatasetDict
 

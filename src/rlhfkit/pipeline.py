@@ -158,6 +158,10 @@ class Run:
                 dropped = _EVAL_ONLY.get(section, ()) + _CHECKPOINT_KEYS
                 if isinstance(picked[section], dict):
                     picked[section] = {k: v for k, v in picked[section].items() if k not in dropped}
+        if "data" in picked:
+            # A data file counts where a stage reads it, by its content (`inputs`), not by its path
+            # in every stage: another preference file re-runs rm onwards, not pretraining.
+            picked["data"] = {k: v if k == "task" else None for k, v in picked["data"].items()}
         sources = {key: _config_value(cfg, key) for s in stages for key in _INPUTS.get(s, ())}
         # Absent when no stage reads a data file, so such runs keep the fingerprints they had.
         if inputs := {key: self._digest(source) for key, source in sources.items() if source is not None}:
