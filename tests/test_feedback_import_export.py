@@ -91,3 +91,31 @@ def test_a_comparison_of_two_identical_responses_is_no_preference_pair(open_stor
     assert pair.prompt == "q2"
     # The raw export still has both labels.
     assert store.export(project, tmp_path / "raw.jsonl", "raw") == 2
+
+
+def test_an_export_sees_every_item_its_labels_refer_to(db_url, open_store, tmp_path, monkeypatch):
+    # Items are imported and labelled while an admin exports (online, iterated RLHF): a label on an
+    # item added after the export read the items made the export fail with a bare KeyError.
+    store = open_store()
+    other = open_store()
+    project = store.create_project("live", overlap=1)
+    store.add_items(project, [{"prompt": "q0", "responses": ["a", "b"]}])
+    alice = store.add_annotator("alice")
+    _label_all(store, project, alice)
+    read_items = FeedbackStore.items
+
+    def items_then_more_work(self, project_id):
+        found = read_items(self, project_id)
+        if self is not other:
+            other.add_items(project_id, [{"prompt": "late", "responses": ["c", "d"]}])
+            _label_all(other, project_id, alice)
+        return found
+
+    monkeypatch.setattr(FeedbackStore, "items", items_then_more_work)
+    for format_ in ("trl-preference", "raw"):
+        n = store.export(project, tmp_path / f"{format_}.jsonl", format_)
+        assert n >= 1 and len(_rows(tmp_path / f"{format_}.jsonl")) == n
+    result = _cli(
+        "aggregate", "--db", db_url, "--project", "live", "--method", "mv", "--out", str(tmp_path / "a.jsonl")
+    )
+    assert result.exit_code == 0, result.output

@@ -593,9 +593,10 @@ def feedback_aggregate(
     store = _open_store(db, existing=True)
     try:
         pid = store.project_id(project)
-        items = {item.item_id: item for item in store.items(pid)}
         # Golden items and excluded annotators stay out of training data, as in every export.
+        # Labels before items, as in FeedbackStore.export: each label read then finds its item.
         labels = store.labels(pid, include_golden=False, include_excluded=False)
+        items = {item.item_id: item for item in store.items(pid)}
         rows, undecided = aggregated_pairs(items, labels, method, f"feedback:{project}", seed)
     except KeyError as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))

@@ -1466,8 +1466,9 @@ class FeedbackStore:
         if format == "raw":
             return self.export_raw(project_id, path)
         project = self.project(project_id)
-        items = {item.item_id: item for item in self.items(project_id)}
+        # Labels first: items are only ever added, so every label read has its item in the read after.
         labels = self.labels(project_id, include_golden=False, include_excluded=False)
+        items = {item.item_id: item for item in self.items(project_id)}
         build = exports.EXPORT_FORMATS[format]
         return _write_jsonl(path, build(project.task_type, project.name, items, labels))
 
@@ -1490,8 +1491,9 @@ class FeedbackStore:
 
         Excluded annotators' labels are left out, as in every export.
         """
-        items = {item.item_id: item for item in self.items(project_id)}
-        return _write_jsonl(path, exports.raw_rows(items, self.labels(project_id, include_excluded=False)))
+        labels = self.labels(project_id, include_excluded=False)
+        items = {item.item_id: item for item in self.items(project_id)}  # after the labels, as in export
+        return _write_jsonl(path, exports.raw_rows(items, labels))
 
 
 def _task(token: str, item_id: int, item: Any, order: list[int], task_type: str) -> AnnotationTask:
