@@ -5,6 +5,7 @@ data read back by rlhfkit's own readers, from one consistent view of the labels.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -119,3 +120,19 @@ def test_an_export_sees_every_item_its_labels_refer_to(db_url, open_store, tmp_p
         "aggregate", "--db", db_url, "--project", "live", "--method", "mv", "--out", str(tmp_path / "a.jsonl")
     )
     assert result.exit_code == 0, result.output
+
+
+def test_an_export_is_on_disk_before_it_replaces_the_old_file(open_store, tmp_path, monkeypatch):
+    # A machine crash right after the rename must not leave an empty or cut file that looks whole.
+    store = open_store()
+    project = store.create_project("p")
+    store.add_items(project, [{"prompt": "q", "responses": ["a", "b"]}])
+    _label_all(store, project, store.add_annotator("alice"))
+    calls: list[str] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), replace(a, b))[1])
+    out = tmp_path / "new" / "folder" / "raw.jsonl"
+    assert store.export(project, out, "raw") == 1
+    assert calls[:2] == ["fsync", "replace"]
+    assert [p.name for p in out.parent.iterdir()] == ["raw.jsonl"]

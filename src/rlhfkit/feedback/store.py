@@ -69,6 +69,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
 from rlhfkit.crowd.agreement import krippendorff_alpha_nominal
+from rlhfkit.data.io import write_jsonl
 from rlhfkit.feedback import exports
 from rlhfkit.feedback.answers import (
     CHOICES,
@@ -562,23 +563,6 @@ def _prompt_and_messages(
             raise bad("prompt", f"[{j}].content must be a non-empty string")
         messages.append({"role": role, "content": content})
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages), messages
-
-
-def _write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> int:
-    """Write rows as JSON lines atomically (a reader never sees half a file); return the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    n = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n
 
 
 # -- the hot statements of the annotation loop, built once -------------------------------
@@ -1470,7 +1454,7 @@ class FeedbackStore:
         labels = self.labels(project_id, include_golden=False, include_excluded=False)
         items = {item.item_id: item for item in self.items(project_id)}
         build = exports.EXPORT_FORMATS[format]
-        return _write_jsonl(path, build(project.task_type, project.name, items, labels))
+        return write_jsonl(path, build(project.task_type, project.name, items, labels))
 
     def export_preferences(
         self, project_id: int, path: str | os.PathLike[str], method: str = "majority"
@@ -1493,7 +1477,7 @@ class FeedbackStore:
         """
         labels = self.labels(project_id, include_excluded=False)
         items = {item.item_id: item for item in self.items(project_id)}  # after the labels, as in export
-        return _write_jsonl(path, exports.raw_rows(items, labels))
+        return write_jsonl(path, exports.raw_rows(items, labels))
 
 
 def _task(token: str, item_id: int, item: Any, order: list[int], task_type: str) -> AnnotationTask:
