@@ -103,9 +103,52 @@ def save_checkpoint(
     return final
 
 
+# What a trainer state may hold beyond what `torch.load(weights_only=True)` reads by itself (tensors,
+# numbers, strings, lists, tuples, dicts): DeepSpeed ZeRO's optimiser state dicts carry its stage enum,
+# its loss scaler and its records of parameter fragments.
+_DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    """The trainer state saved with a checkpoint (our own file: full unpickling is safe)."""
-    return torch.load(checkpoint / STATE_FILE, weights_only=False)
+    """The trainer state saved with a checkpoint, read without running code from it.
+
+    A checkpoint folder may come from elsewhere, and unpickling can run any code, so the file is read
+    with `weights_only=True`, allowing only the few DeepSpeed types its optimiser states hold; a file
+    that names any other Python object is refused before anything in it is unpickled.
+    """
+    path = checkpoint / STATE_FILE
+    what_to_do = (
+        "delete the checkpoint folder if you did not make it, or rerun without --resume to start over"
+    )
+    try:
+        named = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable trainer state ({exc}); {what_to_do}") from exc
+    refused = sorted(named - set(_DEEPSPEED_GLOBALS))
+    if refused:
+        raise ValueError(
+            f"{path} names Python objects that a trainer state never holds ({', '.join(refused)}); it was "
+            f"not loaded, since unpickling them could run code: {what_to_do}"
+        )
+    allowed = [_import_global(name) for name in sorted(named)]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} could not be loaded as a trainer state ({exc}); {what_to_do}") from exc
+
+
+def _import_global(name: str) -> Any:
+    """The class `module.Name` (one of `_DEEPSPEED_GLOBALS`)."""
+    import importlib
+
+    module, _, attribute = name.rpartition(".")
+    return getattr(importlib.import_module(module), attribute)
 
 
 class StopFlag:
