@@ -661,6 +661,37 @@ def test_sign_up_refuses_the_name_of_an_annotator_without_an_account(service):
     assert [label.annotator for label in store.labels(project)] == ["carol"]
 
 
+def test_sign_ups_are_limited_per_client_address(service):
+    store, _, _ = service
+    assert LoginRateLimiter().signup_attempts == 10
+    app = create_app(store, login_limiter=LoginRateLimiter(attempts=3, window=60, signup_attempts=3))
+    invites = [store.create_invite("annotator", None) for _ in range(5)]
+    holder = TestClient(app, client=("10.0.4.1", 50000))
+
+    def sign_up(client, invite, name):
+        return client.post("/api/signup", json={"invite": invite, "name": name, "password": "new-password"})
+
+    # Every try counts, refused ones too: they tell which names are taken, and each hashes a password.
+    assert sign_up(holder, invites[0], "bob").status_code == 400
+    assert sign_up(holder, invites[0], "dora").status_code == 200
+    assert sign_up(holder, "no-such-invite", "erin").status_code == 403
+    refused = sign_up(holder, invites[1], "erin")
+    assert refused.status_code == 429 and "Retry-After" in refused.headers
+    assert store.invite_role(invites[1]) == "annotator"  # nothing was done
+    # The sign-up form counts under the same limit.
+    form = holder.get(f"/signup?invite={invites[1]}")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    page = holder.post(
+        "/signup",
+        data={"invite": invites[1], "name": "erin", "password": "new-password", "csrf_token": token},
+        follow_redirects=False,
+    )
+    assert page.status_code == 429 and "Too many sign-ups" in page.text
+    # Another address is not affected, and sign-ups do not count against logins.
+    assert sign_up(TestClient(app, client=("10.0.4.2", 50000)), invites[1], "erin").status_code == 200
+    assert _guess(app, "10.0.4.1", "bob", PASSWORDS["bob"]) == 200
+
+
 def test_openapi_lists_the_api(service):
     _, app, _ = service
     spec = TestClient(app).get("/openapi.json").json()

@@ -97,8 +97,11 @@ def fuzz_fixture(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fix
 @pytest.fixture
 def fuzz_schema(fuzz_fixture: Fixture) -> Any:
     """The API's OpenAPI schema, bound to the app for in-process (ASGI) calls."""
-    # A generous login limit: generated wrong passwords must not turn into 429s.
-    app = create_app(fuzz_fixture.store, login_limiter=LoginRateLimiter(attempts=10_000, window=1))
+    # Generous login and sign-up limits: generated wrong passwords and names must not turn into 429s.
+    app = create_app(
+        fuzz_fixture.store,
+        login_limiter=LoginRateLimiter(attempts=10_000, window=1, signup_attempts=10_000),
+    )
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -27,6 +27,7 @@ from rlhfkit.feedback.session import (
     require_admin,
     require_user,
     set_session_cookie,
+    sign_up,
 )
 from rlhfkit.feedback.store import TASK_TYPES, FeedbackStore
 
@@ -262,7 +263,9 @@ def login(body: LoginRequest, request: Request, response: Response, store: Store
 def signup(body: SignupRequest, request: Request, response: Response, store: StoreDep) -> Me:
     """Create an account from an invite link's token; logs the new user in."""
     try:
-        user_id = store.accept_invite(body.invite, body.name, body.password)
+        user_id = sign_up(request, body.invite, body.name, body.password)
+    except TooManyLogins as exc:
+        raise HTTPException(429, str(exc), {"Retry-After": str(exc.retry_after)}) from None
     except PermissionError as exc:
         raise HTTPException(403, str(exc)) from None
     user = next(u for u in store.users() if u.user_id == user_id)

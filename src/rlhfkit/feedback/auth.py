@@ -135,14 +135,15 @@ class LoginRateLimiter:
     from one address never locks that annotator out from theirs; a user name across all addresses
     has a much higher ceiling (`name_attempts`), which throttles guesses spread over many addresses,
     and so has one address across all names (`address_attempts`), which throttles one address
-    trying a password on many names. Any other key (a plain string) has the limit `attempts`.
-    Kept in memory: one server process; a restart forgets it.
+    trying a password on many names. Sign-ups count under `signup_key`, every try whatever its
+    outcome, at most `signup_attempts` per client address. Any other key (a plain string) has the
+    limit `attempts`. Kept in memory: one server process; a restart forgets it.
     """
 
     # How long a login waits for the checks in flight before it (see `attempt`) at most.
     QUEUE_SECONDS = 10.0
     # Key prefixes of `login_keys` with their own ceilings.
-    _NAME, _ADDRESS = "name-from-anywhere:", "address-any-name:"
+    _NAME, _ADDRESS, _SIGNUP = "name-from-anywhere:", "address-any-name:", "signup-address:"
 
     def __init__(
         self,
@@ -152,11 +153,13 @@ class LoginRateLimiter:
         *,
         name_attempts: int | None = None,
         address_attempts: int | None = None,
+        signup_attempts: int = 10,
     ):
         self.attempts = attempts
         self.window = window
         self.name_attempts = 20 * attempts if name_attempts is None else name_attempts
         self.address_attempts = 4 * attempts if address_attempts is None else address_attempts
+        self.signup_attempts = signup_attempts
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
         self._checking: Counter[str] = Counter()  # logins whose password is being checked, per key
@@ -170,11 +173,18 @@ class LoginRateLimiter:
         """
         return f"name:{name_key}|addr:{address}", cls._NAME + name_key, cls._ADDRESS + address
 
+    @classmethod
+    def signup_key(cls, address: str) -> str:
+        """The key sign-ups from `address` count under."""
+        return cls._SIGNUP + address
+
     def _limit(self, key: str) -> int:
         if key.startswith(self._NAME):
             return self.name_attempts
         if key.startswith(self._ADDRESS):
             return self.address_attempts
+        if key.startswith(self._SIGNUP):
+            return self.signup_attempts
         return self.attempts
 
     def n_keys(self) -> int:

@@ -26,6 +26,7 @@ from rlhfkit.feedback.session import (
     current_caller,
     log_in,
     set_session_cookie,
+    sign_up,
 )
 from rlhfkit.feedback.store import TASK_TYPES, FeedbackStore
 
@@ -150,7 +151,10 @@ def signup_form(
     if not _form_csrf_ok(request, csrf_token) or role is None:
         return _page(request, "error.html", None, status=403, message="The form or invite expired.")
     try:
-        user_id = store.accept_invite(invite, name.strip(), password)
+        user_id = sign_up(request, invite, name.strip(), password)
+    except TooManyLogins as exc:
+        message = f"Too many sign-ups from this address; try again in {exc.retry_after} seconds."
+        return _form_page(request, "signup.html", status=429, invite=invite, role=role, error=message)
     except (ValueError, PermissionError) as exc:
         return _form_page(request, "signup.html", status=400, invite=invite, role=role, error=str(exc))
     token, _ = store.create_session(user_id)

@@ -93,11 +93,12 @@ def client_address(request: Request) -> str:
 
 
 class TooManyLogins(Exception):
-    """A login refused by the rate limit; `retry_after`: whole seconds until one is allowed again."""
+    """A login (or sign-up) refused by the rate limit; `retry_after`: whole seconds until one is allowed
+    again."""
 
-    def __init__(self, wait: float):
+    def __init__(self, wait: float, what: str = "failed logins"):
         self.retry_after = int(wait) + 1
-        super().__init__(f"too many failed logins; try again in {self.retry_after} s")
+        super().__init__(f"too many {what}; try again in {self.retry_after} s")
 
 
 def log_in(request: Request, name: str, password: str) -> UserRecord | None:
@@ -122,3 +123,21 @@ def log_in(request: Request, name: str, password: str) -> UserRecord | None:
         # keep theirs, or logging in to one's own account would clear a guesser's count.
         limiter.succeeded(keys[0])
     return user
+
+
+def sign_up(request: Request, invite: str, name: str, password: str) -> int:
+    """The new user's id (`FeedbackStore.accept_invite`); TooManyLogins over the sign-up rate limit.
+
+    Every try counts against the client address, whatever its outcome: a refused name tells which
+    names are taken, and every try hashes a password. The JSON API and the sign-up form both sign up
+    through here.
+    """
+    limiter = request.app.state.login_limiter
+    key = limiter.signup_key(client_address(request))
+    wait = limiter.attempt(key)
+    if wait > 0:
+        raise TooManyLogins(wait, "sign-ups from this address")
+    try:
+        return request.app.state.store.accept_invite(invite, name, password)
+    finally:
+        limiter.finished(key, failed=True)  # counted whatever the outcome
