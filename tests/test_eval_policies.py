@@ -40,3 +40,24 @@ def test_topic_references_are_demonstrations_of_the_same_topic():
     topic_of = {"films?": "film", "best films": "film", "plants?": "plant"}.get
     demos = [{"prompt": "best films", "completion": "1. Heat"}, {"prompt": "other", "completion": "x"}]
     assert topic_references(["films?", "plants?", "zzz"], demos, topic_of) == [["1. Heat"], [], []]
+
+
+def test_folders_that_share_a_label_are_both_kept(tmp_path):
+    # Two runs' step-2 are both "checkpoints/step-2": the second silently replaced the first,
+    # so one policy was judged and reported under a name that stood for two. Now every folder
+    # is named by its full path when two labels collide.
+    _model(tmp_path / "sft" / "model")
+    a = _model(tmp_path / "a" / "ppo" / "checkpoints" / "step-2")
+    b = _model(tmp_path / "b" / "ppo" / "checkpoints" / "step-2")
+    policies = resolve_policies(tmp_path, ["sft", str(a), str(b)])
+    assert policies == {"sft": tmp_path / "sft" / "model", str(a.resolve()): a, str(b.resolve()): b}
+    # The same folder twice is one policy, under its short label.
+    same = resolve_policies(tmp_path, ["sft", str(a), str(a)])
+    assert same == {"sft": tmp_path / "sft" / "model", "checkpoints/step-2": a}
+
+
+def test_policies_keep_the_order_given(tmp_path):
+    # The first policy is the default reference.
+    _model(tmp_path / "sft" / "model")
+    ckpt = _model(tmp_path / "ppo" / "checkpoints" / "step-40")
+    assert list(resolve_policies(tmp_path, [str(ckpt), "sft"])) == ["checkpoints/step-40", "sft"]

@@ -194,29 +194,39 @@ def resolve_policies(run_dir: Path, names: Sequence[str]) -> dict[str, Path]:
     """Policy name -> model folder: a stage of the run (RUN/<name>/model) or a model folder.
 
     With no names: sft first, then every other stage of the run with a saved model except
-    the pretrained base and the reward model (and the checkpoints PPO keeps).
+    the pretrained base and the reward model (and the checkpoints PPO keeps). A folder is
+    named by `model_label`, or by its full path when two folders' labels are the same.
     """
     run_dir = Path(run_dir)
     if not names:
-        found = (
+        saved = (
             sorted(p.name for p in run_dir.iterdir() if (p / "model" / "config.json").is_file())
             if run_dir.is_dir()
             else []
         )
-        names = [n for n in ["sft", *found] if n not in ("pretrain", "rm")]
+        names = [n for n in ["sft", *saved] if n not in ("pretrain", "rm")]
         names = list(dict.fromkeys(names))
-    out: dict[str, Path] = {}
+    found: list[tuple[str | None, Path]] = []  # (stage name, or None for a folder; model folder)
     for name in names:
         stage_model = run_dir / name / "model"
         folder = Path(name)
         if (stage_model / "config.json").is_file():
-            out[name] = stage_model
+            found.append((name, stage_model))
         elif (folder / "config.json").is_file():
-            out[model_label(folder)] = folder
+            found.append((None, folder))
         else:
             raise ValueError(
                 f"policy {name!r}: neither {stage_model} nor {folder} holds a saved model (config.json)"
             )
+    folders = list(dict.fromkeys(path.resolve() for stage, path in found if stage is None))
+    labels = {resolved: model_label(resolved) for resolved in folders}
+    taken = {stage for stage, _ in found if stage is not None}
+    # Two runs' checkpoints/step-20 must not replace each other: then every folder is its full path.
+    if len(set(labels.values())) < len(labels) or taken & set(labels.values()):
+        labels = {resolved: str(resolved) for resolved in folders}
+    out: dict[str, Path] = {}
+    for stage, path in found:
+        out.setdefault(stage if stage is not None else labels[path.resolve()], path)
     return out
 
 
