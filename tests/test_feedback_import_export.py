@@ -136,3 +136,19 @@ def test_an_export_is_on_disk_before_it_replaces_the_old_file(open_store, tmp_pa
     assert store.export(project, out, "raw") == 1
     assert calls[:2] == ["fsync", "replace"]
     assert [p.name for p in out.parent.iterdir()] == ["raw.jsonl"]
+
+
+def test_cli_import_into_a_project_of_another_task_type_is_refused(tmp_path):
+    db = str(tmp_path / "f.db")
+    lines = tmp_path / "items.jsonl"
+    lines.write_text('{"prompt": "q", "completions": ["a", "b"]}\n')
+    assert _cli("import", "--db", db, "--project", "p", "--file", str(lines)).exit_code == 0
+    result = _cli("import", "--db", db, "--project", "p", "--file", str(lines), "--task-type", "ranking")
+    assert result.exit_code == 2
+    assert "project 'p' is a comparison project, not ranking" in _flat(result.output)
+    with FeedbackStore(db) as store:
+        assert len(store.items(store.project_id("p"))) == 1
+    # Without --task-type, the existing project's type is used.
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"prompt": "q2", "completions": ["a", "b"]}\n')
+    assert _cli("import", "--db", db, "--project", "p", "--file", str(other)).exit_code == 0

@@ -527,7 +527,10 @@ def feedback_import(
     policy: Annotated[Path | None, typer.Option(help="checkpoint to sample completions from")] = None,
     prompts: Annotated[Path | None, typer.Option(help='with --policy: JSONL of {"prompt"}')] = None,
     k: Annotated[int, typer.Option("-k", help="with --policy: completions per prompt")] = 2,
-    task_type: Annotated[str, typer.Option(help="task type of a new project")] = "comparison",
+    task_type: Annotated[
+        str | None,
+        typer.Option(help="task type of a new project (default comparison); an existing one's must match"),
+    ] = None,
     overlap: Annotated[int, typer.Option(help="annotators per item of a new project")] = 1,
     guidelines: Annotated[Path | None, typer.Option(help="Markdown guidelines of a new project")] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
@@ -541,7 +544,7 @@ def feedback_import(
         _fail("give either --file or --policy (with --prompts)")
     if policy is not None and prompts is None:
         _fail("--policy needs --prompts FILE")
-    if task_type not in TASK_TYPES:
+    if task_type is not None and task_type not in TASK_TYPES:
         _fail(f"--task-type {task_type!r}: choose one of {', '.join(TASK_TYPES)}")
     if guidelines is not None and not guidelines.is_file():
         _fail(f"--guidelines {guidelines}: file not found")
@@ -551,7 +554,9 @@ def feedback_import(
             pid: int | None = store.project_id(project)
             kind = store.project(pid).task_type
         except KeyError:
-            pid, kind = None, task_type  # created once its items are read and valid
+            pid, kind = None, task_type or "comparison"  # created once its items are read and valid
+        if task_type is not None and task_type != kind:
+            _fail(f"--task-type {task_type}: project {project!r} is a {kind} project, not {task_type}")
         if file is not None:
             items = read_import_file(file, kind, overlap)
         else:
@@ -566,7 +571,7 @@ def feedback_import(
                 validate_item(index, item, overlap, kind)
         if pid is None:
             text = guidelines.read_text(encoding="utf-8") if guidelines else ""
-            pid = store.create_project(project, task_type, text, overlap)
+            pid = store.create_project(project, kind, text, overlap)
         ids = store.add_items(pid, items)
     except (DataError, ItemError, ValueError) as exc:
         _fail(str(exc))
