@@ -61,3 +61,22 @@ def test_policies_keep_the_order_given(tmp_path):
     _model(tmp_path / "sft" / "model")
     ckpt = _model(tmp_path / "ppo" / "checkpoints" / "step-40")
     assert list(resolve_policies(tmp_path, [str(ckpt), "sft"])) == ["checkpoints/step-40", "sft"]
+
+
+def test_evaluate_refuses_a_temperature_with_no_kl(tmp_path):
+    # At temperature 0 (greedy) the log-probs divide the logits by 0: every KL came out NaN.
+    from rlhfkit.eval.evaluate import evaluate_policies
+
+    policies = {"sft": tmp_path / "sft", "ppo": tmp_path / "ppo"}
+    for temperature in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="eval.temperature must be > 0"):
+            evaluate_policies(
+                policies,
+                "sft",
+                None,
+                ["p"],
+                lambda p, r: 0.0,
+                seed=0,
+                temperature=temperature,
+                max_new_tokens=4,
+            )

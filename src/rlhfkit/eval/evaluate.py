@@ -104,6 +104,9 @@ def evaluate_policies(
         raise ValueError("judge 'rm' needs a reward model")
     if judge == "llm" and llm_judge is None:
         raise ValueError("judge 'llm' needs an LLM judge")
+    if not temperature > 0:
+        # Greedy decoding has no density to take a KL of: the logits / 0 would make every KL NaN.
+        raise ValueError(f"eval.temperature must be > 0 (the KL is taken at it), got {temperature}")
     tokenizer = load_tokenizer(policies[reference])
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     # Before any model loads: every model reads a prompt and its whole response.
