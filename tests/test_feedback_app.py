@@ -661,6 +661,15 @@ def test_sign_up_refuses_the_name_of_an_annotator_without_an_account(service):
     assert [label.annotator for label in store.labels(project)] == ["carol"]
 
 
+def test_the_exclude_api_finds_the_annotator_in_any_case(service):
+    store, app, _ = service
+    root, csrf = login(app, "root")
+    excluded = root.post(
+        "/api/annotators/ALICE/exclude", json={"excluded": True}, headers={"X-CSRF-Token": csrf}
+    )
+    assert excluded.status_code == 204 and store.excluded_annotators() == ["alice"]
+
+
 def test_sign_ups_are_limited_per_client_address(service):
     store, _, _ = service
     assert LoginRateLimiter().signup_attempts == 10

@@ -535,6 +535,22 @@ def test_excluded_annotators_are_left_out_of_every_export(open_store, tmp_path):
         store.exclude_annotator("nobody")
 
 
+def test_exclusion_finds_the_annotator_by_name_whatever_its_case_and_unicode_form(open_store):
+    # Names are unique by name_key (NFKC, then case folding), so "SPAM" and fullwidth "Ｓｐａｍ" can only
+    # mean "Spam": exclusion finds it as a login does.
+    store = open_store()
+    store.add_annotator("Spam")
+    store.add_annotator("good")
+    store.exclude_annotator("SPAM")
+    assert store.excluded_annotators() == ["Spam"]
+    store.exclude_annotator("\uff33\uff50\uff41\uff4d", excluded=False)
+    assert store.excluded_annotators() == []
+    store.exclude_annotator("spam")
+    assert store.excluded_annotators() == ["Spam"]
+    with pytest.raises(KeyError, match="Spa"):
+        store.exclude_annotator("Spa")
+
+
 def test_users_sessions_and_invites(open_store, clock):
     store = open_store()
     admin = store.add_user("root", "admin", "root-password")

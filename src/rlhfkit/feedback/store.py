@@ -879,10 +879,13 @@ class FeedbackStore:
         return self._get_or_create(Annotator, values, "kind")
 
     def exclude_annotator(self, name: str, excluded: bool = True) -> None:
-        """Leave an annotator's labels out of every export (or take them back in); KeyError if unknown."""
+        """Leave an annotator's labels out of every export (or take them back in); KeyError if unknown.
+
+        The annotator is found by `name_key`, as names are unique: "SPAM" or "Ｓｐａｍ" finds "Spam".
+        """
         with self._transaction("write") as conn:
             changed = conn.execute(
-                update(Annotator).where(Annotator.name == name).values(excluded=bool(excluded))
+                update(Annotator).where(Annotator.name_key == name_key(name)).values(excluded=bool(excluded))
             ).rowcount
         if not changed:
             raise KeyError(f"no annotator named {name!r}")
