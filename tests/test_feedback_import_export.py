@@ -152,3 +152,39 @@ def test_cli_import_into_a_project_of_another_task_type_is_refused(tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text('{"prompt": "q2", "completions": ["a", "b"]}\n')
     assert _cli("import", "--db", db, "--project", "p", "--file", str(other)).exit_code == 0
+
+
+def test_cli_import_reads_json_lists_parquet_and_saved_datasets(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    db = str(tmp_path / "f.db")
+    chat = [{"role": "user", "content": "top 5 films?"}]
+    rows = [
+        {"prompt": "q", "completions": ["a", "b"]},
+        {"prompt": chat, "completions": ["c", "d"], "overlap": 2},
+    ]
+    (tmp_path / "items.json").write_text(json.dumps(rows, indent=2))
+    # A table column holds one type: chat prompts in one file, strings (with a null overlap) in the other.
+    pq.write_table(pa.Table.from_pylist([rows[1], rows[1]]), tmp_path / "items.parquet")
+    Dataset.from_list([{**rows[0], "overlap": None}, {**rows[0], "overlap": 3}]).save_to_disk(
+        str(tmp_path / "items_ds")
+    )
+    expected = {
+        "items.json": [("q", ["a", "b"], 1), (chat, ["c", "d"], 2)],
+        "items.parquet": [(chat, ["c", "d"], 2)] * 2,
+        "items_ds": [("q", ["a", "b"], 1), ("q", ["a", "b"], 3)],
+    }
+    for name, wanted in expected.items():
+        result = _cli("import", "--db", db, "--project", name, "--file", str(tmp_path / name))
+        assert result.exit_code == 0, result.output
+        with FeedbackStore(db) as store:
+            items = store.items(store.project_id(name))
+        assert [(i.prompt_text, i.responses, i.overlap) for i in items] == wanted
+    (tmp_path / "bad.json").write_text(json.dumps([rows[0], {"prompt": "q", "completions": ["a", 3]}]))
+    result = _cli("import", "--db", db, "--project", "bad", "--file", str(tmp_path / "bad.json"))
+    assert result.exit_code == 2
+    assert f"{tmp_path / 'bad.json'}: item 2: field 'completions': [1] must be a string" in _flat(
+        result.output
+    )

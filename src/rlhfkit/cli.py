@@ -523,7 +523,10 @@ def feedback_user_add(
 def feedback_import(
     db: DbOpt,
     project: Annotated[str, typer.Option(help="project name (created if missing, with --task-type)")],
-    file: Annotated[Path | None, typer.Option(help='JSONL of {"prompt", "completions": [...]}')] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(help='JSONL, JSON list, Parquet or dataset of {"prompt", "completions": [...]}'),
+    ] = None,
     policy: Annotated[Path | None, typer.Option(help="checkpoint to sample completions from")] = None,
     prompts: Annotated[Path | None, typer.Option(help='with --policy: JSONL of {"prompt"}')] = None,
     k: Annotated[int, typer.Option("-k", help="with --policy: completions per prompt")] = 2,

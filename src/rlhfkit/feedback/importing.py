@@ -1,7 +1,8 @@
-"""Items for a feedback project: from a JSONL file of prompts with completions, or sampled from a policy.
+"""Items for a feedback project: from a file of prompts with completions, or sampled from a policy.
 
-A file line is {"prompt": str or chat messages, "completions": [str, ...]} with
-optional "overlap", "meta" and "golden". How a line becomes items depends on the
+A file line (of JSONL; or an item of a JSON list, a row of Parquet or of a dataset) is
+{"prompt": str or chat messages, "completions": [str, ...]} with optional "overlap", "meta"
+and "golden". How a line becomes items depends on the
 project's task type: comparison and ranking show all completions in one item;
 likert, thumbs and edit projects get one item per completion; demonstration projects
 take the prompt alone.
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.data.io import DataError, iter_jsonl
+from rlhfkit.data.io import DataError, read_rows
 from rlhfkit.feedback.store import RESPONSES_PER_TYPE, ItemError, validate_item
 
 LINE_FIELDS = {"prompt", "completions", "overlap", "meta", "golden"}
@@ -48,17 +49,22 @@ def line_to_items(row: dict[str, Any], task_type: str) -> list[dict[str, Any]]:
 def read_import_file(
     path: str | os.PathLike[str], task_type: str, default_overlap: int = 1
 ) -> list[dict[str, Any]]:
-    """Every item of a JSONL import file, validated; DataError names file, line and field."""
+    """Every item of an import file, validated; DataError names file, line (or item) and field.
+
+    The file is read as every data file is (`rlhfkit.data.io.read_rows`): JSONL, a JSON list,
+    Parquet, or a Hugging Face dataset folder (`save_to_disk`, `FOLDER:SPLIT`, `hf:NAME:SPLIT`).
+    """
     path = Path(path)
+    rows, unit = read_rows(path)
     items: list[dict[str, Any]] = []
-    for number, row in iter_jsonl(path):
+    for number, row in rows:
         try:
             for item in line_to_items(row, task_type):
                 validate_item(0, item, default_overlap, task_type)
                 items.append(item)
         except ItemError as exc:
             field = "completions" if exc.field == "responses" else exc.field
-            raise DataError(path, exc.problem, number, field) from None
+            raise DataError(path, exc.problem, number, field, unit=unit) from None
     if not items:
         raise DataError(path, "file has no items")
     return items
