@@ -71,6 +71,7 @@ def test_eval_policies_judge_rm(tiny_run):
     report = json.loads((tiny_run / "report.json").read_text())
     ev = report["eval"]
     assert ev["judge"] == "rm" and ev["reference"] == "sft"
+    assert ev["judge_model"] == str(tiny_run / "rm" / "model")  # which reward model judged
     assert set(ev["policies"]) == {"sft", "checkpoints/step-4"}
     win = ev["win_rate_vs_sft"]["checkpoints/step-4"]
     assert (

@@ -280,6 +280,21 @@ def test_win_rate_against_another_reference(tmp_path: Path):
     assert "judged by the <b>rm</b> judge" in html
 
 
+def test_the_judge_model_is_named_and_escaped(tmp_path: Path):
+    # "llm" alone does not say which LLM judged; the report names the model (escaped).
+    report = {
+        "eval": {
+            "reference": "sft",
+            "judge": "llm",
+            "judge_model": "models/<judge>",
+            "policies": {"sft": {}, "ppo": {}},
+            "win_rate_vs_sft": {"ppo": {"rate": 0.6, "ci95": [0.5, 0.7], "n": 80}},
+        }
+    }
+    html = write_html_report(tmp_path, report).read_text()
+    assert "judged by the <b>llm</b> judge (models/&lt;judge&gt;);" in html
+
+
 def test_metrics_log_writes_tensorboard_events(tmp_path: Path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

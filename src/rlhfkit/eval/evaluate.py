@@ -154,6 +154,11 @@ def evaluate_policies(
         "kl_estimator": KL_ESTIMATOR_NAME,
         "temperature": temperature,
     }
+    # Which reward model or LLM judged: "rm" or "llm" alone does not say.
+    if judge == "rm":
+        report["judge_model"] = str(reward_path)
+    elif judge == "llm":
+        report["judge_model"] = str(getattr(llm_judge, "name", None) or llm_judge)
     # Each judge scores every response on its own; a win is a higher score on the same prompt.
     key = {"gold": "_gold", "rm": "_proxy", "llm": "_llm"}[judge]
     report[f"win_rate_vs_{reference}"] = {

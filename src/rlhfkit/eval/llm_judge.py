@@ -73,6 +73,7 @@ class LLMJudge:
         if mode == "score" and not 2 <= top_score <= 9:
             raise ValueError(f"LLM judge top_score must be 2..9 (one digit token each), got {top_score}")
         self.mode, self.top_score, self.max_length, self.device = mode, top_score, max_length, device
+        self.name = str(path)  # the judge model, as reports name it
         self.rubric = rubric or (YES_NO_RUBRIC if mode == "yes_no" else SCORE_RUBRIC)
         for field in ("{prompt}", "{response}"):
             if field not in self.rubric:

@@ -506,6 +506,7 @@ def write_html_report(run_dir: Path, report: dict) -> Path:
         "policy_png": _policy_png(policies, win_rates, reference),
         "reference": reference,
         "judge": evaluation.get("judge", "gold"),
+        "judge_model": evaluation.get("judge_model"),
         "kl_estimator": evaluation.get("kl_estimator"),
         "rm": _scalar_items(
             {k: v for k, v in rm_section.items() if k not in ("bench", "label_curve", "probes")},
