@@ -188,3 +188,28 @@ def test_cli_import_reads_json_lists_parquet_and_saved_datasets(tmp_path):
     assert f"{tmp_path / 'bad.json'}: item 2: field 'completions': [1] must be a string" in _flat(
         result.output
     )
+
+
+def test_cli_import_again_adds_only_the_new_items(tmp_path):
+    db = str(tmp_path / "f.db")
+    first = tmp_path / "first.jsonl"
+    first.write_text(
+        '{"prompt": "q1", "completions": ["a", "b"]}\n'
+        '{"prompt": [{"role": "user", "content": "q2"}], "completions": ["a", "b"], "meta": {"round": 1}}\n'
+        '{"prompt": "g", "completions": ["good", "bad"], "golden": {"chosen": 0}}\n'
+    )
+    assert _cli("import", "--db", db, "--project", "p", "--file", str(first)).exit_code == 0
+    result = _cli("import", "--db", db, "--project", "p", "--file", str(first))
+    assert result.exit_code == 0, result.output
+    assert "imported 0 items" in _flat(result.output) and "3 already in the project" in _flat(result.output)
+    more = tmp_path / "more.jsonl"
+    more.write_text(first.read_text() + '{"prompt": "q1", "completions": ["b", "a"]}\n')
+    result = _cli("import", "--db", db, "--project", "p", "--file", str(more))
+    assert "imported 1 items" in _flat(result.output) and "3 already in the project" in _flat(result.output)
+    with FeedbackStore(db) as store:
+        assert [i.responses for i in store.items(store.project_id("p"))] == [
+            ["a", "b"],
+            ["a", "b"],
+            ["good", "bad"],
+            ["b", "a"],
+        ]

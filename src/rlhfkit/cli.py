@@ -540,7 +540,7 @@ def feedback_import(
 ) -> None:
     """Add items to a project from a JSONL file, or by sampling a local policy checkpoint."""
     from rlhfkit.data.io import read_records
-    from rlhfkit.feedback.importing import line_to_items, read_import_file, sample_items
+    from rlhfkit.feedback.importing import items_not_in, line_to_items, read_import_file, sample_items
     from rlhfkit.feedback.store import TASK_TYPES, ItemError, validate_item
 
     if (file is None) == (policy is None):
@@ -572,15 +572,19 @@ def feedback_import(
                 items.extend(line_to_items(row, kind))
             for index, item in enumerate(items):
                 validate_item(index, item, overlap, kind)
+        skipped = 0
         if pid is None:
             text = guidelines.read_text(encoding="utf-8") if guidelines else ""
             pid = store.create_project(project, kind, text, overlap)
+        else:
+            items, skipped = items_not_in(items, store.items(pid), kind)
         ids = store.add_items(pid, items)
     except (DataError, ItemError, ValueError) as exc:
         _fail(str(exc))
     finally:
         store.close()
-    console.print(f"imported {len(ids)} items into project {project!r} ({kind})")
+    already = f"; skipped {skipped} already in the project" if skipped else ""
+    console.print(f"imported {len(ids)} items into project {project!r} ({kind}){already}")
 
 
 @feedback_app.command("aggregate")

@@ -10,13 +10,14 @@ take the prompt alone.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rlhfkit.data.io import DataError, read_rows
-from rlhfkit.feedback.store import RESPONSES_PER_TYPE, ItemError, validate_item
+from rlhfkit.feedback.store import RESPONSES_PER_TYPE, ItemError, ItemRecord, validate_item
 
 LINE_FIELDS = {"prompt", "completions", "overlap", "meta", "golden"}
 
@@ -68,6 +69,24 @@ def read_import_file(
     if not items:
         raise DataError(path, "file has no items")
     return items
+
+
+def _item_key(prompt: str, messages: Any, responses: list[str], golden: Any) -> str:
+    return json.dumps([prompt, messages, responses, golden], sort_keys=True)
+
+
+def items_not_in(
+    items: Sequence[dict[str, Any]], existing: Sequence[ItemRecord], task_type: str
+) -> tuple[list[dict[str, Any]], int]:
+    """The items that are not already among `existing` (same prompt, responses and golden key;
+    `meta` and overlap aside), and how many were; re-importing a file adds nothing twice."""
+    have = {_item_key(i.prompt, i.messages, i.responses, i.golden) for i in existing}
+    new = []
+    for item in items:
+        row = validate_item(0, item, 1, task_type)
+        if _item_key(row["prompt"], row["messages"], row["responses"], row["golden"]) not in have:
+            new.append(item)
+    return new, len(items) - len(new)
 
 
 def sample_items(
