@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from rlhfkit.cli import app
 from rlhfkit.data.io import read_records
+from rlhfkit.feedback import exports
 from rlhfkit.feedback.store import FeedbackStore
 
 runner = CliRunner()
@@ -138,6 +139,31 @@ def test_an_export_is_on_disk_before_it_replaces_the_old_file(open_store, tmp_pa
     assert [p.name for p in out.parent.iterdir()] == ["raw.jsonl"]
 
 
+def test_raw_export_keeps_golden_labels_flagged_and_training_exports_leave_them_out(open_store, tmp_path):
+    store = open_store()
+    project = store.create_project("g", task_type="binary", golden_rate=1.0)
+    store.add_items(
+        project,
+        [
+            {"prompt": "q", "responses": ["fine"]},
+            {"prompt": "gold", "responses": ["good"], "golden": {"label": True}},
+        ],
+    )
+    alice = store.add_annotator("alice")
+    while (task := store.next_task(project, alice)) is not None:
+        store.submit(task.token, alice, {"label": True})
+    assert store.export(project, tmp_path / "raw.jsonl", "raw") == 2
+    raw = _rows(tmp_path / "raw.jsonl")
+    assert sorted((r["prompt"], r["golden"], r["correct"]) for r in raw) == [
+        ("gold", True, True),
+        ("q", False, None),
+    ]
+    assert store.export(project, tmp_path / "u.jsonl", "trl-unpaired") == 1
+    assert [(r.prompt, r.completion, r.label) for r in read_records(tmp_path / "u.jsonl", "unpaired")] == [
+        ("q", "fine", True)
+    ]
+
+
 def test_cli_import_into_a_project_of_another_task_type_is_refused(tmp_path):
     db = str(tmp_path / "f.db")
     lines = tmp_path / "items.jsonl"
@@ -213,3 +239,47 @@ def test_cli_import_again_adds_only_the_new_items(tmp_path):
             ["good", "bad"],
             ["b", "a"],
         ]
+
+
+def test_export_formats_read_back_as_training_records(open_store, tmp_path):
+    # Every training export reads back with rlhfkit's own readers (what `rlhfkit rm`, `kto` and `sft` use).
+    store = open_store()
+    alice, bob = store.add_annotator("alice"), store.add_annotator("bob")
+    chat = [{"role": "user", "content": "top 5 cities?"}]
+    comparison = store.create_project("c", overlap=2)
+    store.add_items(comparison, [{"prompt": chat, "responses": ["good", "bad"]}])
+    for annotator in (alice, bob):
+        task = store.next_task(comparison, annotator)
+        store.submit_comparison(task.token, annotator, "left" if task.order[0] == 0 else "right", strength=3)
+    assert store.export(comparison, tmp_path / "c.jsonl", "trl-preference") == 1
+    (pair,) = read_records(tmp_path / "c.jsonl", "preference")
+    assert (pair.chosen, pair.rejected, pair.source) == ("good", "bad", "feedback:c")
+    assert [m.content for m in pair.prompt] == ["top 5 cities?"]
+    edit = store.create_project("e", task_type="edit")
+    store.add_items(edit, [{"prompt": "q", "responses": ["draft"]}])
+    task = store.next_task(edit, alice)
+    store.submit(task.token, alice, {"text": "better"})
+    assert store.export(edit, tmp_path / "e.jsonl", "trl-preference") == 1
+    (pair,) = read_records(tmp_path / "e.jsonl", "preference")
+    assert (pair.chosen, pair.rejected, pair.annotator) == ("better", "draft", "alice")
+    assert store.export(edit, tmp_path / "s.jsonl", "sft") == 1
+    (demo,) = read_records(tmp_path / "s.jsonl", "demonstration")
+    assert (demo.prompt, demo.completion) == ("q", "better")
+
+
+def test_export_rows_of_a_ranking_tie_are_left_out(open_store, tmp_path):
+    store = open_store()
+    project = store.create_project("r", task_type="ranking", overlap=2)
+    store.add_items(project, [{"prompt": "q", "responses": ["a", "b", "c"]}])
+    for name, wanted in (("alice", (0, 1, 2)), ("bob", (1, 0, 2))):
+        annotator = store.add_annotator(name)
+        task = store.next_task(project, annotator)
+        store.submit(task.token, annotator, {"ranking": [task.order.index(i) for i in wanted]})
+    assert store.export(project, tmp_path / "r.jsonl", "trl-preference") == 2
+    rows = _rows(tmp_path / "r.jsonl")
+    # a vs b: one vote each way, no pair; both beat c twice.
+    assert sorted((r["chosen"], r["rejected"], r["n_votes"], r["agreement"]) for r in rows) == [
+        ("a", "c", 2, 1.0),
+        ("b", "c", 2, 1.0),
+    ]
+    assert exports.FORMATS_BY_TASK_TYPE["ranking"] == ("trl-preference", "raw")
