@@ -670,6 +670,23 @@ def test_the_exclude_api_finds_the_annotator_in_any_case(service):
     assert excluded.status_code == 204 and store.excluded_annotators() == ["alice"]
 
 
+def test_a_session_ends_after_30_idle_minutes(service, clock):
+    store, app, _ = service
+    assert app.state.session_idle_seconds == 30 * 60
+    alice, _ = login(app, "alice")
+    clock.advance(29 * 60)
+    assert alice.get("/api/me").status_code == 200  # activity: 30 more minutes from now
+    clock.advance(29 * 60)
+    assert alice.get("/api/me").status_code == 200
+    clock.advance(30 * 60 + 1)
+    assert alice.get("/api/me").status_code == 401
+    short = create_app(store, session_idle_seconds=60)
+    bob = TestClient(short)
+    assert bob.post("/api/login", json={"name": "bob", "password": PASSWORDS["bob"]}).status_code == 200
+    clock.advance(61)
+    assert bob.get("/api/me").status_code == 401
+
+
 def test_sign_ups_are_limited_per_client_address(service):
     store, _, _ = service
     assert LoginRateLimiter().signup_attempts == 10

@@ -593,6 +593,57 @@ def test_users_sessions_and_invites(open_store, clock):
     assert store.invite_role(late) is None
 
 
+def test_a_session_ends_after_its_idle_time_and_at_its_absolute_limit(open_store, clock):
+    store = open_store()
+    admin = store.add_user("root", "admin", "root-password")
+    token, _ = store.create_session(admin, seconds=3600, idle_seconds=600)
+    # Activity keeps it alive: each lookup within 600 s of the last.
+    for _ in range(6):
+        clock.advance(500)
+        assert store.session_user(token, idle_seconds=600) is not None
+    # The absolute limit holds whatever the activity (t = 3000 s now).
+    clock.advance(500)
+    assert store.session_user(token, idle_seconds=600) is not None
+    clock.advance(101)
+    assert store.session_user(token, idle_seconds=600) is None
+    # Idle for longer than 600 s: ended, and purged with the expired ones.
+    idle, _ = store.create_session(admin, seconds=3600, idle_seconds=600)
+    clock.advance(599)
+    assert store.session_user(idle, idle_seconds=600) is not None
+    clock.advance(601)
+    assert store.session_user(idle, idle_seconds=600) is None
+    store.create_session(admin)
+    assert store.n_sessions() == 1
+
+
+def test_a_session_lookup_writes_its_idle_deadline_at_most_once_a_minute(open_store, clock):
+    store = open_store()
+    admin = store.add_user("root", "admin", "root-password")
+    token, _ = store.create_session(admin, idle_seconds=600)
+    writes = []
+    transaction = store._transaction
+
+    def counting(mode="read"):
+        writes.append(mode)
+        return transaction(mode)
+
+    store._transaction = counting
+    for _ in range(12):
+        clock.advance(5)
+        assert store.session_user(token, idle_seconds=600) is not None
+    assert writes.count("write") == 0  # the stored deadline is at most a minute behind: kept
+    clock.advance(5)
+    assert store.session_user(token, idle_seconds=600) is not None
+    assert writes.count("write") == 1  # t = 65 s: the deadline moves to 665 s
+    clock.advance(599)
+    assert store.session_user(token, idle_seconds=600) is not None
+    clock.advance(602)
+    assert store.session_user(token, idle_seconds=600) is None
+    token, _ = store.create_session(admin, idle_seconds=600)
+    clock.advance(3000)
+    assert store.session_user(token, idle_seconds=None) is not None  # no idle limit
+
+
 def test_a_new_password_ends_the_users_sessions(open_store):
     store = open_store()
     alice = store.add_user("alice", "annotator", "old-password")
@@ -704,6 +755,42 @@ def test_a_database_with_names_that_differ_only_in_case_is_not_upgraded(tmp_path
             store.add_user("ALICE", "annotator", "good-password")
         with pytest.raises(ValueError, match="only in case"):
             store.add_annotator("Root-2")
+
+
+def test_a_session_from_before_idle_limits_lives_on_and_gets_one(tmp_path):
+    """A session stored at revision 0003 (no idle deadline) still logs in after the upgrade; its next
+    request sets the deadline, and idleness then ends it."""
+    from datetime import UTC, datetime, timedelta
+
+    from alembic import command
+    from alembic.config import Config
+
+    from rlhfkit.feedback.auth import token_digest
+    from rlhfkit.feedback.migrate import MIGRATIONS
+
+    db = tmp_path / "old.db"
+    with FeedbackStore(db) as store:
+        store.add_user("root", "admin", "root-password")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(f"sqlite:///{db}")
+    start = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0003")
+        conn.execute(
+            text(
+                "INSERT INTO sessions (token_hash, user_id, csrf_token, created_at, expires_at) "
+                "VALUES (:digest, 1, 'csrf', '2024-01-01 12:00:00.000000', '2024-01-02 00:00:00.000000')"
+            ),
+            {"digest": token_digest("old-token")},
+        )
+    engine.dispose()
+    now = [start + timedelta(hours=1)]
+    with FeedbackStore(db, clock=lambda: now[0]) as store:
+        assert store.session_user("old-token", idle_seconds=600)[0].name == "root"
+        now[0] += timedelta(seconds=601)
+        assert store.session_user("old-token", idle_seconds=600) is None
 
 
 def _stored_hash(store: FeedbackStore, name: str) -> str:

@@ -28,6 +28,7 @@ from rlhfkit.feedback.session import (
     require_user,
     set_session_cookie,
     sign_up,
+    start_session,
 )
 from rlhfkit.feedback.store import TASK_TYPES, FeedbackStore
 
@@ -254,7 +255,7 @@ def login(body: LoginRequest, request: Request, response: Response, store: Store
         raise HTTPException(429, str(exc), {"Retry-After": str(exc.retry_after)}) from None
     if user is None:
         raise HTTPException(401, "wrong user name or password")
-    token, csrf = store.create_session(user.user_id)
+    token, csrf = start_session(request, user.user_id)
     set_session_cookie(request, response, token)
     return Me(name=user.name, role=user.role, csrf_token=csrf)
 
@@ -269,7 +270,7 @@ def signup(body: SignupRequest, request: Request, response: Response, store: Sto
     except PermissionError as exc:
         raise HTTPException(403, str(exc)) from None
     user = next(u for u in store.users() if u.user_id == user_id)
-    token, csrf = store.create_session(user_id)
+    token, csrf = start_session(request, user_id)
     set_session_cookie(request, response, token)
     return Me(name=user.name, role=user.role, csrf_token=csrf)
 

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rlhfkit.feedback import api, pages
 from rlhfkit.feedback.answers import AnswerError
 from rlhfkit.feedback.auth import LoginRateLimiter
+from rlhfkit.feedback.session import SESSION_IDLE_SECONDS
 from rlhfkit.feedback.store import FeedbackStore
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -141,8 +142,13 @@ def create_app(
     lease_seconds: float = 600.0,
     login_limiter: LoginRateLimiter | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    session_idle_seconds: float | None = SESSION_IDLE_SECONDS,
 ) -> FastAPI:
-    """The service on an open store. `secure_cookies`: mark cookies Secure (behind HTTPS)."""
+    """The service on an open store. `secure_cookies`: mark cookies Secure (behind HTTPS).
+
+    `session_idle_seconds`: a session ends after this long without a request (None: only its
+    absolute limit of 12 hours ends it).
+    """
     app = FastAPI(
         title="rlhfkit feedback service",
         description="Collect human feedback (comparisons, rankings, ratings, thumbs, edits, demonstrations).",
@@ -151,6 +157,7 @@ def create_app(
     app.state.store = store
     app.state.secure_cookies = secure_cookies
     app.state.lease_seconds = lease_seconds
+    app.state.session_idle_seconds = session_idle_seconds
     app.state.login_limiter = login_limiter or LoginRateLimiter()
     app.include_router(api.router)
     app.include_router(pages.router)

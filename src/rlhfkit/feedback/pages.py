@@ -27,6 +27,7 @@ from rlhfkit.feedback.session import (
     log_in,
     set_session_cookie,
     sign_up,
+    start_session,
 )
 from rlhfkit.feedback.store import TASK_TYPES, FeedbackStore
 
@@ -119,7 +120,7 @@ def login_form(
         return _form_page(request, "login.html", status=429, error=message)
     if user is None:
         return _form_page(request, "login.html", status=401, error="Wrong user name or password.")
-    token, _ = _store(request).create_session(user.user_id)
+    token, _ = start_session(request, user.user_id)
     response = RedirectResponse("/", status_code=303)
     set_session_cookie(request, response, token)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
@@ -157,7 +158,7 @@ def signup_form(
         return _form_page(request, "signup.html", status=429, invite=invite, role=role, error=message)
     except (ValueError, PermissionError) as exc:
         return _form_page(request, "signup.html", status=400, invite=invite, role=role, error=str(exc))
-    token, _ = store.create_session(user_id)
+    token, _ = start_session(request, user_id)
     response = RedirectResponse("/", status_code=303)
     set_session_cookie(request, response, token)
     return response

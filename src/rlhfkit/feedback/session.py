@@ -16,7 +16,10 @@ from rlhfkit.feedback.store import UserRecord, name_key
 
 COOKIE = "rlhfkit_session"
 CSRF_HEADER = "X-CSRF-Token"
+# A session lasts 12 hours at most, and ends after 30 minutes without a request (the app's
+# `session_idle_seconds`).
 SESSION_SECONDS = 12 * 3600
+SESSION_IDLE_SECONDS = 30 * 60
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,8 @@ def current_caller(request: Request) -> Caller | None:
     """The caller of a request, None when not logged in (cached on the request)."""
     if not hasattr(request.state, "caller"):
         token = request.cookies.get(COOKIE)
-        found = request.app.state.store.session_user(token) if token else None
+        store, idle = request.app.state.store, request.app.state.session_idle_seconds
+        found = store.session_user(token, idle_seconds=idle) if token else None
         request.state.caller = Caller(*found) if found else None
     return request.state.caller
 
@@ -72,6 +76,13 @@ async def check_csrf(request: Request) -> None:
 def cookies_secure(request: Request) -> bool:
     """Whether cookies get the Secure flag: served over HTTPS, or behind an HTTPS proxy (--secure-cookies)."""
     return request.app.state.secure_cookies or request.url.scheme == "https"
+
+
+def start_session(request: Request, user_id: int) -> tuple[str, str]:
+    """A new session of the user (session token, CSRF token), with the app's session lengths."""
+    return request.app.state.store.create_session(
+        user_id, SESSION_SECONDS, idle_seconds=request.app.state.session_idle_seconds
+    )
 
 
 def set_session_cookie(request: Request, response: Response, token: str) -> None:

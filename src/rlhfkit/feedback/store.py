@@ -294,6 +294,8 @@ class Session(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The session ends at this time unless a request comes first (see `session_user`); None: not set yet.
+    idle_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Invite(Base):
@@ -1068,15 +1070,21 @@ class FeedbackStore:
                 )
         return UserRecord(row.id, row.name, row.role, row.annotator_id)
 
-    def create_session(self, user_id: int, seconds: float = 12 * 3600) -> tuple[str, str]:
+    def create_session(
+        self, user_id: int, seconds: float = 12 * 3600, idle_seconds: float | None = 30 * 60
+    ) -> tuple[str, str]:
         """Start a login; return (session token for the cookie, CSRF token for forms).
 
-        Expired sessions are deleted on the way, so the table holds live logins only.
+        It lasts `seconds` at most, and ends sooner after `idle_seconds` without a request (see
+        `session_user`; None: no idle limit). Expired and idle sessions are deleted on the way, so
+        the table holds live logins only.
         """
         token, csrf = new_token(), new_token()
         now = self._now()
         with self._transaction("write") as conn:
-            conn.execute(Session.__table__.delete().where(Session.expires_at <= now))
+            conn.execute(
+                Session.__table__.delete().where(or_(Session.expires_at <= now, Session.idle_until <= now))
+            )
             conn.execute(
                 insert(Session),
                 {
@@ -1085,20 +1093,43 @@ class FeedbackStore:
                     "csrf_token": csrf,
                     "created_at": now,
                     "expires_at": now + timedelta(seconds=seconds),
+                    "idle_until": None if idle_seconds is None else now + timedelta(seconds=idle_seconds),
                 },
             )
         return token, csrf
 
-    def session_user(self, token: str) -> tuple[UserRecord, str] | None:
-        """(user, CSRF token) of an unexpired session token, else None."""
+    def session_user(self, token: str, idle_seconds: float | None = 30 * 60) -> tuple[UserRecord, str] | None:
+        """(user, CSRF token) of a session token that is neither expired nor idle, else None.
+
+        Each call is activity: the session's idle deadline moves to `idle_seconds` from now. It is
+        written only when the stored one is more than a minute (a tenth of `idle_seconds` when that
+        is shorter) behind, so most requests write nothing and a session may end up to that much
+        early. None: no idle limit.
+        """
+        now = self._now()
+        alive = [Session.token_hash == token_digest(token), Session.expires_at > now]
+        if idle_seconds is not None:
+            alive.append(or_(Session.idle_until.is_(None), Session.idle_until > now))
         with self._transaction() as conn:
             row = conn.execute(
-                select(User.id, User.name, User.role, User.annotator_id, Session.csrf_token)
+                select(
+                    User.id, User.name, User.role, User.annotator_id, Session.csrf_token, Session.idle_until
+                )
                 .join(User, User.id == Session.user_id)
-                .where(Session.token_hash == token_digest(token), Session.expires_at > self._now())
+                .where(*alive)
             ).one_or_none()
         if row is None:
             return None
+        if idle_seconds is not None:
+            deadline = now + timedelta(seconds=idle_seconds)
+            step = timedelta(seconds=min(60.0, idle_seconds / 10))
+            if row.idle_until is None or row.idle_until < deadline - step:
+                with self._transaction("write") as conn:
+                    conn.execute(
+                        update(Session)
+                        .where(Session.token_hash == token_digest(token))
+                        .values(idle_until=deadline)
+                    )
         return UserRecord(row.id, row.name, row.role, row.annotator_id), row.csrf_token
 
     def n_sessions(self) -> int:
