@@ -780,3 +780,26 @@ def test_cli_user_add_and_import_errors(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert "imported 3 items" in ok.stdout  # one item per completion in a Likert project
+
+
+def test_serve_takes_the_session_idle_timeout_in_minutes(tmp_path, monkeypatch):
+    """`feedback serve --session-idle-minutes N` sets the app's idle limit; 0 leaves only the 12 hours."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app as cli
+    from rlhfkit.feedback.session import SESSION_IDLE_SECONDS
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app.state.session_idle_seconds))
+    db = str(tmp_path / "serve.db")
+    for args, expected in (
+        ([], SESSION_IDLE_SECONDS),
+        (["--session-idle-minutes", "5"], 300),
+        (["--session-idle-minutes", "0"], None),
+    ):
+        result = CliRunner().invoke(cli, ["feedback", "serve", "--db", db, *args])
+        assert result.exit_code == 0, result.output
+        assert served.pop() == expected
+    result = CliRunner().invoke(cli, ["feedback", "serve", "--db", db, "--session-idle-minutes", "-1"])
+    assert result.exit_code == 2 and "--session-idle-minutes" in result.output and not served

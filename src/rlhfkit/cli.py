@@ -468,6 +468,13 @@ def feedback_serve(
     secure_cookies: Annotated[
         bool, typer.Option("--secure-cookies", help="mark cookies Secure (behind an HTTPS proxy)")
     ] = False,
+    session_idle_minutes: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="end a session after this many minutes without a request (0: only the 12-hour limit)",
+        ),
+    ] = 30.0,  # feedback.session.SESSION_IDLE_SECONDS, not imported: it would load FastAPI for every command
 ) -> None:
     """Run the annotation web service (pages, JSON API, OpenAPI at /docs)."""
     import uvicorn
@@ -480,7 +487,12 @@ def feedback_serve(
         err_console.print("no users yet: create an admin with `rlhfkit feedback user add NAME --role admin`")
     console.print(f"feedback service on http://{host}:{port}  (database: {store.url})")
     try:
-        uvicorn.run(create_app(store, secure_cookies=secure_cookies), host=host, port=port, log_level="info")
+        app = create_app(
+            store,
+            secure_cookies=secure_cookies,
+            session_idle_seconds=session_idle_minutes * 60 if session_idle_minutes > 0 else None,
+        )
+        uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         store.close()
 
