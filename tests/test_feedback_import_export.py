@@ -48,6 +48,8 @@ def _label_all(store: FeedbackStore, project: int, annotator: int, choice: str =
         ({"prompt": "q\udfff", "responses": ["a", "b"]}, "prompt"),
         ({"prompt": "q", "responses": ["a", "b"], "meta": {"note": "x\x00"}}, "meta"),
         ({"prompt": "q", "responses": ["a", "b"], "meta": {"k\ud800": 1}}, "meta"),
+        # The same check as the API's requests: NaN is no JSON number for any reader after us.
+        ({"prompt": "q", "responses": ["a", "b"], "meta": {"score": float("nan")}}, "meta"),
     ],
 )
 def test_text_the_database_cannot_store_or_export_is_refused_naming_the_field(

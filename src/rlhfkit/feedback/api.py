@@ -7,7 +7,6 @@ tasks and labels only; everything else is for admins.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,7 +29,7 @@ from rlhfkit.feedback.session import (
     sign_up,
     start_session,
 )
-from rlhfkit.feedback.store import TASK_TYPES, FeedbackStore
+from rlhfkit.feedback.store import TASK_TYPES, FeedbackStore, unstorable
 
 router = APIRouter(prefix="/api")
 TaskType = Literal["comparison", "ranking", "likert", "binary", "edit", "demonstration"]
@@ -39,39 +38,9 @@ ExportFormat = Literal["trl-preference", "trl-unpaired", "sft", "raw"]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
-def json_problem(value: Any) -> str | None:
-    """What keeps `value` from being stored as JSON text, if anything: NaN or infinity, a lone
-    surrogate, or a NUL character.
-
-    Python's json reads the first two (`NaN`, `"\\ud800"`), but no JSON reader after us would, and
-    the database cannot store a lone surrogate. JSON allows `"\\u0000"`, but PostgreSQL's text and
-    jsonb do not (SQLite does: it is refused on both, so that both answer the same)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"holds {value}, which is not a JSON number"
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return f"holds {value[exc.start]!r} at character {exc.start}, a lone surrogate (not Unicode text)"
-        if "\x00" in value:
-            return (
-                f"holds a NUL character at character {value.index(chr(0))}, which the database cannot store"
-            )
-        return None
-    if isinstance(value, BaseModel):
-        return None  # a nested request model checked its own fields
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, inner in items:
-        if isinstance(key, str) and (problem := json_problem(key)) is not None:
-            return problem
-        if (problem := json_problem(inner)) is not None:
-            return problem
-    return None
-
-
 def json_text(value: Any) -> Any:
-    """`value` itself; ValueError saying what keeps it from being stored (see `json_problem`)."""
-    if (problem := json_problem(value)) is not None:
+    """`value` itself; ValueError saying what keeps it from being stored (see `store.unstorable`)."""
+    if (problem := unstorable(value)) is not None:
         raise ValueError(problem)
     return value
 

@@ -22,7 +22,7 @@ from rlhfkit.feedback import api, pages
 from rlhfkit.feedback.answers import AnswerError
 from rlhfkit.feedback.auth import LoginRateLimiter
 from rlhfkit.feedback.session import SESSION_IDLE_SECONDS
-from rlhfkit.feedback.store import FeedbackStore
+from rlhfkit.feedback.store import FeedbackStore, unstorable
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 SECURITY_HEADERS = {
@@ -122,7 +122,7 @@ ECHO_DEPTH = 32
 
 
 def _json_safe(value: Any, depth: int = 0) -> Any:
-    """`value` with every part that JSON cannot hold (see `api.json_problem`) as its repr, and what is
+    """`value` with every part that JSON cannot hold (see `store.unstorable`) as its repr, and what is
     nested more than ECHO_DEPTH levels deep as "..."."""
     if isinstance(value, dict | list) and depth >= ECHO_DEPTH:
         return "..."
@@ -130,7 +130,7 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
         return {_json_safe(k, depth + 1): _json_safe(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
         return [_json_safe(v, depth + 1) for v in value]
-    if isinstance(value, float | str) and api.json_problem(value) is not None:
+    if isinstance(value, float | str) and unstorable(value) is not None:
         return repr(value)
     return value
 

@@ -28,6 +28,7 @@ The tables are created and upgraded by the Alembic migrations shipped in
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -469,7 +470,7 @@ def validate_item(index: int, raw: Any, default_overlap: int, task_type: str) ->
     if "prompt" not in raw:
         raise bad("prompt", "is missing")
     prompt, messages = _prompt_and_messages(raw["prompt"], bad)
-    if (problem := _unstorable_text(raw["prompt"])) is not None:
+    if (problem := unstorable(raw["prompt"])) is not None:
         raise bad("prompt", problem)
     lowest, highest = RESPONSES_PER_TYPE[task_type]
     responses = raw.get("responses", [] if highest == 0 else None)
@@ -488,7 +489,7 @@ def validate_item(index: int, raw: Any, default_overlap: int, task_type: str) ->
             raise bad("responses", f"[{j}] must be a string, got {type(response).__name__}")
         if task_type == "ranking" and not response.strip():
             raise bad("responses", f"[{j}] is empty (a ranking cannot order an empty response)")
-        if (problem := _unstorable_text(response)) is not None:
+        if (problem := unstorable(response)) is not None:
             raise bad("responses", f"[{j}] {problem}")
     golden = raw.get("golden")
     if golden is not None:
@@ -506,7 +507,7 @@ def validate_item(index: int, raw: Any, default_overlap: int, task_type: str) ->
         meta = json.loads(json.dumps(dict(meta), allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise bad("meta", f"must be JSON-serialisable: {exc}") from exc
-    if (problem := _unstorable_text(meta)) is not None:
+    if (problem := unstorable(meta)) is not None:
         raise bad("meta", problem)
     return {
         "prompt": prompt,
@@ -519,29 +520,35 @@ def validate_item(index: int, raw: Any, default_overlap: int, task_type: str) ->
     }
 
 
-def _unstorable_text(value: Any) -> str | None:
-    """What keeps a string in `value` (keys of nested mappings included) from being stored, if anything.
+def unstorable(value: Any) -> str | None:
+    """What keeps `value` (nested mappings' keys and values and lists included) from being stored as
+    JSON text, if anything: NaN or infinity, a NUL character, or a lone surrogate.
 
-    PostgreSQL's text and jsonb refuse a NUL (SQLite takes it: refused on both, so that both
-    agree), and a lone surrogate is not Unicode: SQLite's JSON keeps it escaped, and then no
-    export of the project can be written as UTF-8.
+    Python's json reads and writes the first and last (`NaN`, `"\\ud800"`), but no JSON reader after
+    us would take NaN, and a lone surrogate is not Unicode: SQLite's JSON keeps it escaped, and then
+    no export of the project can be written as UTF-8. JSON allows `"\\u0000"`, but PostgreSQL's text
+    and jsonb do not (SQLite does: it is refused on both, so that both agree). The feedback API's
+    request checks and the importer use this one function.
     """
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"holds {value}, which is not a JSON number"
     if isinstance(value, str):
-        if "\x00" in value:
-            where = value.index("\x00")
-            return f"holds a NUL character at character {where}, which the database cannot store"
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
             return f"holds {value[exc.start]!r} at character {exc.start}, a lone surrogate (not Unicode text)"
+        if "\x00" in value:
+            where = value.index("\x00")
+            return f"holds a NUL character at character {where}, which the database cannot store"
         return None
-    if isinstance(value, Mapping):
-        parts: Iterable[Any] = (part for pair in value.items() for part in pair)
-    elif isinstance(value, list):
-        parts = value
-    else:
-        return None
-    return next((problem for part in parts if (problem := _unstorable_text(part)) is not None), None)
+    # dict and list, not the abstract Mapping: a request nested hundreds deep must not run out of stack.
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:  # numbers, booleans, None and nested API request models have none
+        if isinstance(key, str) and (problem := unstorable(key)) is not None:
+            return problem
+        if (problem := unstorable(inner)) is not None:
+            return problem
+    return None
 
 
 def _prompt_and_messages(
