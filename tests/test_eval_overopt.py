@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from rlhfkit.algos.bon import best_of_n_kl
+from rlhfkit.eval.evaluate import model_label
 from rlhfkit.eval.overopt import (
     best_of_n_expectation,
     best_of_n_weights,
     bon_sweep,
     fit_gao,
+    reward_model_paths,
     rl_sweep,
     summary_rows,
 )
@@ -140,3 +142,28 @@ def test_bon_sweep_of_three_samples_fits_without_r2():
     x = np.random.default_rng(0).normal(size=(5, 3))
     rm = bon_sweep({"rm": x.tolist()}, x.tolist())["rms"]["rm"]
     assert math.isnan(rm["fit_gold"]["r2"]) and math.isnan(rm["fit_proxy"]["r2"])
+
+
+def _saved(folder):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_extra_reward_models_that_share_a_label_are_all_kept(tmp_path):
+    # Two runs' rm/model are both "<run>/rm" when the runs share a folder name, and a folder
+    # labelled "rm" would take the run's own proxy RM's place: none may replace another.
+    own = _saved(tmp_path / "run" / "rm" / "model")
+    a = _saved(tmp_path / "a" / "small" / "rm" / "model")
+    b = _saved(tmp_path / "b" / "small" / "rm" / "model")
+    paths = reward_model_paths(own, [a, b])
+    assert paths == {"rm": own, str(a.resolve()): a, str(b.resolve()): b}
+    # Distinct labels stay short, and the same folder twice is one reward model.
+    assert reward_model_paths(own, [a, a]) == {"rm": own, "small/rm": a}
+    named_rm = _saved(tmp_path / "rm")  # model_label is "<tmp>/rm", not "rm"; full paths only on a clash
+    assert list(reward_model_paths(own, [named_rm])) == ["rm", model_label(named_rm)]
+
+
+def test_extra_reward_model_without_a_saved_model_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"--rm .*: no saved model \(config.json\) there"):
+        reward_model_paths(_saved(tmp_path / "rm" / "model"), [tmp_path / "empty"])

@@ -251,7 +251,10 @@ def overopt(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory with sft/ and rm/ models")] = Path(
         "runs/demo"
     ),
-    rm: Annotated[list[Path] | None, typer.Option("--rm", help="another proxy RM folder, repeatable")] = None,
+    rm: Annotated[
+        list[Path] | None,
+        typer.Option("--rm", help="another proxy RM folder, repeatable; named like eval's policy folders"),
+    ] = None,
     checkpoint: Annotated[
         list[Path] | None, typer.Option("--checkpoint", help="policy folder for the RL sweep (repeatable)")
     ] = None,
@@ -259,8 +262,7 @@ def overopt(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Reward over-optimisation: gold and proxy reward against sqrt(KL) for best-of-n and RL checkpoints."""
-    from rlhfkit.eval.evaluate import model_label
-    from rlhfkit.eval.overopt import run_overopt, saved_checkpoints, summary_rows
+    from rlhfkit.eval.overopt import reward_model_paths, run_overopt, saved_checkpoints, summary_rows
     from rlhfkit.eval.report import write_html_report
     from rlhfkit.pipeline import Run, StageError, _prompts
     from rlhfkit.tasks import resolve_gold
@@ -272,11 +274,7 @@ def overopt(
         run = Run(out, cfg, show_progress=not no_progress)
         if not run.task.gold:
             _fail(f"task {run.task.name!r} has no gold utility: over-optimisation needs a gold judge")
-        reward_paths = {"rm": run.model_path("rm")}
-        for path in [*ocfg.reward_models, *(rm or [])]:
-            if not (Path(path) / "config.json").is_file():
-                _fail(f"--rm {path}: no saved model (config.json) there")
-            reward_paths[model_label(path)] = Path(path)
+        reward_paths = reward_model_paths(run.model_path("rm"), [*ocfg.reward_models, *(rm or [])])
         folders = list(checkpoint or ocfg.checkpoints) or saved_checkpoints(run.stage_dir("ppo"))
         for path in folders:
             if not (Path(path) / "config.json").is_file():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -226,12 +226,8 @@ def resolve_policies(run_dir: Path, names: Sequence[str]) -> dict[str, Path]:
             raise ValueError(
                 f"policy {name!r}: neither {stage_model} nor {folder} holds a saved model (config.json)"
             )
-    folders = list(dict.fromkeys(path.resolve() for stage, path in found if stage is None))
-    labels = {resolved: model_label(resolved) for resolved in folders}
     taken = {stage for stage, _ in found if stage is not None}
-    # Two runs' checkpoints/step-20 must not replace each other: then every folder is its full path.
-    if len(set(labels.values())) < len(labels) or taken & set(labels.values()):
-        labels = {resolved: str(resolved) for resolved in folders}
+    labels = folder_labels([path for stage, path in found if stage is None], taken)
     out: dict[str, Path] = {}
     for stage, path in found:
         out.setdefault(stage if stage is not None else labels[path.resolve()], path)
@@ -279,6 +275,17 @@ def load_llm_judge(model: str | None) -> Callable[[Sequence[str], Sequence[str]]
     from rlhfkit.eval.llm_judge import LLMJudge
 
     return LLMJudge(model)
+
+
+def folder_labels(folders: Sequence[Path], taken: Collection[str] = ()) -> dict[Path, str]:
+    """Resolved model folder -> its name: `model_label`, or its full path for every folder when
+    two folders' labels are the same or one is a name in `taken` (the same folder twice is one)."""
+    resolved = list(dict.fromkeys(Path(folder).resolve() for folder in folders))
+    labels = {path: model_label(path) for path in resolved}
+    # Two runs' checkpoints/step-20 must not replace each other: then every folder is its full path.
+    if len(set(labels.values())) < len(labels) or set(taken) & set(labels.values()):
+        labels = {path: str(path) for path in resolved}
+    return labels
 
 
 def model_label(folder: Path) -> str:

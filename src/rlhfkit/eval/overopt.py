@@ -399,6 +399,21 @@ def run_overopt(
     return result
 
 
+def reward_model_paths(proxy: Path, extra: Sequence[Path]) -> dict[str, Path]:
+    """The run's proxy RM as "rm", then each extra RM folder named as `rlhfkit eval` names policy
+    folders (`folder_labels`): by its short label, or by its full path on a clash, "rm" included."""
+    from rlhfkit.eval.evaluate import folder_labels
+
+    for path in extra:
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"--rm {path}: no saved model (config.json) there")
+    labels = folder_labels(extra, taken={"rm"})
+    out = {"rm": Path(proxy)}
+    for path in extra:
+        out.setdefault(labels[Path(path).resolve()], Path(path))
+    return out
+
+
 def saved_checkpoints(stage_dir: Path) -> list[Path]:
     """The policy checkpoints a training stage saved (STAGE/checkpoints/step-N/), in step order."""
     # step-* only: a checkpoint being written is a hidden .step-N.tmp folder.
