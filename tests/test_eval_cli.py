@@ -147,3 +147,16 @@ def test_overopt_keeps_checkpoints_whose_folders_share_a_name(tiny_run, tmp_path
     out = json.loads((run / "overopt" / "overopt.json").read_text())
     assert len(out["rl"]["checkpoints"]) == 3 and out["rl"]["checkpoints"][0] == "sft"
     assert len(set(out["rl"]["kl"][1:])) == 2  # two different policies, two different KLs
+
+
+def test_eval_reference_may_be_given_as_the_folder_named_in_policies(tiny_run, tmp_path):
+    # Policies are labelled by model_label: --reference with the folder as given in --policies
+    # was refused as "not among the policies". It is that policy.
+    run = _copy_of(tiny_run, tmp_path)
+    ckpt = run / "ppo/checkpoints/step-4"
+    args = ["eval", "--out", str(run), "--policies", f"sft,{ckpt}", "--reference", str(ckpt), "--judge", "rm"]
+    result = CliRunner().invoke(app, [*args, *SMALL, "--set", "eval.heldout_pairs=0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    ev = json.loads((run / "report.json").read_text())["eval"]
+    assert ev["reference"] == "checkpoints/step-4"
+    assert set(ev["win_rate_vs_checkpoints/step-4"]) == {"sft"}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.eval.evaluate import model_label, resolve_policies, topic_references
+from rlhfkit.eval.evaluate import model_label, reference_policy, resolve_policies, topic_references
 
 
 def _model(folder: Path) -> Path:
@@ -80,3 +80,24 @@ def test_evaluate_refuses_a_temperature_with_no_kl(tmp_path):
                 temperature=temperature,
                 max_new_tokens=4,
             )
+
+
+def test_reference_given_as_a_folder_is_that_policys_label(tmp_path):
+    # --reference PATH with PATH one of the --policies folders was "not among the policies":
+    # policies are named by label, and the reference was looked up as given.
+    _model(tmp_path / "sft" / "model")
+    ckpt = _model(tmp_path / "ppo" / "checkpoints" / "step-40")
+    policies = resolve_policies(tmp_path, ["sft", str(ckpt)])
+    assert reference_policy(tmp_path, policies, str(ckpt)) == "checkpoints/step-40"
+    assert reference_policy(tmp_path, policies, str(ckpt) + "/") == "checkpoints/step-40"
+    assert reference_policy(tmp_path, policies, "checkpoints/step-40") == "checkpoints/step-40"
+    assert reference_policy(tmp_path, policies, "sft") == "sft"
+    # A stage's model folder given by path is that stage.
+    assert reference_policy(tmp_path, policies, str(tmp_path / "sft" / "model")) == "sft"
+    # Two folders named by full path: each path given finds its own.
+    a = _model(tmp_path / "a" / "checkpoints" / "step-2")
+    b = _model(tmp_path / "b" / "checkpoints" / "step-2")
+    both = resolve_policies(tmp_path, ["sft", str(a), str(b)])
+    assert reference_policy(tmp_path, both, str(b)) == str(b.resolve())
+    # Anything else is left as given, for evaluate_policies to name as missing.
+    assert reference_policy(tmp_path, policies, "dpo") == "dpo"

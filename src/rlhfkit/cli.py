@@ -223,7 +223,10 @@ def eval_command(
         str | None, typer.Option(help="comma-separated stage names (sft,ppo,dpo) or model folders")
     ] = None,
     judge: Annotated[str | None, typer.Option(help="gold, rm or llm (set eval.judge_model)")] = None,
-    reference: Annotated[str | None, typer.Option(help="policy the others are compared with")] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(help="policy the others are compared with: its name, or the folder as in --policies"),
+    ] = None,
     ci: Annotated[str | None, typer.Option("--ci", help="win-rate interval: wilson or bootstrap")] = None,
     preset: PresetOpt = "default",
     no_progress: NoProgressOpt = False,

@@ -539,9 +539,11 @@ def stage_eval(run: Run) -> dict:
     else:
         references = None
     rm_path = run.model_path("rm") if (run.stage_dir("rm") / "model" / "config.json").is_file() else None
+    # A reference given as a folder (as in eval.policies) is the policy named after it.
+    reference = evaluate.reference_policy(run.dir, policies, cfg.reference) if cfg.reference else None
     result = evaluate.evaluate_policies(
         policies,
-        cfg.reference or next(iter(policies)),
+        reference or next(iter(policies)),
         rm_path,
         prompts,
         gold,

@@ -234,6 +234,23 @@ def resolve_policies(run_dir: Path, names: Sequence[str]) -> dict[str, Path]:
     return out
 
 
+def reference_policy(run_dir: Path, policies: Mapping[str, Path], reference: str) -> str:
+    """The name `resolve_policies` gave the reference policy.
+
+    `reference` may be that name, or the policy as eval.policies gives it: a stage of the run or
+    a model folder (a path, as typed there). Anything else is returned as given, for
+    `evaluate_policies` to refuse with the names it knows.
+    """
+    if reference in policies:
+        return reference
+    for folder in (Path(run_dir) / reference / "model", Path(reference)):
+        if (folder / "config.json").is_file():
+            for name, path in policies.items():
+                if Path(path).resolve() == folder.resolve():
+                    return name
+    return reference
+
+
 def task_topic_of(gold_spec: str | None) -> Callable[[str], object | None] | None:
     """The `topic_of(prompt)` function next to a task's gold utility, when the task has one."""
     if not gold_spec:
