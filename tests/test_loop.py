@@ -22,6 +22,7 @@ from rlhfkit.loop import (
     PASSWORD_ENV,
     ROUND_KEYS,
     LabelTimeout,
+    evaluate_round,
     loop_config,
     open_feedback,
     pick_prompts,
@@ -450,6 +451,40 @@ def test_a_simulated_pool_too_small_for_the_overlap_is_refused_before_any_stage(
     with pytest.raises(StageError, match=r"feedback\.overlap=10 .* pool has 9 annotators"):
         run_loop(Run(tmp_path / "run", config, show_progress=False))
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_an_llm_judge_without_a_judge_model_is_refused_before_any_stage(tmp_path):
+    """eval.judge: llm was silently replaced by gold in every round; now the loop uses it, so a
+    missing eval.judge_model is an error at the start, not after round 1's training."""
+    missing = tmp_path / "no-model"  # were the loop to start, SFT would fail on this
+    config = load_config(None, [f"model.name_or_path={missing}", "eval.judge=llm", "loop.rounds=2"])
+    with pytest.raises(StageError, match=r"eval\.judge is 'llm' .*eval\.judge_model"):
+        run_loop(Run(tmp_path / "run", config, show_progress=False))
+    assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_evaluate_round_uses_the_configured_llm_judge(base_model, tmp_path, monkeypatch):
+    """The round's win rate is decided by the LLM judge the user configured, not by gold."""
+    from rlhfkit.eval import evaluate
+
+    loaded = []
+
+    def judge(prompts, responses):
+        return [float(len(r)) for r in responses]
+
+    def load(model):
+        loaded.append(model)
+        return judge
+
+    monkeypatch.setattr(evaluate, "load_llm_judge", load)
+    sets = ["eval.judge=llm", "eval.judge_model=my-judge", "eval.n_prompts=3", "eval.heldout_pairs=0"]
+    config = load_config(None, _sets(base_model, *sets))
+    run = Run(tmp_path / "run", config, show_progress=False)
+    shutil.copytree(base_model, run.stage_dir("sft") / "model")
+    figures = evaluate_round(run, base_model, base_model, "round-1")
+    assert loaded == ["my-judge"]
+    assert figures["judge"] == "llm" and figures["llm_score"] is not None
+    assert figures["win_rate_vs_sft"]["n"] == 3
 
 
 def test_loop_config_errors_name_the_key():

@@ -354,7 +354,8 @@ def evaluate_round(run: Run, policy: Path, reward: Path, name: str) -> dict[str,
     sft = run.model_path("sft")
     prompts = _prompts(run.config.data.heldout_prompts, run.task.heldout_prompts)[: cfg.n_prompts]
     gold = resolve_gold(run.task) if run.task.gold else None
-    judge = cfg.judge if cfg.judge != "llm" else "gold"
+    # The configured judge; a task without a gold utility has the round's RM judge instead of gold.
+    judge = "rm" if cfg.judge == "gold" and gold is None else cfg.judge
     result = evaluate.evaluate_policies(
         {"sft": sft, name: policy},
         "sft",
@@ -365,8 +366,9 @@ def evaluate_round(run: Run, policy: Path, reward: Path, name: str) -> dict[str,
         temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens,
         n_samples=cfg.n_samples,
-        judge=judge if gold is not None else "rm",
+        judge=judge,
         ci_method=cfg.ci_method,
+        llm_judge=evaluate.load_llm_judge(cfg.judge_model) if judge == "llm" else None,
     )
     entry = result["eval"]["policies"][name]
     figures: dict[str, Any] = {
@@ -378,6 +380,8 @@ def evaluate_round(run: Run, policy: Path, reward: Path, name: str) -> dict[str,
         "sft_gold_reward": result["eval"]["policies"]["sft"].get("gold_reward"),
         "rm_heldout_accuracy": None,
     }
+    if judge == "llm":
+        figures["llm_score"] = entry.get("llm_score")
     if gold is not None and cfg.heldout_pairs:
         bench = rm_benchmark(
             sft,
@@ -578,6 +582,12 @@ def run_loop(run: Run) -> dict[str, Any]:
     config = loop_config(run.config)
     if config is not run.config:  # the run directory's config.yaml says what the loop ran
         run = Run(run.dir, config, run.show_progress, run.resume, run.restart_changed)
+    if run.config.eval.judge == "llm" and not run.config.eval.judge_model:
+        # Every round is judged by it: say so now, not after round 1's training.
+        raise StageError(
+            "eval.judge is 'llm' but eval.judge_model is not set: give the LLM judge's model "
+            "folder or hub id, or set eval.judge=gold"
+        )
     if run.config.loop.rounds > 1 and run.config.loop.annotators == "simulated":
         simulated_pool(run)  # a pool too small for the rounds is refused now, not after round 1
     for stage in ("pretrain", "sft", "feedback", "rm", "ppo"):
@@ -606,7 +616,8 @@ def run_loop(run: Run) -> dict[str, Any]:
                 f"[bold]loop round {k}[/bold] done in {summary['wall_seconds']:.0f}s: "
                 f"labels={summary['n_labels_total']}, pairs={summary['n_pairs_total']}, "
                 f"rm_heldout_accuracy={summary['rm_heldout_accuracy']}, gold={summary['gold_reward']}, "
-                f"kl={summary['kl_from_sft']}, win_rate_vs_sft={win['rate']:.3f}",
+                f"kl={summary['kl_from_sft']}, win_rate_vs_sft={win['rate']:.3f} "
+                f"(judge {summary.get('judge', 'gold')})",
                 highlight=False,
             )
         rounds.append(summary)
