@@ -12,6 +12,7 @@ from rlhfkit.crowd.aggregate import (
     METHODS,
     PairVote,
     aggregate,
+    aggregated_pairs,
     majority_vote,
     pair_probability,
     preference_rows,
@@ -385,6 +386,24 @@ def test_a_ranking_with_two_identical_responses_keeps_every_other_pair():
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("same", "other"), ("other", "same")]
     assert rows[0]["confidence"] == pytest.approx(pair_probability(agg.scores, 0, 1), abs=1e-4)
     assert rows[1]["confidence"] == pytest.approx(pair_probability(agg.scores, 1, 2), abs=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_identical_responses_give_no_pair_that_the_preference_reader_refuses(method):
+    """A comparison of two identical samples (decided by its votes) and a ranking with two identical
+    texts make no row with chosen == rejected, which PreferencePair refuses (as trl-preference skips
+    them since 2d8c835): `ranked_pairs` leaves the pair of two identical texts out."""
+    from rlhfkit.data.records import PreferencePair
+
+    items = {1: Item("p", ["same", "same"]), 2: Item("q", ["a", "b"]), 3: Item("r", ["x", "y", "x"])}
+    votes = [PairVote(1, who, 0, 1, 0) for who in "abc"] + [PairVote(2, who, 0, 1, 1) for who in "abc"]
+    for who in "abc":
+        votes += ranking_votes(3, who, "r", items[3].responses, [0, 1, 2])
+    rows, undecided = aggregated_pairs(items, votes, method, "test")
+    assert rows and all(row["chosen"] != row["rejected"] for row in rows)
+    assert {row["prompt"] for row in rows} == {"q", "r"}
+    for row in rows:
+        PreferencePair.model_validate({k: row[k] for k in ("prompt", "chosen", "rejected", "margin")})
 
 
 def test_noisy_bradley_terry_gives_an_always_left_annotator_no_say():
