@@ -587,3 +587,27 @@ def test_ranking_feedback_is_sampled_ranked_over_http_and_split_into_pairs(base_
     assert len(votes) == sum(2 * k * (k - 1) // 2 for k in k_of.values())
     for vote in votes:
         assert vote.left < vote.right < k_of[vote.item_id] and vote.chosen in (vote.left, vote.right)
+
+
+def test_a_sampled_nul_reaches_the_store_as_a_replacement_character(base_model, monkeypatch, tmp_path):
+    """A byte-level tokenizer can sample byte 0, which no feedback database stores: the sampled
+    text keeps a visible U+FFFD in its place, and the item is stored (SQLite here; PostgreSQL alike)."""
+    import rlhfkit.rollout.generate as generate
+    from rlhfkit.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(base_model)
+    nul = tokenizer("1. A\x00B", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(nul) == "1. A\x00B"
+    plain = tokenizer("1. C", add_special_tokens=False)["input_ids"]
+    draws = iter([nul, plain])
+    monkeypatch.setattr(
+        generate, "sample_responses", lambda model, starts, **kw: [next(draws) for _ in starts]
+    )
+    config = load_config(None, _sets(base_model))
+    prompts = load_task("rlhfkit.tasks.top5", 0).train_prompts[:1]
+    (item,) = comparison_items(base_model, prompts, config.feedback, 0, random.Random(0), "base")
+    assert item["responses"] == ["1. A\ufffdB", "1. C"]
+    with FeedbackStore(tmp_path / "nul.db", seed=0, durable=False) as store:
+        project = store.create_project("nul", task_type="comparison", overlap=1)
+        store.add_items(project, [item])
+        assert store.items(project)[0].responses == ["1. A\ufffdB", "1. C"]

@@ -316,7 +316,7 @@ def comparison_items(
     """
     from rlhfkit.models.loading import check_prompt_room, load_causal_lm, load_tokenizer, position_table
     from rlhfkit.models.tokenizer import prompt_token_ids
-    from rlhfkit.rollout.generate import sample_responses
+    from rlhfkit.rollout.generate import sample_texts
 
     tokenizer = load_tokenizer(policy_path)
     for path in (policy_path,) if partner is None else (policy_path, partner[0]):
@@ -329,19 +329,16 @@ def comparison_items(
     if partner is not None:
         models[0], names[0] = load_causal_lm(partner[0]), partner[1]
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+
     torch.manual_seed(seed)
     samples = [
-        tokenizer.batch_decode(
-            sample_responses(
-                sampler,
-                ids,
-                eos_id=tokenizer.eos_token_id,
-                pad_id=tokenizer.pad_token_id,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                on_batch=on_batch,
-            ),
-            skip_special_tokens=True,
+        sample_texts(
+            sampler,
+            tokenizer,
+            ids,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            on_batch=on_batch,
         )
         for sampler in models
     ]

@@ -103,7 +103,7 @@ def sample_items(
 
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.models.tokenizer import prompt_token_ids
-    from rlhfkit.rollout.generate import sample_responses
+    from rlhfkit.rollout.generate import sample_texts
 
     if k < 1:
         raise ValueError(f"-k must be >= 1, got {k}")
@@ -111,17 +111,7 @@ def sample_items(
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     torch.manual_seed(seed)
     samples = [
-        tokenizer.batch_decode(
-            sample_responses(
-                policy,
-                ids,
-                eos_id=tokenizer.eos_token_id,
-                pad_id=tokenizer.pad_token_id,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-            ),
-            skip_special_tokens=True,
-        )
+        sample_texts(policy, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature)
         for _ in range(k)
     ]
     return [

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.rollout.batch import left_pad
 from rlhfkit.rollout.decode import decode, sample_categorical
@@ -112,3 +112,27 @@ def sample_responses(
             on_batch(len(chunk))
     model.train(was_training)
     return responses
+
+
+def sample_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """`sample_responses` decoded to text for people to read and databases to store: special tokens
+    dropped, and a NUL byte (a byte-level tokenizer can sample one; PostgreSQL cannot store it, and
+    the feedback store refuses it everywhere) as U+FFFD, the replacement character."""
+    drawn = sample_responses(
+        model,
+        prompts,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        on_batch=on_batch,
+    )
+    return [t.replace("\x00", "\ufffd") for t in tokenizer.batch_decode(drawn, skip_special_tokens=True)]
