@@ -334,6 +334,24 @@ def test_best_of_n_keeps_the_highest_reward_and_draw0_is_the_plain_sample(sft_di
     assert summary["reward_best"] >= summary["reward_single"]
 
 
+def test_best_of_n_selects_by_the_exact_reward_and_ties_go_to_the_earliest_draw(sft_dir):
+    from rlhfkit.train.bon import sample_best_of_n
+    from rlhfkit.train.rewards import RewardTerm
+
+    # Rewards 1 + k * 1e-9 (k: the response's place in the call, draw after draw): later draws are
+    # better by less than float32 can tell apart at 1.0, but by more than a double can.
+    rising = RewardTerm("rising", 1.0, lambda p, r: [1.0 + k * 1e-9 for k in range(len(r))])
+    result = sample_best_of_n(sft_dir, PROMPTS[:3], [rising], 4, seed=3, temperature=1.0, max_new_tokens=6)
+    assert result["best_index"] == [3, 3, 3]
+    assert [row[3] for row in result["scores"]] == [1.0 + (9 + i) * 1e-9 for i in range(3)]
+    # The n draws of a prompt are separate samples, not one sample repeated.
+    assert all(len({draw[i] for draw in result["candidates"]}) > 1 for i in range(3))
+    # Equal rewards: the earliest draw (draw 0, the plain policy's sample) is kept.
+    flat = RewardTerm("flat", 1.0, lambda p, r: [0.5] * len(r))
+    tied = sample_best_of_n(sft_dir, PROMPTS[:3], [flat], 4, seed=3, temperature=1.0, max_new_tokens=6)
+    assert tied["best_index"] == [0, 0, 0] and tied["best"] == tied["candidates"][0]
+
+
 def test_expert_iteration_fine_tunes_on_best_samples(sft_dir, rm_dir, tmp_path):
     from rlhfkit.train.bon import run_expert_iteration
 

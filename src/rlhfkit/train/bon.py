@@ -63,7 +63,9 @@ def sample_best_of_n(
         candidates.append(tokenizer.batch_decode(responses, skip_special_tokens=True))
     flat_prompts = [p for _ in range(n) for p in prompts]
     flat, _ = combined_rewards(reward_terms, flat_prompts, [t for draw in candidates for t in draw])
-    scores = torch.tensor(flat).view(n, len(prompts)).T  # [P, n]
+    # float64, the rewards' own precision: float32 would round rewards that differ by less than
+    # its resolution (about 1e-7 relative) into ties, and the earliest of them would be kept.
+    scores = torch.tensor(flat, dtype=torch.float64).view(n, len(prompts)).T  # [P, n]
     # argmax takes the first maximum: ties go to the earliest draw, deterministically.
     best_index = scores.argmax(dim=1).tolist()
     return {
@@ -92,7 +94,7 @@ def write_best_of_n_samples(path: Path, prompts: list, result: dict) -> int:
 
 def best_of_n_summary(result: dict, n: int) -> dict:
     """Reward of the kept responses vs draw 0 (the plain policy), and the analytic KL."""
-    scores = torch.tensor(result["scores"])
+    scores = torch.tensor(result["scores"], dtype=torch.float64)
     return {
         "n": n,
         "kl_analytic": round(best_of_n_kl(n), 4),
