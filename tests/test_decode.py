@@ -118,6 +118,65 @@ def test_sampled_tokens_have_the_log_probs_the_training_forward_computes(model, 
     assert torch.allclose(train_logp[valid], sampled_logp[valid], atol=1e-4)
 
 
+def test_sample_categorical_frequencies_are_exact_on_a_grid_of_uniforms(monkeypatch):
+    # Uniforms at the centres of N equal cells: token k must take round(N * p_k) of them (within
+    # one cell at each end of its interval), and impossible tokens, first, inner and last, none.
+    logits = torch.tensor([float("-inf"), 2.0, 0.0, -1.0, float("-inf"), 1.0, float("-inf")])
+    n = 10_000
+    grid = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[:, None]
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: grid)
+    counts = torch.bincount(sample_categorical(logits.expand(n, -1)), minlength=logits.numel())
+    monkeypatch.undo()
+    expected = torch.softmax(logits.double(), -1) * n
+    assert counts[[0, 4, 6]].tolist() == [0, 0, 0]
+    assert (counts.double() - expected).abs().max() <= 1.0, (counts.tolist(), expected.tolist())
+    # The ends of [0, 1): u = 0 draws the first possible token, u just below 1 the last one.
+    for u, token in ((0.0, 1), (1.0 - 2**-53, 5)):
+        monkeypatch.setattr(
+            torch, "rand", lambda *args, u=u, **kwargs: torch.tensor([[u]], dtype=torch.float64)
+        )
+        assert sample_categorical(logits[None]).tolist() == [token]
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_decode_positions_under_left_padding(tokenizer, arch):
+    """GPT-2's learned absolute positions see a shift that rotary ones (Llama) cannot: the tokens
+    sampled after left-padded prompts have the log-probs of the training forward, and each prompt
+    alone is decoded as in the batch."""
+    lm = tiny_causal_lm(
+        tokenizer, arch=arch, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=1
+    )
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in lm.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    lm.eval()
+    prompts = _prompts(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids, mask = left_pad(prompts, pad)
+    seen: list[torch.Tensor] = []
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        seen.append(logits.clone())
+        return sample_categorical(logits / 0.7, generator=gen)
+
+    new = decode(lm, ids, mask, pick, eos_id=eos, pad_id=pad, max_new_tokens=10)
+    sampled_logp = gather_logprobs(torch.stack(seen, 1) / 0.7, new)
+    with torch.no_grad():
+        train_logp = response_logprobs(
+            lm, torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1), new.size(1), 0.7
+        )
+    valid = torch.ones_like(new, dtype=torch.bool)
+    for i, row in enumerate(new.tolist()):
+        if eos in row:
+            valid[i, row.index(eos) + 1 :] = False
+    assert torch.allclose(train_logp[valid], sampled_logp[valid], atol=1e-4)
+    kw = {"eos_id": eos, "pad_id": pad, "max_new_tokens": 10, "temperature": 0.0}
+    together = sample_responses(lm, prompts, **kw)
+    assert [sample_responses(lm, [p], **kw)[0] for p in prompts] == together
+
+
 def test_min_new_tokens_suppresses_eos_and_the_loop_stops_when_all_rows_ended(model, tokenizer):
     prompts = _prompts(tokenizer)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
