@@ -381,3 +381,35 @@ def test_lengths_beyond_learned_positions_are_refused_at_the_start(gpt2_run_temp
     assert "(gpt2, n_positions)" in out and "Traceback" not in out
     # Refused before any work: the stage wrote no model and no samples.
     assert not (run / stage / "model").exists() and not (run / stage / "samples.jsonl").exists()
+
+
+def test_a_db_that_is_not_a_feedback_database_is_refused_and_left_as_it_was(tmp_path):
+    # SQLite takes a short file of any text for an empty database and writes its tables into it.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x\n")
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    pairs = tmp_path / "items.jsonl"
+    pairs.write_text('{"prompt": "q", "completions": ["a", "b"]}\n')
+    reading = (
+        ["export", "--project", "p", "--out", str(tmp_path / "x.jsonl")],
+        ["aggregate", "--project", "p", "--out", str(tmp_path / "x.jsonl")],
+        ["quality", "--project", "p"],
+    )
+    writing = (["import", "--project", "p", "--file", str(pairs)],)
+    for command in (*reading, *writing):
+        result = _run("feedback", command[0], "--db", str(notes), *command[1:])
+        assert result.exit_code == 2, result.output
+        assert (
+            f"--db '{notes}': cannot open the feedback database: {notes} is not an SQLite database"
+            in _flat(result.output)
+        )
+        assert notes.read_text() == "x\n"
+    for command in reading:
+        result = _run("feedback", command[0], "--db", str(empty), *command[1:])
+        assert result.exit_code == 2, result.output
+        assert f"{empty} is an empty file, not a feedback database" in _flat(result.output)
+        assert empty.read_bytes() == b""
+    # An empty file is a new database to a command that writes, as SQLite has it.
+    result = _run("feedback", "import", "--db", str(empty), "--project", "p", "--file", str(pairs))
+    assert result.exit_code == 0, result.output
