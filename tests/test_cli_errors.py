@@ -413,3 +413,60 @@ def test_a_db_that_is_not_a_feedback_database_is_refused_and_left_as_it_was(tmp_
     # An empty file is a new database to a command that writes, as SQLite has it.
     result = _run("feedback", "import", "--db", str(empty), "--project", "p", "--file", str(pairs))
     assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def labelled_db(tmp_path_factory):
+    """A comparison project 'crowd' that the crowd10 pool (spammers among them) labelled three times."""
+    import random
+
+    from rlhfkit.crowd.simulate import load_pool, simulate_annotation
+    from rlhfkit.feedback.store import FeedbackStore
+
+    path = tmp_path_factory.mktemp("labelled") / "crowd.db"
+    rng = random.Random(0)
+    items = [
+        {"prompt": f"q{i}", "responses": [f"first {rng.random():.3f}", f"second {rng.random():.3f}"]}
+        for i in range(40)
+    ]
+    with FeedbackStore(path, seed=0, durable=False) as store:
+        project = store.create_project("crowd", task_type="comparison", overlap=3)
+        store.add_items(project, items)
+        simulate_annotation(store, project, load_pool("crowd10"), lambda _p, text: float(text.split()[-1]), 0)
+    return path
+
+
+def test_an_output_path_under_a_file_is_refused_before_any_work(labelled_db, tmp_path):
+    from rlhfkit.feedback.store import FeedbackStore
+
+    db = tmp_path / "crowd.db"
+    shutil.copy(labelled_db, db)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    target = afile / "out.jsonl"
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(
+        json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"})
+    )
+    for args in (
+        ["convert", "--from", "hh", "--in", str(hh)],
+        ["feedback", "export", "--db", str(db), "--project", "crowd"],
+        ["feedback", "aggregate", "--db", str(db), "--project", "crowd"],
+    ):
+        result = _run(*args, "--out", str(target))
+        assert result.exit_code == 2, result.output
+        assert f"--out {target}: {afile} is a file, not a folder" in _flat(result.output)
+    # quality --json: refused before --exclude-flagged changes the store.
+    quality = ["feedback", "quality", "--db", str(db), "--project", "crowd", "--exclude-flagged"]
+    result = _run(*quality, "--json", str(target))
+    assert result.exit_code == 2 and f"--json {target}: {afile} is a file, not a folder" in _flat(
+        result.output
+    )
+    with FeedbackStore(db) as store:
+        assert store.excluded_annotators() == []
+    assert afile.read_text() == "x"
+    # A folder not there yet is made, as --out's of export and aggregate are.
+    made = tmp_path / "new" / "quality.json"
+    result = _run(*quality, "--json", str(made))
+    assert result.exit_code == 0, result.output
+    assert json.loads(made.read_text())["project"] == "crowd"

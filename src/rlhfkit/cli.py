@@ -447,10 +447,14 @@ def _open_store(db: str, durable: bool = True, existing: bool = False):
         _fail(f"--db {db!r}: cannot open the feedback database: {str(exc).splitlines()[0]}")
 
 
-def _out_file(out: Path) -> None:
-    """Refuse an --out that cannot be written as a file, before any work."""
+def _out_file(out: Path, flag: str = "--out") -> None:
+    """Refuse a path that cannot be written as a file (a directory, or one under a file), before any work."""
     if out.is_dir():
-        _fail(f"--out {out}: a directory; give the path of the file to write")
+        _fail(f"{flag} {out}: a directory; give the path of the file to write")
+    # Missing folders are made when the file is written; one that is a file never can be.
+    there = next((parent for parent in out.parents if parent.exists()), None)
+    if there is not None and not there.is_dir():
+        _fail(f"{flag} {out}: {there} is a file, not a folder")
 
 
 DbOpt = Annotated[str, typer.Option(help="database URL (postgresql://...) or SQLite file")]
@@ -685,8 +689,8 @@ def feedback_quality(
         _fail(f"--threshold {threshold}: must be in [0, 1]")
     if method not in METHODS:
         _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if json_out is not None and json_out.is_dir():
-        _fail(f"--json {json_out}: a directory; give the path of the file to write")
+    if json_out is not None:
+        _out_file(json_out, "--json")
     store = _open_store(db, existing=True)
     try:
         pid = store.project_id(project)
@@ -766,6 +770,7 @@ def feedback_quality(
             "alpha_task_type": by_type,
             "annotators": [{**dataclasses.asdict(q), "flagged": q.flagged} for q in report],
         }
+        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         console.print(f"wrote {json_out}", highlight=False)
     if flagged:
