@@ -470,3 +470,21 @@ def test_an_output_path_under_a_file_is_refused_before_any_work(labelled_db, tmp
     result = _run(*quality, "--json", str(made))
     assert result.exit_code == 0, result.output
     assert json.loads(made.read_text())["project"] == "crowd"
+
+
+def test_compare_with_no_methods_is_refused(tmp_path):
+    # It ran every upstream stage and then compared SFT with nothing; the missing model makes the
+    # old behaviour fail fast here instead of training.
+    for algos in ("", ",", " , "):
+        result = _run(
+            "compare",
+            "--algos",
+            algos,
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            f"model.name_or_path={tmp_path}/x",
+        )
+        assert result.exit_code == 2
+        assert "--algos is empty: give methods to compare with SFT, comma-separated" in _flat(result.output)
+    assert not (tmp_path / "run").exists()

@@ -155,6 +155,8 @@ def compare(
     from rlhfkit.compare import compare_table, parse_algos, run_compare
     from rlhfkit.pipeline import Run, StageError
 
+    if not any(name.strip() for name in algos.split(",")):
+        _fail("--algos is empty: give methods to compare with SFT, comma-separated")
     try:
         names = parse_algos(algos)
     except ValueError as exc:
