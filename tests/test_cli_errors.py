@@ -488,3 +488,19 @@ def test_compare_with_no_methods_is_refused(tmp_path):
         assert result.exit_code == 2
         assert "--algos is empty: give methods to compare with SFT, comma-separated" in _flat(result.output)
     assert not (tmp_path / "run").exists()
+
+
+def test_guidelines_that_are_not_text_are_named(tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"prompt": "q", "completions": ["a", "b"]}\n')
+    guide = tmp_path / "guide.md"
+    guide.write_bytes(b"\xff\xfe# rules\n")
+    db = tmp_path / "f.db"
+    args = ["feedback", "import", "--db", str(db), "--project", "p", "--file", str(items)]
+    result = _run(*args, "--guidelines", str(guide))
+    assert result.exit_code == 2
+    assert f"--guidelines {guide}: not UTF-8 text (byte 0" in _flat(result.output)
+    result = _run(*args, "--guidelines", str(tmp_path))
+    assert result.exit_code == 2 and f"--guidelines {tmp_path}: a directory, not a file" in _flat(
+        result.output
+    )

@@ -590,8 +590,16 @@ def feedback_import(
         _fail("--policy needs --prompts FILE")
     if task_type is not None and task_type not in TASK_TYPES:
         _fail(f"--task-type {task_type!r}: choose one of {', '.join(TASK_TYPES)}")
-    if guidelines is not None and not guidelines.is_file():
-        _fail(f"--guidelines {guidelines}: file not found")
+    guidelines_text = ""
+    if guidelines is not None:
+        if guidelines.is_dir():
+            _fail(f"--guidelines {guidelines}: a directory, not a file")
+        if not guidelines.is_file():
+            _fail(f"--guidelines {guidelines}: file not found")
+        try:
+            guidelines_text = guidelines.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            _fail(f"--guidelines {guidelines}: not UTF-8 text (byte {exc.start}: {exc.reason})")
     store = _open_store(db)
     try:
         try:
@@ -615,8 +623,7 @@ def feedback_import(
                 validate_item(index, item, overlap, kind)
         skipped = 0
         if pid is None:
-            text = guidelines.read_text(encoding="utf-8") if guidelines else ""
-            pid = store.create_project(project, kind, text, overlap)
+            pid = store.create_project(project, kind, guidelines_text, overlap)
         else:
             items, skipped = items_not_in(items, store.items(pid), kind)
         ids = store.add_items(pid, items)
