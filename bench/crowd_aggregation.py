@@ -32,7 +32,7 @@ from rlhfkit.crowd.simulate import load_pool, simulate_annotation
 from rlhfkit.feedback.store import FeedbackStore
 from rlhfkit.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from rlhfkit.models.tokenizer import prompt_token_ids
-from rlhfkit.rollout.generate import sample_responses
+from rlhfkit.rollout.generate import sample_texts
 from rlhfkit.tasks import load_task, resolve_gold
 from rlhfkit.train.rm import pair_accuracy, run_rm, tokenize_pairs
 
@@ -45,19 +45,7 @@ def sample_pairs(policy_path: Path, prompts: list[str], seed: int, max_new_token
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     torch.manual_seed(seed)
     with torch.no_grad():
-        a, b = (
-            tokenizer.batch_decode(
-                sample_responses(
-                    policy,
-                    ids,
-                    eos_id=tokenizer.eos_token_id,
-                    pad_id=tokenizer.pad_token_id,
-                    max_new_tokens=max_new_tokens,
-                ),
-                skip_special_tokens=True,
-            )
-            for _ in range(2)
-        )
+        a, b = (sample_texts(policy, tokenizer, ids, max_new_tokens=max_new_tokens) for _ in range(2))
     return [(p, x, y) for p, x, y in zip(prompts, a, b, strict=True) if x != y]
 
 
