@@ -891,3 +891,18 @@ def test_ranking_export_counts_pairs_by_index_when_two_responses_read_the_same(o
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     # Both "same" entries lose to "best"; the pair of the two identical texts says nothing.
     assert [(r["chosen"], r["rejected"], r["n_votes"]) for r in rows] == [("best", "same", 1)] * 2
+
+
+def test_a_file_that_is_not_an_sqlite_database_is_refused_and_left_as_it_was(tmp_path):
+    """The store, not only the CLI, refuses to write its tables into a text file (SQLite would)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x\n")
+    with pytest.raises(ValueError, match="is not an SQLite database"):
+        FeedbackStore(notes)
+    assert notes.read_text() == "x\n"
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(ValueError, match="is an empty file, not a feedback database"):
+        FeedbackStore(empty, create=False)
+    with FeedbackStore(empty) as store:  # an empty file is a new database to a store that creates
+        assert store.projects() == []

@@ -414,27 +414,6 @@ def _warn_about_scrypt_cost() -> None:
         )
 
 
-def _check_sqlite_file(db: str, existing: bool) -> None:
-    """Refuse (ValueError) an SQLite --db file that is there but is no database. SQLite takes a short
-    file of any text for an empty database and writes its tables into it; `existing`: a command that
-    only reads refuses an empty file too."""
-    from rlhfkit.feedback.store import _database_url
-
-    url = _database_url(db)
-    database = url.database or ""
-    if url.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
-        return
-    path = Path(database)
-    if not path.is_file():
-        return
-    with path.open("rb") as handle:
-        head = handle.read(16)
-    if not head and existing:
-        raise ValueError(f"{path} is an empty file, not a feedback database")
-    if head and head != b"SQLite format 3\x00":
-        raise ValueError(f"{path} is not an SQLite database (it does not start with the SQLite header)")
-
-
 def _open_store(db: str, durable: bool = True, existing: bool = False):
     """A FeedbackStore on `db`, or a CLI error naming the problem. `existing`: a command that only
     reads refuses a SQLite file that is not there, instead of creating an empty database."""
@@ -443,7 +422,6 @@ def _open_store(db: str, durable: bool = True, existing: bool = False):
     from rlhfkit.feedback.store import FeedbackStore
 
     try:
-        _check_sqlite_file(db, existing)
         return FeedbackStore(db, durable=durable, create=not existing)
     except (SQLAlchemyError, ValueError, OSError) as exc:
         _fail(f"--db {db!r}: cannot open the feedback database: {str(exc).splitlines()[0]}")

@@ -400,6 +400,20 @@ def _database_url(url: str | os.PathLike[str]) -> URL:
     return make_url(url)
 
 
+def _refuse_non_database(path: Path, empty_too: bool) -> None:
+    """ValueError if `path` is a file that is not an SQLite database: SQLite takes a short file of any
+    text for an empty database and writes its tables into it. `empty_too`: refuse an empty file as
+    well (a store opened to read, where an empty file holds no feedback)."""
+    if not path.is_file():
+        return
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    if not head and empty_too:
+        raise ValueError(f"{path} is an empty file, not a feedback database")
+    if head and head != b"SQLite format 3\x00":
+        raise ValueError(f"{path} is not an SQLite database (it does not start with the SQLite header)")
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -719,6 +733,7 @@ class FeedbackStore:
             elif not database.startswith("file:"):
                 if not create and not Path(database).is_file():
                     raise FileNotFoundError(f"no SQLite database file at {database}")
+                _refuse_non_database(Path(database), empty_too=not create)
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         engine = create_engine(sa_url, **kwargs)
