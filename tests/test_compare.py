@@ -136,3 +136,29 @@ def test_lora_and_rollout_settings_are_part_of_the_stages_that_use_them(tmp_path
         assert base.fingerprint(stage) != rollout.fingerprint(stage), stage
     for stage in ("sft", "feedback", "rm", "dpo", "kto"):
         assert base.fingerprint(stage) == rollout.fingerprint(stage), stage
+
+
+def test_an_interrupted_compare_says_how_to_continue_and_resumes_its_stages(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM in `compare` ends as in the demo: the checkpoint named, exit 130, and the
+    same command continues the interrupted stage from its checkpoint (a traceback and exit 1, and a
+    restart from step 0, before)."""
+    import rlhfkit.compare as compare
+    from rlhfkit.train.checkpoint import TrainingInterrupted
+
+    runs = []
+
+    def interrupted(run, names):
+        runs.append(run)
+        raise TrainingInterrupted("dpo", 7, tmp_path / "run" / "dpo" / "checkpoints" / "step-7")
+
+    monkeypatch.setattr(compare, "run_compare", interrupted)
+    result = CliRunner().invoke(app, ["compare", "--algos", "dpo", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 130, result.output
+    flat = " ".join(result.output.split())
+    assert (
+        "dpo interrupted at step 7" in flat
+        and f"continue with: rlhfkit compare --algos dpo --out {tmp_path / 'run'}" in flat
+    )
+    assert "Traceback" not in result.output
+    (run,) = runs
+    assert run.resume and run.restart_changed  # as `rlhfkit demo`: resume, or start over if changed

@@ -154,6 +154,7 @@ def compare(
     """Train each method from the same SFT model and feedback; judge all against SFT."""
     from rlhfkit.compare import compare_table, parse_algos, run_compare
     from rlhfkit.pipeline import Run, StageError
+    from rlhfkit.train.checkpoint import TrainingInterrupted
 
     if not any(name.strip() for name in algos.split(",")):
         _fail("--algos is empty: give methods to compare with SFT, comma-separated")
@@ -163,7 +164,11 @@ def compare(
         _fail(str(exc))
     cfg = _load(config, set_, preset)
     try:
-        result = run_compare(Run(out, cfg, show_progress=not no_progress), names)
+        # As the demo: finished stages are reused, an interrupted one resumes (or starts over if changed).
+        run = Run(out, cfg, show_progress=not no_progress, resume=True, restart_changed=True)
+        result = run_compare(run, names)
+    except TrainingInterrupted as exc:
+        _interrupted(exc, f"compare --algos {algos}", out)
     except (DataError, StageError, ValueError) as exc:
         _fail(str(exc))
     console.print(compare_table(result))
