@@ -20,11 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.integrations import sdpa_attention
 
 from rlhfkit.config import load_config
 from rlhfkit.models.heads import (
+    READ_ATTENTION,
     ReadPositions,
     TokenValues,
+    last_block,
     last_block_mlp,
     pair_scores,
     sequence_scores,
@@ -167,13 +170,15 @@ def _bt_grads(model, score) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "arch, attention",
+    "arch, attention_kind",
     [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("gpt2", "sdpa"), ("gpt2", "eager")],
 )
-def test_scores_and_gradients_equal_two_rows(model_dirs: dict[str, Path], arch: str, attention: str) -> None:
+def test_scores_and_gradients_equal_two_rows(
+    model_dirs: dict[str, Path], arch: str, attention_kind: str, monkeypatch
+) -> None:
     torch.manual_seed(0)
     model = load_reward_model(model_dirs[arch], PAD)
-    model.set_attn_implementation(attention)
+    model.set_attn_implementation(attention_kind)
     torch.nn.init.normal_(model.score.weight, std=1.0)  # a head that is not zero, so the scores differ
     assert takes_pair_masks(model)
     pairs = _random_pairs(0)
@@ -196,31 +201,69 @@ def test_scores_and_gradients_equal_two_rows(model_dirs: dict[str, Path], arch: 
     for g1, g2 in zip(grads_one_row, grads_two_rows, strict=True):
         torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
 
-    # The last block's MLP only at the read positions: the same scores and gradients, and the MLP
-    # really saw only those positions (each once, though equal responses are read at one token).
+    # The last block only at the read positions: the same scores and gradients, and its query and
+    # output projections, its norm after attention, its MLP, the final norm and (under sdpa) its
+    # attention really saw only those positions (each once, though equal responses are read at one
+    # token).
     ids, mask = right_pad([a for a, _ in pairs], PAD)
     with torch.no_grad():
         whole = token_values(model, ids, mask)
-    mlp = last_block_mlp(model)
-    seen = []
+    block = last_block(model)
+    attention = getattr(block, "self_attn", None) or block.attn
+    backbone = getattr(model, model.base_model_prefix)
+    if arch == "gpt2":  # GPT-2 projects queries, keys and values in one fused c_attn: left whole
+        reduced = [attention.c_proj, block.ln_2, block.mlp, backbone.ln_f]
+    else:
+        reduced = [
+            attention.q_proj,
+            attention.o_proj,
+            block.post_attention_layernorm,
+            block.mlp,
+            backbone.norm,
+        ]
+    seen: dict[int, list] = {id(m): [] for m in reduced}
+    queries: list = []
+    real_sdpa = sdpa_attention.sdpa_attention_forward
+
+    def sdpa_counting(module, query, *args, **kwargs):
+        if module is attention:
+            queries.append(tuple(query.shape))
+        return real_sdpa(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", sdpa_counting)
     with ReadPositions(model) as reads:
         assert reads.active
-        # Registered after the gathering hook, so it sees what the MLP computes on.
-        counting = mlp.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+        assert attention.config._attn_implementation == (
+            READ_ATTENTION if attention_kind == "sdpa" else "eager"
+        )
+        # Registered after the gathering hooks, so they see what the modules compute on.
+        counting = [
+            m.register_forward_pre_hook(lambda module, args: seen[id(module)].append(tuple(args[0].shape)))
+            for m in reduced
+        ]
         grads_read = _bt_grads(model, lambda: pair_scores(model, together, torch.device("cpu"), reads))
         with torch.no_grad():
             read = pair_scores(model, together, torch.device("cpu"), reads)
-            # A forward of another shape in between runs the MLP whole.
+            # A forward of another shape in between runs the block whole.
             assert torch.equal(token_values(model, ids, mask), whole)
-    counting.remove()
+    for hook in counting:
+        hook.remove()
     torch.testing.assert_close(read, expected, atol=1e-5, rtol=1e-5)
     for g1, g2 in zip(grads_read, grads_two_rows, strict=True):
         torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
     n_read = sum(len(set(columns)) for columns in together.last.tolist())
     assert n_read < 2 * len(pairs)
-    assert [shape[:2] for shape in seen] == [(1, n_read), (1, n_read), tuple(ids.shape)]
-    # Left whole afterwards: the hooks are gone and every position's value is right again.
-    assert not mlp._forward_hooks and not mlp._forward_pre_hooks
+    for module in reduced:
+        assert [shape[:2] for shape in seen[id(module)]] == [(1, n_read), (1, n_read), tuple(ids.shape)]
+    if attention_kind == "sdpa":
+        # One query of length 1 per read position, then the whole batch for the other shape.
+        heads = model.config.num_attention_heads
+        assert [(q[0], q[2]) for q in queries] == [(n_read, 1), (n_read, 1), (len(pairs), ids.size(1))]
+        assert all(q[1] == heads for q in queries)
+    # Left whole afterwards: the hooks and the config copy are gone and every position's value is
+    # right again.
+    assert attention.config is model.config
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in reduced)
     with torch.no_grad():
         assert torch.equal(token_values(model, ids, mask), whole)
 
