@@ -614,6 +614,14 @@ class RunConfig(Section):
     expert_iter: ExpertIterConfig = ExpertIterConfig()
     loop: LoopConfig = LoopConfig()
 
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, seed: int) -> int:
+        # numpy's generators refuse a negative seed, and torch would take it as a different one.
+        if seed < 0:
+            raise ValueError(f"must be 0 or more, got {seed}")
+        return seed
+
 
 def _is_section(annotation: Any) -> bool:
     """Whether a config field holds a section (a nested model) rather than a value."""
