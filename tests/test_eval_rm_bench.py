@@ -1,4 +1,4 @@
-"""Tests for rlhfkit.eval.rm_bench: strict accuracy, length buckets, reliability and ECE."""
+"""Tests for rlhfkit.eval.rm_bench: pair accuracy (a tie counts half), length buckets, reliability and ECE."""
 
 import math
 
@@ -10,15 +10,27 @@ from rlhfkit.eval.rm_bench import (
     benchmark_on_pairs,
     benchmark_report,
     length_bucket,
+    pair_accuracy,
+    pair_outcomes,
     reliability,
     seen_topic_subset,
-    strict_accuracy,
 )
 
 
-def test_strict_accuracy_counts_ties_as_wrong():
-    assert strict_accuracy([1.0, -0.5, 0.0, 2.0]) == pytest.approx(0.5)
-    assert strict_accuracy([]) is None
+def test_pair_accuracy_counts_a_tie_as_half_correct():
+    # As the win rate counts a tie as half a win: 1 + 0 + 0.5 + 1 over 4 pairs.
+    assert pair_outcomes([1.0, -0.5, 0.0, 2.0]).tolist() == [1.0, 0.0, 0.5, 1.0]
+    assert pair_accuracy([1.0, -0.5, 0.0, 2.0]) == pytest.approx(0.625)
+    assert pair_accuracy([0.0, 0.0]) == pytest.approx(0.5)
+    assert pair_accuracy([]) is None
+
+
+def test_pair_accuracy_follows_the_win_rate_rule():
+    from rlhfkit.eval.winrate import win_rate
+
+    better, worse = [3.0, 1.0, 2.0, 5.0, 0.0], [1.0, 1.0, 4.0, 5.0, -1.0]
+    margins = [b - w for b, w in zip(better, worse, strict=True)]
+    assert pair_accuracy(margins) == pytest.approx(win_rate(better, worse, tol=0.0)["rate"])
 
 
 def test_length_buckets():
@@ -35,14 +47,14 @@ def test_length_buckets():
 
 
 def test_reliability_hand_computed():
-    # margin 0 -> confidence 0.5 (wrong: strict); 2 -> sigmoid(2) = 0.880797 (right); -2 -> same, wrong.
+    # margin 0 -> confidence 0.5 (a tie: half correct); 2 -> sigmoid(2) = 0.880797 (right); -2 -> same, wrong.
     result = reliability([0.0, 2.0, -2.0], n_bins=5)
     high = 1 / (1 + math.exp(-2))
     first, fourth = result["bins"][0], result["bins"][3]
-    assert (first["n"], first["accuracy"], first["confidence"]) == (1, 0.0, 0.5)
+    assert (first["n"], first["accuracy"], first["confidence"]) == (1, 0.5, 0.5)
     assert fourth["n"] == 2 and fourth["accuracy"] == 0.5 and fourth["confidence"] == pytest.approx(high)
-    # ECE = 1/3 * |0 - 0.5| + 2/3 * |0.5 - 0.880797|.
-    assert result["ece"] == pytest.approx(1 / 3 * 0.5 + 2 / 3 * (high - 0.5))
+    # ECE = 1/3 * |0.5 - 0.5| + 2/3 * |0.5 - 0.880797|.
+    assert result["ece"] == pytest.approx(2 / 3 * (high - 0.5))
     assert sum(b["n"] for b in result["bins"]) == 3
 
 
@@ -67,7 +79,7 @@ class _LastTokenReward(torch.nn.Module):
 
 
 def test_benchmark_on_pairs_scores_the_judged_pairs_by_their_gold_side():
-    # The reward of a response is its last token id: 9 > 4, 2 < 7, 5 == 5 (a tied score is wrong).
+    # The reward of a response is its last token id: 9 > 4, 2 < 7, 5 == 5 (a tied score: half correct).
     pairs = GoldPairs(
         prompt_ids=[[1, 1], [1], [1, 1, 1], [1]],
         a=[[3, 9], [2], [5], [8]],
@@ -78,12 +90,12 @@ def test_benchmark_on_pairs_scores_the_judged_pairs_by_their_gold_side():
         pad_id=0,
     )
     report = benchmark_on_pairs(_LastTokenReward(), pairs)
-    assert report["accuracy"] == pytest.approx(2 / 3) and report["n_pairs"] == 3
-    assert report["subsets"] == {"x": {"accuracy": 1.0, "n": 2}, "y": {"accuracy": 0.0, "n": 1}}
+    assert report["accuracy"] == pytest.approx(2.5 / 3) and report["n_pairs"] == 3
+    assert report["subsets"] == {"x": {"accuracy": 1.0, "n": 2}, "y": {"accuracy": 0.5, "n": 1}}
     assert report["n_gold_ties_dropped"] == 1
 
 
-def test_probe_accuracies_compare_each_pair_and_count_ties_as_wrong():
+def test_probe_accuracies_compare_each_pair_and_count_ties_as_half():
     from rlhfkit.eval.rm_bench import probe_accuracies
     from rlhfkit.models.loading import tiny_causal_lm
     from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids, train_tokenizer
@@ -95,7 +107,7 @@ def test_probe_accuracies_compare_each_pair_and_count_ties_as_wrong():
     triples = [
         ("List five things.", "1. item 3\n2. thing 9", "1. item 4"),
         ("Top 5 items?", "1. thing 12", "some words about lists 5 and more words"),
-        ("Name five.", "2. item 8", "2. item 8"),  # the same answer twice: a tie, counted as wrong
+        ("Name five.", "2. item 8", "2. item 8"),  # the same answer twice: a tie, counted as half
     ]
 
     class SumReward(torch.nn.Module):
@@ -114,15 +126,16 @@ def test_probe_accuracies_compare_each_pair_and_count_ties_as_wrong():
     expected_ll, expected_rm = [], []
     for prompt, better, worse in triples:
         (lb, rb), (lw, rw) = alone(prompt, better), alone(prompt, worse)
-        expected_ll.append(lb > lw)
-        expected_rm.append(rb > rw)
-    assert any(expected_ll) and any(expected_rm)  # the pairs are not all decided the same way
+        expected_ll.append(1.0 if lb > lw else 0.5 if lb == lw else 0.0)
+        expected_rm.append(1.0 if rb > rw else 0.5 if rb == rw else 0.0)
+    assert 1.0 in expected_ll and 1.0 in expected_rm  # the pairs are not all decided the same way
+    assert expected_rm[2] == 0.5  # the identical answers tie
     report = probe_accuracies(SumReward(), policy, tokenizer, {"kind": triples, "empty": []})
     assert set(report) == {"kind"}
     assert report["kind"]["n"] == 3
     assert report["kind"]["policy_loglik"] == pytest.approx(sum(expected_ll) / 3, abs=1e-4)
     assert report["kind"]["reward_model"] == pytest.approx(sum(expected_rm) / 3, abs=1e-4)
-    # Swapping the sides turns every right answer wrong and back, except the tie, wrong both ways.
+    # Swapping the sides turns every right answer wrong and back, except the tie, half right both ways.
     swapped = probe_accuracies(SumReward(), policy, tokenizer, {"kind": [(p, w, b) for p, b, w in triples]})
     for column in ("policy_loglik", "reward_model"):
-        assert report["kind"][column] + swapped["kind"][column] == pytest.approx(2 / 3, abs=1e-4)
+        assert report["kind"][column] + swapped["kind"][column] == pytest.approx(1.0, abs=1e-4)

@@ -309,7 +309,7 @@ def _label_curve_context(points: Any) -> dict | None:
 
 
 def _bench_context(bench: Mapping[str, Any]) -> dict | None:
-    """The RM benchmark section: overall and per-subset strict accuracy, ECE and the reliability plot."""
+    """The RM benchmark section: overall and per-subset accuracy, ECE and the reliability plot."""
     if not bench:
         return None
     calibration = _mapping(bench.get("calibration"))

@@ -1,11 +1,13 @@
-"""Reward-model benchmark in the style of RewardBench: strict pairwise accuracy by subset, calibration.
+"""Reward-model benchmark in the style of RewardBench: pairwise accuracy by subset, calibration.
 
 Pairs are two fresh samples of a policy on held-out prompts, labelled by the gold judge
 (pairs it scores equal are dropped: neither answer is right). A pair counts as correct
-only when the RM scores the gold-preferred response strictly higher. Calibration reads
-sigmoid(score difference) as the RM's probability that its preferred response is the
-better one (the Bradley-Terry reading of a reward model) and compares it with how often
-the gold judge agrees.
+when the RM scores the gold-preferred response higher, and as half correct when the RM
+gives both exactly the same score (`pair_outcomes`: the win rate's rule, a tie is half a
+win). Every RM accuracy here (held-out benchmark, subsets, calibration, probes) follows
+it. Calibration reads sigmoid(score difference) as the RM's probability that its
+preferred response is the better one (the Bradley-Terry reading of a reward model) and
+compares it with how often the gold judge agrees.
 """
 
 from __future__ import annotations
@@ -22,10 +24,19 @@ LENGTH_GAP_BUCKETS = ((0, 5, "length gap <5"), (5, 15, "length gap 5-14"), (15, 
 CALIBRATION_BINS = 5
 
 
-def strict_accuracy(margins: Sequence[float]) -> float | None:
-    """Share of margins (score of the gold-preferred minus the other) that are > 0; ties are wrong."""
+def pair_outcomes(margins: Sequence[float]) -> np.ndarray:
+    """Per pair 1 if its margin (score of the better response minus the other's) is > 0, 0.5 if it
+    is exactly 0 (the RM cannot tell them apart: half correct, as a tie is half a win in `win_rate`),
+    else 0."""
     m = np.asarray(margins, dtype=np.float64)
-    return float((m > 0).mean()) if m.size else None
+    return np.where(m > 0, 1.0, np.where(m == 0, 0.5, 0.0))
+
+
+def pair_accuracy(margins: Sequence[float]) -> float | None:
+    """Mean of `pair_outcomes`: the share of pairs the RM orders right, a tied score counting half;
+    None without pairs."""
+    outcomes = pair_outcomes(margins)
+    return float(outcomes.mean()) if outcomes.size else None
 
 
 def length_bucket(gap: int) -> str:
@@ -39,11 +50,13 @@ def length_bucket(gap: int) -> str:
 def reliability(margins: Sequence[float], n_bins: int = CALIBRATION_BINS) -> dict:
     """Reliability bins of confidence sigmoid(|margin|) over [0.5, 1] against accuracy, and the ECE.
 
-    ECE = sum over bins of (n_bin / n) * |accuracy_bin - mean confidence_bin| (Guo et al. 2017).
+    ECE = sum over bins of (n_bin / n) * |accuracy_bin - mean confidence_bin| (Guo et al. 2017);
+    accuracy counts a tied score as half correct (`pair_outcomes`).
     """
     m = np.asarray(margins, dtype=np.float64)
     confidence = 1.0 / (1.0 + np.exp(-np.abs(m)))
-    correct = (m > 0).astype(np.float64)
+    # A tied score is confidence 0.5 and half correct (`pair_outcomes`): perfectly calibrated.
+    correct = pair_outcomes(m)
     edges = np.linspace(0.5, 1.0, n_bins + 1)
     # The last bin is closed on the right so a confidence of exactly 1.0 has a home.
     index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
@@ -67,14 +80,15 @@ def reliability(margins: Sequence[float], n_bins: int = CALIBRATION_BINS) -> dic
 
 
 def benchmark_report(margins: Sequence[float], subsets: Sequence[Sequence[str]]) -> dict:
-    """Accuracy overall and per subset label (a pair may carry several labels), plus calibration."""
-    out: dict = {"accuracy": strict_accuracy(margins), "n_pairs": len(margins), "subsets": {}}
+    """Accuracy (`pair_accuracy`) overall and per subset label (a pair may carry several labels),
+    plus calibration."""
+    out: dict = {"accuracy": pair_accuracy(margins), "n_pairs": len(margins), "subsets": {}}
     by_label: dict[str, list[float]] = {}
     for margin, labels in zip(margins, subsets, strict=True):
         for label in labels:
             by_label.setdefault(label, []).append(margin)
     for label in sorted(by_label):
-        out["subsets"][label] = {"accuracy": strict_accuracy(by_label[label]), "n": len(by_label[label])}
+        out["subsets"][label] = {"accuracy": pair_accuracy(by_label[label]), "n": len(by_label[label])}
     out["calibration"] = reliability(margins)
     return out
 
@@ -147,7 +161,7 @@ def gold_pairs(
 
 @torch.no_grad()
 def benchmark_on_pairs(reward_model, pairs: GoldPairs) -> dict:
-    """The RewardBench-style report (strict accuracy, subsets, calibration) of a reward model on `pairs`."""
+    """The RewardBench-style report (accuracy, subsets, calibration) of a reward model on `pairs`."""
     from rlhfkit.eval.evaluate import score_with_reward_model
 
     was_training = reward_model.training
@@ -215,8 +229,9 @@ def probe_accuracies(
     """Per probe kind: how often the reward model, and the policy's log-likelihood, prefer the better answer.
 
     `probes` maps a kind to (prompt, better, worse) triples that differ in one known way. A tie
-    counts as wrong. The policy column (log pi(y|x) summed over the response) shows what the
-    model the reward model started from already tells apart without any feedback.
+    counts as half right (`pair_accuracy`). The policy column (log pi(y|x) summed over the
+    response) shows what the model the reward model started from already tells apart without
+    any feedback.
     """
     from rlhfkit.eval.evaluate import score_with_reward_model, sequence_logprobs
     from rlhfkit.models.tokenizer import completion_token_ids, prompt_token_ids
@@ -237,8 +252,8 @@ def probe_accuracies(
         ll_b, ll_w = (sequence_logprobs(policy, prompt_ids, r, pad, 1.0, batch_size) for r in (better, worse))
         report[kind] = {
             "n": len(triples),
-            "reward_model": round(float(np.mean([b > w for b, w in zip(rm_b, rm_w, strict=True)])), 4),
-            "policy_loglik": round(float(np.mean([b > w for b, w in zip(ll_b, ll_w, strict=True)])), 4),
+            "reward_model": round(pair_accuracy(np.subtract(rm_b, rm_w)), 4),
+            "policy_loglik": round(pair_accuracy(np.subtract(ll_b, ll_w)), 4),
         }
     reward_model.train(was_training[0])
     policy.train(was_training[1])
