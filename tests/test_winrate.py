@@ -1,5 +1,6 @@
 """Tests for rlhfkit.eval.winrate: ties as half, Wilson and bootstrap intervals."""
 
+import numpy as np
 import pytest
 
 from rlhfkit.eval.winrate import bootstrap_interval, wilson_interval, win_rate
@@ -51,8 +52,31 @@ def test_bootstrap_is_seeded_and_brackets_the_rate():
     assert (lo, hi) == pytest.approx(wilson, abs=0.02)
 
 
-def test_bootstrap_of_constant_outcomes_is_a_point():
-    assert bootstrap_interval([1.0, 1.0, 1.0]) == (1.0, 1.0)
+def test_bootstrap_of_constant_outcomes_is_wilsons_interval_not_a_point():
+    # 20 wins of 20: every resample is 1.0, so the percentile interval would be [1, 1].
+    assert bootstrap_interval([1.0] * 20) == wilson_interval(1.0, 20)
+    lo, hi = bootstrap_interval([1.0] * 20)
+    assert lo < 0.9 and hi == 1.0
+    assert bootstrap_interval([0.0] * 7) == wilson_interval(0.0, 7)
+    assert bootstrap_interval([0.5] * 10) == wilson_interval(0.5, 10)
+    # Not a proportion: the bootstrap can say nothing about the spread, the point stays.
+    assert bootstrap_interval([3.0, 3.0]) == (3.0, 3.0)
+
+
+def test_bootstrap_win_rate_of_all_wins_notes_it_gave_wilsons_interval():
+    result = win_rate([1.0] * 20, [0.0] * 20, method="bootstrap")
+    assert result["rate"] == 1.0 and result["ci95"] == list(wilson_interval(1.0, 20))
+    assert result["ci95"][0] < result["ci95"][1]
+    assert result["ci_method"] == "bootstrap" and "all 20 outcomes equal" in result["ci_note"]
+
+
+def test_bootstrap_of_mixed_outcomes_is_unchanged():
+    outcomes = [1.0] * 12 + [0.5] * 3 + [0.0] * 5
+    x = np.asarray(outcomes)
+    means = x[np.random.default_rng(4).integers(0, x.size, size=(2000, x.size))].mean(axis=1)
+    assert bootstrap_interval(outcomes, seed=4) == tuple(np.percentile(means, [2.5, 97.5]))
+    result = win_rate([1.0] * 12 + [0.0] * 8, [0.0] * 12 + [1.0] * 8, method="bootstrap")
+    assert result["ci_method"] == "bootstrap" and "ci_note" not in result
 
 
 def test_mismatched_lengths_name_both():

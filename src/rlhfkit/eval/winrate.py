@@ -32,13 +32,28 @@ def wilson_interval(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
     return lo, hi
 
 
+def all_equal(outcomes: Sequence[float]) -> bool:
+    """Whether every outcome is the same value: then every bootstrap resample is too."""
+    x = np.asarray(outcomes, dtype=np.float64)
+    return bool(x.size) and bool((x == x.flat[0]).all())
+
+
 def bootstrap_interval(
     outcomes: Sequence[float], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
 ) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean of per-prompt outcomes (seeded)."""
+    """Percentile bootstrap 95% interval of the mean of per-prompt outcomes (seeded).
+
+    When every outcome is equal, every resample's mean is that value and the percentile interval
+    is a single point ([1, 1] for 20 wins of 20), which claims a certainty n prompts cannot give.
+    Outcomes in [0, 1] are then a proportion, and get Wilson's interval of it over n instead
+    (`wilson_interval`). Equal outcomes outside [0, 1] still give the point: the bootstrap has
+    nothing to say about their spread, and callers should report it as such.
+    """
     x = np.asarray(outcomes, dtype=np.float64)
     if x.size < 1:
         raise ValueError("bootstrap_interval needs at least one outcome")
+    if all_equal(x) and 0.0 <= x.flat[0] <= 1.0:
+        return wilson_interval(float(x.flat[0]), int(x.size))
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
@@ -57,9 +72,12 @@ def win_rate(
     Per prompt i the outcome is 1 if ``a_i > b_i + tol``, 0.5 if ``|a_i - b_i| <= tol``
     and 0 otherwise. The 95% interval is Wilson's score interval on the rate over n
     prompts (a tie enters as half a success), or with ``method="bootstrap"`` the
-    percentile interval of 2000 seeded resamples of the prompts.
+    percentile interval of 2000 seeded resamples of the prompts. When every prompt has the
+    same outcome (all wins, all ties or all losses) the bootstrap's interval would be a single
+    point: it is Wilson's instead (`bootstrap_interval`), and ``ci_note`` says so.
 
-    Returns ``{"rate", "ci95": [lo, hi], "ci_method", "n", "wins", "ties", "losses"}``.
+    Returns ``{"rate", "ci95": [lo, hi], "ci_method", "n", "wins", "ties", "losses"}`` (and
+    ``ci_note`` when the bootstrap was asked for and gave Wilson's interval).
     Raises ValueError if the lengths differ, there are no prompts, a score is not
     finite, or the method is unknown.
     """
@@ -85,7 +103,7 @@ def win_rate(
     n = int(outcomes.shape[0])
     rate = float(outcomes.mean())
     lo, hi = wilson_interval(rate, n) if method == "wilson" else bootstrap_interval(outcomes, seed)
-    return {
+    result = {
         "rate": rate,
         "ci95": [lo, hi],
         "ci_method": method,
@@ -94,3 +112,6 @@ def win_rate(
         "ties": int(ties.sum()),
         "losses": int(losses.sum()),
     }
+    if method == "bootstrap" and all_equal(outcomes):
+        result["ci_note"] = f"all {n} outcomes equal: Wilson's interval (a bootstrap's would be one point)"
+    return result
