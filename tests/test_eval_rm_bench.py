@@ -139,3 +139,20 @@ def test_probe_accuracies_compare_each_pair_and_count_ties_as_half():
     swapped = probe_accuracies(SumReward(), policy, tokenizer, {"kind": [(p, w, b) for p, b, w in triples]})
     for column in ("policy_loglik", "reward_model"):
         assert report["kind"][column] + swapped["kind"][column] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_heldout_report_always_has_the_accuracy_key():
+    from rlhfkit.eval.rm_bench import heldout_report, heldout_skip_reason
+
+    assert heldout_skip_reason(True, 400, True) is None
+    reason = heldout_skip_reason(True, 0, True)
+    assert reason == "eval.heldout_pairs is 0"
+    assert "gold" in heldout_skip_reason(False, 400, True)
+    assert "reward model" in heldout_skip_reason(True, 400, False)
+    assert heldout_report(None, reason) == {"heldout_accuracy": None, "heldout_accuracy_reason": reason}
+    bench = benchmark_report([1.0, -1.0], [["a"], ["a"]])
+    assert heldout_report(bench) == {"heldout_accuracy": 0.5, "n_heldout_pairs": 2, "bench": bench}
+    # Every sampled pair a gold tie: nothing judged, the key is null and says why.
+    empty = {**benchmark_report([], []), "n_gold_ties_dropped": 6}
+    out = heldout_report(empty)
+    assert out["heldout_accuracy"] is None and "all 6 held-out pairs equal" in out["heldout_accuracy_reason"]

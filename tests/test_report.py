@@ -403,3 +403,24 @@ def test_loop_plot_of_rounds_without_rewards_says_so(recwarn):
     png = loop_rounds_png(rounds)
     assert png is not None and base64.b64decode(png).startswith(b"\x89PNG")
     assert not [w for w in recwarn if "legend" in str(w.message)]
+
+
+def test_heldout_accuracy_not_measured_reads_so_with_its_reason(tmp_path: Path):
+    # eval.heldout_pairs=0: report.json's rm.heldout_accuracy is null, with the reason beside it.
+    report = {
+        "rm": {
+            "heldout_accuracy": None,
+            "heldout_accuracy_reason": "eval.heldout_pairs is 0",
+            "gold_agreement": 0.71,
+            "n_train_pairs": 40,
+        }
+    }
+    html = write_html_report(tmp_path, report).read_text()
+    assert '<th>heldout_accuracy</th><td class="num">not measured (eval.heldout_pairs is 0)</td>' in html
+    assert "<th>heldout_accuracy_reason</th>" not in html and "0.71" in html
+    # An rm section from before the key existed (or before any eval): not measured, no reason.
+    html = write_html_report(tmp_path, {"rm": {"n_train_pairs": 40}}).read_text()
+    assert '<th>heldout_accuracy</th><td class="num">not measured</td>' in html
+    # A measured accuracy is shown as it is.
+    html = write_html_report(tmp_path, {"rm": {"heldout_accuracy": 0.75}}).read_text()
+    assert '<th>heldout_accuracy</th><td class="num">0.75</td>' in html and "not measured" not in html

@@ -327,6 +327,18 @@ def _bench_context(bench: Mapping[str, Any]) -> dict | None:
     }
 
 
+def _rm_rows(rm: Mapping[str, Any]) -> dict[str, Any]:
+    """The reward-model table's figures; a held-out accuracy that is null or absent (eval.heldout_pairs
+    0, no gold judge, no eval yet) reads "not measured", with its reason when report.json gives one."""
+    rows = {
+        k: v for k, v in rm.items() if k not in ("bench", "label_curve", "probes", "heldout_accuracy_reason")
+    }
+    if rm and not _is_number(rm.get("heldout_accuracy")):
+        reason = rm.get("heldout_accuracy_reason")
+        rows["heldout_accuracy"] = f"not measured ({reason})" if reason else "not measured"
+    return rows
+
+
 def _overopt_context(overopt: Mapping[str, Any]) -> dict | None:
     """The over-optimisation section: the plot (re-drawn from the data) and one fit row per curve."""
     if not overopt:
@@ -508,10 +520,7 @@ def write_html_report(run_dir: Path, report: dict) -> Path:
         "judge": evaluation.get("judge", "gold"),
         "judge_model": evaluation.get("judge_model"),
         "kl_estimator": evaluation.get("kl_estimator"),
-        "rm": _scalar_items(
-            {k: v for k, v in rm_section.items() if k not in ("bench", "label_curve", "probes")},
-            ("heldout_accuracy", "gold_agreement", "n_train_pairs"),
-        ),
+        "rm": _scalar_items(_rm_rows(rm_section), ("heldout_accuracy", "gold_agreement", "n_train_pairs")),
         "bench": _bench_context(bench),
         "probes": [(kind, _mapping(p)) for kind, p in _mapping(rm_section.get("probes")).items()],
         "label_curve": _label_curve_context(rm_section.get("label_curve")),

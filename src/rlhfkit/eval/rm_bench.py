@@ -93,6 +93,31 @@ def benchmark_report(margins: Sequence[float], subsets: Sequence[Sequence[str]])
     return out
 
 
+def heldout_skip_reason(has_gold: bool, heldout_pairs: int, has_reward_model: bool) -> str | None:
+    """Why the eval stage measures no held-out RM accuracy, or None when it does."""
+    if not has_gold:
+        return "the task has no gold utility to label held-out pairs"
+    if heldout_pairs <= 0:
+        return f"eval.heldout_pairs is {heldout_pairs}"
+    if not has_reward_model:
+        return "the run has no reward model (rm/model)"
+    return None
+
+
+def heldout_report(bench: dict | None, reason: str | None = None) -> dict:
+    """report.json's rm keys of the held-out benchmark: `heldout_accuracy` always (the contract
+    lists it), with `n_heldout_pairs` and `bench` when measured; null with `heldout_accuracy_reason`
+    when not (`heldout_skip_reason`, or every pair a gold tie)."""
+    if bench is None:
+        return {"heldout_accuracy": None, "heldout_accuracy_reason": reason or "not measured"}
+    out = {"heldout_accuracy": bench["accuracy"], "n_heldout_pairs": bench["n_pairs"], "bench": bench}
+    if bench["accuracy"] is None:
+        out["heldout_accuracy_reason"] = (
+            f"the gold judge scored all {bench.get('n_gold_ties_dropped', 0)} held-out pairs equal"
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class GoldPairs:
     """Gold-labelled pairs of two policy samples per prompt, as token ids.
