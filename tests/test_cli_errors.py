@@ -148,6 +148,8 @@ def test_a_refused_command_leaves_the_run_as_it_was(tmp_path):
     refused = _run("eval", "--out", str(run_dir), "--judge", "rm", "--reference", "ppo", "--policies", "sft")
     assert refused.exit_code == 2 and "error:" in _flat(refused.output)
     assert (run_dir / "config.yaml").read_text() == "seed: 7\n"
+    # A refused eval creates nothing: no empty eval/ folder beside the run's stages.
+    assert not (run_dir / "eval").exists()
 
 
 def test_out_that_is_a_file(tmp_path):
@@ -392,8 +394,8 @@ def test_lengths_beyond_learned_positions_are_refused_at_the_start(gpt2_run_temp
     out = _flat(result.output)
     assert f"{key} " in out and "the 32 positions of the learned position embeddings" in out, out
     assert "(gpt2, n_positions)" in out and "Traceback" not in out
-    # Refused before any work: the stage wrote no model and no samples.
-    assert not (run / stage / "model").exists() and not (run / stage / "samples.jsonl").exists()
+    # Refused before any work: the stage wrote nothing, not even an empty folder.
+    assert not (run / stage).exists()
 
 
 def test_a_db_that_is_not_a_feedback_database_is_refused_and_left_as_it_was(tmp_path):

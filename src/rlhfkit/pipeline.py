@@ -553,6 +553,8 @@ def stage_eval(run: Run) -> dict:
         ci_method=cfg.ci_method,
         llm_judge=evaluate.load_llm_judge(cfg.judge_model) if cfg.judge == "llm" else None,
     )
+    # Only now: a refused eval (a policy, judge or length that cannot be used) leaves no folder.
+    run.stage_dir("eval").mkdir(parents=True, exist_ok=True)
     rm_report: dict[str, Any] = {}
     heldout = None
     if gold is not None and cfg.heldout_pairs and rm_path is not None:
@@ -588,7 +590,6 @@ def stage_eval(run: Run) -> dict:
         curve = measure_label_curve(run, heldout, rm_report.get("heldout_accuracy"))
         if curve is not None:
             rm_report.update(label_curve=curve, label_curve_seconds=curve_watch.seconds())
-    (run.stage_dir("eval")).mkdir(parents=True, exist_ok=True)
     write_jsonl(run.stage_dir("eval") / "samples.jsonl", result["samples"])
     summary = {"wall_seconds": watch.seconds(), **result, "rm": rm_report}
     return summary
@@ -791,10 +792,11 @@ def run_stage(run: Run, stage: str, reuse: bool = False) -> dict:
         summary = json.loads((out / "summary.json").read_text())
         console.print(f"[dim]{stage}: reusing the finished stage in {out}[/dim]")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        # The stage is not finished while it runs again. Input errors (a bad data file, a missing
-        # upstream model, a bad pool) come before a stage replaces its outputs (models and data
-        # files are written at its end), so then the previous result is whole and stays finished.
+        # The stage creates its folder once its checks pass: a refused stage leaves no empty
+        # folder behind. The stage is not finished while it runs again. Input errors (a bad data
+        # file, a missing upstream model, a bad pool) come before a stage replaces its outputs
+        # (models and data files are written at its end), so then the previous result is whole
+        # and stays finished.
         marker = out / "summary.json"
         previous = marker.read_bytes() if marker.is_file() else None
         marker.unlink(missing_ok=True)
@@ -808,6 +810,7 @@ def run_stage(run: Run, stage: str, reuse: bool = False) -> dict:
             run.record_config()  # its checkpoint was made with this config
             raise
         summary["fingerprint"] = run.fingerprint(stage)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         shown = {k: v for k, v in summary.items() if isinstance(v, int | float) and k != "wall_seconds"}
         console.print(
