@@ -405,6 +405,33 @@ def test_load_tokenizer_refuses_one_with_neither_pad_nor_eos(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_load_tokenizer_refuses_a_pad_without_eos(tmp_path):
+    # Responses end with EOS and sampling stops at it: a pad alone is not enough.
+    padded = PreTrainedTokenizerFast(
+        tokenizer_object=byte_level_bpe(["<unk>", "<pad>"]), unk_token="<unk>", pad_token="<pad>"
+    )
+    padded.save_pretrained(tmp_path)
+    expected = re.escape(f"tokenizer {tmp_path}: it has a pad token (<pad>) but no EOS token")
+    with pytest.raises(ValueError, match=expected):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: train_tokenizer(TEXTS, vocab_size=300),
+        gpt2_style_tokenizer,
+        qwen2_style_tokenizer,
+        gemma_style_tokenizer,
+    ],
+    ids=["embedded-llama", "gpt2", "qwen2", "gemma"],
+)
+def test_load_tokenizer_takes_the_usual_tokenizers(tmp_path, make):
+    make().save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
+
+
 def test_pretrain_refuses_a_block_size_beyond_the_tiny_gpt2s_positions(tmp_path):
     from rlhfkit.train.pretrain import run_pretrain
 

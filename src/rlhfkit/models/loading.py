@@ -101,14 +101,20 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """A tokenizer from a hub id or local folder, with a pad token guaranteed and, under a chat
     template, the token that ends an assistant turn as its EOS (`use_chat_turn_end_as_eos`).
 
-    One with neither pad nor EOS is a ValueError naming it: without EOS there is no pad to borrow."""
+    One without EOS (after the chat template's turn end is taken as one) is a ValueError naming it:
+    responses end with EOS and sampling stops at it, and a tokenizer without a pad borrows EOS."""
     tokenizer = AutoTokenizer.from_pretrained(model_source(path, model=False))
     use_chat_turn_end_as_eos(tokenizer)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+    if tokenizer.eos_token_id is None:
+        has = (
+            "neither a pad token nor an EOS token"
+            if tokenizer.pad_token_id is None
+            else f"a pad token ({tokenizer.pad_token}) but no EOS token"
+        )
         raise ValueError(
-            f"tokenizer {path}: it has neither a pad token nor an EOS token; rlhfkit ends every response "
-            "with EOS and pads with the pad token (EOS where there is none): set eos_token (and pad_token) "
-            "in its tokenizer_config.json"
+            f"tokenizer {path}: it has {has}; rlhfkit ends every response with EOS (demonstrations are "
+            "trained to end with it, sampling stops at it) and pads with the pad token (EOS where there "
+            "is none): set eos_token (and pad_token) in its tokenizer_config.json"
         )
     ensure_pad_token(tokenizer)
     return tokenizer
