@@ -12,6 +12,7 @@ from rlhfkit.eval.overopt import (
     best_of_n_expectation,
     best_of_n_weights,
     bon_sweep,
+    checkpoint_paths,
     fit_gao,
     reward_model_paths,
     rl_sweep,
@@ -167,3 +168,26 @@ def test_extra_reward_models_that_share_a_label_are_all_kept(tmp_path):
 def test_extra_reward_model_without_a_saved_model_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"--rm .*: no saved model \(config.json\) there"):
         reward_model_paths(_saved(tmp_path / "rm" / "model"), [tmp_path / "empty"])
+
+
+def test_checkpoints_are_named_as_eval_names_policy_folders(tmp_path):
+    from rlhfkit.eval.evaluate import folder_labels
+
+    a = _saved(tmp_path / "a" / "ppo" / "checkpoints" / "step-20")
+    b = _saved(tmp_path / "b" / "ppo" / "checkpoints" / "step-20")
+    c = _saved(tmp_path / "a" / "ppo" / "checkpoints" / "step-40")
+    # Two runs' step-20: both kept, each by its full path, as `rlhfkit eval --policies` names them.
+    both = checkpoint_paths([a, b])
+    assert both == {str(a.resolve()): a, str(b.resolve()): b}
+    assert set(both) == set(folder_labels([a, b]).values())
+    # Distinct folders keep eval's short labels; the same folder twice is one checkpoint.
+    assert checkpoint_paths([a, c, a]) == {"checkpoints/step-20": a, "checkpoints/step-40": c}
+    assert list(checkpoint_paths([a, c])) == [folder_labels([a, c])[p.resolve()] for p in (a, c)]
+    # A folder labelled like the SFT point may not take its place.
+    sft_like = _saved(tmp_path / "x" / "sft")
+    assert model_label(sft_like) == "x/sft" and list(checkpoint_paths([sft_like])) == ["x/sft"]
+
+
+def test_checkpoint_without_a_saved_model_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"--checkpoint .*empty: no saved model \(config.json\) there"):
+        checkpoint_paths([tmp_path / "empty"])

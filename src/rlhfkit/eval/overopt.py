@@ -414,6 +414,22 @@ def reward_model_paths(proxy: Path, extra: Sequence[Path]) -> dict[str, Path]:
     return out
 
 
+def checkpoint_paths(folders: Sequence[Path]) -> dict[str, Path]:
+    """Policy folders of the RL sweep by name, named as `rlhfkit eval` names policy folders
+    (`folder_labels`): "checkpoints/step-20", or every folder by its full path when two share a
+    label (two runs' step-20) or one is "sft", the sweep's first point. The same folder twice is one."""
+    from rlhfkit.eval.evaluate import folder_labels
+
+    for path in folders:
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"--checkpoint {path}: no saved model (config.json) there")
+    labels = folder_labels(folders, taken={"sft"})
+    out: dict[str, Path] = {}
+    for path in folders:
+        out.setdefault(labels[Path(path).resolve()], Path(path))
+    return out
+
+
 def saved_checkpoints(stage_dir: Path) -> list[Path]:
     """The policy checkpoints a training stage saved (STAGE/checkpoints/step-N/), in step order."""
     # step-* only: a checkpoint being written is a hidden .step-N.tmp folder.
