@@ -21,7 +21,7 @@ from rlhfkit.config import load_config
 from rlhfkit.models.loading import load_reward_model, save_model, tiny_causal_lm
 from rlhfkit.models.tokenizer import train_tokenizer
 from rlhfkit.train.checkpoint import STATE_FILE, checkpoint_steps
-from rlhfkit.train.ppo import decoder_blocks, run_ppo
+from rlhfkit.train.ppo import decoder_blocks, freeze_lower_layers, run_ppo
 
 PROMPTS = [f"Say a colour number {i}." for i in range(12)]
 CORPUS = ["Say a colour number 3. red", "blue green red yellow", "a colour is red or blue"] * 20
@@ -230,6 +230,27 @@ def test_lr_schedule_warms_up_then_decays_to_its_end(schedule):
         "constant": [1.0] * len(after),
     }[schedule]
     assert lrs[warmup:] == pytest.approx(expected, abs=1e-12)
+
+
+def test_freeze_layers_freezes_gpt2s_learned_positions_with_the_lower_blocks():
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    model = tiny_causal_lm(tokenizer, "gpt2", 16, 2, 2, 32, max_positions=32)
+    freeze_lower_layers(model, 1)
+    blocks = decoder_blocks(model)
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+    assert all(p.requires_grad for p in blocks[1].parameters())
+    # wpe feeds only the frozen bottom of the network; wte stays trainable as the tied LM head.
+    assert not model.transformer.wpe.weight.requires_grad
+    assert model.transformer.wte.weight.requires_grad
+    untied = tiny_causal_lm(tokenizer, "gpt2", 16, 2, 2, 32, max_positions=32)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    freeze_lower_layers(untied, 1)
+    assert not untied.transformer.wpe.weight.requires_grad
+    assert not untied.transformer.wte.weight.requires_grad and untied.lm_head.weight.requires_grad
+    # Rotary positions have no table: Llama's blocks and untied embeddings freeze as before.
+    llama = tiny_causal_lm(tokenizer, "llama", 16, 2, 2, 32)
+    freeze_lower_layers(llama, 1)
+    assert not any(p.requires_grad for p in decoder_blocks(llama)[0].parameters())
 
 
 def test_bad_switches_are_config_errors():

@@ -141,14 +141,13 @@ class PositionTable:
         )
 
 
-def learned_position_table(model: torch.nn.Module, source: str) -> PositionTable | None:
-    """The learned position table of `model` (`source` names it: "model PATH"), read off its
-    structure; None where positions are computed (RoPE, ALiBi, sinusoidal): no hard length limit.
+def learned_position_embedding(model: torch.nn.Module) -> tuple[torch.nn.Embedding, str] | None:
+    """`model`'s learned absolute position embeddings (GPT-2's wpe) and the config key that sizes
+    them; None where positions are computed (RoPE, ALiBi, sinusoidal).
 
     The table is an nn.Embedding other than the token embeddings whose rows, less its `offset`
     (OPT keeps 2 spare rows), are a position count of the config; a token-type table is none."""
-    config = model.config
-    sizes = config.to_dict()
+    sizes = model.config.to_dict()
     tokens = model.get_input_embeddings()
     for module in model.modules():
         if not isinstance(module, torch.nn.Embedding) or module is tokens:
@@ -156,8 +155,19 @@ def learned_position_table(model: torch.nn.Module, source: str) -> PositionTable
         rows = module.num_embeddings - int(getattr(module, "offset", 0))
         for key in POSITION_CONFIG_KEYS:
             if sizes.get(key) == rows:
-                return PositionTable(rows, config.model_type, key, source)
+                return module, key
     return None
+
+
+def learned_position_table(model: torch.nn.Module, source: str) -> PositionTable | None:
+    """The learned position table of `model` (`source` names it: "model PATH"), read off its
+    structure; None where positions are computed (RoPE, ALiBi, sinusoidal): no hard length limit."""
+    found = learned_position_embedding(model)
+    if found is None:
+        return None
+    module, key = found
+    rows = module.num_embeddings - int(getattr(module, "offset", 0))
+    return PositionTable(rows, model.config.model_type, key, source)
 
 
 def position_table(path: str | Path) -> PositionTable | None:

@@ -39,6 +39,7 @@ from rlhfkit.models.loading import (
     check_prompt_room,
     dropout_off,
     enable_gradient_checkpointing,
+    learned_position_embedding,
     load_reward_model,
     load_tokenizer,
     position_table,
@@ -104,7 +105,8 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def freeze_lower_layers(model: torch.nn.Module, n: int) -> None:
-    """Detail: freeze the N lowest blocks (and the input embeddings unless tied to the output)."""
+    """Detail: freeze the N lowest blocks, the learned position embeddings (GPT-2's wpe) and the
+    token embeddings unless tied to the output (freezing them would freeze the LM head too)."""
     if n <= 0:
         return
     blocks = decoder_blocks(model)
@@ -112,6 +114,9 @@ def freeze_lower_layers(model: torch.nn.Module, n: int) -> None:
         raise ValueError(f"ppo.freeze_layers={n} but the model has {len(blocks)} blocks")
     for block in blocks[:n]:
         block.requires_grad_(False)
+    # Positions feed only the bottom of the network, below the frozen blocks, like the tokens.
+    if (positions := learned_position_embedding(model)) is not None:
+        positions[0].requires_grad_(False)
     embeddings = model.get_input_embeddings()
     if embeddings.weight is not model.get_output_embeddings().weight:
         embeddings.requires_grad_(False)
