@@ -527,3 +527,36 @@ def test_feedback_export_loads_in_trl_dpo_trainer(sft_dir, exported_pairs, tmp_p
     )
     result = trainer.train()
     assert result.global_step == 2 and math.isfinite(result.training_loss)
+
+
+@pytest.fixture(scope="module")
+def gpt2_judge_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 judge with 128 learned positions (n_positions), whose vocabulary knows the rubric."""
+    from rlhfkit.eval.llm_judge import YES_NO_RUBRIC
+
+    texts = [YES_NO_RUBRIC + " yes no Yes No " + GOOD + " ".join(PROMPTS)] * 50
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    model = tiny_causal_lm(tokenizer, "gpt2", 32, 1, 2, 64, max_positions=128)
+    out = tmp_path_factory.mktemp("gpt2-judge") / "model"
+    save_model(model, tokenizer, out)
+    return out
+
+
+def test_llm_judge_keeps_within_a_learned_position_table(gpt2_judge_dir):
+    from rlhfkit.eval.llm_judge import LLMJudge
+
+    long = "\n".join([GOOD] * 40)
+    # By default the query is cut to the 128 positions the model has, not to 512.
+    judge = LLMJudge(gpt2_judge_dir)
+    assert judge.max_length == 128 and judge.positions.positions == 128
+    (score,) = judge([PROMPTS[0]], [long])
+    assert 0.0 <= score <= 1.0
+    # A max_length beyond the table is refused before the judge reads a query, naming both.
+    judge = LLMJudge(gpt2_judge_dir, max_length=512)
+    assert len(judge([PROMPTS[0]], ["1. Paris"])) == 1  # a query that fits is judged
+    with pytest.raises(ValueError) as info:
+        judge([PROMPTS[0], PROMPTS[1]], ["1. Paris", long])
+    message = str(info.value)
+    assert "LLM judge max_length=512 exceeds the 128 positions of the learned position embeddings" in message
+    assert "(gpt2, n_positions)" in message and "judge query 2 has" in message
+    assert "lower LLM judge max_length to 128 or less" in message

@@ -16,6 +16,7 @@ from rlhfkit.eval.overopt import (
     fit_gao,
     reward_model_paths,
     rl_sweep,
+    run_overopt,
     summary_rows,
 )
 
@@ -191,3 +192,36 @@ def test_checkpoints_are_named_as_eval_names_policy_folders(tmp_path):
 def test_checkpoint_without_a_saved_model_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"--checkpoint .*empty: no saved model \(config.json\) there"):
         checkpoint_paths([tmp_path / "empty"])
+
+
+@pytest.fixture(scope="module")
+def gpt2_32(tmp_path_factory):
+    """A tiny GPT-2 (policy and reward model alike) with 32 learned positions."""
+    from rlhfkit.models.loading import save_model, tiny_causal_lm
+    from rlhfkit.models.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["red blue green, say a colour number 3."] * 50, vocab_size=300)
+    folder = tmp_path_factory.mktemp("gpt2-32") / "model"
+    save_model(tiny_causal_lm(tokenizer, "gpt2", 32, 1, 2, 64, max_positions=32), tokenizer, folder)
+    return folder
+
+
+def test_overopt_refuses_responses_beyond_the_learned_positions_before_any_work(gpt2_32, tmp_path):
+    out = tmp_path / "overopt"
+    with pytest.raises(ValueError) as info:
+        run_overopt(
+            out,
+            gpt2_32,
+            {"rm": gpt2_32},
+            {},
+            ["Say a colour number 1.", "Say a colour number 2."],
+            lambda prompt, response: 0.0,
+            samples_per_prompt=2,
+            seed=0,
+            temperature=1.0,
+            max_new_tokens=40,
+        )
+    message = str(info.value)
+    assert "overopt.max_new_tokens=40" in message and "the 32 positions of the learned position" in message
+    assert "(gpt2, n_positions)" in message and "lower overopt.max_new_tokens to" in message
+    assert not out.exists()

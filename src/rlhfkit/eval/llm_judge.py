@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import check_cut_sequences, load_causal_lm, load_tokenizer, position_table
 from rlhfkit.models.tokenizer import prompt_token_ids
 from rlhfkit.rollout.batch import left_pad
 from rlhfkit.rollout.logprobs import position_ids_from_mask
@@ -47,6 +47,8 @@ SCORE_RUBRIC = (
 MODES = ("yes_no", "score")
 # Stands for the middle of a response cut to fit max_length.
 TRUNCATION_MARKER = " ... "
+# Query tokens the judge reads when the model does not limit them (its positions are computed).
+DEFAULT_MAX_LENGTH = 512
 
 
 def _text(prompt: Any) -> str:
@@ -65,13 +67,24 @@ class LLMJudge:
         rubric: str | None = None,
         mode: str = "yes_no",
         top_score: int = 5,
-        max_length: int = 512,
+        max_length: int | None = None,
         device: torch.device | str = "cpu",
     ):
+        """`max_length` caps a query's tokens (a long response is cut in its middle); None: 512, or
+        the model's learned position table (GPT-2's n_positions) when that is smaller. A larger
+        max_length than the table is refused when a query would overrun it (`__call__`)."""
         if mode not in MODES:
             raise ValueError(f"LLM judge mode {mode!r}: choose one of {', '.join(MODES)}")
         if mode == "score" and not 2 <= top_score <= 9:
             raise ValueError(f"LLM judge top_score must be 2..9 (one digit token each), got {top_score}")
+        # Before the weights load: None where the model computes its positions (no hard limit).
+        self.positions = position_table(path)
+        if max_length is None:
+            max_length = min(
+                DEFAULT_MAX_LENGTH, self.positions.positions if self.positions else DEFAULT_MAX_LENGTH
+            )
+        if max_length < 1:
+            raise ValueError(f"LLM judge max_length must be at least 1, got {max_length}")
         self.mode, self.top_score, self.max_length, self.device = mode, top_score, max_length, device
         self.name = str(path)  # the judge model, as reports name it
         self.rubric = rubric or (YES_NO_RUBRIC if mode == "yes_no" else SCORE_RUBRIC)
@@ -138,8 +151,14 @@ class LLMJudge:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 16) -> list[float]:
-        """One score per (prompt, response): P(yes) in [0, 1], or the expected score in [1, K]."""
+        """One score per (prompt, response): P(yes) in [0, 1], or the expected score in [1, K].
+
+        A query that, cut to max_length, still overruns the judge's learned position table is an
+        error naming max_length and the table, before the judge reads any query."""
         queries = [self._query_ids(p, r) for p, r in zip(prompts, responses, strict=True)]
+        check_cut_sequences(
+            self.positions, "LLM judge max_length", self.max_length, [len(q) for q in queries], "judge query"
+        )
         pad = self.tokenizer.pad_token_id
         out: list[float] = []
         for start in range(0, len(queries), batch_size):
@@ -173,8 +192,10 @@ class LLMJudge:
 
 
 @lru_cache(maxsize=4)
-def _cached_judge(model: str, rubric: str | None, mode: str, top_score: int) -> LLMJudge:
-    return LLMJudge(model, rubric=rubric, mode=mode, top_score=top_score)
+def _cached_judge(
+    model: str, rubric: str | None, mode: str, top_score: int, max_length: int | None
+) -> LLMJudge:
+    return LLMJudge(model, rubric=rubric, mode=mode, top_score=top_score, max_length=max_length)
 
 
 def judge_reward(
@@ -184,6 +205,7 @@ def judge_reward(
     rubric: str | None = None,
     mode: str = "yes_no",
     top_score: int = 5,
+    max_length: int | None = None,
 ) -> list[float]:
     """Reward function form of the judge (the model is loaded once per configuration)."""
-    return _cached_judge(str(model), rubric, mode, top_score)(prompts, responses)
+    return _cached_judge(str(model), rubric, mode, top_score, max_length)(prompts, responses)

@@ -193,6 +193,19 @@ def rl_sweep(points: Sequence[Mapping[str, float]], rm_names: Sequence[str]) -> 
     return out
 
 
+def check_overopt_lengths(
+    sft_path: Path, model_paths: Sequence[Path], prompts: list[str], max_new_tokens: int
+) -> None:
+    """ValueError naming overopt.max_new_tokens when a prompt and its response overrun the learned
+    position table (GPT-2's n_positions) of the SFT policy or any of `model_paths` (checkpoints,
+    proxy RMs): every one of them reads a prompt and its whole response."""
+    from rlhfkit.models.loading import check_prompt_room, load_tokenizer, position_table
+
+    tokenizer = load_tokenizer(sft_path)
+    for path in dict.fromkeys([Path(sft_path), *map(Path, model_paths)]):
+        check_prompt_room(position_table(path), tokenizer, prompts, "overopt.max_new_tokens", max_new_tokens)
+
+
 @torch.no_grad()
 def sample_bon_pool(
     policy_path: Path,
@@ -355,10 +368,15 @@ def run_overopt(
     max_new_tokens: int,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
-    """Both sweeps (best-of-n always, RL when checkpoints are given); writes overopt.json and overopt.png."""
+    """Both sweeps (best-of-n always, RL when checkpoints are given); writes overopt.json and overopt.png.
+
+    Lengths beyond a model's learned positions are refused before any sampling and before
+    `out_dir` is made (`check_overopt_lengths`), not as an IndexError in the middle of the work.
+    """
     import base64
     import json
 
+    check_overopt_lengths(sft_path, [*checkpoints.values(), *reward_paths.values()], prompts, max_new_tokens)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     proxy, golds, _ = sample_bon_pool(
