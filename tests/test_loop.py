@@ -485,6 +485,50 @@ def test_evaluate_round_uses_the_configured_llm_judge(base_model, tmp_path, monk
     assert loaded == ["my-judge"]
     assert figures["judge"] == "llm" and figures["llm_score"] is not None
     assert figures["win_rate_vs_sft"]["n"] == 3
+    # A judge the loop already loaded is used as given, not loaded again.
+    again = evaluate_round(run, base_model, base_model, "round-2", lambda: judge)
+    assert loaded == ["my-judge"] and again["win_rate_vs_sft"] == figures["win_rate_vs_sft"]
+
+
+def test_the_loop_loads_its_llm_judge_once_for_all_rounds(tmp_path, monkeypatch):
+    """Every round is judged by the same LLM judge: one load per loop run, not one per round."""
+    import rlhfkit.loop as loop
+    from rlhfkit.eval import evaluate
+
+    loaded = []
+
+    def load(model):
+        loaded.append(model)
+        return lambda prompts, responses: [0.0] * len(responses)
+
+    def a_round(run, k, llm_judge):
+        llm_judge()  # what evaluate_round does with it
+        return {
+            "round": k,
+            "policy": "ppo/model" if k == 1 else f"loop/round-{k}/ppo/model",
+            "n_labels_total": 10 * k,
+            "n_pairs_total": 5 * k,
+            "rm_heldout_accuracy": None,
+            "gold_reward": 0.5,
+            "kl_from_sft": 0.1,
+            "win_rate_vs_sft": {"rate": 0.5, "ci95": [0.3, 0.7], "n": 8},
+            "judge": "llm",
+            "judge_model": "my-judge",
+            "wall_seconds": 1.0,
+        }
+
+    monkeypatch.setattr(evaluate, "load_llm_judge", load)
+    monkeypatch.setattr(loop, "run_stage", lambda run, stage, reuse=False: {})
+    monkeypatch.setattr(loop, "_first_round", lambda run, fingerprint, judge: a_round(run, 1, judge))
+    monkeypatch.setattr(
+        loop, "_later_round", lambda run, k, previous, fingerprint, judge: a_round(run, k, judge)
+    )
+    sets = ["eval.judge=llm", "eval.judge_model=my-judge", "loop.rounds=3", "loop.annotators=human"]
+    report = run_loop(Run(tmp_path / "run", load_config(None, sets), show_progress=False))
+    assert loaded == ["my-judge"]
+    # report.json names the judge of every round.
+    rounds = report["loop"]["rounds"]
+    assert [(r["judge"], r["judge_model"]) for r in rounds] == [("llm", "my-judge")] * 3
 
 
 def test_loop_config_errors_name_the_key():

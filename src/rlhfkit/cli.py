@@ -388,6 +388,12 @@ def loop_command(
             f"{win['rate']:.3f} [{win['ci95'][0]:.3f}, {win['ci95'][1]:.3f}]",
         )
     console.print(table)
+    # The rm judge is each round's own reward model; an LLM judge is named by its model.
+    judges = dict.fromkeys(
+        (r.get("judge") or "gold") + (f" ({r['judge_model']})" if r.get("judge") == "llm" else "")
+        for r in report["loop"]["rounds"]
+    )
+    console.print(f"win rates judged by: {', '.join(judges)}", highlight=False)
     console.print(f"run directory: {out}  (report.json loop.rounds, report.html)")
 
 

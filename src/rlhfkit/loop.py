@@ -25,6 +25,7 @@ one that runs again makes the rounds after it run again too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -83,6 +84,8 @@ ROUND_KEYS = (
     "proxy_reward",
     "kl_from_sft",
     "win_rate_vs_sft",
+    "judge",
+    "judge_model",
 )
 
 
@@ -341,11 +344,17 @@ def _policy_path(run: Run, summary: Mapping[str, Any]) -> Path:
     return run.dir / summary["policy"]
 
 
-def evaluate_round(run: Run, policy: Path, reward: Path, name: str) -> dict[str, Any]:
+LLMJudge = Callable[[Sequence[Any], Sequence[str]], list[float]]
+
+
+def evaluate_round(
+    run: Run, policy: Path, reward: Path, name: str, llm_judge: Callable[[], LLMJudge] | None = None
+) -> dict[str, Any]:
     """The policy against SFT on the held-out prompts, and the RM on gold-labelled SFT pairs.
 
     Same seed and prompts every round: the SFT samples and the RM benchmark pairs are the same
-    ones, so the rounds' numbers differ only by their models.
+    ones, so the rounds' numbers differ only by their models. `llm_judge` gives the LLM judge
+    (eval.judge llm), loaded once for all rounds; unset, the round loads its own.
     """
     from rlhfkit.eval import evaluate
     from rlhfkit.eval.rm_bench import rm_benchmark
@@ -368,7 +377,9 @@ def evaluate_round(run: Run, policy: Path, reward: Path, name: str) -> dict[str,
         n_samples=cfg.n_samples,
         judge=judge,
         ci_method=cfg.ci_method,
-        llm_judge=evaluate.load_llm_judge(cfg.judge_model) if judge == "llm" else None,
+        llm_judge=(llm_judge or (lambda: evaluate.load_llm_judge(cfg.judge_model)))()
+        if judge == "llm"
+        else None,
     )
     entry = result["eval"]["policies"][name]
     figures: dict[str, Any] = {
@@ -377,6 +388,7 @@ def evaluate_round(run: Run, policy: Path, reward: Path, name: str) -> dict[str,
         "kl_from_sft": entry.get("kl_from_sft"),
         "win_rate_vs_sft": result["eval"]["win_rate_vs_sft"][name],
         "judge": result["eval"]["judge"],
+        "judge_model": result["eval"].get("judge_model"),
         "sft_gold_reward": result["eval"]["policies"]["sft"].get("gold_reward"),
         "rm_heldout_accuracy": None,
     }
@@ -397,13 +409,13 @@ def evaluate_round(run: Run, policy: Path, reward: Path, name: str) -> dict[str,
     return {**figures, "samples": result["samples"]}
 
 
-def _first_round(run: Run, fingerprint: str) -> dict[str, Any]:
+def _first_round(run: Run, fingerprint: str, llm_judge: Callable[[], LLMJudge]) -> dict[str, Any]:
     """Round 1: the demo's feedback, rm and ppo stages, evaluated like every later round."""
     watch = Stopwatch()
     feedback = json.loads((run.stage_dir("feedback") / "summary.json").read_text())
     rm = json.loads((run.stage_dir("rm") / "summary.json").read_text())
     pairs = _training_pairs(run)
-    figures = evaluate_round(run, run.model_path("ppo"), run.model_path("rm"), "round-1")
+    figures = evaluate_round(run, run.model_path("ppo"), run.model_path("rm"), "round-1", llm_judge)
     samples = figures.pop("samples")
     out = round_dir(run, 1)
     out.mkdir(parents=True, exist_ok=True)
@@ -426,7 +438,9 @@ def _first_round(run: Run, fingerprint: str) -> dict[str, Any]:
     }
 
 
-def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str) -> dict[str, Any]:
+def _later_round(
+    run: Run, k: int, previous: Mapping[str, Any], fingerprint: str, llm_judge: Callable[[], LLMJudge]
+) -> dict[str, Any]:
     """Round K >= 2: sample from the current policy, collect labels, aggregate, RM, PPO, evaluate."""
     from rlhfkit.crowd.aggregate import aggregate, preference_rows
     from rlhfkit.crowd.simulate import simulate_annotation
@@ -534,7 +548,7 @@ def _later_round(run: Run, k: int, previous: Mapping[str, Any], fingerprint: str
         reference_path=sft,
         **run.checkpointing("ppo", out / "ppo", fingerprint),
     )
-    figures = evaluate_round(run, out / "ppo" / "model", out / "rm" / "model", f"round-{k}")
+    figures = evaluate_round(run, out / "ppo" / "model", out / "rm" / "model", f"round-{k}", llm_judge)
     write_jsonl(out / "samples.jsonl", figures.pop("samples"))
     return {
         "round": k,
@@ -594,6 +608,10 @@ def run_loop(run: Run) -> dict[str, Any]:
         if stage == "pretrain" and run.config.model.name_or_path:
             continue
         run_stage(run, stage, reuse=True)
+    from rlhfkit.eval import evaluate
+
+    # The LLM judge is the same model every round: loaded by the first round that evaluates, kept.
+    llm_judge = functools.cache(lambda: evaluate.load_llm_judge(run.config.eval.judge_model))
     rounds: list[dict[str, Any]] = []
     rerun = False  # once a round runs again, the rounds built on it must too
     for k in range(1, run.config.loop.rounds + 1):
@@ -606,9 +624,9 @@ def run_loop(run: Run) -> dict[str, Any]:
             path = round_dir(run, k) / "summary.json"
             path.unlink(missing_ok=True)
             if k == 1:
-                summary = _first_round(run, fingerprint)
+                summary = _first_round(run, fingerprint, llm_judge)
             else:
-                summary = _later_round(run, k, rounds[-1], fingerprint)
+                summary = _later_round(run, k, rounds[-1], fingerprint, llm_judge)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(summary, indent=2))
             win = summary["win_rate_vs_sft"]
