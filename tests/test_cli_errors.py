@@ -398,6 +398,36 @@ def test_lengths_beyond_learned_positions_are_refused_at_the_start(gpt2_run_temp
     assert not (run / stage).exists()
 
 
+@pytest.mark.parametrize(
+    "stage, key",
+    [
+        ("grpo", "grpo.max_new_tokens=40"),
+        ("rloo", "rloo.max_new_tokens=40"),
+        ("bon", "eval.max_new_tokens=40"),
+        ("expert_iter", "expert_iter.max_new_tokens=40"),
+    ],
+)
+def test_critic_free_lengths_are_refused_before_the_reward_model_loads(
+    gpt2_run_template, tmp_path, monkeypatch, stage, key
+):
+    import rlhfkit.train.rewards as rewards
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the reward model was loaded before the lengths were checked")
+
+    monkeypatch.setattr(rewards, "load_reward_model", no_loading)
+    template, sets = gpt2_run_template
+    run = tmp_path / "run"
+    shutil.copytree(template, run)
+    args = [stage, "--out", str(run), "--no-progress", "--set", key]
+    for value in sets:
+        args += ["--set", value]
+    result = _run(*args)
+    assert result.exit_code == 2, result.output
+    out = _flat(result.output)
+    assert f"{key} " in out and "the 32 positions of the learned position embeddings" in out, out
+
+
 def test_a_db_that_is_not_a_feedback_database_is_refused_and_left_as_it_was(tmp_path):
     # SQLite takes a short file of any text for an empty database and writes its tables into it.
     notes = tmp_path / "notes.txt"

@@ -605,9 +605,15 @@ def _training_pairs(run: Run) -> list[dict]:
     return _read_pairs(path)
 
 
-def _reward_terms(run: Run, specs: list) -> list:
+def _reward_terms(run: Run, specs: list, prompts: list, key: str, new_tokens: int) -> list:
+    """The reward terms of a critic-free stage that samples `new_tokens` (config `key`) from the SFT
+    policy on `prompts`. The lengths are checked first: a bad one is refused before the reward model
+    loads (the stage checks them again at its start, for callers of its train function)."""
+    from rlhfkit.models.loading import check_prompt_room, load_tokenizer, position_table
     from rlhfkit.train.rewards import build_reward_functions, needs_reward_model
 
+    sft = run.model_path("sft")
+    check_prompt_room(position_table(sft), load_tokenizer(sft), prompts, key, new_tokens)
     return build_reward_functions(specs, run.model_path("rm") if needs_reward_model(specs) else None)
 
 
@@ -656,7 +662,8 @@ def _critic_free_stage(run: Run, section: str) -> dict:
     from rlhfkit.train.grpo import run_critic_free
 
     prompts = _prompts(run.config.data.prompts, run.task.train_prompts)
-    terms = _reward_terms(run, getattr(run.config, section).rewards)
+    cfg = getattr(run.config, section)
+    terms = _reward_terms(run, cfg.rewards, prompts, f"{section}.max_new_tokens", cfg.max_new_tokens)
     return run_critic_free(
         run.config,
         section,
@@ -687,7 +694,7 @@ def stage_bon(run: Run) -> dict:
     result = sample_best_of_n(
         run.model_path("sft"),
         prompts,
-        _reward_terms(run, cfg.rewards),
+        _reward_terms(run, cfg.rewards, prompts, "eval.max_new_tokens", ev.max_new_tokens),
         cfg.n,
         seed=run.config.seed,
         temperature=ev.temperature,
@@ -730,7 +737,8 @@ def stage_expert_iter(run: Run) -> dict:
     from rlhfkit.train.bon import run_expert_iteration
 
     prompts = _prompts(run.config.data.prompts, run.task.train_prompts)
-    terms = _reward_terms(run, run.config.expert_iter.rewards)
+    cfg = run.config.expert_iter
+    terms = _reward_terms(run, cfg.rewards, prompts, "expert_iter.max_new_tokens", cfg.max_new_tokens)
     return run_expert_iteration(
         run.config, run.model_path("sft"), terms, prompts, run.stage_dir("expert_iter"), run.show_progress
     )
