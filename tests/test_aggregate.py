@@ -12,6 +12,7 @@ from rlhfkit.crowd.aggregate import (
     METHODS,
     PairVote,
     aggregate,
+    aggregate_pairs,
     aggregated_pairs,
     majority_vote,
     pair_probability,
@@ -404,6 +405,23 @@ def test_identical_responses_give_no_pair_that_the_preference_reader_refuses(met
     assert {row["prompt"] for row in rows} == {"q", "r"}
     for row in rows:
         PreferencePair.model_validate({k: row[k] for k in ("prompt", "chosen", "rejected", "margin")})
+    # The skipped item is counted, apart from the undecided ones.
+    result = aggregate_pairs(items, votes, method, "test")
+    assert result.rows == rows and result.n_undecided == undecided == 0
+    assert result.summary() == {
+        "n_items": 3,
+        "n_pairs": len(rows),
+        "n_undecided": 0,
+        "n_identical_skipped": 1,
+    }
+
+
+def test_an_identical_item_without_a_winner_is_undecided_not_identical():
+    items = {1: Item("p", ["same", "same"]), 2: Item("q", ["a", "b"]), 3: Item("s", ["z", "z"])}
+    votes = [PairVote(1, "a", 0, 1, 0), PairVote(1, "b", 0, 1, 1)]  # split: no winner
+    votes += [PairVote(2, "a", 0, 1, 1), PairVote(3, "a", 0, 1, 0)]
+    result = aggregate_pairs(items, votes, "mv", "test")
+    assert (result.n_items, result.n_undecided, result.n_identical, len(result.rows)) == (3, 1, 1, 1)
 
 
 def test_noisy_bradley_terry_gives_an_always_left_annotator_no_say():

@@ -95,6 +95,11 @@ def test_a_comparison_of_two_identical_responses_is_no_preference_pair(open_stor
     assert pair.prompt == "q2"
     # The raw export still has both labels.
     assert store.export(project, tmp_path / "raw.jsonl", "raw") == 2
+    # How many decided items the pair export skipped for their identical responses.
+    items = {item.item_id: item for item in store.items(project)}
+    labels = store.labels(project, include_golden=False, include_excluded=False)
+    assert exports.identical_comparisons("comparison", items, labels) == 1
+    assert exports.identical_comparisons("ranking", items, []) == 0
 
 
 def test_an_export_sees_every_item_its_labels_refer_to(db_url, open_store, tmp_path, monkeypatch):

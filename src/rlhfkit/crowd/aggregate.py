@@ -511,6 +511,55 @@ def preference_rows(
     return rows
 
 
+def same_two_responses(responses: Sequence[str]) -> bool:
+    """Whether an item is two responses with the same text: preferring one to the other says nothing,
+    so it makes no preference pair (`ranked_pairs` leaves such a pair out)."""
+    return len(responses) == 2 and responses[0] == responses[1]
+
+
+@dataclass(frozen=True)
+class AggregatedPairs:
+    """TRL preference rows from aggregated labels, and what the items that made none were.
+
+    `n_items` items had labels; `n_undecided` of them have no winner (a tie); `n_identical` have a
+    winner but two responses with the same text, so they make no pair either. The two counts
+    never overlap: an identical item without a winner is undecided.
+    """
+
+    rows: list[dict[str, Any]]
+    n_items: int
+    n_undecided: int
+    n_identical: int
+
+    def summary(self) -> dict[str, int]:
+        """The counts, as a command prints them and writes them into its JSON."""
+        return {
+            "n_items": self.n_items,
+            "n_pairs": len(self.rows),
+            "n_undecided": self.n_undecided,
+            "n_identical_skipped": self.n_identical,
+        }
+
+
+def aggregate_pairs(
+    items: Mapping[int, Any],
+    labels: Iterable[ComparisonLabel | PairVote],
+    method: str,
+    source: str,
+    seed: int = 0,
+) -> AggregatedPairs:
+    """Aggregate labels by `method` into TRL preference rows (`preference_rows`), counting the items
+    that give none: undecided ones, and decided ones whose two responses are the same text."""
+    aggregates = aggregate(labels, method, seed=seed, items=items)
+    undecided = sum(agg.winner is None for agg in aggregates.values())
+    identical = sum(
+        agg.winner is not None and same_two_responses(items[item_id].responses)
+        for item_id, agg in aggregates.items()
+    )
+    rows = preference_rows(items, aggregates, source, method)
+    return AggregatedPairs(rows, len(aggregates), undecided, identical)
+
+
 def aggregated_pairs(
     items: Mapping[int, Any],
     labels: Iterable[ComparisonLabel | PairVote],
@@ -518,7 +567,7 @@ def aggregated_pairs(
     source: str,
     seed: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Aggregate labels by `method` into TRL preference rows; also the number of undecided items."""
-    aggregates = aggregate(labels, method, seed=seed, items=items)
-    undecided = sum(agg.winner is None for agg in aggregates.values())
-    return preference_rows(items, aggregates, source, method), undecided
+    """`aggregate_pairs` as (rows, number of undecided items), the form its older callers unpack;
+    read `aggregate_pairs` to have the identical items counted too."""
+    result = aggregate_pairs(items, labels, method, source, seed)
+    return result.rows, result.n_undecided

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rlhfkit.crowd.aggregate import majority_vote, ranked_pairs
+from rlhfkit.crowd.aggregate import majority_vote, ranked_pairs, same_two_responses
 from rlhfkit.data.records import LIKERT_MAX
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def preference_rows(task_type: str, project: str, items: Items, labels: Labels) 
     if task_type == "comparison":
         for item_id, agg in majority_vote(labels).items():
             item = items[item_id]
-            if agg.winner is None or item.responses[0] == item.responses[1]:
+            if agg.winner is None or same_two_responses(item.responses):
                 continue
             yield {
                 "prompt": item.prompt_text,
@@ -61,6 +61,17 @@ def preference_rows(task_type: str, project: str, items: Items, labels: Labels) 
         raise ValueError(
             f"a {task_type} project has no preference pairs; export it as trl-unpaired, sft or raw"
         )
+
+
+def identical_comparisons(task_type: str, items: Items, labels: Labels) -> int:
+    """Comparison items that `preference_rows` skips although majority vote decided them: their two
+    responses are the same text. 0 for other task types."""
+    if task_type != "comparison":
+        return 0
+    return sum(
+        agg.winner is not None and same_two_responses(items[item_id].responses)
+        for item_id, agg in majority_vote(labels).items()
+    )
 
 
 def _ranking_rows(source: str, items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
