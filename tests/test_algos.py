@@ -20,7 +20,7 @@ from rlhfkit.algos.ppo import (
     running_moments_update,
     value_loss,
 )
-from rlhfkit.algos.reward import bradley_terry_loss
+from rlhfkit.algos.reward import bradley_terry_loss, pair_correct, pairwise_accuracy
 from rlhfkit.algos.sft import completion_nll
 
 
@@ -40,6 +40,17 @@ def test_bradley_terry_known_value_and_margin():
 def test_bradley_terry_finite_on_extreme_rewards():
     loss = bradley_terry_loss(torch.tensor([-800.0]), torch.tensor([800.0]))
     assert torch.isfinite(loss) and loss.item() == pytest.approx(1600.0)
+
+
+def test_pair_accuracy_counts_a_tied_reward_as_half_correct():
+    chosen = torch.tensor([2.0, 0.5, -1.0, 3.0])
+    rejected = torch.tensor([1.0, 0.5, 0.0, 3.0])
+    assert pair_correct(chosen, rejected).tolist() == [1.0, 0.5, 0.0, 0.5]
+    assert pairwise_accuracy(chosen, rejected) == pytest.approx(0.5)
+    # At initialisation every pair ties: chance, not zero.
+    zeros = torch.zeros(5)
+    assert pairwise_accuracy(zeros, zeros) == pytest.approx(0.5)
+    assert pair_correct(zeros.double(), zeros.double()).dtype == torch.float64
 
 
 def test_masked_stats_equal_unmasked_elements():

@@ -31,6 +31,8 @@ def test_dpo_is_ln2_when_policy_equals_reference():
     loss, stats = dpo_loss(logp, logp - 1.0, logp, logp - 1.0, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert stats["reward/margin"] == pytest.approx(0.0)
+    # Every implicit reward ties at initialisation: accuracy at chance, as a tie counts half.
+    assert stats["reward/accuracy"] == pytest.approx(0.5)
 
 
 def test_dpo_sigmoid_and_conservative_hand_computed():

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.algos.reward import pairwise_accuracy
+
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
@@ -63,6 +65,6 @@ def dpo_loss(
             "reward/chosen": chosen_reward.mean().item(),
             "reward/rejected": rejected_reward.mean().item(),
             "reward/margin": (chosen_reward - rejected_reward).mean().item(),
-            "reward/accuracy": (chosen_reward > rejected_reward).float().mean().item(),
+            "reward/accuracy": pairwise_accuracy(chosen_reward, rejected_reward),
         }
     return losses.mean(), stats

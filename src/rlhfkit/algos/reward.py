@@ -48,6 +48,15 @@ def soft_label_terms(margins: torch.Tensor, mode: str) -> tuple[torch.Tensor | N
     raise ValueError(f"unknown soft-label mode {mode!r}; choose one of {', '.join(SOFT_LABELS)}")
 
 
+def pair_correct(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Per pair 1.0 where the chosen response scores higher, 0.5 where the two score exactly the
+    same (the model cannot tell them apart: half correct, as a tie is half a win in a win rate),
+    else 0.0; in the rewards' floating dtype."""
+    dtype = torch.promote_types(chosen_rewards.dtype, torch.float32)
+    higher = (chosen_rewards > rejected_rewards).to(dtype)
+    return higher + 0.5 * (chosen_rewards == rejected_rewards).to(dtype)
+
+
 def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
-    """Share of pairs where the chosen response scores strictly higher."""
-    return (chosen_rewards > rejected_rewards).float().mean().item()
+    """Share of pairs the rewards order right, a tied score counting half (`pair_correct`)."""
+    return pair_correct(chosen_rewards, rejected_rewards).mean().item()

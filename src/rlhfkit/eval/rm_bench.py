@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rlhfkit.algos.reward import pair_correct
+
 Utility = Callable[[str, str], float]
 # Token-count gap between the two responses: a small gap means the RM cannot lean on length.
 LENGTH_GAP_BUCKETS = ((0, 5, "length gap <5"), (5, 15, "length gap 5-14"), (15, None, "length gap >=15"))
@@ -28,8 +30,8 @@ def pair_outcomes(margins: Sequence[float]) -> np.ndarray:
     """Per pair 1 if its margin (score of the better response minus the other's) is > 0, 0.5 if it
     is exactly 0 (the RM cannot tell them apart: half correct, as a tie is half a win in `win_rate`),
     else 0."""
-    m = np.asarray(margins, dtype=np.float64)
-    return np.where(m > 0, 1.0, np.where(m == 0, 0.5, 0.0))
+    m = torch.as_tensor(np.asarray(margins, dtype=np.float64))
+    return pair_correct(m, torch.zeros_like(m)).numpy()
 
 
 def pair_accuracy(margins: Sequence[float]) -> float | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.algos.reward import bradley_terry_loss, soft_label_terms
+from rlhfkit.algos.reward import bradley_terry_loss, pair_correct, soft_label_terms
 from rlhfkit.config import RunConfig
 from rlhfkit.models.heads import ReadPositions, TokenValues, pair_scores, sequence_scores, takes_pair_masks
 from rlhfkit.models.loading import check_cut_sequences, load_tokenizer, position_table
@@ -96,7 +96,7 @@ def pair_accuracy(
     share_prompt: bool = True,
     reads: ReadPositions | None = None,
 ) -> float:
-    """Share of pairs whose chosen response gets the higher reward."""
+    """Share of pairs whose chosen response gets the higher reward, a tie counting half (`pair_correct`)."""
     if not rows:
         return float("nan")
     was_training = model.training
@@ -106,7 +106,7 @@ def pair_accuracy(
         chosen, rejected = score_pairs(
             model, rows[start : start + batch_size], pad_id, device, share_prompt, reads
         )
-        correct += (chosen > rejected).sum().item()
+        correct += pair_correct(chosen, rejected).sum().item()
     model.train(was_training)
     return correct / len(rows)
 
@@ -222,7 +222,7 @@ def train_reward_model(
             loss = bradley_terry_loss(chosen, rejected, margin, smoothing)
             accelerator.backward(loss)
             apply_gradients(accelerator, model, optimizer, scheduler)
-            both = torch.stack([loss.detach(), (chosen > rejected).float().mean()])
+            both = torch.stack([loss.detach(), pair_correct(chosen.detach(), rejected.detach()).mean()])
             both = accelerator.reduce(both, "mean")
             row = {"loss": both[0].item(), "accuracy": both[1].item()}
             if val and (step % eval_every == 0 or step == total):
