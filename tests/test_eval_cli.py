@@ -104,7 +104,8 @@ def test_overopt_sweeps_best_of_n_and_checkpoints(tiny_run):
     assert result.exit_code == 0, result.output
     out = json.loads((tiny_run / "overopt" / "overopt.json").read_text())
     assert out["bon"]["n"] == [1, 2, 3, 4, 6, 8] and out["bon"]["samples_per_prompt"] == 8
-    assert out["rl"]["checkpoints"] == ["sft", "step-2", "step-4"]
+    # Named as `eval --policies` names the folders (folder_labels).
+    assert out["rl"]["checkpoints"] == ["sft", "checkpoints/step-2", "checkpoints/step-4"]
     assert out["rl"]["kl"][0] == 0.0 and "fit_gold" in out["rl"]
     assert (tiny_run / "overopt" / "overopt.png").stat().st_size > 1000
     assert "bon [rm]: gold peaks at" in result.output and "fit gold a=" in result.output
@@ -157,6 +158,13 @@ def test_eval_reference_may_be_given_as_the_folder_named_in_policies(tiny_run, t
     args = ["eval", "--out", str(run), "--policies", f"sft,{ckpt}", "--reference", str(ckpt), "--judge", "rm"]
     result = CliRunner().invoke(app, [*args, *SMALL, "--set", "eval.heldout_pairs=0", "--no-progress"])
     assert result.exit_code == 0, result.output
-    ev = json.loads((run / "report.json").read_text())["eval"]
+    report = json.loads((run / "report.json").read_text())
+    ev = report["eval"]
     assert ev["reference"] == "checkpoints/step-4"
     assert set(ev["win_rate_vs_checkpoints/step-4"]) == {"sft"}
+    # No held-out pairs asked for: the contract's key is there, null, with the reason; nothing of
+    # the earlier eval's benchmark is left beside it.
+    rm = report["rm"]
+    assert rm["heldout_accuracy"] is None
+    assert rm["heldout_accuracy_reason"] == "eval.heldout_pairs is 0"
+    assert "bench" not in rm and "n_heldout_pairs" not in rm

@@ -272,7 +272,13 @@ def overopt(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Reward over-optimisation: gold and proxy reward against sqrt(KL) for best-of-n and RL checkpoints."""
-    from rlhfkit.eval.overopt import reward_model_paths, run_overopt, saved_checkpoints, summary_rows
+    from rlhfkit.eval.overopt import (
+        checkpoint_paths,
+        reward_model_paths,
+        run_overopt,
+        saved_checkpoints,
+        summary_rows,
+    )
     from rlhfkit.eval.report import write_html_report
     from rlhfkit.pipeline import Run, StageError, _prompts
     from rlhfkit.tasks import resolve_gold
@@ -286,14 +292,9 @@ def overopt(
             _fail(f"task {run.task.name!r} has no gold utility: over-optimisation needs a gold judge")
         reward_paths = reward_model_paths(run.model_path("rm"), [*ocfg.reward_models, *(rm or [])])
         folders = list(checkpoint or ocfg.checkpoints) or saved_checkpoints(run.stage_dir("ppo"))
-        for path in folders:
-            if not (Path(path) / "config.json").is_file():
-                _fail(f"--checkpoint {path}: no saved model (config.json) there")
-        names = [Path(p).name for p in folders]
-        # Two runs' step-20 (or two ppo/model folders) must not replace each other, nor one the SFT point.
-        if len(set(names)) < len(names) or "sft" in names:
-            names = [str(Path(p).resolve()) for p in folders]
-        checkpoints = dict(zip(names, map(Path, folders), strict=True))
+        # Named as `eval` names policy folders; two runs' step-20 keep both (a ValueError names a
+        # folder without a saved model).
+        checkpoints = checkpoint_paths(folders)
         # The held-out prompts eval judges on: data.heldout_prompts when set, else the task's.
         prompts = _prompts(cfg.data.heldout_prompts, run.task.heldout_prompts)[: ocfg.n_prompts]
         total = len(prompts) * ocfg.samples_per_prompt

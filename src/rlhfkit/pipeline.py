@@ -521,7 +521,14 @@ def stage_ppo(run: Run) -> dict:
 
 def stage_eval(run: Run) -> dict:
     from rlhfkit.eval import evaluate
-    from rlhfkit.eval.rm_bench import benchmark_on_pairs, gold_pairs, probe_accuracies, seen_topic_subset
+    from rlhfkit.eval.rm_bench import (
+        benchmark_on_pairs,
+        gold_pairs,
+        heldout_report,
+        heldout_skip_reason,
+        probe_accuracies,
+        seen_topic_subset,
+    )
     from rlhfkit.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 
     cfg, watch = run.config.eval, Stopwatch()
@@ -557,7 +564,10 @@ def stage_eval(run: Run) -> dict:
     run.stage_dir("eval").mkdir(parents=True, exist_ok=True)
     rm_report: dict[str, Any] = {}
     heldout = None
-    if gold is not None and cfg.heldout_pairs and rm_path is not None:
+    skipped = heldout_skip_reason(gold is not None, cfg.heldout_pairs, rm_path is not None)
+    if skipped is not None:
+        rm_report.update(heldout_report(None, skipped))
+    else:
         heldout = gold_pairs(
             run.model_path("sft"),
             prompts,
@@ -570,7 +580,7 @@ def stage_eval(run: Run) -> dict:
         )
         reward_model = load_reward_model(rm_path, heldout.pad_id)
         bench = benchmark_on_pairs(reward_model, heldout)
-        rm_report.update(heldout_accuracy=bench["accuracy"], n_heldout_pairs=bench["n_pairs"], bench=bench)
+        rm_report.update(heldout_report(bench))
         if run.task.probes:
             # One known defect per pair: which of the things the judge rewards the RM learned.
             sft_path = run.model_path("sft")
@@ -761,7 +771,15 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict]] = {
 
 
 # What the eval stage adds to report.json's rm section: figures of the reward model it judged.
-RM_EVAL_KEYS = ("heldout_accuracy", "gold_agreement", "bench", "probes", "label_curve")
+RM_EVAL_KEYS = (
+    "heldout_accuracy",
+    "heldout_accuracy_reason",
+    "n_heldout_pairs",
+    "gold_agreement",
+    "bench",
+    "probes",
+    "label_curve",
+)
 
 
 def _report_patch(run: Run, stage: str, summary: dict) -> tuple[dict, tuple[str, ...]]:
