@@ -13,7 +13,6 @@ from rlhfkit.crowd.aggregate import (
     PairVote,
     aggregate,
     aggregate_pairs,
-    aggregated_pairs,
     majority_vote,
     pair_probability,
     preference_rows,
@@ -351,7 +350,6 @@ def test_a_ranking_whose_top_two_are_level_still_gives_its_decided_pairs():
 
 def test_aggregated_rows_keep_a_chat_prompt_as_messages(tmp_path):
     """Aggregated pairs write a chat item's prompt as its messages, as every export does."""
-    from rlhfkit.crowd.aggregate import aggregated_pairs
     from rlhfkit.feedback.store import FeedbackStore
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Top 5 films?"}]
@@ -364,7 +362,7 @@ def test_aggregated_rows_keep_a_chat_prompt_as_messages(tmp_path):
         items = {item.item_id: item for item in store.items(project)}
         labels = store.labels(project)
     for method in ("mv", "bt"):
-        rows, _ = aggregated_pairs(items, labels, method, "feedback:chat")
+        rows = aggregate_pairs(items, labels, method, "feedback:chat").rows
         assert [(r["prompt"], r["chosen"]) for r in rows] == [(messages, "1. Alien")], method
 
 
@@ -400,14 +398,14 @@ def test_identical_responses_give_no_pair_that_the_preference_reader_refuses(met
     votes = [PairVote(1, who, 0, 1, 0) for who in "abc"] + [PairVote(2, who, 0, 1, 1) for who in "abc"]
     for who in "abc":
         votes += ranking_votes(3, who, "r", items[3].responses, [0, 1, 2])
-    rows, undecided = aggregated_pairs(items, votes, method, "test")
+    result = aggregate_pairs(items, votes, method, "test")
+    rows = result.rows
     assert rows and all(row["chosen"] != row["rejected"] for row in rows)
     assert {row["prompt"] for row in rows} == {"q", "r"}
     for row in rows:
         PreferencePair.model_validate({k: row[k] for k in ("prompt", "chosen", "rejected", "margin")})
     # The skipped item is counted, apart from the undecided ones.
-    result = aggregate_pairs(items, votes, method, "test")
-    assert result.rows == rows and result.n_undecided == undecided == 0
+    assert result.n_undecided == 0
     assert result.summary() == {
         "n_items": 3,
         "n_pairs": len(rows),

@@ -66,6 +66,10 @@ def test_demo_writes_the_run_directory_contract(demo_run):
     assert win["n"] > 0 and win["ci95"][0] <= win["rate"] <= win["ci95"][1]
     assert {"n_labels", "n_annotators", "agreement_alpha"} <= set(report["feedback"])
     assert report["feedback"]["n_labels"] > report["feedback"]["n_items"]  # overlap on a share
+    # Every labelled item gave a pair, or is counted as giving none (no winner, identical responses).
+    fb = report["stages"]["feedback"]
+    assert fb["n_pairs"] + fb["n_undecided"] + fb["n_identical_skipped"] <= fb["n_items"]
+    assert fb["n_pairs"] == report["feedback"]["n_pairs"] > 0
     assert (out / "feedback.db").is_file() and (out / "config.yaml").is_file()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4

@@ -81,7 +81,7 @@ def test_cli_import_of_a_nul_names_file_line_and_field_and_writes_nothing(db_url
         assert store.projects() == []  # not even the project
 
 
-def test_a_comparison_of_two_identical_responses_is_no_preference_pair(open_store, tmp_path):
+def test_a_comparison_of_two_identical_responses_is_no_preference_pair(db_url, open_store, tmp_path):
     # Two samples of a policy can be the same text; "x" preferred to "x" says nothing, and a file
     # holding such a row is refused whole by the reader that training uses.
     store = open_store()
@@ -100,6 +100,27 @@ def test_a_comparison_of_two_identical_responses_is_no_preference_pair(open_stor
     labels = store.labels(project, include_golden=False, include_excluded=False)
     assert exports.identical_comparisons("comparison", items, labels) == 1
     assert exports.identical_comparisons("ranking", items, []) == 0
+    skipped: dict = {}
+    assert store.export(project, tmp_path / "again.jsonl", "trl-preference", skipped=skipped) == 1
+    assert skipped == {"identical_responses": 1}
+    # ... and the commands say so.
+    result = _cli("export", "--db", db_url, "--project", "same", "--out", str(tmp_path / "cli.jsonl"))
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 rows" in result.output and "(1 decided items skipped" in _flat(result.output)
+    args = [
+        "aggregate",
+        "--db",
+        db_url,
+        "--project",
+        "same",
+        "--method",
+        "mv",
+        "--out",
+        str(tmp_path / "a.jsonl"),
+    ]
+    result = _cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "0 without a winner, 1 skipped for two identical responses; wrote 1 pairs" in _flat(result.output)
 
 
 def test_an_export_sees_every_item_its_labels_refer_to(db_url, open_store, tmp_path, monkeypatch):

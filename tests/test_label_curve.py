@@ -99,7 +99,7 @@ def test_a_share_of_comparisons_and_rankings_is_aggregated_from_its_own_labels()
         _ranking(3, "cy", [1, 0, 2]),
     ]
     subset = [label for label in labels if label.item_id in (1, 3)]
-    rows = feedback_pairs(config, {i: items[i] for i in (1, 3)}, subset)
+    rows = feedback_pairs(config, {i: items[i] for i in (1, 3)}, subset).rows
     got = {(r["prompt"], r["chosen"], r["rejected"]) for r in rows}
     assert got == {
         ("p1", "much longer", "short"),
@@ -126,8 +126,10 @@ def test_a_share_is_not_the_full_aggregate_cut_down():
     labels += [_comparison(11, "ann", 0), _comparison(11, "bob", 1), _comparison(11, "cy", 1)]
     labels += [_comparison(12, "ann", 1), _comparison(12, "bob", 0), _comparison(12, "cy", 0)]
     share = [label for label in labels if label.item_id in (11, 12)]
-    full = {r["prompt"]: r["chosen"] for r in feedback_pairs(config, items, labels)}
-    part = {r["prompt"]: r["chosen"] for r in feedback_pairs(config, {11: items[11], 12: items[12]}, share)}
+    full = {r["prompt"]: r["chosen"] for r in feedback_pairs(config, items, labels).rows}
+    part = {
+        r["prompt"]: r["chosen"] for r in feedback_pairs(config, {11: items[11], 12: items[12]}, share).rows
+    }
     # With every label, cy is known to answer backwards, so ann (and cy's answer read backwards)
     # outweigh bob; the share alone shows nothing of the kind, and the majority wins.
     assert (full["p11"], full["p12"]) == ("left11", "right12")
@@ -212,7 +214,7 @@ def _tiny_run(tmp_path: Path, task_type: str, aggregate: str) -> Run:
         store.add_items(project, items)
         # The gold judge here: a complete list of five is best, then the longer the better.
         simulate_annotation(store, project, default_pool(), lambda p, t: t.count("."), seed=0)
-        rows = feedback_pairs(config, *training_labels(store, project))
+        rows = feedback_pairs(config, *training_labels(store, project)).rows
     finally:
         store.close()
     run.stage_dir("feedback").mkdir()
@@ -259,7 +261,7 @@ def test_curve_trains_one_unsaved_reward_model_per_share(tmp_path, task_type, ag
     for point, subset in zip(points, subsets, strict=False):
         assert (point["n_items"], point["n_labels"]) == (len(subset.item_ids), len(subset.labels))
         # The share's own aggregate is what its reward model learnt from.
-        expected = feedback_pairs(run.config, {i: items[i] for i in subset.item_ids}, subset.labels)
+        expected = feedback_pairs(run.config, {i: items[i] for i in subset.item_ids}, subset.labels).rows
         written = [json.loads(line) for line in (out / f"{subset.fraction:g}" / "pairs.jsonl").open()]
         assert written == expected and point["n_pairs"] == len(expected) > 0
         assert 0 < point["n_train_pairs"] <= point["n_pairs"]

@@ -468,15 +468,18 @@ def feedback_export(
         _fail(f"--format {format_!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     _out_file(out)
     store = _open_store(db, existing=True)
+    skipped: dict[str, int] = {}
     try:
-        n = store.export(store.project_id(project), out, format_)
+        n = store.export(store.project_id(project), out, format_, skipped=skipped)
     except KeyError as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))
     except ValueError as exc:
         _fail(f"--format {format_}: {exc}")
     finally:
         store.close()
-    console.print(f"wrote {n} rows to {out}")
+    identical = skipped.get("identical_responses", 0)
+    note = f" ({identical} decided items skipped: their two responses are the same text)" if identical else ""
+    console.print(f"wrote {n} rows to {out}{note}")
 
 
 @feedback_app.command("serve")
@@ -634,7 +637,7 @@ def feedback_aggregate(
     seed: Annotated[int, typer.Option(help="seed of the randomised methods (MACE, noisy BT)")] = 0,
 ) -> None:
     """Aggregate a project's labels into TRL pairs with a margin (2 * confidence - 1)."""
-    from rlhfkit.crowd.aggregate import METHODS, aggregated_pairs
+    from rlhfkit.crowd.aggregate import METHODS, aggregate_pairs
     from rlhfkit.data.io import write_jsonl
 
     if method not in METHODS:
@@ -647,17 +650,18 @@ def feedback_aggregate(
         # Labels before items, as in FeedbackStore.export: each label read then finds its item.
         labels = store.labels(pid, include_golden=False, include_excluded=False)
         items = {item.item_id: item for item in store.items(pid)}
-        rows, undecided = aggregated_pairs(items, labels, method, f"feedback:{project}", seed)
+        aggregated = aggregate_pairs(items, labels, method, f"feedback:{project}", seed)
     except KeyError as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))
     except ValueError as exc:
         _fail(str(exc))
     finally:
         store.close()
-    n = write_jsonl(out, rows)
+    n = write_jsonl(out, aggregated.rows)
     console.print(
-        f"{method}: {len({label.item_id for label in labels})} items from {len(labels)} labels, "
-        f"{undecided} without a winner; "
+        f"{method}: {aggregated.n_items} items from {len(labels)} labels, "
+        f"{aggregated.n_undecided} without a winner, "
+        f"{aggregated.n_identical} skipped for two identical responses; "
         f"wrote {n} pairs to {out}"
     )
 

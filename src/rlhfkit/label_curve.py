@@ -198,7 +198,7 @@ def _share_point(
     from rlhfkit.train.rm import train_reward_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    rows = feedback_pairs(run.config, {i: items[i] for i in subset.item_ids}, subset.labels)
+    rows = feedback_pairs(run.config, {i: items[i] for i in subset.item_ids}, subset.labels).rows
     point: dict[str, Any] = {
         "fraction": subset.fraction,
         "n_items": len(subset.item_ids),

@@ -25,6 +25,7 @@ from rlhfkit.tasks import Task, load_task, resolve_gold, resolve_probes
 from rlhfkit.train.loop import Stopwatch, progress_bar
 
 if TYPE_CHECKING:
+    from rlhfkit.crowd.aggregate import AggregatedPairs
     from rlhfkit.crowd.simulate import AnnotatorProfile
 
 STAGES = ("pretrain", "sft", "feedback", "rm", "ppo", "eval")
@@ -389,13 +390,13 @@ def training_labels(store: Any, project: int) -> tuple[dict[int, Any], list]:
     return items, store.labels(project, include_golden=False, include_excluded=False)
 
 
-def feedback_pairs(config: RunConfig, items: dict[int, Any], labels: list) -> list[dict]:
-    """Preference rows from `labels`, aggregated by feedback.aggregate as the feedback stage does."""
-    from rlhfkit.crowd.aggregate import aggregated_pairs
+def feedback_pairs(config: RunConfig, items: dict[int, Any], labels: list) -> AggregatedPairs:
+    """Preference rows from `labels`, aggregated by feedback.aggregate as the feedback stage does,
+    with the counts of the items that gave none."""
+    from rlhfkit.crowd.aggregate import aggregate_pairs
 
     cfg = config.feedback
-    rows, _ = aggregated_pairs(items, labels, cfg.aggregate, f"feedback:{cfg.project}", config.seed)
-    return rows
+    return aggregate_pairs(items, labels, cfg.aggregate, f"feedback:{cfg.project}", config.seed)
 
 
 def simulated_pool(run: Run) -> list[AnnotatorProfile]:
@@ -470,8 +471,8 @@ def stage_feedback(run: Run) -> dict:
         for label in labels:
             by_item.setdefault(label.item_id, []).append("tie" if label.chosen is None else label.chosen)
         alpha = krippendorff_alpha_nominal(by_item)
-        rows = feedback_pairs(run.config, *training_labels(store, project))
-        n_pairs = write_jsonl(out / "pairs.jsonl", rows)
+        aggregated = feedback_pairs(run.config, *training_labels(store, project))
+        n_pairs = write_jsonl(out / "pairs.jsonl", aggregated.rows)
         store.export_raw(project, out / "raw.jsonl")
         progress = store.progress(project)
     finally:
@@ -482,6 +483,9 @@ def stage_feedback(run: Run) -> dict:
         "n_labels": len(labels),
         "n_annotators": len({label.annotator for label in labels}),
         "n_pairs": n_pairs,
+        # Items that made no pair: no winner, or a winner between two identical responses.
+        "n_undecided": aggregated.n_undecided,
+        "n_identical_skipped": aggregated.n_identical,
         "agreement_alpha": None if alpha is None else round(alpha, 4),
         "per_annotator": stats.get("per_annotator", {}),
     }

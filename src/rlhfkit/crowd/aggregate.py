@@ -558,16 +558,3 @@ def aggregate_pairs(
     )
     rows = preference_rows(items, aggregates, source, method)
     return AggregatedPairs(rows, len(aggregates), undecided, identical)
-
-
-def aggregated_pairs(
-    items: Mapping[int, Any],
-    labels: Iterable[ComparisonLabel | PairVote],
-    method: str,
-    source: str,
-    seed: int = 0,
-) -> tuple[list[dict[str, Any]], int]:
-    """`aggregate_pairs` as (rows, number of undecided items), the form its older callers unpack;
-    read `aggregate_pairs` to have the identical items counted too."""
-    result = aggregate_pairs(items, labels, method, source, seed)
-    return result.rows, result.n_undecided

@@ -1497,8 +1497,13 @@ class FeedbackStore:
                 units.setdefault(label.item_id, []).append(value)
         return krippendorff_alpha_nominal(units)
 
-    def export(self, project_id: int, path: str | os.PathLike[str], format: str) -> int:
-        """Write one of the EXPORT_FORMATS as JSONL; return the number of rows."""
+    def export(
+        self, project_id: int, path: str | os.PathLike[str], format: str, skipped: dict | None = None
+    ) -> int:
+        """Write one of the EXPORT_FORMATS as JSONL; return the number of rows.
+
+        `skipped`, when given, receives `identical_responses`: the comparison items a majority
+        decided that made no row because their two responses are the same text (trl-preference)."""
         if format not in exports.EXPORT_FORMATS:
             raise ValueError(
                 f"unknown export format {format!r}; choose one of {list(exports.EXPORT_FORMATS)}"
@@ -1510,7 +1515,13 @@ class FeedbackStore:
         labels = self.labels(project_id, include_golden=False, include_excluded=False)
         items = {item.item_id: item for item in self.items(project_id)}
         build = exports.EXPORT_FORMATS[format]
-        return write_jsonl(path, build(project.task_type, project.name, items, labels))
+        n = write_jsonl(path, build(project.task_type, project.name, items, labels))
+        if skipped is not None:
+            identical = format == "trl-preference"
+            skipped["identical_responses"] = (
+                exports.identical_comparisons(project.task_type, items, labels) if identical else 0
+            )
+        return n
 
     def export_preferences(
         self, project_id: int, path: str | os.PathLike[str], method: str = "majority"
