@@ -266,6 +266,18 @@ def test_label_efficiency_across_loop_rounds(tmp_path: Path):
     assert "labels so far, per round" not in html and html.count(IMG) == 1
 
 
+def test_loop_rounds_name_their_judge_escaped(tmp_path: Path):
+    from rlhfkit.loop import ROUND_KEYS
+
+    rounds = [
+        {**dict.fromkeys(ROUND_KEYS), "round": 1, "judge": "gold"},
+        {**dict.fromkeys(ROUND_KEYS), "round": 2, "judge": "llm", "judge_model": "judges/<small>"},
+    ]
+    html = write_html_report(tmp_path, {"loop": {"rounds": rounds}}).read_text()
+    assert "<th>judge</th>" in html
+    assert "<td>gold</td>" in html and "<td>llm (judges/&lt;small&gt;)</td>" in html
+
+
 def test_win_rate_against_another_reference(tmp_path: Path):
     report = {
         "eval": {
