@@ -194,6 +194,8 @@ def test_round_two_reward_model_is_trained_on_all_pairs(loop_run):
     n_first = len(read_records(out / "feedback" / "pairs.jsonl", "preference"))
     n_second = len(read_records(out / "loop" / "round-2" / "pairs.jsonl", "preference"))
     assert summary["n_pairs"] == n_second > 0
+    # Every labelled item gave a pair or is counted as giving none.
+    assert summary["n_pairs"] + summary["n_undecided"] + summary["n_identical_skipped"] <= summary["n_items"]
     assert summary["rm_train_pairs"] == summary["n_pairs_total"] == n_first + n_second  # rm.val_share=0
     rm_steps = json.loads((out / "rm" / "summary.json").read_text())["steps"]
     assert len((out / "loop" / "round-2" / "rm" / "metrics.jsonl").read_text().splitlines()) > rm_steps

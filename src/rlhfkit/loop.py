@@ -442,7 +442,7 @@ def _later_round(
     run: Run, k: int, previous: Mapping[str, Any], fingerprint: str, llm_judge: Callable[[], LLMJudge]
 ) -> dict[str, Any]:
     """Round K >= 2: sample from the current policy, collect labels, aggregate, RM, PPO, evaluate."""
-    from rlhfkit.crowd.aggregate import aggregate, preference_rows
+    from rlhfkit.crowd.aggregate import aggregate_pairs
     from rlhfkit.crowd.simulate import simulate_annotation
     from rlhfkit.train.ppo import run_ppo
     from rlhfkit.train.rm import run_rm
@@ -511,8 +511,8 @@ def _later_round(
     votes, items = votes_from_raw(raw)
     # Every round's pairs are made the same way as round 1's unless the loop says otherwise.
     method = cfg.aggregate or fb.aggregate
-    aggregates = aggregate(votes, method, seed=run.config.seed, items=items)
-    rows = preference_rows(items, aggregates, f"loop:round-{k}", method)
+    aggregated = aggregate_pairs(items, votes, method, f"loop:round-{k}", seed=run.config.seed)
+    rows = aggregated.rows
     if not rows:
         raise StageError(f"round {k}: the labels of project {project_name!r} gave no preference pair")
     write_jsonl(out / "pairs.jsonl", rows)
@@ -564,6 +564,9 @@ def _later_round(
         "n_labels": len(raw),
         "n_labels_total": previous["n_labels_total"] + len(raw),
         "n_pairs": len(rows),
+        # Items that made no pair: no winner, or a winner between two identical responses.
+        "n_undecided": aggregated.n_undecided,
+        "n_identical_skipped": aggregated.n_identical,
         "n_pairs_total": len(pairs),
         "rm_train_pairs": rm["n_train_pairs"],
         "rm_val_accuracy": rm.get("val_accuracy"),
