@@ -718,6 +718,29 @@ def test_sign_ups_are_limited_per_client_address(service):
     assert _guess(app, "10.0.4.1", "bob", PASSWORDS["bob"]) == 200
 
 
+def test_a_look_alike_project_name_is_refused_naming_the_project(service):
+    store, app, _ = service
+    root, csrf = login(app, "root")
+    headers = {"X-CSRF-Token": csrf}
+    same = root.post("/api/projects", json={"name": "prefs"}, headers=headers)
+    assert same.status_code == 409 and same.json()["detail"] == "field 'name': a project named 'prefs' exists"
+    for look_alike in ["prefs ", "PREFS", "\uff50\uff52\uff45\uff46\uff53"]:
+        refused = root.post("/api/projects", json={"name": look_alike}, headers=headers)
+        assert refused.status_code == 409, look_alike
+        assert "a project named 'prefs' exists" in refused.json()["detail"]
+        assert "differs from it only in case, spacing or Unicode form" in refused.json()["detail"]
+    # The new-project form strips the name; case and Unicode form are refused there too, naming the project.
+    form = root.get("/admin/projects/new")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    page = root.post(
+        "/admin/projects",
+        data={"name": "Prefs", "task_type": "likert", "csrf_token": token},
+        follow_redirects=False,
+    )
+    assert page.status_code == 400 and "A project named &#39;prefs&#39; exists" in page.text
+    assert [p.name for p in store.projects()] == ["prefs"]
+
+
 def test_openapi_lists_the_api(service):
     _, app, _ = service
     spec = TestClient(app).get("/openapi.json").json()

@@ -46,6 +46,58 @@ def test_create_project_is_idempotent(open_store):
         store.project_id("missing")
 
 
+def test_project_names_are_unique_ignoring_case_spacing_and_unicode_form(open_store):
+    store = open_store()
+    top5 = store.create_project("Top5", guidelines="five items")
+    for look_alike in ["top5 ", " Top5", "TOP5", "\uff34\uff4f\uff50\uff15", "Top5\u00a0"]:
+        with pytest.raises(
+            ValueError, match=r"project 'Top5' exists, and .* differs from it only in case, spacing"
+        ):
+            store.create_project(look_alike)
+    assert store.create_project("Top5") == top5  # the same name is found, as before
+    spaced = store.create_project("Top 5 films")
+    for look_alike in ["top  5 films", "Top 5\tfilms", "Top 5 Films"]:
+        with pytest.raises(ValueError, match="'Top 5 films' exists"):
+            store.create_project(look_alike)
+    assert store.create_project("Top 5 films") == spaced
+    assert store.create_project("Top6") != top5  # a different name is a different project
+    assert [p.name for p in store.projects()] == ["Top5", "Top 5 films", "Top6"]  # stored as given
+
+
+def test_look_alike_projects_from_before_project_keys_keep_working(tmp_path):
+    """A database with "films" and "Films " (made before 0005) still opens; each is found by its exact
+    name, and no further look-alike can be made."""
+    from alembic import command
+    from alembic.config import Config
+
+    from rlhfkit.feedback.migrate import MIGRATIONS
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    db = tmp_path / "old.db"
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+        for id_, name in [(1, "films"), (2, "Films "), (3, "plants")]:
+            conn.execute(
+                text(
+                    "INSERT INTO projects (id, name, task_type, guidelines, overlap, settings, created_at) "
+                    "VALUES (:id, :name, 'comparison', '', 1, '{}', '2024-01-01 00:00:00')"
+                ),
+                {"id": id_, "name": name},
+            )
+    engine.dispose()
+    with FeedbackStore(db) as store:
+        assert [store.project_id(name) for name in ["films", "Films ", "plants"]] == [1, 2, 3]
+        assert store.create_project("Films ") == 2
+        store.add_items(2, _items(1))
+        with pytest.raises(ValueError, match="project 'films' exists"):
+            store.create_project("FILMS")
+        with pytest.raises(ValueError, match="project 'plants' exists"):
+            store.create_project("Plants")
+
+
 def test_add_items_validation_names_index_and_field(open_store):
     store = open_store()
     project = store.create_project("p")

@@ -268,9 +268,16 @@ def list_projects(caller: UserDep, store: StoreDep) -> list[ProjectOut]:
 
 @router.post("/projects", response_model=ProjectOut, status_code=201, dependencies=[Depends(check_csrf)])
 def create_project(body: ProjectIn, caller: AdminDep, store: StoreDep) -> ProjectOut:
-    """Create a project (admin)."""
-    if body.name in {p.name for p in store.projects()}:
+    """Create a project (admin); 409 when a project has that name, or one that reads the same."""
+    existing = store.project_named_like(body.name)
+    if existing == body.name:
         raise HTTPException(409, f"field 'name': a project named {body.name!r} exists")
+    if existing is not None:
+        raise HTTPException(
+            409,
+            f"field 'name': a project named {existing!r} exists, and {body.name!r} differs from it "
+            "only in case, spacing or Unicode form",
+        )
     project_id = store.create_project(
         body.name, body.task_type, body.guidelines, body.overlap, body.golden_rate
     )

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection, Engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest revision in migrations/versions (a test checks it against Alembic's head).
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 # The revision whose schema databases made before migrations existed have.
 BASELINE_REVISION = "0001"
 _PG_LOCK_KEY = zlib.crc32(b"rlhfkit.feedback.migrate")

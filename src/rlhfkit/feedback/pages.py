@@ -280,8 +280,14 @@ def new_project_form(
         return _forbidden(request, caller)
     store = _store(request)
     error = None
-    if name.strip() in {p.name for p in store.projects()}:
-        error = f"A project named {name.strip()!r} exists."
+    existing = store.project_named_like(name.strip())
+    if existing == name.strip():
+        error = f"A project named {existing!r} exists."
+    elif existing is not None:
+        error = (
+            f"A project named {existing!r} exists, and {name.strip()!r} differs from it only in case, "
+            "spacing or Unicode form."
+        )
     else:
         try:
             store.create_project(name.strip(), task_type, guidelines, overlap, golden_rate)

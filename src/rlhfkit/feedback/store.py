@@ -51,6 +51,7 @@ from sqlalchemy import (
     String,
     Text,
     bindparam,
+    case,
     create_engine,
     event,
     exists,
@@ -100,6 +101,15 @@ def name_key(name: str) -> str:
     Users and annotators are unique by it, and a login finds its user by it.
     """
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def project_key(name: str) -> str:
+    """What makes two project names the same name: `name_key`, with runs of whitespace as one space and
+    none at either end ("Top5", "top5 " and "ＴＯＰ５": "top5"; "Top  5" and "top 5": "top 5").
+
+    Projects are unique by it: such names read as one on the dashboard, where HTML collapses spaces.
+    """
+    return " ".join(name_key(name).split())
 
 
 # A login name: it appears in URLs (the dashboard's exclude form) and beside other names, so no
@@ -166,9 +176,13 @@ class Project(Base):
     """A labelling job."""
 
     __tablename__ = "projects"
+    __table_args__ = (Index("uq_projects_name_key", "name_key", unique=True),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # project_key(name): no two projects have names that differ only in case, spacing or Unicode
+    # form. NULL for the younger look-alikes of a database made before this key (migration 0005).
+    name_key: Mapped[str | None] = mapped_column(Text)
     task_type: Mapped[str] = mapped_column(String(32))
     guidelines: Mapped[str] = mapped_column(Text, default="")
     overlap: Mapped[int]
@@ -812,8 +826,9 @@ class FeedbackStore:
         """Create a project, or return the id of the existing project of that name.
 
         An existing project keeps its guidelines, overlap and golden rate; a different
-        task type is an error. `golden_rate`: the chance (0 to 1) that an annotator's next
-        task is a golden item.
+        task type is an error, and so is a name that differs from an existing project's only in
+        case, spacing or Unicode form (see `project_key`); the error names that project.
+        `golden_rate`: the chance (0 to 1) that an annotator's next task is a golden item.
         """
         if not isinstance(name, str) or not name.strip():
             raise ValueError("project name must be a non-empty string")
@@ -831,6 +846,7 @@ class FeedbackStore:
             raise ValueError(f"golden_rate: {task_type} projects cannot have golden items")
         values = {
             "name": name,
+            "name_key": project_key(name),
             "task_type": task_type,
             "guidelines": guidelines,
             "overlap": overlap,
@@ -869,6 +885,17 @@ class FeedbackStore:
             )
             raise KeyError(f"no feedback project named {name!r} ({have})")
         return found
+
+    def project_named_like(self, name: str) -> str | None:
+        """The name of the project called `name`, else of one whose name reads the same (`project_key`),
+        else None. `create_project` refuses a look-alike; this tells a form or the API which it is."""
+        with self._transaction() as conn:
+            return conn.scalar(
+                select(Project.name)
+                .where(or_(Project.name == name, Project.name_key == project_key(name)))
+                .order_by(case((Project.name == name, 0), else_=1))
+                .limit(1)
+            )
 
     def project(self, project_id: int) -> ProjectRecord:
         """One project's settings; KeyError if there is none."""
@@ -924,24 +951,29 @@ class FeedbackStore:
     ) -> int:
         """Id of the row named values["name"], inserting it if missing (race-safe).
 
-        Annotators are found by their name_key: a name that differs from an existing one only in
-        case or Unicode form is refused (ValueError), not made a second annotator.
+        Both are found by their name_key: a name that differs from an existing one only in case or
+        Unicode form (and, for a project, spacing) is refused (ValueError), not made a second one. A
+        project is found by its exact name first: a look-alike from before project keys has none.
         """
         name = values["name"]
         what = model.__tablename__[:-1]
-        same_name = model.name_key == values["name_key"] if model is Annotator else model.name == name
+        differs = "case, spacing or Unicode form" if model is Project else "case or Unicode form"
+        same_name = or_(model.name == name, model.name_key == values["name_key"])
         for attempt in range(2):
             try:
                 with self._transaction("write") as conn:
                     row = conn.execute(
-                        select(model.id, getattr(model, must_match), model.name).where(same_name)
+                        select(model.id, getattr(model, must_match), model.name)
+                        .where(same_name)
+                        .order_by(case((model.name == name, 0), else_=1))
+                        .limit(1)
                     ).one_or_none()
                     if row is None:
                         return conn.scalar(insert(model).returning(model.id), values)
                 if row[2] != name:
                     raise ValueError(
-                        f"{what} {row[2]!r} exists, and {name!r} differs from it only in case or Unicode "
-                        "form, and such names count as one"
+                        f"{what} {row[2]!r} exists, and {name!r} differs from it only in {differs}, "
+                        "and such names count as one"
                     )
                 if row[1] != values[must_match]:
                     raise ValueError(
