@@ -1011,6 +1011,113 @@ class FeedbackStore:
             ids = conn.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True), rows).all()
         return list(ids)
 
+    def import_project(
+        self,
+        name: str,
+        task_type: str,
+        items: Iterable[Mapping[str, Any]],
+        labels: Iterable[Mapping[str, Any]] = (),
+        *,
+        guidelines: str = "",
+        overlap: int = 1,
+    ) -> tuple[int, list[int]]:
+        """Create the project `name` with its items (and labels) in one transaction; return the
+        project id and the item ids in input order.
+
+        All or nothing: a failure at any point (a lost connection included) leaves no project, item,
+        annotator or label behind. A project of that name (or one that reads the same, see
+        `project_key`) is a ValueError. `items` are as `add_items` takes them; `labels` are stored
+        answers, as `rlhfkit.feedback.importing.read_raw_file` makes them from a raw export:
+        {"item": index into `items`, "annotator", "chosen", "order", "position", "strength", "value",
+        "created_at", "seconds", "correct"}. A label's annotator is the one of that name, or a new
+        human annotator without an account: nobody logs in as it until an admin gives it one
+        (`add_user`).
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("project name must be a non-empty string")
+        if task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1:
+            raise ValueError(f"overlap must be an integer >= 1, got {overlap!r}")
+        rows = [validate_item(index, raw, overlap, task_type) for index, raw in enumerate(items)]
+        labels = list(labels)
+        n_labels: dict[int, int] = {}
+        for label in labels:
+            n_labels[label["item"]] = n_labels.get(label["item"], 0) + 1
+        now = self._now()
+        for index, row in enumerate(rows):
+            n = n_labels.get(index, 0)
+            row.update(n_labels=n, is_complete=row["is_golden"] or n >= row["overlap"], created_at=now)
+        key = project_key(name)
+        with self._transaction("write") as conn:
+            same = or_(Project.name == name, Project.name_key == key)
+            there = conn.scalar(select(Project.name).where(same).limit(1))
+            if there is not None:
+                raise ValueError(f"project {there!r} exists already")
+            project_id = conn.scalar(
+                insert(Project).returning(Project.id),
+                {
+                    "name": name,
+                    "name_key": key,
+                    "task_type": task_type,
+                    "guidelines": guidelines,
+                    "overlap": overlap,
+                    "golden_rate": 0.0,
+                    "settings": {},
+                    "created_at": now,
+                },
+            )
+            for row in rows:
+                row["project_id"] = project_id
+            ids: list[int] = []
+            if rows:
+                ids = list(conn.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True), rows))
+            annotators = self._annotators_by_name(conn, {label["annotator"] for label in labels}, now)
+            if labels:
+                conn.execute(
+                    insert(Label),
+                    [
+                        {
+                            "project_id": project_id,
+                            "item_id": ids[label["item"]],
+                            "annotator_id": annotators[label["annotator"]],
+                            "lease_id": None,
+                            "kind": task_type,
+                            "chosen": label["chosen"],
+                            "presented_order": list(label["order"]),
+                            "position": label["position"],
+                            "strength": label["strength"],
+                            "value": label["value"],
+                            "created_at": label["created_at"],
+                            "seconds": label["seconds"],
+                            "correct": label["correct"],
+                        }
+                        for label in labels
+                    ],
+                )
+        return project_id, ids
+
+    def _annotators_by_name(self, conn: Connection, names: Iterable[str], now: datetime) -> dict[str, int]:
+        """Ids of the annotators called `names` in this transaction, each made (human, no account)
+        if missing; a name that differs from an existing one only in case or Unicode form is refused."""
+        ids: dict[str, int] = {}
+        for name in sorted(names):
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError("annotator name must be a non-empty string")
+            key = name_key(name)
+            row = conn.execute(select(Annotator.id, Annotator.name).where(Annotator.name_key == key)).first()
+            if row is None:
+                values = {"name": name, "name_key": key, "kind": "human", "created_at": now}
+                ids[name] = conn.scalar(insert(Annotator).returning(Annotator.id), values)
+            elif row.name != name:
+                raise ValueError(
+                    f"annotator {row.name!r} exists, and {name!r} differs from it only in case or Unicode "
+                    "form, and such names count as one"
+                )
+            else:
+                ids[name] = row.id
+        return ids
+
     # -- users, sessions, invites ------------------------------------------------------
 
     def add_user(self, name: str, role: str, password: str) -> int:
