@@ -311,3 +311,123 @@ def test_export_rows_of_a_ranking_tie_are_left_out(open_store, tmp_path):
         ("b", "c", 2, 1.0),
     ]
     assert exports.FORMATS_BY_TASK_TYPE["ranking"] == ("trl-preference", "raw")
+
+
+def _labelled_source(path, clock) -> FeedbackStore:
+    """An SQLite store with a project of each kind that has labels: chat prompts, meta, golden items
+    (and their labels), ties, overlap, several annotators, times that differ."""
+    store = FeedbackStore(path, seed=0, clock=clock, durable=False)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Top 5 films?"}]
+    answers = {
+        "comparison": [{"choice": "left", "strength": 3}, {"choice": "tie", "strength": 1}],
+        "ranking": [{"ranking": [2, 0, 1]}, {"ranking": [0, 1, 2]}],
+        "likert": [{"rating": 6}, {"rating": 2}],
+        "binary": [{"label": True}, {"label": False}],
+        "edit": [{"text": "1. Better"}, {"text": "1. Other"}],
+        "demonstration": [{"text": "1. Written"}, {"text": "1. Also written"}],
+    }
+    responses = {"comparison": ["a", "b"], "ranking": ["a", "b", "c"], "demonstration": []}
+    golden = {"comparison": {"chosen": 1}, "ranking": {"ranking": [1, 0, 2]}, "likert": {"rating": 5}}
+    golden["binary"] = {"label": False}
+    for kind, given in answers.items():
+        rate = 0.5 if kind in golden else 0.0
+        project = store.create_project(kind, task_type=kind, overlap=2, golden_rate=rate)
+        shown = responses.get(kind, ["1. Draft"])
+        items = [
+            {"prompt": chat, "responses": shown, "meta": {"policy": "sft", "round": 1}},
+            {"prompt": "Top 5 cities?", "responses": shown, "overlap": 3},
+        ]
+        if kind in golden:
+            items.append({"prompt": "Known?", "responses": shown, "golden": golden[kind]})
+        store.add_items(project, items)
+        for n, name in enumerate(("alice", "Bob", "carol")):
+            annotator = store.add_annotator(name, "simulated" if name == "carol" else "human")
+            while (task := store.next_task(project, annotator)) is not None:
+                clock.advance(7 + n)
+                store.submit(task.token, annotator, given[n % 2])
+    return store
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    """Raw rows with their store's ids replaced by their order of appearance (the rest as is)."""
+    items: dict[int, int] = {}
+    return [
+        {**row, "label_id": n, "item_id": items.setdefault(row["item_id"], len(items))}
+        for n, row in enumerate(rows)
+    ]
+
+
+def test_a_raw_export_imports_into_another_store_and_exports_the_same_rows(db_url, clock, tmp_path):
+    # Moving a project between stores (SQLite -> SQLite or PostgreSQL): items, annotators and labels,
+    # golden flags, times and names kept, and the raw export of the copy is the raw export it came from.
+    source = _labelled_source(tmp_path / "source.db", clock)
+    progress = {p.name: source.progress(p.project_id) for p in source.projects()}
+    source.close()
+    for name in progress:
+        before, after = tmp_path / f"{name}.jsonl", tmp_path / f"{name}-again.jsonl"
+        args = ("--project", name, "--format", "raw", "--out")
+        assert _cli("export", "--db", str(tmp_path / "source.db"), *args, str(before)).exit_code == 0
+        rows = _rows(before)
+        assert len(rows) >= 4 and any(r["golden"] for r in rows) == (name not in ("edit", "demonstration"))
+        result = _cli("import", "--db", db_url, "--project", f"copy-{name}", "--raw", str(before))
+        assert result.exit_code == 0, result.output
+        n_items = len({r["item_id"] for r in rows})
+        assert (
+            f"imported {n_items} items with {len(rows)} labels into project 'copy-{name}' ({name})"
+            in _flat(result.output)
+        )
+        result = _cli(
+            "export", "--db", db_url, "--project", f"copy-{name}", "--format", "raw", "--out", str(after)
+        )
+        assert result.exit_code == 0, result.output
+        assert _comparable(_rows(after)) == _comparable(rows)
+    with FeedbackStore(db_url) as copy:
+        # Annotators, not accounts: nobody logs in as an imported annotator until an admin says so.
+        assert copy.users() == []
+        assert copy.authenticate("alice", "") is None
+        # The queue goes on where it was: items keep their overlap and their label counts.
+        assert {name: copy.progress(copy.project_id(f"copy-{name}")) for name in progress} == progress
+
+
+def test_a_raw_import_refuses_a_bad_row_naming_file_line_and_field_and_stores_nothing(
+    db_url, clock, tmp_path
+):
+    source = _labelled_source(tmp_path / "source.db", clock)
+    source.export(source.project_id("comparison"), tmp_path / "raw.jsonl", "raw")
+    source.close()
+    good = _rows(tmp_path / "raw.jsonl")
+    golden_row = next(n for n, r in enumerate(good) if r["golden"])
+    bad_rows = [
+        (1, "chosen", {"chosen": 5}),
+        (2, "strength", {"strength": 9}),
+        (1, "annotator", {"annotator": ""}),
+        (2, "created_at", {"created_at": "yesterday"}),
+        (1, "order", {"order": [0, 0]}),
+        (2, "kind", {"kind": "ranking"}),
+        (1, "extra", {"extra": 1}),
+        (golden_row, "correct", {"correct": not good[golden_row]["correct"]}),
+        (golden_row, "golden_key", {"golden_key": None}),
+        (1, "value", {"value": {"rating": 3}}),
+    ]
+    first, second = (n for n, r in enumerate(good) if r["item_id"] == good[0]["item_id"])
+    bad_rows += [
+        (second, "prompt", {"prompt": "another prompt"}),  # disagrees with the first row of its item
+        (second, "annotator", {"annotator": good[first]["annotator"]}),  # labelled one item twice
+    ]
+    for index, field, change in bad_rows:
+        rows = [dict(r) for r in good]
+        rows[index].update(change)
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        result = _cli("import", "--db", db_url, "--project", "copy", "--raw", str(bad))
+        assert result.exit_code == 2, (field, result.output)
+        assert f"{bad}:{index + 1}: field '{field}': " in _flat(result.output), (field, result.output)
+        with FeedbackStore(db_url) as store:
+            assert store.projects() == []  # not even the project
+    # A raw import recreates a project: into an existing one it is refused.
+    assert (
+        _cli("import", "--db", db_url, "--project", "copy", "--raw", str(tmp_path / "raw.jsonl")).exit_code
+        == 0
+    )
+    result = _cli("import", "--db", db_url, "--project", "copy", "--raw", str(tmp_path / "raw.jsonl"))
+    assert result.exit_code == 2 and "exists already" in _flat(result.output)

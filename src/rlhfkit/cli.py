@@ -561,6 +561,13 @@ def feedback_import(
         Path | None,
         typer.Option(help='JSONL, JSON list, Parquet or dataset of {"prompt", "completions": [...]}'),
     ] = None,
+    raw: Annotated[
+        Path | None,
+        typer.Option(
+            help="a raw export (feedback export --format raw): recreate its items, annotators and "
+            "labels as the new project --project"
+        ),
+    ] = None,
     policy: Annotated[Path | None, typer.Option(help="checkpoint to sample completions from")] = None,
     prompts: Annotated[Path | None, typer.Option(help='with --policy: JSONL of {"prompt"}')] = None,
     k: Annotated[int, typer.Option("-k", help="with --policy: completions per prompt")] = 2,
@@ -571,14 +578,34 @@ def feedback_import(
     overlap: Annotated[int, typer.Option(help="annotators per item of a new project")] = 1,
     guidelines: Annotated[Path | None, typer.Option(help="Markdown guidelines of a new project")] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    max_file_mb: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="refuse a --file or --raw larger than this (it is read whole into memory; 0: no limit)",
+        ),
+    ] = 1024.0,  # importing.MAX_IMPORT_BYTES, not imported: it would load the store for --help
 ) -> None:
-    """Add items to a project from a JSONL file, or by sampling a local policy checkpoint."""
+    """Add items to a project from a JSONL file, or by sampling a local policy checkpoint; or recreate
+    a project, labels and all, from a raw export.
+
+    A new project is created with its items in one transaction: a failure leaves no project behind.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
     from rlhfkit.data.io import read_records
-    from rlhfkit.feedback.importing import items_not_in, line_to_items, read_import_file, sample_items
+    from rlhfkit.feedback.importing import (
+        check_import_size,
+        items_not_in,
+        line_to_items,
+        read_import_file,
+        read_raw_file,
+        sample_items,
+    )
     from rlhfkit.feedback.store import TASK_TYPES, ItemError, validate_item
 
-    if (file is None) == (policy is None):
-        _fail("give either --file or --policy (with --prompts)")
+    if sum(source is not None for source in (file, raw, policy)) != 1:
+        _fail("give one of --file, --raw, or --policy (with --prompts)")
     if policy is not None and prompts is None:
         _fail("--policy needs --prompts FILE")
     if task_type is not None and task_type not in TASK_TYPES:
@@ -593,16 +620,26 @@ def feedback_import(
             guidelines_text = guidelines.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             _fail(f"--guidelines {guidelines}: not UTF-8 text (byte {exc.start}: {exc.reason})")
+    max_bytes = int(max_file_mb * 2**20) if max_file_mb > 0 else None
     store = _open_store(db)
+    labels: list[dict] = []
     try:
         try:
             pid: int | None = store.project_id(project)
             kind = store.project(pid).task_type
         except KeyError:
             pid, kind = None, task_type or "comparison"  # created once its items are read and valid
+        if raw is not None and pid is not None:
+            _fail(
+                f"--raw: project {project!r} exists already; a raw import recreates a project, name a new one"
+            )
         if task_type is not None and task_type != kind:
             _fail(f"--task-type {task_type}: project {project!r} is a {kind} project, not {task_type}")
-        if file is not None:
+        if raw is not None:
+            check_import_size(raw, max_bytes)
+            kind, items, labels = read_raw_file(raw, task_type, overlap)
+        elif file is not None:
+            check_import_size(file, max_bytes)
             items = read_import_file(file, kind, overlap)
         else:
             assert prompts is not None
@@ -616,16 +653,24 @@ def feedback_import(
                 validate_item(index, item, overlap, kind)
         skipped = 0
         if pid is None:
-            pid = store.create_project(project, kind, guidelines_text, overlap)
+            # One transaction: a lost connection cannot leave an empty project behind.
+            pid, ids = store.import_project(
+                project, kind, items, labels, guidelines=guidelines_text, overlap=overlap
+            )
         else:
             items, skipped = items_not_in(items, store.items(pid), kind)
-        ids = store.add_items(pid, items)
+            ids = store.add_items(pid, items)
     except (DataError, ItemError, ValueError) as exc:
         _fail(str(exc))
+    except SQLAlchemyError as exc:
+        _fail(
+            f"--db {store.url}: the import failed, and nothing of it was stored: {str(exc).splitlines()[0]}"
+        )
     finally:
         store.close()
     already = f"; skipped {skipped} already in the project" if skipped else ""
-    console.print(f"imported {len(ids)} items into project {project!r} ({kind}){already}")
+    with_labels = f" with {len(labels)} labels" if raw is not None else ""
+    console.print(f"imported {len(ids)} items{with_labels} into project {project!r} ({kind}){already}")
 
 
 @feedback_app.command("aggregate")

@@ -125,7 +125,7 @@ def sft_rows(task_type: str, project: str, items: Items, labels: Labels) -> Iter
 
 
 def raw_rows(items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
-    """Every label with its annotator, item (and its meta) and answer.
+    """Every label with its annotator, item (its meta, overlap and golden key) and answer.
 
     Likert rows also carry the rated `completion`, the `rating` and its `scale`, and edit
     rows the original `completion` and the `edited` text, so that they can be used (as
@@ -150,6 +150,10 @@ def raw_rows(items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
             "created_at": label.created_at.isoformat(),
             "seconds": label.seconds,
             "meta": item.meta,
+            # The item's settings, so that a raw export recreates the project elsewhere
+            # (`rlhfkit feedback import --raw`, `importing.read_raw_file`).
+            "overlap": item.overlap,
+            "golden_key": item.golden,
         }
         if label.kind == "likert":
             row.update(
