@@ -431,3 +431,61 @@ def test_a_raw_import_refuses_a_bad_row_naming_file_line_and_field_and_stores_no
     )
     result = _cli("import", "--db", db_url, "--project", "copy", "--raw", str(tmp_path / "raw.jsonl"))
     assert result.exit_code == 2 and "exists already" in _flat(result.output)
+
+
+@pytest.mark.parametrize("fail_at", ["INSERT INTO items", "INSERT INTO labels"])
+def test_an_import_that_fails_midway_leaves_no_project_behind(db_url, clock, tmp_path, fail_at):
+    # A connection lost after the project was created and before its items were stored left an
+    # empty project, which the next import then filled as an existing one.
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.exc import OperationalError
+
+    source = _labelled_source(tmp_path / "source.db", clock)
+    source.export(source.project_id("comparison"), tmp_path / "raw.jsonl", "raw")
+    source.close()
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"prompt": "q", "completions": ["a", "b"]}\n')
+    source_args = ["--raw", str(tmp_path / "raw.jsonl")] if "labels" in fail_at else ["--file", str(items)]
+
+    def lose_the_connection(conn, cursor, statement, *args):
+        if statement.startswith(fail_at):
+            raise OperationalError(statement, {}, Exception("server closed the connection unexpectedly"))
+
+    event.listen(Engine, "before_cursor_execute", lose_the_connection)
+    try:
+        result = _cli("import", "--db", db_url, "--project", "p", *source_args)
+    finally:
+        event.remove(Engine, "before_cursor_execute", lose_the_connection)
+    assert result.exit_code == 2, result.output
+    assert "the import failed, and nothing of it was stored" in _flat(result.output)
+    with FeedbackStore(db_url) as store:
+        assert store.projects() == []
+        with store._transaction() as conn:  # nor the annotators of a raw import's labels
+            assert conn.exec_driver_sql("SELECT count(*) FROM annotators").scalar() == 0
+    # The same import, run again, goes through: nothing is in its way.
+    result = _cli("import", "--db", db_url, "--project", "p", *source_args)
+    assert result.exit_code == 0, result.output
+
+
+def test_cli_import_refuses_a_file_over_the_size_limit_before_reading_it(tmp_path):
+    db = str(tmp_path / "f.db")
+    lines = tmp_path / "items.jsonl"
+    lines.write_text('{"prompt": "q", "completions": ["a", "b"]}\n' * 100)  # 4.3 KB
+    folder = tmp_path / "items_ds"
+    from datasets import Dataset
+
+    Dataset.from_list([{"prompt": "q", "completions": ["a", "b"]}] * 100).save_to_disk(str(folder))
+    for source in (lines, folder):
+        for flag in ("--file", "--raw"):
+            result = _cli("import", "--db", db, "--project", "p", flag, str(source), "--max-file-mb", "0.001")
+            assert result.exit_code == 2, result.output
+            assert f"{source}: is " in _flat(result.output)
+            assert "bytes, over the import limit of 1048 bytes" in _flat(result.output)
+            assert "--max-file-mb" in _flat(result.output)
+        with FeedbackStore(db) as store:
+            assert store.projects() == []
+    # The default (1 GiB) takes it, and so does no limit (0).
+    assert _cli("import", "--db", db, "--project", "p", "--file", str(lines)).exit_code == 0
+    result = _cli("import", "--db", db, "--project", "q", "--file", str(folder), "--max-file-mb", "0")
+    assert result.exit_code == 0, result.output

@@ -126,6 +126,10 @@ def source_bytes(path: str | os.PathLike[str]) -> int | None:
     return None
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes} bytes"
+
+
 def check_import_size(path: str | os.PathLike[str], max_bytes: int | None = MAX_IMPORT_BYTES) -> None:
     """Refuse (DataError) an import source larger than `max_bytes` (None: no limit): an import
     reads it whole into memory."""
@@ -133,7 +137,7 @@ def check_import_size(path: str | os.PathLike[str], max_bytes: int | None = MAX_
     if max_bytes is not None and size is not None and size > max_bytes:
         raise DataError(
             path,
-            f"is {size / 2**20:.1f} MiB, over the import limit of {max_bytes / 2**20:.0f} MiB (an import "
+            f"is {_size(size)}, over the import limit of {_size(max_bytes)} (an import "
             "reads the whole file into memory); split the file, or raise the limit with --max-file-mb",
         )
 
