@@ -159,6 +159,29 @@ def test_session_cookie_flags_and_security_headers(service):
     assert response.headers["x-frame-options"] == "DENY"
 
 
+def test_every_response_has_the_security_headers_and_hsts_only_over_https(service):
+    store, app, _ = service
+    strict = {
+        "x-content-type-options": "nosniff",
+        "x-frame-options": "DENY",
+        "referrer-policy": "same-origin",
+    }
+    paths = ["/login", "/api/me", "/static/annotate.js", "/openapi.json", "/no-such-page", "/docs"]
+
+    def check(client, hsts):
+        for path in paths:
+            headers = client.get(path).headers
+            assert {name: headers.get(name) for name in strict} == strict, path
+            assert "default-src 'none'" in headers["content-security-policy"], path
+            assert headers.get("strict-transport-security") == hsts, path
+
+    # Plain http on localhost: no HSTS (a browser would pin http://localhost to HTTPS it does not have).
+    check(TestClient(app), None)
+    # Served over HTTPS, or behind an HTTPS proxy (secure cookies): a year, no includeSubDomains.
+    check(TestClient(app, base_url="https://testserver"), "max-age=31536000")
+    check(TestClient(create_app(store, secure_cookies=True)), "max-age=31536000")
+
+
 def test_no_page_or_api_answer_is_cached(service):
     # Back after a logout on a shared computer, or a caching proxy, must not show them to the next person.
     _, app, project = service
@@ -739,6 +762,22 @@ def test_a_look_alike_project_name_is_refused_naming_the_project(service):
     )
     assert page.status_code == 400 and "A project named &#39;prefs&#39; exists" in page.text
     assert [p.name for p in store.projects()] == ["prefs"]
+
+
+def test_no_interactive_docs_load_scripts_from_a_cdn_and_the_spec_stays(service):
+    # FastAPI's /docs and /redoc load their JavaScript and CSS from a CDN: broken offline, and
+    # third-party scripts in the service's origin. The spec stays at /openapi.json for tools.
+    _, app, _ = service
+    root, _ = login(app, "root")
+    for client in (TestClient(app), root):
+        for path in ["/docs", "/redoc", "/docs/oauth2-redirect"]:
+            response = client.get(path)
+            assert response.status_code == 404, path
+            assert "cdn" not in response.text.lower()
+        assert "/api/login" in client.get("/openapi.json").json()["paths"]
+    for path in ["/login", "/admin", "/"]:
+        page = root.get(path).text
+        assert not re.search(r"""<(script|link)[^>]+(src|href)=["']?(https?:)?//""", page), path
 
 
 def test_openapi_lists_the_api(service):

@@ -25,6 +25,9 @@ from rlhfkit.feedback.session import SESSION_IDLE_SECONDS
 from rlhfkit.feedback.store import FeedbackStore, unstorable
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# Every security header of the service is set here, on every response (pages, API, static files,
+# errors). There are no exceptions: the service serves no page that needs a looser policy (FastAPI's
+# /docs and /redoc, which load their scripts from a CDN, are turned off; see `create_app`).
 SECURITY_HEADERS = {
     "content-security-policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -34,21 +37,35 @@ SECURITY_HEADERS = {
     "x-frame-options": "DENY",
     "referrer-policy": "same-origin",
 }
-# The interactive docs load their scripts from a CDN; they get a looser policy.
-_DOCS_PATHS = ("/docs", "/redoc")
+# Over HTTPS (served over TLS, or behind an HTTPS proxy: secure_cookies), browsers are told to use
+# HTTPS only for a year, so a network attacker cannot downgrade a later visit to plain http and read
+# the session cookie. No includeSubDomains: other services on sibling names are not ours to decide.
+# Never sent over plain http without secure_cookies (localhost), where it would be meaningless.
+HSTS = ("strict-transport-security", "max-age=31536000")
 # Pages and API answers hold labels, exports, names and CSRF tokens: no browser or proxy may keep
 # them (the Back button after a logout on a shared computer, a caching proxy serving an admin's
 # export to the next caller). Only the static files are cached.
 NO_STORE = (b"cache-control", b"no-store")
 
 
+def security_headers(https: bool) -> list[tuple[bytes, bytes]]:
+    """The security headers of every response; `https`: served over HTTPS (HSTS too)."""
+    headers = dict(SECURITY_HEADERS, **(dict([HSTS]) if https else {}))
+    return [(name.encode(), value.encode()) for name, value in headers.items()]
+
+
 class BodyLimitAndHeaders:
     """ASGI middleware: 413 for bodies over `max_bytes`; security headers on every response, and
-    `Cache-Control: no-store` on all but the static files."""
+    `Cache-Control: no-store` on all but the static files.
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    `secure_cookies`: the app is served over HTTPS whatever the request's scheme says (behind an
+    HTTPS proxy), so HSTS is sent on every response; otherwise only on those served over HTTPS.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, secure_cookies: bool = False):
         self.app = app
         self.max_bytes = max_bytes
+        self.secure_cookies = secure_cookies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,8 +96,8 @@ class BodyLimitAndHeaders:
                     return {"type": "http.disconnect"}
             return message
 
-        docs = scope["path"].startswith(_DOCS_PATHS)
         static = scope["path"].startswith("/static/")
+        https = self.secure_cookies or scope.get("scheme") == "https"
 
         async def send_with_headers(message: Message) -> None:
             nonlocal started
@@ -88,9 +105,7 @@ class BodyLimitAndHeaders:
                 return
             if message["type"] == "http.response.start":
                 started = True
-                headers = list(message.get("headers", []))
-                if not docs:
-                    headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                headers = list(message.get("headers", [])) + security_headers(https)
                 if not static and all(name.lower() != NO_STORE[0] for name, _ in headers):
                     headers.append(NO_STORE)
                 message = {**message, "headers": headers}
@@ -144,15 +159,22 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     session_idle_seconds: float | None = SESSION_IDLE_SECONDS,
 ) -> FastAPI:
-    """The service on an open store. `secure_cookies`: mark cookies Secure (behind HTTPS).
+    """The service on an open store. `secure_cookies`: mark cookies Secure and send HSTS (behind an
+    HTTPS proxy).
 
     `session_idle_seconds`: a session ends after this long without a request (None: only its
     absolute limit of 12 hours ends it).
+
+    There is no /docs or /redoc: FastAPI's pages load their scripts and styles from a CDN (broken
+    offline, and third-party code in the service's origin). The spec is at /openapi.json, for any
+    OpenAPI tool.
     """
     app = FastAPI(
         title="rlhfkit feedback service",
         description="Collect human feedback (comparisons, rankings, ratings, thumbs, edits, demonstrations).",
         version="1",
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.store = store
     app.state.secure_cookies = secure_cookies
@@ -187,5 +209,5 @@ def create_app(
         message: Any = exc.args[0] if exc.args else "not found"
         return JSONResponse({"detail": str(message)}, status_code=404)
 
-    app.add_middleware(BodyLimitAndHeaders, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitAndHeaders, max_bytes=max_body_bytes, secure_cookies=secure_cookies)
     return app
