@@ -780,6 +780,61 @@ def test_no_interactive_docs_load_scripts_from_a_cdn_and_the_spec_stays(service)
         assert not re.search(r"""<(script|link)[^>]+(src|href)=["']?(https?:)?//""", page), path
 
 
+def test_the_client_address_comes_from_x_forwarded_for_only_through_a_trusted_proxy(service):
+    store, _, _ = service
+
+    def guess(app, peer, forwarded=None, password="wrong-password"):
+        headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+        client = TestClient(app, client=(peer, 50000))
+        return client.post(
+            "/api/login", json={"name": "alice", "password": password}, headers=headers
+        ).status_code
+
+    # Off by default, and from a peer that is not a trusted proxy: the header is ignored (anyone can
+    # send one), so changing it buys no more guesses.
+    for app in (
+        create_app(store, login_limiter=LoginRateLimiter(attempts=3, window=60)),
+        create_app(
+            store, login_limiter=LoginRateLimiter(attempts=3, window=60), trusted_proxies=["10.9.0.1"]
+        ),
+    ):
+        codes = [guess(app, "203.0.113.9", f"198.51.100.{i}") for i in range(4)]
+        assert codes == [401, 401, 401, 429]
+    # Behind a trusted proxy, two clients get separate ceilings: the proxy's address is not the limit's.
+    app = create_app(
+        store,
+        login_limiter=LoginRateLimiter(attempts=3, window=60),
+        trusted_proxies=["10.9.0.1", "10.8.0.0/16"],
+    )
+    assert [guess(app, "10.9.0.1", "198.51.100.1") for _ in range(4)] == [401, 401, 401, 429]
+    assert guess(app, "10.9.0.1", "198.51.100.2", PASSWORDS["alice"]) == 200
+    # The right-most address that is not a trusted proxy counts: what the client put to its left
+    # (a made-up address) is ignored, and trusted proxies on the way (10.8.x.x) are skipped.
+    assert guess(app, "10.9.0.1", "192.0.2.77, 198.51.100.1", PASSWORDS["alice"]) == 429
+    assert guess(app, "10.9.0.1", "198.51.100.1, 10.8.3.4", PASSWORDS["alice"]) == 429
+    # A malformed address there, or no header at all: the proxy's own address, never a free one.
+    assert [guess(app, "10.9.0.1", "not-an-address") for _ in range(3)] == [401, 401, 401]
+    assert guess(app, "10.9.0.1", None, PASSWORDS["alice"]) == 429
+    # Sign-ups are counted per client address through the same proxy too.
+    signups = create_app(
+        store,
+        login_limiter=LoginRateLimiter(attempts=3, window=60, signup_attempts=1),
+        trusted_proxies=["10.9.0.1"],
+    )
+    proxy = TestClient(signups, client=("10.9.0.1", 50000))
+
+    def sign_up(forwarded, name):
+        body = {"invite": "no-such-invite", "name": name, "password": "new-password"}
+        return proxy.post("/api/signup", json=body, headers={"X-Forwarded-For": forwarded}).status_code
+
+    assert [sign_up("198.51.100.5", "erin"), sign_up("198.51.100.5", "erin")] == [403, 429]
+    assert sign_up("198.51.100.6", "erin") == 403
+    with pytest.raises(ValueError, match="'10.0.0.1/8' is not an IP address or network"):
+        create_app(store, trusted_proxies=["10.0.0.1/8"])
+    with pytest.raises(ValueError, match="a list of addresses"):
+        create_app(store, trusted_proxies="10.0.0.1")
+
+
 def test_openapi_lists_the_api(service):
     _, app, _ = service
     spec = TestClient(app).get("/openapi.json").json()

@@ -9,6 +9,8 @@ them inert.
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -119,6 +121,78 @@ class BodyLimitAndHeaders:
             # The app failed on the body we cut off (a form parser, say); the 413 is out already.
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_trusted_proxies(proxies: Iterable[str]) -> list[Network]:
+    """The networks of `create_app`'s `trusted_proxies` (addresses or CIDRs); ValueError naming a bad one."""
+    if isinstance(proxies, str):
+        raise ValueError(
+            f"trusted_proxies: expected a list of addresses or networks, got the string {proxies!r}"
+        )
+    networks = []
+    for entry in proxies:
+        try:
+            networks.append(ipaddress.ip_network(str(entry).strip()))
+        except ValueError:
+            raise ValueError(
+                f"trusted_proxies: {entry!r} is not an IP address or network (e.g. 10.0.0.5, 10.0.0.0/8 or "
+                "fd00::/8; a network has no host bits set)"
+            ) from None
+    return networks
+
+
+def _in(address: str, networks: list[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def forwarded_client(peer: str, forwarded_for: list[str], trusted: list[Network]) -> str:
+    """The client's address of a request from `peer` with these X-Forwarded-For values (in order).
+
+    The header is only believed when `peer` is a trusted proxy: anyone can send one. Each proxy
+    appends the address it saw, so the header is read from the right, past the trusted proxies, to
+    the first address that is not one; what is to the left of it was sent by the client and could be
+    anything. A missing or malformed address there leaves the peer (the proxy) as the client: a
+    shared ceiling, never one an attacker chooses.
+    """
+    if not _in(peer, trusted):
+        return peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+    hops = [hop for hop in hops if hop]
+    for hop in reversed(hops):
+        if not _in(hop, trusted):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer
+    # Every address on the way is a trusted proxy: the left-most is where the request came from.
+    return hops[0] if hops else peer
+
+
+class TrustedProxies:
+    """ASGI middleware: the client address (`request.client`) from X-Forwarded-For, for requests whose
+    direct peer is one of the `trusted` proxies (see `forwarded_client`)."""
+
+    def __init__(self, app: ASGIApp, trusted: list[Network]):
+        self.app = app
+        self.trusted = trusted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        if scope["type"] in ("http", "websocket") and self.trusted and client:
+            forwarded = [
+                value.decode("latin-1") for name, value in scope["headers"] if name == b"x-forwarded-for"
+            ]
+            address = forwarded_client(client[0], forwarded, self.trusted)
+            if address != client[0]:
+                scope = {**scope, "client": (address, 0)}
+        await self.app(scope, receive, send)
+
+
 async def _too_large(max_bytes: int, send: Send) -> None:
     body = f'{{"detail": "request body is larger than {max_bytes} bytes", "field": "body"}}'.encode()
     await send(
@@ -158,6 +232,7 @@ def create_app(
     login_limiter: LoginRateLimiter | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     session_idle_seconds: float | None = SESSION_IDLE_SECONDS,
+    trusted_proxies: Iterable[str] = (),
 ) -> FastAPI:
     """The service on an open store. `secure_cookies`: mark cookies Secure and send HSTS (behind an
     HTTPS proxy).
@@ -165,10 +240,16 @@ def create_app(
     `session_idle_seconds`: a session ends after this long without a request (None: only its
     absolute limit of 12 hours ends it).
 
+    `trusted_proxies`: addresses or networks ("10.0.0.5", "10.0.0.0/8") of the reverse proxies in
+    front of the app. A request from one of them has its client address (which the login and sign-up
+    limits count per) taken from X-Forwarded-For: the right-most address there that is not itself
+    a trusted proxy. From any other peer the header is ignored. None by default.
+
     There is no /docs or /redoc: FastAPI's pages load their scripts and styles from a CDN (broken
     offline, and third-party code in the service's origin). The spec is at /openapi.json, for any
     OpenAPI tool.
     """
+    trusted = parse_trusted_proxies(trusted_proxies)
     app = FastAPI(
         title="rlhfkit feedback service",
         description="Collect human feedback (comparisons, rankings, ratings, thumbs, edits, demonstrations).",
@@ -210,4 +291,6 @@ def create_app(
         return JSONResponse({"detail": str(message)}, status_code=404)
 
     app.add_middleware(BodyLimitAndHeaders, max_bytes=max_body_bytes, secure_cookies=secure_cookies)
+    # Added last, so it runs first: everything below sees the client's address.
+    app.add_middleware(TrustedProxies, trusted=trusted)
     return app

@@ -99,7 +99,8 @@ def set_session_cookie(request: Request, response: Response, token: str) -> None
 
 
 def client_address(request: Request) -> str:
-    """The client's address, for the login rate limit."""
+    """The client's address, for the login and sign-up limits: the connection's peer, or, behind one of
+    the app's `trusted_proxies`, the address X-Forwarded-For gives (`app.TrustedProxies` puts it here)."""
     return request.client.host if request.client else "unknown"
 
 
