@@ -363,7 +363,9 @@ def test_aggregated_rows_keep_a_chat_prompt_as_messages(tmp_path):
         labels = store.labels(project)
     for method in ("mv", "bt"):
         rows = aggregate_pairs(items, labels, method, "feedback:chat").rows
-        assert [(r["prompt"], r["chosen"]) for r in rows] == [(messages, "1. Alien")], method
+        # TRL's conversational preference format: after a chat prompt, chosen and rejected are messages.
+        reply = [{"role": "assistant", "content": "1. Alien"}]
+        assert [(r["prompt"], r["chosen"]) for r in rows] == [(messages, reply)], method
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -147,9 +147,18 @@ def test_edit_thumbs_and_sft_exports():
         _label(2, "y", "edit", value={"text": "same "}),
     ]
     assert list(preference_rows("edit", "E", items, edits)) == [
-        {"prompt": chat, "chosen": "better", "rejected": "orig", "annotator": "x", "source": "feedback:E"}
+        {
+            "prompt": chat,
+            "chosen": [{"role": "assistant", "content": "better"}],
+            "rejected": [{"role": "assistant", "content": "orig"}],
+            "annotator": "x",
+            "source": "feedback:E",
+        }
     ]
-    assert [r["completion"] for r in sft_rows("edit", "E", items, edits)] == ["better", "same "]
+    assert [r["completion"] for r in sft_rows("edit", "E", items, edits)] == [
+        [{"role": "assistant", "content": "better"}],
+        "same ",
+    ]
     thumbs = [_label(2, "x", "binary", value={"label": False})]
     assert list(unpaired_rows("binary", "B", items, thumbs)) == [
         {"prompt": "q", "completion": "same", "label": False, "annotator": "x"}

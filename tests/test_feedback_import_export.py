@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from rlhfkit.cli import app
 from rlhfkit.data.io import read_records
+from rlhfkit.data.records import Message
 from rlhfkit.feedback import exports
 from rlhfkit.feedback.store import FeedbackStore
 
@@ -281,7 +282,11 @@ def test_export_formats_read_back_as_training_records(open_store, tmp_path):
         store.submit_comparison(task.token, annotator, "left" if task.order[0] == 0 else "right", strength=3)
     assert store.export(comparison, tmp_path / "c.jsonl", "trl-preference") == 1
     (pair,) = read_records(tmp_path / "c.jsonl", "preference")
-    assert (pair.chosen, pair.rejected, pair.source) == ("good", "bad", "feedback:c")
+    assert (pair.chosen, pair.rejected, pair.source) == (
+        [Message(role="assistant", content="good")],
+        [Message(role="assistant", content="bad")],
+        "feedback:c",
+    )
     assert [m.content for m in pair.prompt] == ["top 5 cities?"]
     edit = store.create_project("e", task_type="edit")
     store.add_items(edit, [{"prompt": "q", "responses": ["draft"]}])
@@ -319,8 +324,17 @@ def _labelled_source(path, clock) -> FeedbackStore:
     store = FeedbackStore(path, seed=0, clock=clock, durable=False)
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Top 5 films?"}]
     answers = {
-        "comparison": [{"choice": "left", "strength": 3}, {"choice": "tie", "strength": 1}],
-        "ranking": [{"ranking": [2, 0, 1]}, {"ranking": [0, 1, 2]}],
+        # Alice and Bob prefer the first response whatever side it is shown on; carol ties.
+        "comparison": [
+            lambda task: {"choice": "left" if task.order[0] == 0 else "right", "strength": 3},
+            lambda task: {"choice": "left" if task.order[0] == 0 else "right", "strength": 1},
+            {"choice": "tie", "strength": 1},
+        ],
+        "ranking": [
+            lambda task: {"ranking": [task.order.index(i) for i in (0, 1, 2)]},
+            lambda task: {"ranking": [task.order.index(i) for i in (0, 2, 1)]},
+            {"ranking": [2, 0, 1]},
+        ],
         "likert": [{"rating": 6}, {"rating": 2}],
         "binary": [{"label": True}, {"label": False}],
         "edit": [{"text": "1. Better"}, {"text": "1. Other"}],
@@ -344,7 +358,8 @@ def _labelled_source(path, clock) -> FeedbackStore:
             annotator = store.add_annotator(name, "simulated" if name == "carol" else "human")
             while (task := store.next_task(project, annotator)) is not None:
                 clock.advance(7 + n)
-                store.submit(task.token, annotator, given[n % 2])
+                answer = given[n % len(given)]
+                store.submit(task.token, annotator, answer(task) if callable(answer) else answer)
     return store
 
 
@@ -489,3 +504,46 @@ def test_cli_import_refuses_a_file_over_the_size_limit_before_reading_it(tmp_pat
     assert _cli("import", "--db", db, "--project", "p", "--file", str(lines)).exit_code == 0
     result = _cli("import", "--db", db, "--project", "q", "--file", str(folder), "--max-file-mb", "0")
     assert result.exit_code == 0, result.output
+
+
+def test_a_chat_project_exports_trl_conversational_rows_that_read_back_for_training(db_url, clock, tmp_path):
+    # TRL pairs a conversational prompt with completions that are messages too: a chat prompt beside
+    # plain-string chosen/rejected is neither of its formats (its chat template cannot apply to it).
+    source = _labelled_source(tmp_path / "source.db", clock)
+    source.close()
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Top 5 films?"}]
+    formats = [
+        ("comparison", "trl-preference", "preference"),
+        ("ranking", "trl-preference", "preference"),
+        ("edit", "trl-preference", "preference"),
+        ("binary", "trl-unpaired", "unpaired"),
+        ("demonstration", "sft", "demonstration"),
+        ("edit", "sft", "demonstration"),
+    ]
+    for project, format_, kind in formats:
+        out = tmp_path / f"{project}-{format_}.jsonl"
+        args = ("--project", project, "--format", format_, "--out", str(out))
+        assert _cli("export", "--db", str(tmp_path / "source.db"), *args).exit_code == 0
+        rows = _rows(out)
+        records = read_records(out, kind)
+        assert len(records) == len(rows) > 0
+        for row, record in zip(rows, records, strict=True):
+            completions = ("chosen", "rejected") if kind == "preference" else ("completion",)
+            if row["prompt"] == chat:
+                assert [m.model_dump() for m in record.prompt] == chat
+                for field in completions:
+                    (message,) = row[field]
+                    assert message["role"] == "assistant"
+                    assert [m.model_dump() for m in getattr(record, field)] == [message]
+            else:  # a plain-string prompt keeps plain-string completions
+                assert all(isinstance(row[field], str) for field in completions)
+                assert [getattr(record, field) for field in completions] == [row[f] for f in completions]
+        assert any(row["prompt"] == chat for row in rows), project
+    # The aggregate command's rows (crowd.aggregate.preference_rows) take the same form.
+    out = tmp_path / "aggregated.jsonl"
+    args = ("--project", "comparison", "--method", "mv", "--out", str(out))
+    assert _cli("aggregate", "--db", str(tmp_path / "source.db"), *args).exit_code == 0
+    pairs = {json.dumps(row["prompt"]): row for row in _rows(out)}
+    assert pairs[json.dumps(chat)]["chosen"] == [{"role": "assistant", "content": "a"}]
+    chat_pair = next(p for p in read_records(out, "preference") if isinstance(p.prompt, list))
+    assert [m.content for m in chat_pair.chosen + chat_pair.rejected] == ["a", "b"]

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rlhfkit.data.records import Ranking
+from rlhfkit.data.records import Ranking, completion_for
 
 CATEGORICAL_METHODS = ("mv", "wawa", "ds", "mace")
 PAIRWISE_METHODS = ("bt", "noisy_bt")
@@ -479,7 +479,8 @@ def preference_rows(
 
     `items` maps an item id to a record with `prompt` and `responses`; a record with a
     `prompt_text` (the store's ItemRecord) gives that, a chat prompt's messages, as every
-    export does. A two-response item without a winner (a tie) gives no row; an item of K
+    export does, and then `chosen` and `rejected` are one assistant message each (TRL's
+    conversational preference format). A two-response item without a winner (a tie) gives no row; an item of K
     responses gives the C(K, 2) pairs of its aggregated ranking (`ranked_pairs`), each with its
     own margin, except a pair the aggregate leaves level (P = 0.5: no preference, as a tie gives
     none), so a ranking whose top two are level still gives its decided pairs.
@@ -495,11 +496,12 @@ def preference_rows(
             if agg.scores[better] == agg.scores[worse]:
                 continue
             p = pair_probability(agg.scores, better, worse)
+            prompt = getattr(item, "prompt_text", item.prompt)
             rows.append(
                 {
-                    "prompt": getattr(item, "prompt_text", item.prompt),
-                    "chosen": item.responses[better],
-                    "rejected": item.responses[worse],
+                    "prompt": prompt,
+                    "chosen": completion_for(prompt, item.responses[better]),
+                    "rejected": completion_for(prompt, item.responses[worse]),
                     "margin": round(2.0 * p - 1.0, 4),
                     "source": source,
                     "method": method,

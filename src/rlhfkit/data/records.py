@@ -130,6 +130,12 @@ def _check_completion_messages(value: Any) -> Any:
 Completion = Annotated[Text, AfterValidator(_check_completion_messages)]
 
 
+def completion_for(prompt: Any, text: str) -> str | list[dict[str, str]]:
+    """`text` as the completion of `prompt` in TRL's formats: one assistant message after a chat
+    prompt (TRL's conversational preference, unpaired and prompt-completion rows), else the string."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
 def _completion_text(value: str | list[Message]) -> str:
     return value if isinstance(value, str) else value[0].content
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rlhfkit.crowd.aggregate import majority_vote, ranked_pairs, same_two_responses
-from rlhfkit.data.records import LIKERT_MAX
+from rlhfkit.data.records import LIKERT_MAX, completion_for
 
 if TYPE_CHECKING:
     from rlhfkit.feedback.store import ItemRecord, LabelRecord
@@ -21,7 +21,8 @@ Labels = Sequence["LabelRecord"]
 
 
 def preference_rows(task_type: str, project: str, items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
-    """TRL {"prompt", "chosen", "rejected"} rows.
+    """TRL {"prompt", "chosen", "rejected"} rows; after a chat prompt, `chosen` and `rejected` are one
+    assistant message each, as TRL's conversational preference format has them (`completion_for`).
 
     comparison: one row per item by majority vote, ties skipped; ranking: each of the
     C(K,2) pairs that more annotators ordered one way than the other; edit: (edited >
@@ -36,8 +37,8 @@ def preference_rows(task_type: str, project: str, items: Items, labels: Labels) 
                 continue
             yield {
                 "prompt": item.prompt_text,
-                "chosen": item.responses[agg.winner],
-                "rejected": item.responses[1 - agg.winner],
+                "chosen": completion_for(item.prompt_text, item.responses[agg.winner]),
+                "rejected": completion_for(item.prompt_text, item.responses[1 - agg.winner]),
                 "source": source,
                 "n_votes": agg.n_votes,
                 "agreement": agg.agreement,
@@ -52,8 +53,8 @@ def preference_rows(task_type: str, project: str, items: Items, labels: Labels) 
                 continue  # left unchanged: no preference
             yield {
                 "prompt": item.prompt_text,
-                "chosen": edited,
-                "rejected": item.responses[0],
+                "chosen": completion_for(item.prompt_text, edited),
+                "rejected": completion_for(item.prompt_text, item.responses[0]),
                 "annotator": label.annotator,
                 "source": source,
             }
@@ -89,8 +90,8 @@ def _ranking_rows(source: str, items: Items, labels: Labels) -> Iterator[dict[st
             if n > against:
                 yield {
                     "prompt": item.prompt_text,
-                    "chosen": item.responses[better],
-                    "rejected": item.responses[worse],
+                    "chosen": completion_for(item.prompt_text, item.responses[better]),
+                    "rejected": completion_for(item.prompt_text, item.responses[worse]),
                     "source": source,
                     "n_votes": n + against,
                     "agreement": n / (n + against),
@@ -98,28 +99,30 @@ def _ranking_rows(source: str, items: Items, labels: Labels) -> Iterator[dict[st
 
 
 def unpaired_rows(task_type: str, project: str, items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
-    """TRL unpaired {"prompt", "completion", "label"} rows, one per thumbs label."""
+    """TRL unpaired {"prompt", "completion", "label"} rows, one per thumbs label (the completion as
+    one assistant message after a chat prompt)."""
     if task_type != "binary":
         raise ValueError(f"trl-unpaired needs a binary (thumbs) project, not a {task_type} project")
     for label in labels:
         item = items[label.item_id]
         yield {
             "prompt": item.prompt_text,
-            "completion": item.responses[0],
+            "completion": completion_for(item.prompt_text, item.responses[0]),
             "label": (label.value or {})["label"],
             "annotator": label.annotator,
         }
 
 
 def sft_rows(task_type: str, project: str, items: Items, labels: Labels) -> Iterator[dict[str, Any]]:
-    """{"prompt", "completion"} rows from written demonstrations and edited responses."""
+    """{"prompt", "completion"} rows from written demonstrations and edited responses (the
+    completion as one assistant message after a chat prompt)."""
     if task_type not in ("demonstration", "edit"):
         raise ValueError(f"sft needs a demonstration or edit project, not a {task_type} project")
     for label in labels:
         item = items[label.item_id]
         yield {
             "prompt": item.prompt_text,
-            "completion": (label.value or {})["text"],
+            "completion": completion_for(item.prompt_text, (label.value or {})["text"]),
             "annotator": label.annotator,
         }
 
