@@ -549,3 +549,33 @@ def test_guidelines_that_are_not_text_are_named(tmp_path):
     assert result.exit_code == 2 and f"--guidelines {tmp_path}: a directory, not a file" in _flat(
         result.output
     )
+
+
+def test_feedback_serve_passes_trusted_proxies_and_leaves_forwarded_headers_to_the_app(tmp_path, monkeypatch):
+    # Only the app decides whose X-Forwarded-For to believe: uvicorn's own default believes any
+    # client on 127.0.0.1, which would let a local client pick its address for the login limits.
+    import uvicorn
+
+    from rlhfkit.feedback import app as app_module
+
+    seen: dict = {}
+    real_create_app = app_module.create_app
+
+    def create_app(store, **kwargs):
+        seen["trusted_proxies"] = list(kwargs.get("trusted_proxies", ()))
+        return real_create_app(store, **kwargs)
+
+    monkeypatch.setattr(app_module, "create_app", create_app)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(run=kwargs))
+    db = tmp_path / "f.db"
+    args = ["feedback", "serve", "--db", str(db)]
+    args += ["--trusted-proxy", "10.0.0.5", "--trusted-proxy", "10.1.0.0/16"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen["trusted_proxies"] == ["10.0.0.5", "10.1.0.0/16"]
+    assert seen["run"]["proxy_headers"] is False
+    # A bad entry is named, and the service does not start.
+    seen.clear()
+    result = CliRunner().invoke(app, ["feedback", "serve", "--db", str(db), "--trusted-proxy", "proxy.local"])
+    assert result.exit_code == 2
+    assert "--trusted-proxy" in result.output and "proxy.local" in result.output and "run" not in seen

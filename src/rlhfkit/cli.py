@@ -497,8 +497,17 @@ def feedback_serve(
             help="end a session after this many minutes without a request (0: only the 12-hour limit)",
         ),
     ] = 30.0,  # feedback.session.SESSION_IDLE_SECONDS, not imported: it would load FastAPI for every command
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trusted-proxy",
+            help="address or network (CIDR) of a reverse proxy in front of the service, repeatable: the "
+            "client address that login and sign-up limits count per is read from X-Forwarded-For on its "
+            "requests only",
+        ),
+    ] = None,
 ) -> None:
-    """Run the annotation web service (pages, JSON API, OpenAPI at /docs)."""
+    """Run the annotation web service (pages, JSON API; its OpenAPI spec at /openapi.json)."""
     import uvicorn
 
     from rlhfkit.feedback.app import create_app
@@ -507,14 +516,21 @@ def feedback_serve(
     store = _open_store(db)
     if not store.users():
         err_console.print("no users yet: create an admin with `rlhfkit feedback user add NAME --role admin`")
-    console.print(f"feedback service on http://{host}:{port}  (database: {store.url})")
     try:
-        app = create_app(
-            store,
-            secure_cookies=secure_cookies,
-            session_idle_seconds=session_idle_minutes * 60 if session_idle_minutes > 0 else None,
-        )
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        try:
+            app = create_app(
+                store,
+                secure_cookies=secure_cookies,
+                session_idle_seconds=session_idle_minutes * 60 if session_idle_minutes > 0 else None,
+                trusted_proxies=trusted_proxy or (),
+            )
+        except ValueError as exc:
+            _fail(f"--trusted-proxy: {exc}")
+        console.print(f"feedback service on http://{host}:{port}  (database: {store.url})")
+        # The app alone decides whose X-Forwarded-For to believe (--trusted-proxy); uvicorn's own
+        # default would believe any client on 127.0.0.1, so a local client could name itself any
+        # address and slip past the per-address limits.
+        uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
     finally:
         store.close()
 
