@@ -705,6 +705,32 @@ _COUNT_LABEL = (
 )
 
 
+def _project_row(
+    name: str, task_type: str, guidelines: str, overlap: int, golden_rate: float, now: Any
+) -> dict[str, Any]:
+    """A new project's row, its settings checked (create_project and import_project)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("project name must be a non-empty string")
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1:
+        raise ValueError(f"overlap must be an integer >= 1, got {overlap!r}")
+    if isinstance(golden_rate, bool) or not isinstance(golden_rate, int | float) or not 0 <= golden_rate <= 1:
+        raise ValueError(f"golden_rate must be a number from 0 to 1, got {golden_rate!r}")
+    if golden_rate > 0 and task_type not in GOLDEN_TYPES:
+        raise ValueError(f"golden_rate: {task_type} projects cannot have golden items")
+    return {
+        "name": name,
+        "name_key": project_key(name),
+        "task_type": task_type,
+        "guidelines": guidelines,
+        "overlap": overlap,
+        "golden_rate": float(golden_rate),
+        "settings": {},
+        "created_at": now,
+    }
+
+
 class FeedbackStore:
     """Projects, items, annotators, leases and labels in SQLite or PostgreSQL."""
 
@@ -830,30 +856,7 @@ class FeedbackStore:
         case, spacing or Unicode form (see `project_key`); the error names that project.
         `golden_rate`: the chance (0 to 1) that an annotator's next task is a golden item.
         """
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError("project name must be a non-empty string")
-        if task_type not in TASK_TYPES:
-            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
-        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1:
-            raise ValueError(f"overlap must be an integer >= 1, got {overlap!r}")
-        if (
-            isinstance(golden_rate, bool)
-            or not isinstance(golden_rate, int | float)
-            or not 0 <= golden_rate <= 1
-        ):
-            raise ValueError(f"golden_rate must be a number from 0 to 1, got {golden_rate!r}")
-        if golden_rate > 0 and task_type not in GOLDEN_TYPES:
-            raise ValueError(f"golden_rate: {task_type} projects cannot have golden items")
-        values = {
-            "name": name,
-            "name_key": project_key(name),
-            "task_type": task_type,
-            "guidelines": guidelines,
-            "overlap": overlap,
-            "golden_rate": float(golden_rate),
-            "settings": {},
-            "created_at": self._now(),
-        }
+        values = _project_row(name, task_type, guidelines, overlap, golden_rate, self._now())
         return self._get_or_create(Project, values, "task_type")
 
     def update_project(
@@ -1033,40 +1036,22 @@ class FeedbackStore:
         human annotator without an account: nobody logs in as it until an admin gives it one
         (`add_user`).
         """
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError("project name must be a non-empty string")
-        if task_type not in TASK_TYPES:
-            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
-        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1:
-            raise ValueError(f"overlap must be an integer >= 1, got {overlap!r}")
+        now = self._now()
+        project = _project_row(name, task_type, guidelines, overlap, 0.0, now)
         rows = [validate_item(index, raw, overlap, task_type) for index, raw in enumerate(items)]
         labels = list(labels)
         n_labels: dict[int, int] = {}
         for label in labels:
             n_labels[label["item"]] = n_labels.get(label["item"], 0) + 1
-        now = self._now()
         for index, row in enumerate(rows):
             n = n_labels.get(index, 0)
             row.update(n_labels=n, is_complete=row["is_golden"] or n >= row["overlap"], created_at=now)
-        key = project_key(name)
         with self._transaction("write") as conn:
-            same = or_(Project.name == name, Project.name_key == key)
+            same = or_(Project.name == name, Project.name_key == project["name_key"])
             there = conn.scalar(select(Project.name).where(same).limit(1))
             if there is not None:
                 raise ValueError(f"project {there!r} exists already")
-            project_id = conn.scalar(
-                insert(Project).returning(Project.id),
-                {
-                    "name": name,
-                    "name_key": key,
-                    "task_type": task_type,
-                    "guidelines": guidelines,
-                    "overlap": overlap,
-                    "golden_rate": 0.0,
-                    "settings": {},
-                    "created_at": now,
-                },
-            )
+            project_id = conn.scalar(insert(Project).returning(Project.id), project)
             for row in rows:
                 row["project_id"] = project_id
             ids: list[int] = []
