@@ -62,6 +62,10 @@ def test_project_names_are_unique_ignoring_case_spacing_and_unicode_form(open_st
     assert store.create_project("Top 5 films") == spaced
     assert store.create_project("Top6") != top5  # a different name is a different project
     assert [p.name for p in store.projects()] == ["Top5", "Top 5 films", "Top6"]  # stored as given
+    # A command's --project finds the project by a name that reads the same.
+    assert store.project_id("top5 ") == top5 and store.project_id("TOP 5  FILMS") == spaced
+    with pytest.raises(KeyError, match="no feedback project named 'Top7'"):
+        store.project_id("Top7")
 
 
 def test_look_alike_projects_from_before_project_keys_keep_working(tmp_path):

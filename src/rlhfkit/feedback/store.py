@@ -877,9 +877,12 @@ class FeedbackStore:
             conn.execute(update(Project).where(Project.id == project_id).values(**changes))
 
     def project_id(self, name: str) -> int:
-        """The id of the project called `name`; KeyError if there is none."""
+        """The id of the project called `name`, else of the one whose name reads the same (`project_key`:
+        `--project top5` finds "Top5"; no two projects share a key); KeyError if there is none."""
         with self._transaction() as conn:
             found = conn.scalar(select(Project.id).where(Project.name == name))
+            if found is None and isinstance(name, str) and name.strip():
+                found = conn.scalar(select(Project.id).where(Project.name_key == project_key(name)))
             if found is None:
                 names = conn.scalars(select(Project.name).order_by(Project.id)).all()
         if found is None:
