@@ -323,17 +323,20 @@ def test_a_boolean_for_a_number_is_refused(tmp_path):
     assert _run("config", "show", "--set", "ppo.reward_norm=true", "--set", "ppo.lr=1e-4").exit_code == 0
 
 
-def test_a_negative_seed_is_refused(tmp_path):
-    for value in ("-1", "-42"):
+def test_a_seed_out_of_range_is_refused(tmp_path):
+    # Negative seeds, and seeds numpy's 32-bit legacy seeding cannot take, are named up front.
+    rule = "seed: must be 0 or more and below 2**32 (4294967296)"
+    for value in ("-1", "-42", "4294967296"):
         result = _run("config", "show", "--set", f"seed={value}")
         assert result.exit_code == 2
         out = _flat(result.output)
-        assert f"seed: must be 0 or more, got {value} (from --set seed={value})" in out
+        assert f"{rule}, got {value} (from --set seed={value})" in out
     cfg = tmp_path / "c.yaml"
     cfg.write_text("seed: -3\n")
     result = _run("config", "show", "-c", str(cfg))
-    assert result.exit_code == 2 and "seed: must be 0 or more, got -3" in _flat(result.output)
+    assert result.exit_code == 2 and f"{rule}, got -3" in _flat(result.output)
     assert _run("config", "show", "--set", "seed=0").exit_code == 0
+    assert _run("config", "show", "--set", "seed=4294967295").exit_code == 0
 
 
 @pytest.fixture(scope="module")

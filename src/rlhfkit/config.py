@@ -617,9 +617,10 @@ class RunConfig(Section):
     @field_validator("seed")
     @classmethod
     def _check_seed(cls, seed: int) -> int:
-        # numpy's generators refuse a negative seed, and torch would take it as a different one.
-        if seed < 0:
-            raise ValueError(f"must be 0 or more, got {seed}")
+        # numpy's generators refuse a negative seed, and torch would take it as a different one;
+        # numpy's legacy seeding (set by accelerate's set_seed) takes at most 32 bits.
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"must be 0 or more and below 2**32 ({2**32}), got {seed}")
         return seed
 
 
