@@ -6,6 +6,7 @@ import json
 import threading
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
@@ -68,9 +69,9 @@ def test_project_names_are_unique_ignoring_case_spacing_and_unicode_form(open_st
         store.project_id("Top7")
 
 
-def test_look_alike_projects_from_before_project_keys_keep_working(tmp_path):
-    """A database with "films" and "Films " (made before 0005) still opens; each is found by its exact
-    name, and no further look-alike can be made."""
+def _sqlite_at_revision(db: Path, revision: str, rows: list[tuple[str, dict]]):
+    """A SQLite database migrated from empty to `revision` only, holding `rows` ((SQL, parameters)
+    each): a database made by an older rlhfkit. Returns its engine."""
     from alembic import command
     from alembic.config import Config
 
@@ -78,20 +79,25 @@ def test_look_alike_projects_from_before_project_keys_keep_working(tmp_path):
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    db = tmp_path / "old.db"
     engine = create_engine(f"sqlite:///{db}")
     with engine.begin() as conn:
         config.attributes["connection"] = conn
-        command.upgrade(config, "0004")
-        for id_, name in [(1, "films"), (2, "Films "), (3, "plants")]:
-            conn.execute(
-                text(
-                    "INSERT INTO projects (id, name, task_type, guidelines, overlap, settings, created_at) "
-                    "VALUES (:id, :name, 'comparison', '', 1, '{}', '2024-01-01 00:00:00')"
-                ),
-                {"id": id_, "name": name},
-            )
-    engine.dispose()
+        command.upgrade(config, revision)
+        for sql, params in rows:
+            conn.execute(text(sql), params)
+    return engine
+
+
+def test_look_alike_projects_from_before_project_keys_keep_working(tmp_path):
+    """A database with "films" and "Films " (made before 0005) still opens; each is found by its exact
+    name, and no further look-alike can be made."""
+    db = tmp_path / "old.db"
+    project = (
+        "INSERT INTO projects (id, name, task_type, guidelines, overlap, settings, created_at) "
+        "VALUES (:id, :name, 'comparison', '', 1, '{}', '2024-01-01 00:00:00')"
+    )
+    rows = [(project, {"id": i, "name": name}) for i, name in [(1, "films"), (2, "Films "), (3, "plants")]]
+    _sqlite_at_revision(db, "0004", rows).dispose()
     with FeedbackStore(db) as store:
         assert [store.project_id(name) for name in ["films", "Films ", "plants"]] == [1, 2, 3]
         assert store.create_project("Films ") == 2
@@ -770,33 +776,20 @@ def test_sign_up_never_takes_over_an_annotator_without_an_account(open_store):
 
 
 def test_a_database_with_names_that_differ_only_in_case_is_not_upgraded(tmp_path):
-    from alembic import command
-    from alembic.config import Config
+    from rlhfkit.feedback.migrate import current_revision
 
-    from rlhfkit.feedback.migrate import MIGRATIONS, current_revision
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
     db = tmp_path / "clash.db"
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0002")
-        for id_, name in [(1, "root"), (2, "Root"), (3, "alice")]:
-            conn.execute(
-                text(
-                    "INSERT INTO annotators (id, name, kind, created_at) "
-                    "VALUES (:id, :name, 'human', '2024-01-01')"
-                ),
-                {"id": id_, "name": name},
-            )
-            conn.execute(
-                text(
-                    "INSERT INTO users (id, name, role, password_hash, annotator_id, created_at) "
-                    "VALUES (:id, :name, 'annotator', 'x', :id, '2024-01-01')"
-                ),
-                {"id": id_, "name": name},
-            )
+    annotator = (
+        "INSERT INTO annotators (id, name, kind, created_at) VALUES (:id, :name, 'human', '2024-01-01')"
+    )
+    user = (
+        "INSERT INTO users (id, name, role, password_hash, annotator_id, created_at) "
+        "VALUES (:id, :name, 'annotator', 'x', :id, '2024-01-01')"
+    )
+    rows = []
+    for id_, name in [(1, "root"), (2, "Root"), (3, "alice")]:
+        rows += [(annotator, {"id": id_, "name": name}), (user, {"id": id_, "name": name})]
+    engine = _sqlite_at_revision(db, "0002", rows)
     with pytest.raises(ValueError, match=r"users differ only in case.*'root' \(id 1\), 'Root' \(id 2\)"):
         FeedbackStore(db)
     with engine.connect() as conn:
