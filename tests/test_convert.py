@@ -27,6 +27,14 @@ def test_ranking_of_four_gives_six_ordered_pairs() -> None:
     assert all(p.prompt == "Q" for p in pairs)
 
 
+def test_ranking_after_a_chat_prompt_gives_assistant_messages() -> None:
+    messages = [{"role": "user", "content": "Q"}]
+    pairs = ranking_to_pairs(Ranking(prompt=messages, responses=["a", "b"], ranking=[1, 0]))
+    (pair,) = pairs
+    assert [m.model_dump() for m in pair.chosen] == [{"role": "assistant", "content": "b"}]
+    assert [m.model_dump() for m in pair.rejected] == [{"role": "assistant", "content": "a"}]
+
+
 def test_ranking_skips_identical_responses() -> None:
     ranking = Ranking(prompt="Q", responses=["a", "a", "b"], ranking=[0, 1, 2])
     assert [(p.chosen, p.rejected) for p in ranking_to_pairs(ranking)] == [("a", "b"), ("a", "b")]
@@ -263,7 +271,9 @@ def test_hh_chat_conversion_gives_the_conversation_as_messages(tmp_path) -> None
         {"role": "assistant", "content": "A pothos is hard to kill."},
         {"role": "user", "content": "And one that flowers?"},
     ]
-    assert (pair.chosen, pair.rejected) == ("An African violet.", "Plants are boring.")
+    # TRL's conversational form: after a chat prompt, each reply is one assistant message.
+    assert [m.model_dump() for m in pair.chosen] == [{"role": "assistant", "content": "An African violet."}]
+    assert [m.model_dump() for m in pair.rejected] == [{"role": "assistant", "content": "Plants are boring."}]
     assert pair.source == "hh-rlhf"
     # A turn without text is refused rather than silently merged.
     empty_turn = HH_PREFIX.replace("A pothos is hard to kill.", "")

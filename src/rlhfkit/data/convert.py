@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from rlhfkit.data.io import DataError, read_rows
-from rlhfkit.data.records import PreferencePair, Ranking
+from rlhfkit.data.records import PreferencePair, Ranking, completion_for
 
 __all__ = [
     "CONVERTERS",
@@ -42,14 +42,16 @@ def ranking_to_pairs(ranking: Ranking) -> list[PreferencePair]:
     """Expand a ranking of K responses into all C(K, 2) pairs, the better one as chosen.
 
     Pairs come in rank order: (1st, 2nd), (1st, 3rd), ..., (2nd, 3rd), ... A pair of
-    identical response texts carries no preference and is skipped.
+    identical response texts carries no preference and is skipped. After a chat prompt each
+    response is one assistant message (TRL's conversational form, `completion_for`).
     """
     ordered = [ranking.responses[index] for index in ranking.ranking]
     pairs = []
     for i, better in enumerate(ordered):
         for worse in ordered[i + 1 :]:
             if better != worse:
-                pairs.append(PreferencePair(prompt=ranking.prompt, chosen=better, rejected=worse))
+                chosen, rejected = (completion_for(ranking.prompt, text) for text in (better, worse))
+                pairs.append(PreferencePair(prompt=ranking.prompt, chosen=chosen, rejected=rejected))
     return pairs
 
 
@@ -117,7 +119,13 @@ def hh_to_chat_pair(row: Mapping[str, Any]) -> PreferencePair:
         role = "assistant" if role == "user" else "user"
     if messages[-1]["role"] != "user" or any(not m["content"] for m in messages):
         raise ValueError("HH row: a turn of the conversation before the final reply is empty")
-    return PreferencePair(prompt=messages, chosen=pair.chosen, rejected=pair.rejected, source=HH_SOURCE)
+    # TRL's conversational form: after a chat prompt, each reply is an assistant message.
+    return PreferencePair(
+        prompt=messages,
+        chosen=completion_for(messages, pair.chosen),
+        rejected=completion_for(messages, pair.rejected),
+        source=HH_SOURCE,
+    )
 
 
 def summarize_prompt(subreddit: str, title: str, post: str) -> str:
