@@ -182,6 +182,36 @@ def test_every_response_has_the_security_headers_and_hsts_only_over_https(servic
     check(TestClient(create_app(store, secure_cookies=True)), "max-age=31536000")
 
 
+def test_a_413_and_a_500_carry_the_security_headers_and_no_store(service):
+    # Both were sent around the header middleware: the 413 by the body limit itself, the 500 by
+    # Starlette's error handler, which sits outside every middleware.
+    store, _, _ = service
+    app = create_app(store, max_body_bytes=100, secure_cookies=True)
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("a bug")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    oversized = client.post("/api/login", content=b"x" * 500, headers={"content-type": "application/json"})
+
+    def chunks():
+        yield b"x" * 80
+        yield b"x" * 80
+
+    chunked = client.post("/api/login", content=chunks(), headers={"content-type": "application/json"})
+    failed = client.get("/boom")
+    for response, status in [(oversized, 413), (chunked, 413), (failed, 500)]:
+        assert response.status_code == status
+        assert "default-src 'none'" in response.headers["content-security-policy"], status
+        assert response.headers["x-content-type-options"] == "nosniff", status
+        assert response.headers["strict-transport-security"] == "max-age=31536000", status
+        assert response.headers["cache-control"] == "no-store", status
+    assert failed.text == "Internal Server Error"
+    with pytest.raises(RuntimeError, match="a bug"):  # the error itself still reaches the server's log
+        TestClient(app).get("/boom")
+
+
 def test_no_page_or_api_answer_is_cached(service):
     # Back after a logout on a shared computer, or a caching proxy, must not show them to the next person.
     _, app, project = service

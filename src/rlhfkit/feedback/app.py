@@ -73,9 +73,11 @@ class BodyLimitAndHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        static = scope["path"].startswith("/static/")
+        https = self.secure_cookies or scope.get("scheme") == "https"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _too_large(self.max_bytes, send)
+            await _too_large(self.max_bytes, send, https)
             return
         received = 0
         started = False  # the app began its answer
@@ -94,12 +96,9 @@ class BodyLimitAndHeaders:
                     # FastAPI's body parsing. The app then sees a client that went away.
                     refused = True
                     if not started:
-                        await _too_large(self.max_bytes, send)
+                        await _too_large(self.max_bytes, send, https)
                     return {"type": "http.disconnect"}
             return message
-
-        static = scope["path"].startswith("/static/")
-        https = self.secure_cookies or scope.get("scheme") == "https"
 
         async def send_with_headers(message: Message) -> None:
             nonlocal started
@@ -116,9 +115,15 @@ class BodyLimitAndHeaders:
         try:
             await self.app(scope, limited_receive, send_with_headers)
         except Exception:
-            if not refused:
-                raise
-            # The app failed on the body we cut off (a form parser, say); the 413 is out already.
+            if refused:
+                # The app failed on the body we cut off (a form parser, say); the 413 is out already.
+                return
+            if not started:
+                # Starlette's error handler, outside every middleware, would answer this 500 without
+                # the security headers and no-store: answer it here; the error goes on to be logged.
+                await send_with_headers(_INTERNAL_ERROR_START)
+                await send_with_headers({"type": "http.response.body", "body": _INTERNAL_ERROR})
+            raise
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -193,13 +198,25 @@ class TrustedProxies:
         await self.app(scope, receive, send)
 
 
-async def _too_large(max_bytes: int, send: Send) -> None:
+_INTERNAL_ERROR = b"Internal Server Error"
+_INTERNAL_ERROR_START: Message = {
+    "type": "http.response.start",
+    "status": 500,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_INTERNAL_ERROR)).encode()),
+    ],
+}
+
+
+async def _too_large(max_bytes: int, send: Send, https: bool) -> None:
     body = f'{{"detail": "request body is larger than {max_bytes} bytes", "field": "body"}}'.encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send(
         {
             "type": "http.response.start",
             "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": headers + security_headers(https) + [NO_STORE],
         }
     )
     await send({"type": "http.response.body", "body": body})
