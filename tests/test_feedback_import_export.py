@@ -448,6 +448,39 @@ def test_a_raw_import_refuses_a_bad_row_naming_file_line_and_field_and_stores_no
     assert result.exit_code == 2 and "exists already" in _flat(result.output)
 
 
+def test_a_raw_import_refuses_a_time_to_come_and_more_labels_than_the_overlap(db_url, clock, tmp_path):
+    # Neither comes out of the service: it stamps a label with its own clock, and never leases an
+    # item to more annotators than its overlap. A crafted file had both stored.
+    source = _labelled_source(tmp_path / "source.db", clock)
+    source.export(source.project_id("comparison"), tmp_path / "raw.jsonl", "raw")
+    source.close()
+    good = _rows(tmp_path / "raw.jsonl")
+    plain = [n for n, r in enumerate(good) if not r["golden"] and r["item_id"] == good[0]["item_id"]]
+    assert len(plain) == good[0]["overlap"] == 2
+    extra = {**good[plain[0]], "label_id": 999, "annotator": "zed"}  # a third label, overlap 2
+    cases = [
+        (good[:1] + [{**good[1], "created_at": "2999-01-01T00:00:00+00:00"}] + good[2:], 2, "created_at"),
+        (good + [extra], len(good) + 1, "overlap"),
+    ]
+    for rows, line, field in cases:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        result = _cli("import", "--db", db_url, "--project", "copy", "--raw", str(bad))
+        assert result.exit_code == 2, (field, result.output)
+        assert f"{bad}:{line}: field '{field}': " in _flat(result.output), (field, result.output)
+        with FeedbackStore(db_url) as store:
+            assert store.projects() == []
+    # An export from before 'overlap' was written: the message points at --overlap, which fixes it.
+    old = [{k: v for k, v in r.items() if k != "overlap"} for r in good]
+    (tmp_path / "old.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    result = _cli("import", "--db", db_url, "--project", "copy", "--raw", str(tmp_path / "old.jsonl"))
+    assert result.exit_code == 2 and "--overlap" in _flat(result.output), result.output
+    result = _cli(
+        "import", "--db", db_url, "--project", "copy", "--raw", str(tmp_path / "old.jsonl"), "--overlap", "3"
+    )
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("fail_at", ["INSERT INTO items", "INSERT INTO labels"])
 def test_an_import_that_fails_midway_leaves_no_project_behind(db_url, clock, tmp_path, fail_at):
     # A connection lost after the project was created and before its items were stored left an

@@ -20,7 +20,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,9 @@ RAW_FIELDS = {
 # What makes a row's item: rows of one item_id must agree on all of it.
 _RAW_ITEM_FIELDS = ("prompt", "responses", "meta", "golden", "golden_key", "overlap")
 _ANNOTATOR_NAME_CHARS = 200
+# A label's time is when the service stored it, never later than the import; this much room is left
+# for the exporting machine's clock running ahead of this one's.
+CLOCK_SKEW = timedelta(minutes=5)
 
 
 class _RowError(ValueError):
@@ -221,6 +224,8 @@ def _raw_label(kind: str, row: dict[str, Any], item: dict[str, Any]) -> dict[str
             raise _RowError("created_at", f"must be an ISO 8601 time, got {created_at!r}") from None
         if created_at.tzinfo is None:
             raise _RowError("created_at", f"must carry its time zone (as +00:00), got {row['created_at']!r}")
+        if created_at > datetime.now(UTC) + CLOCK_SKEW:
+            raise _RowError("created_at", f"is {row['created_at']!r}, a time still to come")
     seconds = row.get("seconds")
     if seconds is not None and (
         isinstance(seconds, bool)
@@ -251,8 +256,9 @@ def read_raw_file(
     Rows of one `item_id` make one item and must agree on its prompt, responses, meta, golden flag
     and key; every row's `kind` is the project's task type (`task_type`, when given, must be it). A
     label's answer is checked as the service checks an annotator's, its `correct` against the golden
-    key; `created_at` (else the import's time) and `seconds` are kept. Labels come back in file
-    order, each with "item": the index of its item.
+    key; `created_at` (else the import's time; never a time still to come) and `seconds` are kept. A
+    non-golden item has no more labels than its overlap. Labels come back in file order, each with
+    "item": the index of its item.
     """
     path = Path(path)
     rows, unit = read_rows(path)
@@ -261,6 +267,7 @@ def read_raw_file(
     labels: list[dict[str, Any]] = []
     first_of_item: dict[Any, tuple[int, dict[str, Any]]] = {}  # item_id -> (index, first row)
     labelled: dict[tuple[int, str], int] = {}  # (item index, annotator) -> line
+    n_labels: dict[int, int] = {}  # item index -> labels so far
     kind = task_type
     for number, row in rows:
         try:
@@ -315,6 +322,15 @@ def read_raw_file(
                     f"({unit} {labelled[index, label['annotator']]})",
                 )
             labelled[index, label["annotator"]] = number
+            # The service never gives an item more labels than its overlap (golden items are
+            # outside it: every annotator may see one).
+            n_labels[index] = n_labels.get(index, 0) + 1
+            if not checked[index]["is_golden"] and n_labels[index] > checked[index]["overlap"]:
+                given = " (the default: give the project's, --overlap)" if row.get("overlap") is None else ""
+                raise _RowError(
+                    "overlap",
+                    f"is {checked[index]['overlap']}{given}, but item_id {item_id} has more labels than that",
+                )
             labels.append({**label, "item": index})
         except _RowError as exc:
             raise DataError(path, exc.problem, number, exc.field, unit=unit) from None
