@@ -481,6 +481,25 @@ def test_a_raw_import_refuses_a_time_to_come_and_more_labels_than_the_overlap(db
     assert result.exit_code == 0, result.output
 
 
+def test_a_raw_row_without_created_at_gets_the_import_time(db_url, clock, tmp_path):
+    # The documented default: it failed on the NOT NULL column instead.
+    source = _labelled_source(tmp_path / "source.db", clock)
+    source.export(source.project_id("comparison"), tmp_path / "raw.jsonl", "raw")
+    source.close()
+    rows = [{k: v for k, v in r.items() if k != "created_at"} for r in _rows(tmp_path / "raw.jsonl")]
+    rows[0]["created_at"] = None
+    (tmp_path / "timeless.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from datetime import UTC, datetime
+
+    before = datetime.now(UTC)
+    result = _cli("import", "--db", db_url, "--project", "copy", "--raw", str(tmp_path / "timeless.jsonl"))
+    assert result.exit_code == 0, result.output
+    after = datetime.now(UTC)
+    with FeedbackStore(db_url) as store:
+        labels = store.labels(store.project_id("copy"))
+        assert len(labels) == len(rows) and all(before <= label.created_at <= after for label in labels)
+
+
 @pytest.mark.parametrize("fail_at", ["INSERT INTO items", "INSERT INTO labels"])
 def test_an_import_that_fails_midway_leaves_no_project_behind(db_url, clock, tmp_path, fail_at):
     # A connection lost after the project was created and before its items were stored left an

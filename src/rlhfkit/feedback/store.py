@@ -1076,7 +1076,8 @@ class FeedbackStore:
                             "position": label["position"],
                             "strength": label["strength"],
                             "value": label["value"],
-                            "created_at": label["created_at"],
+                            # A hand-made raw row may have no time: the import's, as documented.
+                            "created_at": label.get("created_at") or now,
                             "seconds": label["seconds"],
                             "correct": label["correct"],
                         }
