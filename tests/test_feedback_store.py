@@ -955,3 +955,28 @@ def test_a_file_that_is_not_an_sqlite_database_is_refused_and_left_as_it_was(tmp
         FeedbackStore(empty, create=False)
     with FeedbackStore(empty) as store:  # an empty file is a new database to a store that creates
         assert store.projects() == []
+
+
+def test_an_import_that_loses_the_race_for_its_name_gets_the_clear_error(db_url, open_store):
+    # Two imports (or an import and create_project) of look-alike names at once on PostgreSQL: both
+    # pass the name check, the unique index stops the second, which surfaced as an IntegrityError
+    # (`feedback import`: "the import failed: (psycopg.errors.UniqueViolation) ...").
+    from sqlalchemy import event
+
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite's write lock orders the two: the second sees the first in its check")
+    store, other = open_store(), open_store()
+    raced: list[int] = []
+
+    def the_other_gets_there_first(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO projects") and not raced:
+            raced.append(other.create_project("Top5"))
+
+    event.listen(store._engines["write"], "before_cursor_execute", the_other_gets_there_first)
+    try:
+        with pytest.raises(ValueError, match="project 'Top5' exists already"):
+            store.import_project("top5 ", "comparison", [{"prompt": "q", "responses": ["a", "b"]}])
+    finally:
+        event.remove(store._engines["write"], "before_cursor_execute", the_other_gets_there_first)
+    assert raced and [p.name for p in store.projects()] == ["Top5"]
+    assert store.items(raced[0]) == []

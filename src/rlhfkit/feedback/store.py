@@ -1049,8 +1049,28 @@ class FeedbackStore:
         for index, row in enumerate(rows):
             n = n_labels.get(index, 0)
             row.update(n_labels=n, is_complete=row["is_golden"] or n >= row["overlap"], created_at=now)
+        try:
+            return self._import_project(project, rows, labels, now)
+        except IntegrityError:
+            # Another process made the project (or a look-alike) between our check and our insert
+            # (PostgreSQL; SQLite's write lock orders the two): the unique index stopped this one,
+            # which left nothing behind. Say which project is in the way, as the check does.
+            there = self.project_named_like(name)
+            if there is None:
+                raise
+            raise ValueError(f"project {there!r} exists already") from None
+
+    def _import_project(
+        self,
+        project: dict[str, Any],
+        rows: list[dict[str, Any]],
+        labels: list[Mapping[str, Any]],
+        now: datetime,
+    ) -> tuple[int, list[int]]:
+        """import_project's transaction."""
+        task_type = project["task_type"]
         with self._transaction("write") as conn:
-            same = or_(Project.name == name, Project.name_key == project["name_key"])
+            same = or_(Project.name == project["name"], Project.name_key == project["name_key"])
             there = conn.scalar(select(Project.name).where(same).limit(1))
             if there is not None:
                 raise ValueError(f"project {there!r} exists already")
