@@ -297,6 +297,25 @@ def test_failures_from_one_address_do_not_lock_the_name_out_from_another(service
     assert _guess(app, "10.0.0.8", "ALICE") == 401
 
 
+def test_an_ipv6_client_is_counted_by_its_64_network(service):
+    # One subscriber can send from any of its /64's 2**64 addresses: counted one by one, a guesser
+    # would never reach the per-address limits.
+    from rlhfkit.feedback.session import limit_key
+
+    assert limit_key("2001:db8:1:2:aaaa::1") == limit_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert limit_key("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert limit_key("::ffff:10.0.0.9") == "10.0.0.9" and limit_key("10.0.0.9") == "10.0.0.9"
+    assert limit_key("testclient") == "testclient"
+    store, _, _ = service
+    app = create_app(store, login_limiter=LoginRateLimiter(attempts=3, window=60, address_attempts=4))
+    guesses = [
+        _guess(app, f"2001:db8:1:2::{i:x}", name) for i, name in enumerate(["root", "alice", "bob", "carol"])
+    ]
+    assert guesses == [401] * 4
+    assert _guess(app, "2001:db8:1:2:ffff::1", "dave") == 429  # another address of the same /64
+    assert _guess(app, "2001:db8:1:3::1", "bob", PASSWORDS["bob"]) == 200  # the next /64 is not held
+
+
 def test_the_per_name_ceiling_stops_guesses_from_many_addresses(service):
     store, _, _ = service
     default = LoginRateLimiter()

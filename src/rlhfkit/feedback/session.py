@@ -8,6 +8,7 @@ request must echo in the X-CSRF-Token header or a `csrf_token` form field.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, Response
@@ -100,8 +101,27 @@ def set_session_cookie(request: Request, response: Response, token: str) -> None
 
 def client_address(request: Request) -> str:
     """The client's address, for the login and sign-up limits: the connection's peer, or, behind one of
-    the app's `trusted_proxies`, the address X-Forwarded-For gives (`app.TrustedProxies` puts it here)."""
-    return request.client.host if request.client else "unknown"
+    the app's `trusted_proxies`, the address X-Forwarded-For gives (`app.TrustedProxies` puts it here);
+    an IPv6 client counted by its /64 (`limit_key`)."""
+    return limit_key(request.client.host if request.client else "unknown")
+
+
+def limit_key(address: str) -> str:
+    """What the per-address limits count: an IPv4 address as it is, an IPv6 one by its /64 network.
+
+    One IPv6 subscriber is routed a whole /64 (RFC 6177) and can send from any of its 2**64
+    addresses, so counting single IPv6 addresses would give one guesser that many counts. An
+    IPv4-mapped IPv6 address counts as its IPv4 address; anything that is not an address (a test
+    client's name) as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class TooManyLogins(Exception):
