@@ -10,6 +10,7 @@ import pytest
 
 from rlhfkit.crowd.aggregate import (
     METHODS,
+    Aggregate,
     PairVote,
     aggregate,
     aggregate_pairs,
@@ -17,6 +18,7 @@ from rlhfkit.crowd.aggregate import (
     pair_probability,
     preference_rows,
     ranking_votes,
+    strength_margin,
 )
 
 
@@ -467,3 +469,195 @@ def test_noisy_bt_gradient_is_the_gradient_of_its_loss():
     step = np.eye(x.size) * 1e-6
     numeric = [(_noisy_bt_loss(x + e, *args) - _noisy_bt_loss(x - e, *args)) / 2e-6 for e in step]
     assert _noisy_bt_gradient(x, *args) == pytest.approx(numeric, abs=1e-5)
+
+
+# Pair margins from the annotators' strengths (feedback.margin=strength).
+
+
+def test_strength_margin_is_the_mean_strength_over_three():
+    assert strength_margin([3, 3]) == pytest.approx(1.0)
+    assert strength_margin([1]) == pytest.approx(1 / 3)
+    assert strength_margin([1, 2, 3]) == pytest.approx(2 / 3)
+    # Labels without a strength (imports) are left out of the mean; none at all gives no margin.
+    assert strength_margin([None, 2]) == pytest.approx(2 / 3)
+    assert strength_margin([None]) is None
+    assert strength_margin([]) is None
+    with pytest.raises(ValueError, match="strength must be an integer from 1 to 3, got 4"):
+        strength_margin([2, 4])
+
+
+def _strength_items_and_labels() -> tuple[dict[int, Item], list[PairVote]]:
+    items = {
+        1: Item("q1", ["x", "y"]),  # unanimous for y, strengths 3 and 2
+        2: Item("q2", ["u", "v"]),  # u wins 2 to 1; the dissenting "much better" is not read
+        3: Item("q3", ["s", "t"]),  # imported labels without a strength
+        4: Item("q4", ["a", "b", "c"]),  # a ranking of three
+    }
+    labels = [
+        PairVote(1, "a", 0, 1, 1, strength=3),
+        PairVote(1, "b", 1, 0, 1, strength=2),
+        PairVote(2, "a", 0, 1, 0, strength=1),
+        PairVote(2, "b", 1, 0, 0, strength=2),
+        PairVote(2, "c", 0, 1, 1, strength=3),
+        PairVote(3, "a", 0, 1, 1),
+        PairVote(3, "b", 1, 0, 1),
+        *ranking_votes(4, "a", "q4", items[4].responses, [2, 0, 1]),
+        *ranking_votes(4, "b", "q4", items[4].responses, [2, 1, 0]),
+    ]
+    return items, labels
+
+
+def test_strength_margins_on_hand_made_labels():
+    items, labels = _strength_items_and_labels()
+    confidence = {
+        (r["prompt"], r["chosen"], r["rejected"]): r for r in aggregate_pairs(items, labels, "mv", "s").rows
+    }
+    strength = aggregate_pairs(items, labels, "mv", "s", margin="strength").rows
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in strength] == list(confidence)
+    by_item = {}
+    for row in strength:
+        by_item.setdefault(row["prompt"], []).append(row)
+    assert by_item["q1"][0]["margin"] == pytest.approx(5 / 6, abs=1e-4)  # mean 2.5, over 3
+    assert by_item["q2"][0]["margin"] == pytest.approx(1 / 2, abs=1e-4)  # mean 1.5 of the winner's two
+    assert [r["margin_source"] for r in by_item["q1"] + by_item["q2"]] == ["strength", "strength"]
+    # No strength, or a ranking: the confidence margin, as without the option.
+    for row in by_item["q3"] + by_item["q4"]:
+        key = (row["prompt"], row["chosen"], row["rejected"])
+        assert row["margin"] == confidence[key]["margin"] and row["margin_source"] == "confidence"
+    assert len(by_item["q4"]) == 2  # c over a and over b; a and b are level
+    # The confidence itself stays in every row, and the default rows carry no margin_source.
+    assert by_item["q2"][0]["confidence"] == confidence[("q2", "u", "v")]["confidence"]
+    assert all("margin_source" not in r for r in confidence.values())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_keeps_its_winner_and_takes_the_margin_from_strengths(method):
+    items, labels = _strength_items_and_labels()
+    plain = aggregate_pairs(items, labels, method, "s").rows
+    rows = aggregate_pairs(items, labels, method, "s", margin="strength").rows
+    pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    assert pairs == [(r["prompt"], r["chosen"], r["rejected"]) for r in plain]
+    chosen = {p: c for p, c, _ in pairs}
+    expected = {"y": 5 / 6, "u": 1 / 2, "v": 1.0}
+    for row in rows:
+        if row["prompt"] in ("q1", "q2"):
+            assert row["margin"] == pytest.approx(expected[chosen[row["prompt"]]], abs=1e-4), method
+        assert 0 <= row["margin"] <= 1
+
+
+def test_a_winner_no_label_chose_keeps_the_confidence_margin():
+    """Dawid-Skene can read an adversary the right way round: then no label chose the winner."""
+    items = {1: Item("q", ["x", "y"])}
+    aggregates = {1: Aggregate(1, 0, 1, 0.0, 0.8, (0, 1), (math.log(0.8), math.log(0.2)))}
+    rows = preference_rows(
+        items, aggregates, "s", "ds", margin="strength", labels=[PairVote(1, "z", 0, 1, 1, 3)]
+    )
+    assert rows[0]["margin"] == pytest.approx(0.6) and rows[0]["margin_source"] == "confidence"
+
+
+def test_an_unknown_margin_source_is_named():
+    items, labels = _strength_items_and_labels()
+    with pytest.raises(ValueError, match="unknown margin source 'votes'; choose one of confidence, strength"):
+        aggregate_pairs(items, labels, "mv", "s", margin="votes")
+
+
+def test_stored_labels_carry_their_strength_into_the_margin(tmp_path):
+    from rlhfkit.feedback.store import FeedbackStore
+
+    with FeedbackStore(tmp_path / "s.db", seed=0, durable=False) as store:
+        project = store.create_project("p", task_type="comparison", overlap=2)
+        store.add_items(project, [{"prompt": "q", "responses": ["good", "bad"]}])
+        for name, strength in (("a", 3), ("b", 2)):
+            annotator = store.add_annotator(name)
+            task = store.next_task(project, annotator)
+            store.submit_comparison(
+                task.token, annotator, "left" if task.order[0] == 0 else "right", strength
+            )
+        items = {item.item_id: item for item in store.items(project)}
+        labels = store.labels(project)
+    rows = aggregate_pairs(items, labels, "ds", "s", margin="strength").rows
+    assert [(r["chosen"], r["margin"]) for r in rows] == [("good", pytest.approx(5 / 6, abs=1e-4))]
+
+
+def test_loop_votes_from_raw_rows_keep_the_strength():
+    from rlhfkit.loop import votes_from_raw
+
+    raw = [
+        {
+            "item_id": 1,
+            "annotator": "a",
+            "prompt": "q",
+            "responses": ["x", "y"],
+            "order": [1, 0],
+            "chosen": 0,
+            "strength": 2,
+        }
+    ]
+    votes, _ = votes_from_raw(raw)
+    assert votes == [PairVote(1, "a", 1, 0, 0, strength=2)]
+
+
+def test_cli_feedback_aggregate_margin_strength(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+    from rlhfkit.feedback.store import FeedbackStore
+
+    db = tmp_path / "f.db"
+    with FeedbackStore(db, seed=0, durable=False) as store:
+        project = store.create_project("p", task_type="comparison", overlap=3)
+        store.add_items(
+            project,
+            [{"prompt": "q1", "responses": ["good", "bad"]}, {"prompt": "q2", "responses": ["fine", "poor"]}],
+        )
+        answers = {"ann": (3, 1), "bob": (1, 1), "cy": (2, None)}  # strength on q1, on q2 (None: a tie)
+        for name, strengths in answers.items():
+            annotator = store.add_annotator(name)
+            while (task := store.next_task(project, annotator)) is not None:
+                strength = strengths[0 if task.prompt == "q1" else 1]
+                choice = "tie" if strength is None else "left" if task.order[0] == 0 else "right"
+                store.submit_comparison(task.token, annotator, choice, strength or 1)
+    runner = CliRunner()
+
+    def run(*extra: str) -> list[dict]:
+        out = tmp_path / "pairs.jsonl"
+        args = [
+            "feedback",
+            "aggregate",
+            "--db",
+            str(db),
+            "--project",
+            "p",
+            "--method",
+            "mv",
+            "--out",
+            str(out),
+        ]
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    by_prompt = {r["prompt"]: r for r in run("--margin", "strength")}
+    assert by_prompt["q1"]["margin"] == pytest.approx(2 / 3, abs=1e-4)  # strengths 3, 1, 2
+    assert by_prompt["q2"]["margin"] == pytest.approx(1 / 3, abs=1e-4)  # 1, 1 and a tie
+    default = {r["prompt"]: r for r in run()}
+    assert default["q1"]["margin"] == pytest.approx(1.0, abs=1e-4)  # unanimous: the confidence's margin
+    assert "margin_source" not in default["q1"]
+    bad = runner.invoke(
+        app,
+        [
+            "feedback",
+            "aggregate",
+            "--db",
+            str(db),
+            "--project",
+            "p",
+            "--out",
+            str(tmp_path / "x.jsonl"),
+            "--margin",
+            "votes",
+        ],
+    )
+    assert bad.exit_code != 0 and "--margin 'votes'" in bad.output

@@ -696,13 +696,22 @@ def feedback_aggregate(
     out: Annotated[Path, typer.Option("--out", "-o", help="output JSONL file of TRL pairs")],
     method: Annotated[str, typer.Option(help="mv, wawa, ds, mace, bt or noisy_bt")] = "ds",
     seed: Annotated[int, typer.Option(help="seed of the randomised methods (MACE, noisy BT)")] = 0,
+    margin: Annotated[
+        str,
+        typer.Option(
+            help="the pairs' margin: confidence (2 * P(chosen wins) - 1) or strength (mean 1..3 strength "
+            "of the labels that chose the winner, / 3; rankings and labels without one keep the confidence)"
+        ),
+    ] = "confidence",
 ) -> None:
-    """Aggregate a project's labels into TRL pairs with a margin (2 * confidence - 1)."""
-    from rlhfkit.crowd.aggregate import METHODS, aggregate_pairs
+    """Aggregate a project's labels into TRL pairs with a margin (2 * confidence - 1, or from strengths)."""
+    from rlhfkit.crowd.aggregate import MARGIN_SOURCES, METHODS, aggregate_pairs
     from rlhfkit.data.io import write_jsonl
 
     if method not in METHODS:
         _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if margin not in MARGIN_SOURCES:
+        _fail(f"--margin {margin!r}: choose one of {', '.join(MARGIN_SOURCES)}")
     _out_file(out)
     store = _open_store(db, existing=True)
     try:
@@ -711,7 +720,7 @@ def feedback_aggregate(
         # Labels before items, as in FeedbackStore.export: each label read then finds its item.
         labels = store.labels(pid, include_golden=False, include_excluded=False)
         items = {item.item_id: item for item in store.items(pid)}
-        aggregated = aggregate_pairs(items, labels, method, f"feedback:{project}", seed)
+        aggregated = aggregate_pairs(items, labels, method, f"feedback:{project}", seed, margin)
     except KeyError as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))
     except ValueError as exc:
@@ -725,6 +734,9 @@ def feedback_aggregate(
         f"{aggregated.n_identical} skipped for two identical responses; "
         f"wrote {n} pairs to {out}"
     )
+    if margin == "strength":
+        n_strength = sum(row["margin_source"] == "strength" for row in aggregated.rows)
+        console.print(f"margins: {n_strength} from strengths, {n - n_strength} from the confidence")
 
 
 @feedback_app.command("quality")

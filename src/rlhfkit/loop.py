@@ -195,7 +195,10 @@ def votes_from_raw(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Any], dict[i
             votes += ranking_votes(row["item_id"], row["annotator"], item.prompt, item.responses, ranking)
         else:
             left, right = row["order"]
-            votes.append(PairVote(row["item_id"], row["annotator"], left, right, row["chosen"]))
+            # The strength travels with the vote for feedback.margin=strength (absent in an import).
+            votes.append(
+                PairVote(row["item_id"], row["annotator"], left, right, row["chosen"], row.get("strength"))
+            )
         items[row["item_id"]] = item
     return votes, items
 
@@ -511,7 +514,9 @@ def _later_round(
     votes, items = votes_from_raw(raw)
     # Every round's pairs are made the same way as round 1's unless the loop says otherwise.
     method = cfg.aggregate or fb.aggregate
-    aggregated = aggregate_pairs(items, votes, method, f"loop:round-{k}", seed=run.config.seed)
+    aggregated = aggregate_pairs(
+        items, votes, method, f"loop:round-{k}", seed=run.config.seed, margin=fb.margin
+    )
     rows = aggregated.rows
     if not rows:
         raise StageError(f"round {k}: the labels of project {project_name!r} gave no preference pair")

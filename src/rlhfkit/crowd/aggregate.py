@@ -18,6 +18,12 @@ and a tie says nothing about which response is better, so BT and noisy BT drop t
 answers. Counting a tie as a win each way would double the weight of the tie, and
 noisy BT would read it as an annotator contradicting themselves (a lower skill for an
 honest annotator who saw two equally good answers).
+
+Margins: a preference row's `margin` (in [0, 1], read by `rm.soft_labels`) comes from one of
+MARGIN_SOURCES. `confidence` (the default): 2 * P(chosen beats rejected) - 1 under the method.
+`strength`: how much better the annotators who chose the winner said it was, on the A/B
+interface's 1..3 scale (`strength_margin`), as Llama 2 made its margin from its rating scale.
+The winner is the method's either way.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ from rlhfkit.data.records import Ranking, completion_for
 CATEGORICAL_METHODS = ("mv", "wawa", "ds", "mace")
 PAIRWISE_METHODS = ("bt", "noisy_bt")
 METHODS = CATEGORICAL_METHODS + PAIRWISE_METHODS
+# Where a preference row's margin comes from (see the module docstring and `preference_rows`).
+MARGIN_SOURCES = ("confidence", "strength")
+# The top of the A/B strength scale, 1 slightly better .. 3 much better (feedback.answers.MAX_STRENGTH;
+# crowd does not import feedback).
+STRENGTH_SCALE = 3
 # Categorical class of a tie answer (responses are classes 0 and 1).
 TIE_CLASS = 2
 # Restarts of MACE's variational EM: its estimate is stable with a few at a fraction of the
@@ -71,7 +82,8 @@ class PairVote:
     """One annotator's answer on two responses of an item.
 
     `left` and `right` are the original indices in the order shown; `chosen` is the
-    original index of the preferred one, None for a tie.
+    original index of the preferred one, None for a tie. `strength` is the comparison's
+    1..3 strength, None where none was given (a ranking's pairs, imported labels).
     """
 
     item_id: int
@@ -79,6 +91,7 @@ class PairVote:
     left: int
     right: int
     chosen: int | None
+    strength: int | None = None
 
 
 @dataclass(frozen=True)
@@ -176,7 +189,8 @@ def as_pair_votes(
                 f"item {label.item_id}: a comparison label shows 2 responses, got order {label.order}"
             )
         left, right = label.order
-        votes.append(_checked(PairVote(label.item_id, label.annotator, left, right, label.chosen)))
+        strength = getattr(label, "strength", None)
+        votes.append(_checked(PairVote(label.item_id, label.annotator, left, right, label.chosen, strength)))
     return votes
 
 
@@ -472,8 +486,46 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
+def strength_margin(strengths: Iterable[int | None]) -> float | None:
+    """A pair's margin from the strengths of the labels that chose its winner: mean strength / 3.
+
+    Slightly better (1) gives 1/3, better (2) 2/3, much better (3) 1: in proportion to the grade,
+    as Llama 2's margin grows with its grade (Touvron et al. 2023, section 3.2.2, where the lowest
+    grade, "negligibly better / unsure", gets none; our scale leaves that to a tie), and within
+    [0, 1] as `rm.soft_labels=smoothing` needs. Not (mean - 1) / 2: that gives "slightly better" a
+    margin of 0, which under smoothing is the target 0.5, a pair that teaches nothing although
+    every annotator picked the same side. Strengths of None (labels without one) are left out;
+    None when no strength is left.
+    """
+    given = []
+    for strength in strengths:
+        if strength is None:
+            continue
+        if isinstance(strength, bool) or not isinstance(strength, int) or not 1 <= strength <= STRENGTH_SCALE:
+            raise ValueError(f"strength must be an integer from 1 to {STRENGTH_SCALE}, got {strength!r}")
+        given.append(strength)
+    return sum(given) / (STRENGTH_SCALE * len(given)) if given else None
+
+
+def _winning_strengths(
+    labels: Iterable[ComparisonLabel | PairVote],
+) -> dict[tuple[int, int], list[int | None]]:
+    """(item id, chosen response) -> the strengths of the comparison labels that chose it."""
+    chose: dict[tuple[int, int], list[int | None]] = {}
+    for label in labels:
+        if getattr(label, "kind", "comparison") != "comparison" or label.chosen is None:
+            continue
+        chose.setdefault((label.item_id, label.chosen), []).append(getattr(label, "strength", None))
+    return chose
+
+
 def preference_rows(
-    items: Mapping[int, Any], aggregates: Mapping[int, Aggregate], source: str, method: str
+    items: Mapping[int, Any],
+    aggregates: Mapping[int, Aggregate],
+    source: str,
+    method: str,
+    margin: str = "confidence",
+    labels: Iterable[ComparisonLabel | PairVote] = (),
 ) -> list[dict[str, Any]]:
     """TRL preference rows from aggregated items, with margin = 2 * P(chosen beats rejected) - 1.
 
@@ -484,7 +536,16 @@ def preference_rows(
     responses gives the C(K, 2) pairs of its aggregated ranking (`ranked_pairs`), each with its
     own margin, except a pair the aggregate leaves level (P = 0.5: no preference, as a tie gives
     none), so a ranking whose top two are level still gives its decided pairs.
+
+    With `margin="strength"` a two-response item's margin is `strength_margin` of the `labels`
+    (the ones aggregated) that chose its winner, and each row says in `margin_source` where its
+    margin came from: the confidence stays for items of K > 2 responses (rankings have no
+    strength), for winners whose labels carry no strength (imports), and for a winner no label
+    chose (Dawid-Skene reading an adversary backwards).
     """
+    if margin not in MARGIN_SOURCES:
+        raise ValueError(f"unknown margin source {margin!r}; choose one of {', '.join(MARGIN_SOURCES)}")
+    chose = _winning_strengths(labels) if margin == "strength" else {}
     rows = []
     for item_id, agg in aggregates.items():
         item = items[item_id]
@@ -497,19 +558,23 @@ def preference_rows(
                 continue
             p = pair_probability(agg.scores, better, worse)
             prompt = getattr(item, "prompt_text", item.prompt)
-            rows.append(
-                {
-                    "prompt": prompt,
-                    "chosen": completion_for(prompt, item.responses[better]),
-                    "rejected": completion_for(prompt, item.responses[worse]),
-                    "margin": round(2.0 * p - 1.0, 4),
-                    "source": source,
-                    "method": method,
-                    "n_votes": agg.n_votes,
-                    "agreement": round(agg.agreement, 4),
-                    "confidence": round(p, 4),
-                }
-            )
+            row = {
+                "prompt": prompt,
+                "chosen": completion_for(prompt, item.responses[better]),
+                "rejected": completion_for(prompt, item.responses[worse]),
+                "margin": round(2.0 * p - 1.0, 4),
+                "source": source,
+                "method": method,
+                "n_votes": agg.n_votes,
+                "agreement": round(agg.agreement, 4),
+                "confidence": round(p, 4),
+            }
+            if margin == "strength":
+                m = strength_margin(chose.get((item_id, better), ())) if len(item.responses) == 2 else None
+                row["margin_source"] = "confidence" if m is None else "strength"
+                if m is not None:
+                    row["margin"] = round(m, 4)
+            rows.append(row)
     return rows
 
 
@@ -549,14 +614,19 @@ def aggregate_pairs(
     method: str,
     source: str,
     seed: int = 0,
+    margin: str = "confidence",
 ) -> AggregatedPairs:
-    """Aggregate labels by `method` into TRL preference rows (`preference_rows`), counting the items
-    that give none: undecided ones, and decided ones whose two responses are the same text."""
+    """Aggregate labels by `method` into TRL preference rows (`preference_rows`, their margins from
+    `margin`, one of MARGIN_SOURCES), counting the items that give none: undecided ones, and decided
+    ones whose two responses are the same text."""
+    if margin not in MARGIN_SOURCES:
+        raise ValueError(f"unknown margin source {margin!r}; choose one of {', '.join(MARGIN_SOURCES)}")
+    labels = list(labels)
     aggregates = aggregate(labels, method, seed=seed, items=items)
     undecided = sum(agg.winner is None for agg in aggregates.values())
     identical = sum(
         agg.winner is not None and same_two_responses(items[item_id].responses)
         for item_id, agg in aggregates.items()
     )
-    rows = preference_rows(items, aggregates, source, method)
+    rows = preference_rows(items, aggregates, source, method, margin, labels)
     return AggregatedPairs(rows, len(aggregates), undecided, identical)
