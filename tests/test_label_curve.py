@@ -312,3 +312,42 @@ def test_no_curve_without_heldout_pairs_or_feedback_labels(tmp_path, capsys):
     assert "data.preferences" in capsys.readouterr().out
     assert measure_label_curve(run, heldout, 0.5) is None
     assert "feedback stage has not run" in capsys.readouterr().out
+
+
+def test_feedback_margin_strength_makes_the_feedback_stages_margins_from_strengths(tmp_path):
+    """feedback_pairs (the feedback stage, the loop's first round, the label curve) reads feedback.margin."""
+    from rlhfkit.crowd.aggregate import strength_margin
+    from rlhfkit.crowd.simulate import default_pool, simulate_annotation
+
+    items = [
+        {"prompt": f"q{i}", "responses": ["1. a. 2. b. 3. c. 4. d. 5. e.", "a" * (1 + i % 3)]}
+        for i in range(12)
+    ]
+    with FeedbackStore(tmp_path / "f.db", seed=0, durable=False) as store:
+        project = store.create_project("p", task_type="comparison", overlap=3)
+        store.add_items(project, items)
+        simulate_annotation(store, project, default_pool(), lambda p, t: t.count("."), seed=0)
+        items_by_id, labels = training_labels(store, project)
+    plain = feedback_pairs(load_config(), items_by_id, labels).rows
+    config = load_config(overrides=["feedback.margin=strength"])
+    assert config.feedback.margin == "strength" and load_config().feedback.margin == "confidence"
+    rows = feedback_pairs(config, items_by_id, labels).rows
+    assert [(r["prompt"], r["chosen"]) for r in rows] == [(r["prompt"], r["chosen"]) for r in plain]
+    prompt_of = {item.item_id: item.prompt for item in items_by_id.values()}
+    chose = {}
+    for label in labels:
+        if label.chosen is not None:
+            text = items_by_id[label.item_id].responses[label.chosen]
+            chose.setdefault((prompt_of[label.item_id], text), []).append(label.strength)
+    assert rows and all(r["margin_source"] == "strength" for r in rows)
+    for row in rows:
+        assert row["margin"] == pytest.approx(
+            strength_margin(chose[(row["prompt"], row["chosen"])]), abs=1e-4
+        )
+    # The simulator's strengths vary with the utility gap, so the margins are not the confidence's.
+    assert {r["margin"] for r in rows} != {r["margin"] for r in plain}
+
+
+def test_a_bad_feedback_margin_is_named():
+    with pytest.raises(ConfigError, match=r"feedback\.margin: Input should be 'confidence' or 'strength'"):
+        load_config(overrides=["feedback.margin=votes"])

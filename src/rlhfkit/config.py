@@ -247,6 +247,13 @@ class FeedbackConfig(Section):
     aggregate: Literal["mv", "wawa", "ds", "mace", "bt", "noisy_bt"] = Field(
         "ds", description="how disagreeing labels become training pairs (ds: Dawid-Skene, see docs/crowd.md)"
     )
+    margin: Literal["confidence", "strength"] = Field(
+        "confidence",
+        description="where a pair's margin (read by rm.soft_labels) comes from: confidence = "
+        "2 * P(chosen wins) - 1 under feedback.aggregate; strength = mean 1..3 strength of the labels "
+        "that chose the winner, / 3 (rankings and labels without a strength keep the confidence; "
+        "see docs/crowd.md)",
+    )
 
     @property
     def task_type(self) -> str:

@@ -391,12 +391,12 @@ def training_labels(store: Any, project: int) -> tuple[dict[int, Any], list]:
 
 
 def feedback_pairs(config: RunConfig, items: dict[int, Any], labels: list) -> AggregatedPairs:
-    """Preference rows from `labels`, aggregated by feedback.aggregate as the feedback stage does,
-    with the counts of the items that gave none."""
+    """Preference rows from `labels`, aggregated by feedback.aggregate with margins from
+    feedback.margin as the feedback stage does, with the counts of the items that gave none."""
     from rlhfkit.crowd.aggregate import aggregate_pairs
 
     cfg = config.feedback
-    return aggregate_pairs(items, labels, cfg.aggregate, f"feedback:{cfg.project}", config.seed)
+    return aggregate_pairs(items, labels, cfg.aggregate, f"feedback:{cfg.project}", config.seed, cfg.margin)
 
 
 def simulated_pool(run: Run) -> list[AnnotatorProfile]:
