@@ -8,8 +8,9 @@ A share is taken in whole items: the labelled items are put in one seeded order,
 is the shortest prefix of that order holding at least f of the labels. An item keeps all its
 labels (three annotators stay three), so a subset is a smaller crowd labelled the same way,
 and the subsets are nested, so the curve shows what more labels add rather than which labels
-were drawn. Each subset is aggregated again from its own raw labels with feedback.aggregate,
-exactly as the full set was: Dawid-Skene, MACE and noisy BT estimate annotator skill from the
+were drawn. Each subset is aggregated again from its own raw labels with feedback.aggregate
+(its margins from feedback.margin, through `pipeline.feedback_pairs`), exactly as the full set
+was: Dawid-Skene, MACE and noisy BT estimate annotator skill from the
 labels they see, so the full aggregate cut down to fewer items would know more than a run with
 that many labels. Comparisons and rankings of K responses aggregate alike (a ranking label is
 one label, worth its C(K, 2) pairs).
