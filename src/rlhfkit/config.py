@@ -274,7 +274,9 @@ class RMConfig(Section):
         "the same rewards for less compute (sdpa/eager attention; other kernels use two rows)",
     )
     soft_labels: Literal["none", "margin", "smoothing"] = Field(
-        "none", description="use a pair's margin (2*confidence-1) as a BT margin or as label smoothing"
+        "none",
+        description="use a pair's margin in [0, 1] (2*confidence-1, or from the strengths: feedback.margin) "
+        "as a BT margin or as label smoothing",
     )
     label_curve: list[float] = Field(
         [0.25, 0.5],
