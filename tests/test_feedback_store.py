@@ -957,14 +957,17 @@ def test_a_file_that_is_not_an_sqlite_database_is_refused_and_left_as_it_was(tmp
         assert store.projects() == []
 
 
+# PostgreSQL only (never skipped): SQLite's write lock orders the two, so the second sees the first
+# in its check and there is no race to lose.
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_an_import_that_loses_the_race_for_its_name_gets_the_clear_error(db_url, open_store):
     # Two imports (or an import and create_project) of look-alike names at once on PostgreSQL: both
     # pass the name check, the unique index stops the second, which surfaced as an IntegrityError
     # (`feedback import`: "the import failed: (psycopg.errors.UniqueViolation) ...").
     from sqlalchemy import event
 
-    if not db_url.startswith("postgresql"):
-        pytest.skip("SQLite's write lock orders the two: the second sees the first in its check")
+    assert db_url.startswith("postgresql")
     store, other = open_store(), open_store()
     raced: list[int] = []
 
