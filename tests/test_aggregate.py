@@ -621,8 +621,9 @@ def test_cli_feedback_aggregate_margin_strength(tmp_path):
                 store.submit_comparison(task.token, annotator, choice, strength or 1)
     runner = CliRunner()
 
-    def run(*extra: str) -> list[dict]:
-        out = tmp_path / "pairs.jsonl"
+    out = tmp_path / "pairs.jsonl"
+
+    def invoke(*extra: str):
         args = [
             "feedback",
             "aggregate",
@@ -635,7 +636,10 @@ def test_cli_feedback_aggregate_margin_strength(tmp_path):
             "--out",
             str(out),
         ]
-        result = runner.invoke(app, [*args, *extra])
+        return runner.invoke(app, [*args, *extra])
+
+    def run(*extra: str) -> list[dict]:
+        result = invoke(*extra)
         assert result.exit_code == 0, result.output
         return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -645,19 +649,5 @@ def test_cli_feedback_aggregate_margin_strength(tmp_path):
     default = {r["prompt"]: r for r in run()}
     assert default["q1"]["margin"] == pytest.approx(1.0, abs=1e-4)  # unanimous: the confidence's margin
     assert "margin_source" not in default["q1"]
-    bad = runner.invoke(
-        app,
-        [
-            "feedback",
-            "aggregate",
-            "--db",
-            str(db),
-            "--project",
-            "p",
-            "--out",
-            str(tmp_path / "x.jsonl"),
-            "--margin",
-            "votes",
-        ],
-    )
+    bad = invoke("--margin", "votes")
     assert bad.exit_code != 0 and "--margin 'votes'" in bad.output

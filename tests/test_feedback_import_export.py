@@ -432,13 +432,7 @@ def test_a_raw_import_refuses_a_bad_row_naming_file_line_and_field_and_stores_no
     for index, field, change in bad_rows:
         rows = [dict(r) for r in good]
         rows[index].update(change)
-        bad = tmp_path / "bad.jsonl"
-        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        result = _cli("import", "--db", db_url, "--project", "copy", "--raw", str(bad))
-        assert result.exit_code == 2, (field, result.output)
-        assert f"{bad}:{index + 1}: field '{field}': " in _flat(result.output), (field, result.output)
-        with FeedbackStore(db_url) as store:
-            assert store.projects() == []  # not even the project
+        _assert_raw_import_refused(db_url, tmp_path, rows, index + 1, field)
     # A raw import recreates a project: into an existing one it is refused.
     assert (
         _cli("import", "--db", db_url, "--project", "copy", "--raw", str(tmp_path / "raw.jsonl")).exit_code
@@ -446,6 +440,18 @@ def test_a_raw_import_refuses_a_bad_row_naming_file_line_and_field_and_stores_no
     )
     result = _cli("import", "--db", db_url, "--project", "copy", "--raw", str(tmp_path / "raw.jsonl"))
     assert result.exit_code == 2 and "exists already" in _flat(result.output)
+
+
+def _assert_raw_import_refused(db_url: str, tmp_path, rows: list[dict], line: int, field: str) -> None:
+    """`feedback import --raw` of `rows` fails naming the file, `line` and `field`, and stores nothing
+    (not even the project)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = _cli("import", "--db", db_url, "--project", "copy", "--raw", str(bad))
+    assert result.exit_code == 2, (field, result.output)
+    assert f"{bad}:{line}: field '{field}': " in _flat(result.output), (field, result.output)
+    with FeedbackStore(db_url) as store:
+        assert store.projects() == []
 
 
 def test_a_raw_import_refuses_a_time_to_come_and_more_labels_than_the_overlap(db_url, clock, tmp_path):
@@ -463,13 +469,7 @@ def test_a_raw_import_refuses_a_time_to_come_and_more_labels_than_the_overlap(db
         (good + [extra], len(good) + 1, "overlap"),
     ]
     for rows, line, field in cases:
-        bad = tmp_path / "bad.jsonl"
-        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        result = _cli("import", "--db", db_url, "--project", "copy", "--raw", str(bad))
-        assert result.exit_code == 2, (field, result.output)
-        assert f"{bad}:{line}: field '{field}': " in _flat(result.output), (field, result.output)
-        with FeedbackStore(db_url) as store:
-            assert store.projects() == []
+        _assert_raw_import_refused(db_url, tmp_path, rows, line, field)
     # An export from before 'overlap' was written: the message points at --overlap, which fixes it.
     old = [{k: v for k, v in r.items() if k != "overlap"} for r in good]
     (tmp_path / "old.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
